@@ -1,0 +1,13 @@
+//! Everything hairpin's eBPF programs and user space must agree on: the map
+//! key/value layouts, the counters, and the pure NAT and checksum logic, so
+//! that it can be tested on the host.
+#![cfg_attr(not(test), no_std)]
+
+pub mod checksum;
+pub mod counters;
+pub mod maps;
+pub mod nat;
+pub mod packet;
+
+pub use counters::Counter;
+pub use maps::*;

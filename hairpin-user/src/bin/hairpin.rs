@@ -1,0 +1,156 @@
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use hairpin::{
+    config::Config,
+    datapath::{Datapath, if_index},
+    stats::format_counters,
+};
+use log::{info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// hairpin: hairpin NAT for Linux gateways, in XDP.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the datapath, attach it to the LAN interfaces and stay in the
+    /// foreground; SIGINT or SIGTERM detaches it.
+    Run {
+        /// The configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the counters every this many seconds (0: only at exit).
+        #[arg(long, default_value_t = 0)]
+        stats_interval: u64,
+    },
+    /// Check a configuration file and print what it would do.
+    Check {
+        /// The configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().command {
+        Command::Run {
+            config,
+            stats_interval,
+        } => run(&config, stats_interval).await,
+        Command::Check { config } => {
+            let config = load_config(&config)?;
+            println!("configuration is valid: {}", describe(&config));
+            Ok(())
+        }
+    }
+}
+
+fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    Config::from_file(path).with_context(|| format!("invalid configuration {}", path.display()))
+}
+
+fn describe(config: &Config) -> String {
+    format!(
+        "LAN {} ({}), SNAT source {}, {} mapping(s)",
+        config.lan.interfaces.join(", "),
+        config
+            .lan
+            .networks
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        config.lan.address,
+        config.mappings.len()
+    )
+}
+
+async fn run(path: &std::path::Path, stats_interval: u64) -> anyhow::Result<()> {
+    let config = load_config(path)?;
+    let interfaces = config
+        .lan
+        .interfaces
+        .iter()
+        .chain(config.wan.iter().map(|w| &w.interface));
+    for name in interfaces {
+        if_index(name).with_context(|| format!("invalid configuration {}", path.display()))?;
+    }
+    for name in &config.lan.interfaces {
+        warn_if_not_forwarding(name);
+    }
+
+    let mut datapath = Datapath::load(&config).context("loading the datapath")?;
+    if let Some(logger) = datapath.take_logger() {
+        // SAFETY: the AsyncFd owns the logger, so the fd outlives the registration.
+        let mut logger = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .context("watching the eBPF log")?;
+        tokio::spawn(async move {
+            while let Ok(mut guard) = logger.readable_mut().await {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+    }
+    datapath
+        .configure(&config)
+        .context("configuring the datapath")?;
+    let attachments = datapath.attach(&config).context("attaching the datapath")?;
+    for a in &attachments {
+        info!(
+            "attached to {} (ifindex {}) in {} mode",
+            a.interface, a.if_index, a.mode
+        );
+    }
+    info!("hairpin running: {}", describe(&config));
+    for m in &config.mappings {
+        info!("  {} {} -> {}", m.proto, m.public, m.to);
+    }
+
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let period = Duration::from_secs(if stats_interval == 0 {
+        u64::MAX / 4
+    } else {
+        stats_interval
+    });
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = ticker.tick() => print_counters(&datapath, "counters"),
+        }
+    }
+    print_counters(&datapath, "counters at exit");
+    datapath.detach();
+    info!("detached");
+    Ok(())
+}
+
+fn print_counters(datapath: &Datapath, title: &str) {
+    match datapath.counters() {
+        Ok(counters) => println!("{title}:\n{}", format_counters(&counters, false)),
+        Err(e) => warn!("reading counters: {e}"),
+    }
+}
+
+/// `bpf_fib_lookup` refuses to route for an interface without forwarding.
+fn warn_if_not_forwarding(interface: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0") {
+        warn!(
+            "IPv4 forwarding is off on {interface} ({path}); hairpin will pass every packet to the kernel"
+        );
+    }
+}

@@ -1,0 +1,605 @@
+//! The TOML configuration, parsed and validated before anything is loaded.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    str::FromStr,
+};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(String),
+    #[error("`{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub const fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => hairpin_common::IPPROTO_TCP,
+            Proto::Udp => hairpin_common::IPPROTO_UDP,
+        }
+    }
+}
+
+impl FromStr for Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            other => Err(format!("unknown protocol `{other}` (expected tcp or udp)")),
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// An IPv4 network such as `192.168.0.0/24`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Net {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv4Net {
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        let mask = u32::MAX
+            .checked_shl(32 - self.prefix_len as u32)
+            .unwrap_or(0);
+        u32::from(addr) & mask == u32::from(self.addr)
+    }
+}
+
+impl FromStr for Ipv4Net {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix_len) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IPv4 network (like 192.168.0.0/24)"))?;
+        let prefix_len: u8 = prefix_len
+            .parse()
+            .ok()
+            .filter(|len| *len <= 32)
+            .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to 32"))?;
+        let net = Ipv4Net { addr, prefix_len };
+        let mask = u32::MAX.checked_shl(32 - prefix_len as u32).unwrap_or(0);
+        if u32::from(addr) & !mask != 0 {
+            let network = Ipv4Addr::from(u32::from(addr) & mask);
+            return Err(format!(
+                "`{s}` has host bits set; did you mean {network}/{prefix_len}?"
+            ));
+        }
+        Ok(net)
+    }
+}
+
+impl fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic (skb) mode with a warning.
+    #[default]
+    Auto,
+    Native,
+    Skb,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub proto: Proto,
+    pub public: SocketAddrV4,
+    pub to: SocketAddrV4,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lan {
+    pub interfaces: Vec<String>,
+    pub networks: Vec<Ipv4Net>,
+    pub address: Ipv4Addr,
+    /// SNAT source ports, inclusive.
+    pub snat_ports: (u16, u16),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wan {
+    pub interface: String,
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub lan: Lan,
+    pub wan: Option<Wan>,
+    pub xdp_mode: XdpMode,
+    pub conntrack_capacity: u32,
+    pub mappings: Vec<Mapping>,
+}
+
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 65535);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    lan: RawLan,
+    wan: Option<RawWan>,
+    xdp: Option<RawXdp>,
+    conntrack: Option<RawConntrack>,
+    #[serde(default)]
+    mapping: Vec<RawMapping>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLan {
+    interfaces: Option<Vec<String>>,
+    interface: Option<String>,
+    networks: Option<Vec<String>>,
+    address: Option<String>,
+    snat_ports: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWan {
+    interface: Option<String>,
+    #[serde(default)]
+    addresses: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawXdp {
+    mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConntrack {
+    capacity: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMapping {
+    proto: Option<String>,
+    public: Option<String>,
+    to: Option<String>,
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        text.parse()
+    }
+}
+
+impl FromStr for Config {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax(e.to_string().trim().to_string()))?;
+        let lan = parse_lan(raw.lan)?;
+        let wan = raw.wan.map(parse_wan).transpose()?;
+        let xdp_mode = match raw.xdp.and_then(|x| x.mode).as_deref() {
+            None | Some("auto") => XdpMode::Auto,
+            Some("native") => XdpMode::Native,
+            Some("skb") => XdpMode::Skb,
+            Some(other) => {
+                return Err(invalid(
+                    "xdp.mode",
+                    format!("unknown mode `{other}` (expected auto, native or skb)"),
+                ));
+            }
+        };
+        let conntrack_capacity = match raw.conntrack.and_then(|c| c.capacity) {
+            None => hairpin_common::DEFAULT_CONNTRACK_CAPACITY,
+            Some(n) if (16..=(1 << 24)).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(invalid(
+                    "conntrack.capacity",
+                    format!("{n} is out of range (16 to 16777216 entries)"),
+                ));
+            }
+        };
+        let mut mappings = Vec::new();
+        let mut published = HashSet::new();
+        for (index, raw) in raw.mapping.into_iter().enumerate() {
+            let mapping = parse_mapping(index, raw)?;
+            if !published.insert((mapping.proto, mapping.public)) {
+                return Err(invalid(
+                    format!("mapping[{index}].public"),
+                    format!("{} {} is mapped twice", mapping.proto, mapping.public),
+                ));
+            }
+            mappings.push(mapping);
+        }
+        Ok(Config {
+            lan,
+            wan,
+            xdp_mode,
+            conntrack_capacity,
+            mappings,
+        })
+    }
+}
+
+fn parse_interface_name(key: &str, name: &str) -> Result<String, ConfigError> {
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+        return Err(invalid(
+            key,
+            format!("`{name}` is not a valid interface name"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+fn parse_addr(key: &str, text: &str) -> Result<Ipv4Addr, ConfigError> {
+    text.parse()
+        .map_err(|_| invalid(key, format!("`{text}` is not an IPv4 address")))
+}
+
+fn parse_lan(raw: RawLan) -> Result<Lan, ConfigError> {
+    let names = match (raw.interfaces, raw.interface) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "lan.interface",
+                "give either `interface` or `interfaces`, not both",
+            ));
+        }
+        (Some(list), None) => list,
+        (None, Some(one)) => vec![one],
+        (None, None) => {
+            return Err(invalid(
+                "lan.interfaces",
+                "missing: name the LAN interface(s)",
+            ));
+        }
+    };
+    if names.is_empty() {
+        return Err(invalid(
+            "lan.interfaces",
+            "empty: name at least one LAN interface",
+        ));
+    }
+    let mut interfaces = Vec::new();
+    for (index, name) in names.iter().enumerate() {
+        let name = parse_interface_name(&format!("lan.interfaces[{index}]"), name)?;
+        if interfaces.contains(&name) {
+            return Err(invalid(
+                format!("lan.interfaces[{index}]"),
+                format!("`{name}` is listed twice"),
+            ));
+        }
+        interfaces.push(name);
+    }
+    let networks = raw
+        .networks
+        .ok_or_else(|| invalid("lan.networks", "missing: list the LAN networks to hairpin"))?;
+    if networks.is_empty() {
+        return Err(invalid(
+            "lan.networks",
+            "empty: list at least one LAN network",
+        ));
+    }
+    let networks = networks
+        .iter()
+        .enumerate()
+        .map(|(index, net)| {
+            net.parse()
+                .map_err(|e| invalid(format!("lan.networks[{index}]"), e))
+        })
+        .collect::<Result<Vec<Ipv4Net>, _>>()?;
+    let address = raw.address.ok_or_else(|| {
+        invalid(
+            "lan.address",
+            "missing: the gateway's LAN address (the SNAT source)",
+        )
+    })?;
+    let address = parse_addr("lan.address", &address)?;
+    if address.is_unspecified() || address.is_broadcast() || address.is_multicast() {
+        return Err(invalid(
+            "lan.address",
+            format!("{address} cannot be a source address"),
+        ));
+    }
+    let snat_ports = match raw.snat_ports {
+        None => DEFAULT_SNAT_PORTS,
+        Some(text) => parse_port_range(&text).map_err(|e| invalid("lan.snat_ports", e))?,
+    };
+    Ok(Lan {
+        interfaces,
+        networks,
+        address,
+        snat_ports,
+    })
+}
+
+/// `A-B` or a single port, 1 to 65535, A <= B.
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (first, last) = text.split_once('-').unwrap_or((text, text));
+    let port = |p: &str| -> Result<u16, String> {
+        match p.trim().parse::<u16>() {
+            Ok(0) => Err("port 0 is not a valid port".into()),
+            Ok(p) => Ok(p),
+            Err(_) => Err(format!(
+                "`{text}` is not a port or port range (like 20000-29999)"
+            )),
+        }
+    };
+    let (first, last) = (port(first)?, port(last)?);
+    if first > last {
+        return Err(format!(
+            "`{text}` is reversed: the first port must not exceed the last"
+        ));
+    }
+    Ok((first, last))
+}
+
+fn parse_wan(raw: RawWan) -> Result<Wan, ConfigError> {
+    let interface = raw
+        .interface
+        .ok_or_else(|| invalid("wan.interface", "missing: name the WAN interface"))?;
+    let interface = parse_interface_name("wan.interface", &interface)?;
+    let addresses = raw
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(index, a)| parse_addr(&format!("wan.addresses[{index}]"), a))
+        .collect::<Result<_, _>>()?;
+    Ok(Wan {
+        interface,
+        addresses,
+    })
+}
+
+fn parse_socket(key: &str, text: &str) -> Result<SocketAddrV4, ConfigError> {
+    let addr: SocketAddrV4 = text.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("`{text}` is not an IPv4 address and port (like 203.0.113.1:80)"),
+        )
+    })?;
+    if addr.port() == 0 {
+        return Err(invalid(key, "port 0 is not a valid port"));
+    }
+    if addr.ip().is_unspecified() || addr.ip().is_broadcast() || addr.ip().is_multicast() {
+        return Err(invalid(
+            key,
+            format!("{} is not a unicast address", addr.ip()),
+        ));
+    }
+    Ok(addr)
+}
+
+fn parse_mapping(index: usize, raw: RawMapping) -> Result<Mapping, ConfigError> {
+    let key = |field: &str| format!("mapping[{index}].{field}");
+    let proto = raw
+        .proto
+        .ok_or_else(|| invalid(key("proto"), "missing: tcp or udp"))?
+        .parse()
+        .map_err(|e| invalid(key("proto"), e))?;
+    let public = raw
+        .public
+        .ok_or_else(|| invalid(key("public"), "missing"))?;
+    let public = parse_socket(&key("public"), &public)?;
+    let to = raw.to.ok_or_else(|| invalid(key("to"), "missing"))?;
+    let to = parse_socket(&key("to"), &to)?;
+    Ok(Mapping { proto, public, to })
+}
+
+#[cfg(test)]
+mod tests {
+    use rstest::rstest;
+
+    use super::*;
+
+    const SEED: &str = r#"
+[lan]
+interfaces = ["gw-lan"]
+networks = ["192.168.0.0/24"]
+address = "192.168.0.1"
+
+[wan]
+interface = "gw-wan"
+addresses = ["203.0.113.1"]
+
+[xdp]
+mode = "auto"
+
+[[mapping]]
+proto = "tcp"
+public = "203.0.113.1:80"
+to = "192.168.0.2:80"
+"#;
+
+    #[test]
+    fn seed_config_parses() {
+        let config: Config = SEED.parse().expect("the seed config is valid");
+        assert_eq!(config.lan.interfaces, ["gw-lan"]);
+        assert_eq!(config.lan.networks, ["192.168.0.0/24".parse().unwrap()]);
+        assert_eq!(config.lan.address, Ipv4Addr::new(192, 168, 0, 1));
+        assert_eq!(config.lan.snat_ports, DEFAULT_SNAT_PORTS);
+        assert_eq!(config.wan.as_ref().unwrap().interface, "gw-wan");
+        assert_eq!(config.xdp_mode, XdpMode::Auto);
+        assert_eq!(
+            config.mappings,
+            [Mapping {
+                proto: Proto::Tcp,
+                public: "203.0.113.1:80".parse().unwrap(),
+                to: "192.168.0.2:80".parse().unwrap(),
+            }]
+        );
+    }
+
+    #[test]
+    fn single_interface_key_is_accepted() {
+        let text = SEED.replace(r#"interfaces = ["gw-lan"]"#, r#"interface = "br-lan""#);
+        let config: Config = text.parse().expect("`interface` is accepted");
+        assert_eq!(config.lan.interfaces, ["br-lan"]);
+    }
+
+    #[test]
+    fn minimal_config_without_wan_or_mappings() {
+        let config: Config =
+            "[lan]\ninterface = \"eth1\"\nnetworks = [\"10.0.0.0/8\"]\naddress = \"10.0.0.1\"\n"
+                .parse()
+                .expect("wan, xdp and mappings are optional");
+        assert!(config.wan.is_none());
+        assert!(config.mappings.is_empty());
+    }
+
+    #[rstest]
+    #[case::bad_lan_address(
+        r#"address = "192.168.0.1""#,
+        r#"address = "192.168.0.300""#,
+        "lan.address"
+    )]
+    #[case::bad_network(
+        r#"networks = ["192.168.0.0/24"]"#,
+        r#"networks = ["192.168.0.0/33"]"#,
+        "lan.networks[0]"
+    )]
+    #[case::host_bits(
+        r#"networks = ["192.168.0.0/24"]"#,
+        r#"networks = ["192.168.0.7/24"]"#,
+        "lan.networks[0]"
+    )]
+    #[case::unknown_key(
+        r#"mode = "auto""#,
+        r#"mode = "auto"
+turbo = true"#,
+        "turbo"
+    )]
+    #[case::unknown_mode(r#"mode = "auto""#, r#"mode = "fast""#, "xdp.mode")]
+    #[case::public_port_zero(
+        r#"public = "203.0.113.1:80""#,
+        r#"public = "203.0.113.1:0""#,
+        "mapping[0].public"
+    )]
+    #[case::server_port_zero(
+        r#"to = "192.168.0.2:80""#,
+        r#"to = "192.168.0.2:0""#,
+        "mapping[0].to"
+    )]
+    #[case::public_without_port(
+        r#"public = "203.0.113.1:80""#,
+        r#"public = "203.0.113.1""#,
+        "mapping[0].public"
+    )]
+    #[case::unknown_proto(r#"proto = "tcp""#, r#"proto = "sctp""#, "mapping[0].proto")]
+    #[case::missing_interface(r#"interfaces = ["gw-lan"]"#, "", "lan.interfaces")]
+    #[case::empty_interfaces(r#"interfaces = ["gw-lan"]"#, "interfaces = []", "lan.interfaces")]
+    #[case::bad_interface_name(
+        r#"interfaces = ["gw-lan"]"#,
+        r#"interfaces = ["a-name-far-too-long"]"#,
+        "lan.interfaces[0]"
+    )]
+    #[case::missing_wan_interface(r#"interface = "gw-wan""#, "", "wan.interface")]
+    #[case::bad_wan_address(
+        r#"addresses = ["203.0.113.1"]"#,
+        r#"addresses = ["wan"]"#,
+        "wan.addresses[0]"
+    )]
+    #[case::duplicate_mapping(
+        "[xdp]",
+        r#"[[mapping]]
+proto = "tcp"
+public = "203.0.113.1:80"
+to = "192.168.0.5:80"
+
+[xdp]"#,
+        "mapping[1].public"
+    )]
+    #[case::reversed_snat_ports(
+        r#"address = "192.168.0.1""#,
+        r#"address = "192.168.0.1"
+snat_ports = "30000-20000""#,
+        "lan.snat_ports"
+    )]
+    fn invalid_configs_are_refused_naming_the_key(
+        #[case] from: &str,
+        #[case] to: &str,
+        #[case] key: &str,
+    ) {
+        assert!(
+            SEED.contains(from),
+            "test setup: `{from}` not in the seed config"
+        );
+        let text = SEED.replacen(from, to, 1);
+        let error = text
+            .parse::<Config>()
+            .expect_err("invalid config accepted")
+            .to_string();
+        assert!(error.contains(key), "error does not name `{key}`: {error}");
+    }
+
+    #[test]
+    fn same_port_on_tcp_and_udp_is_not_a_duplicate() {
+        let text = format!(
+            "{SEED}\n[[mapping]]\nproto = \"udp\"\npublic = \"203.0.113.1:80\"\nto = \"192.168.0.2:80\"\n"
+        );
+        let config: Config = text.parse().expect("tcp and udp may share a port");
+        assert_eq!(config.mappings.len(), 2);
+    }
+
+    #[rstest]
+    #[case("20000-20015", Ok((20000, 20015)))]
+    #[case("443", Ok((443, 443)))]
+    #[case("0-10", Err(()))]
+    #[case("10-5", Err(()))]
+    #[case("a-b", Err(()))]
+    #[case("1-65536", Err(()))]
+    fn port_ranges(#[case] text: &str, #[case] expected: Result<(u16, u16), ()>) {
+        assert_eq!(parse_port_range(text).map_err(|_| ()), expected);
+    }
+
+    #[test]
+    fn network_contains() {
+        let net: Ipv4Net = "192.168.0.0/24".parse().unwrap();
+        assert!(net.contains(Ipv4Addr::new(192, 168, 0, 200)));
+        assert!(!net.contains(Ipv4Addr::new(192, 168, 1, 1)));
+        let all: Ipv4Net = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(Ipv4Addr::new(8, 8, 8, 8)));
+    }
+}

@@ -1,0 +1,10 @@
+//! hairpin's user space: configuration, loading and attaching the datapath,
+//! and typed access to its maps.
+
+pub mod config;
+pub mod datapath;
+pub mod stats;
+
+/// The eBPF object built by `build.rs`; empty when the eBPF toolchain was
+/// missing at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hairpin"));
