@@ -1,1 +1,238 @@
-#![no_std]
+//! Test beds in network namespaces: each bed creates namespaces with unique
+//! names, connects them with veth pairs and bridges, and removes exactly
+//! those namespaces when dropped. Traffic never leaves them.
+
+pub mod apps;
+pub mod daemon;
+pub mod seed;
+
+use std::{
+    ffi::CString,
+    fs::File,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+};
+
+/// Whether the caller may create namespaces and load eBPF. When not, prints
+/// why the test is skipped.
+pub fn have_root(test: &str) -> bool {
+    // SAFETY: no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        println!("skipping {test}: needs root for namespaces and eBPF (run `cargo xtask test`)");
+    }
+    root
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {} failed ({}):\n{}{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace this process made; deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `hp<pid>-<n>-<role>`, with loopback up.
+    pub fn new(role: &str) -> Self {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let name = format!("hp{}-{id}-{role}", std::process::id());
+        run("ip", &["netns", "add", &name]);
+        let netns = Self { name };
+        netns.ip(&["link", "set", "lo", "up"]);
+        netns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// `ip -n <ns> ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Output {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Runs a program inside the namespace (network namespace only, so the
+    /// host's mounts, bpffs included, stay visible), panicking on failure.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
+        let path = self.path();
+        let net = format!("--net={path}");
+        let mut full = vec![net.as_str(), program];
+        full.extend_from_slice(args);
+        run("nsenter", &full)
+    }
+
+    /// Like [`Netns::exec`], returning the output whatever the exit status.
+    pub fn try_exec(&self, program: &str, args: &[&str]) -> Output {
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.path()))
+            .arg(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot start nsenter {program}: {e}"))
+    }
+
+    /// A command that will run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net={}", self.path())).arg(program);
+        command
+    }
+
+    pub fn sysctl(&self, setting: &str) {
+        self.exec("sysctl", &["-qw", setting]);
+    }
+
+    /// Runs `f` on a thread that has joined this namespace (sockets it opens
+    /// and interface indexes it looks up are this namespace's).
+    pub fn run_in<F, R>(&self, f: F) -> R
+    where
+        F: FnOnce() -> R + Send,
+        R: Send,
+    {
+        let fd = self.open();
+        thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    enter(&fd);
+                    f()
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// Spawns a detached thread in this namespace.
+    pub fn spawn<F, R>(&self, f: F) -> thread::JoinHandle<R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let fd = self.open();
+        thread::spawn(move || {
+            enter(&fd);
+            f()
+        })
+    }
+
+    fn open(&self) -> File {
+        File::open(self.path()).unwrap_or_else(|e| panic!("cannot open {}: {e}", self.path()))
+    }
+}
+
+fn enter(netns: &File) {
+    // SAFETY: a valid namespace fd; setns changes only the calling thread.
+    let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
+/// Connects `a:a_name` and `b:b_name` with a veth pair, both ends up.
+pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
+    a.ip(&[
+        "link",
+        "add",
+        a_name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_name,
+        "netns",
+        b.name(),
+    ]);
+    a.ip(&["link", "set", a_name, "up"]);
+    b.ip(&["link", "set", b_name, "up"]);
+}
+
+/// Attaches an XDP program that passes every packet to `interface` (native
+/// mode) and keeps it attached while the returned link lives.
+///
+/// XDP_TX and XDP_REDIRECT into a veth only deliver when the peer end has an
+/// XDP program, so every veth peer a datapath transmits on gets one.
+pub fn attach_xdp_pass(netns: &Netns, interface: &str) -> OwnedFd {
+    let interface = interface.to_string();
+    netns.run_in(move || {
+        let name = CString::new(interface.as_str()).expect("interface name");
+        // SAFETY: a valid C string.
+        let if_index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(if_index, 0, "no interface {interface}");
+        let program = load_xdp_pass();
+        xdp_link_create(&program, if_index)
+    })
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+
+fn bpf(command: libc::c_long, attr: &mut [u8; 128]) -> OwnedFd {
+    // SAFETY: attr is a zero-padded bpf_attr of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), attr.len()) };
+    assert!(
+        fd >= 0,
+        "bpf({command}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the kernel returned a new fd.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// `r0 = XDP_PASS; exit`.
+fn load_xdp_pass() -> OwnedFd {
+    let instructions: [u8; 16] = [
+        0xb7, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, // mov64 r0, 2
+        0x95, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // exit
+    ];
+    let license = b"GPL\0";
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(instructions.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[48..57].copy_from_slice(b"xdp_pass\0");
+    attr[68..72].copy_from_slice(&BPF_XDP.to_ne_bytes());
+    bpf(BPF_PROG_LOAD, &mut attr)
+}
+
+fn xdp_link_create(program: &OwnedFd, if_index: u32) -> OwnedFd {
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&if_index.to_ne_bytes());
+    attr[8..12].copy_from_slice(&BPF_XDP.to_ne_bytes());
+    attr[12..16].copy_from_slice(&XDP_FLAGS_DRV_MODE.to_ne_bytes());
+    bpf(BPF_LINK_CREATE, &mut attr)
+}

@@ -1,0 +1,144 @@
+//! The `hairpin` binary run as a gateway's daemon inside a namespace.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read},
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use crate::Netns;
+
+/// The `hairpin` binary under test: `$HAIRPIN_BIN` (set by `cargo xtask
+/// test`), else the workspace's debug build.
+pub fn hairpin_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("HAIRPIN_BIN") {
+        return path.into();
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/hairpin");
+    assert!(
+        path.exists(),
+        "{} not found: build it (cargo build -p hairpin-user) or run `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+pub struct Daemon {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+    log: Vec<String>,
+    _config: tempfile_path::TempPath,
+}
+
+mod tempfile_path {
+    /// A file removed on drop.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl Daemon {
+    /// Starts `hairpin run` with `config` and waits until it is attached.
+    pub fn start(netns: &Netns, config: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{}.toml", netns.name()));
+        std::fs::write(&path, config).expect("write config");
+        let mut child = netns
+            .command(hairpin_binary().to_str().expect("utf-8 path"))
+            .args(["run", "--config", path.to_str().expect("utf-8 path")])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start hairpin");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut daemon = Self {
+            child,
+            stderr: rx,
+            log: Vec::new(),
+            _config: tempfile_path::TempPath(path),
+        };
+        daemon.wait_for_log("hairpin running", Duration::from_secs(30));
+        daemon
+    }
+
+    /// Waits for a stderr line containing `needle`; panics with the log so
+    /// far when it does not come.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    self.log.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let status = self.child.try_wait().ok().flatten();
+                    panic!(
+                        "hairpin did not log `{needle}` (exit status {status:?}); its log:\n{}",
+                        self.log.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends SIGTERM, waits for the exit and returns the counters it printed.
+    pub fn stop(mut self) -> BTreeMap<String, u64> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let mut stdout = String::new();
+        self.child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut stdout)
+            .expect("read stdout");
+        let status = self.child.wait().expect("wait for hairpin");
+        assert!(
+            status.success(),
+            "hairpin exited with {status}; stdout:\n{stdout}"
+        );
+        parse_counters(&stdout)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The counters after the last `counters...:` heading of hairpin's output.
+pub fn parse_counters(output: &str) -> BTreeMap<String, u64> {
+    let last = output.rfind("counters").map_or("", |at| &output[at..]);
+    last.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let name = words.next()?;
+            let value = words.next()?.parse().ok()?;
+            Some((name.to_string(), value))
+        })
+        .collect()
+}

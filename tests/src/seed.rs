@@ -1,0 +1,154 @@
+//! The seed's topology: a LAN bridge with the gateway, a server and a
+//! client, and a WAN host on the gateway's other side.
+//!
+//! ```text
+//!  client 192.168.0.3 ─┐
+//!  server 192.168.0.2 ─┼─ br0 ─ gw-lan 192.168.0.1 [gateway] gw-wan 203.0.113.1 ─ wan host 203.0.113.9
+//! ```
+
+use std::{net::Ipv4Addr, os::fd::OwnedFd};
+
+use crate::{Netns, attach_xdp_pass, veth};
+
+pub const LAN_NETWORK: &str = "192.168.0.0/24";
+pub const GATEWAY_LAN: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
+pub const SERVER: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 2);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 3);
+pub const PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+pub const WAN_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+pub const GATEWAY_LAN_IF: &str = "gw-lan";
+pub const GATEWAY_WAN_IF: &str = "gw-wan";
+
+pub struct SeedBed {
+    pub gateway: Netns,
+    pub server: Netns,
+    pub client: Netns,
+    pub wan: Netns,
+    pub lan: Netns,
+    _xdp_pass: Vec<OwnedFd>,
+}
+
+impl Default for SeedBed {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SeedBed {
+    pub fn new() -> Self {
+        let lan = Netns::new("lan");
+        let gateway = Netns::new("gw");
+        let server = Netns::new("srv");
+        let client = Netns::new("cli");
+        let wan = Netns::new("wan");
+
+        lan.ip(&["link", "add", "br0", "type", "bridge"]);
+        lan.ip(&["link", "set", "br0", "up"]);
+        veth(&gateway, GATEWAY_LAN_IF, &lan, "p-gw");
+        veth(&server, "eth0", &lan, "p-srv");
+        veth(&client, "eth0", &lan, "p-cli");
+        for port in ["p-gw", "p-srv", "p-cli"] {
+            lan.ip(&["link", "set", port, "master", "br0"]);
+        }
+        veth(&gateway, GATEWAY_WAN_IF, &wan, "eth0");
+
+        gateway.ip(&[
+            "addr",
+            "add",
+            &format!("{GATEWAY_LAN}/24"),
+            "dev",
+            GATEWAY_LAN_IF,
+        ]);
+        gateway.ip(&[
+            "addr",
+            "add",
+            &format!("{PUBLIC}/24"),
+            "dev",
+            GATEWAY_WAN_IF,
+        ]);
+        gateway.sysctl("net.ipv4.ip_forward=1");
+        for (host, addr) in [(&server, SERVER), (&client, CLIENT)] {
+            host.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            host.ip(&["route", "add", "default", "via", &GATEWAY_LAN.to_string()]);
+        }
+        wan.ip(&["addr", "add", &format!("{WAN_HOST}/24"), "dev", "eth0"]);
+
+        // veth hands packets over with partial checksums; XDP_TX would send
+        // them on unfinished (a test-bed matter: real NICs deliver complete
+        // checksums).
+        for host in [&server, &client, &wan] {
+            host.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+        }
+        let xdp_pass = vec![attach_xdp_pass(&lan, "p-gw"), attach_xdp_pass(&wan, "eth0")];
+
+        Self {
+            gateway,
+            server,
+            client,
+            wan,
+            lan,
+            _xdp_pass: xdp_pass,
+        }
+    }
+
+    /// The hairpin configuration for this bed with the given mappings
+    /// (`(proto, public, to)`).
+    pub fn config(&self, mappings: &[(&str, &str, &str)]) -> String {
+        let mut text = format!(
+            "[lan]\ninterfaces = [\"{GATEWAY_LAN_IF}\"]\nnetworks = [\"{LAN_NETWORK}\"]\naddress = \"{GATEWAY_LAN}\"\n\n\
+             [wan]\ninterface = \"{GATEWAY_WAN_IF}\"\naddresses = [\"{PUBLIC}\"]\n\n[xdp]\nmode = \"native\"\n"
+        );
+        for (proto, public, to) in mappings {
+            text.push_str(&format!(
+                "\n[[mapping]]\nproto = \"{proto}\"\npublic = \"{public}\"\nto = \"{to}\"\n"
+            ));
+        }
+        text
+    }
+
+    /// The seed's two netfilter rules for each mapping: DNAT to the server in
+    /// PREROUTING, SNAT of LAN-to-LAN traffic to the gateway in POSTROUTING.
+    pub fn load_seed_iptables(&self, mappings: &[(&str, &str, &str)]) {
+        for (proto, public, to) in mappings {
+            let (public_addr, public_port) = public.split_once(':').expect("public addr:port");
+            self.gateway.exec(
+                "iptables",
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-s",
+                    LAN_NETWORK,
+                    "-d",
+                    public_addr,
+                    "-p",
+                    proto,
+                    "--dport",
+                    public_port,
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    to,
+                ],
+            );
+        }
+        self.gateway.exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                LAN_NETWORK,
+                "-d",
+                LAN_NETWORK,
+                "-j",
+                "SNAT",
+                "--to-source",
+                &GATEWAY_LAN.to_string(),
+            ],
+        );
+    }
+}
