@@ -21,6 +21,10 @@ fn main() -> anyhow::Result<()> {
         println!(
             "cargo:warning=building without the eBPF program ({missing}); run `cargo xtask setup`"
         );
+        // Paths that do not exist make cargo rerun this script on every
+        // build, so the program is built as soon as the toolchain is there.
+        println!("cargo:rerun-if-changed={}", rust_src_marker().display());
+        println!("cargo:rerun-if-changed={}", bpf_linker_path().display());
         fs::write(&object, []).context("writing the empty eBPF object")?;
         return Ok(());
     }
@@ -29,8 +33,10 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .context("workspace root")?
         .join("hairpin-ebpf");
-    let common_dir = ebpf_dir.with_file_name("hairpin-common");
-    println!("cargo:rerun-if-changed={}", common_dir.display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        ebpf_dir.with_file_name("hairpin-common").display()
+    );
     // SAFETY: build scripts are single-threaded.
     unsafe { env::set_var("RUSTC_BOOTSTRAP", "1") };
     aya_build::build_ebpf(
@@ -52,12 +58,7 @@ fn missing_toolchain() -> Option<String> {
     {
         return Some("bpf-linker is not installed".into());
     }
-    let sysroot = Command::new(env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
-        .args(["--print", "sysroot"])
-        .output()
-        .ok()?;
-    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
-    let core = sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml");
+    let core = rust_src_marker();
     if !core.exists() {
         return Some(format!(
             "rust-src is missing ({} not found)",
@@ -65,6 +66,23 @@ fn missing_toolchain() -> Option<String> {
         ));
     }
     None
+}
+
+/// A file that exists when the toolchain has rust-src.
+fn rust_src_marker() -> PathBuf {
+    let sysroot = Command::new(env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .args(["--print", "sysroot"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .unwrap_or_default();
+    PathBuf::from(sysroot).join("lib/rustlib/src/rust/library/core/Cargo.toml")
+}
+
+fn bpf_linker_path() -> PathBuf {
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cargo"));
+    cargo_home.join("bin/bpf-linker")
 }
 
 /// The toolchain building this crate, for `rustup run` to build the eBPF

@@ -56,6 +56,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start hairpin");
+        crate::track_process(child.id());
         let (tx, rx) = mpsc::channel();
         let stderr = child.stderr.take().expect("stderr");
         std::thread::spawn(move || {
@@ -100,6 +101,11 @@ impl Daemon {
         }
     }
 
+    /// What hairpin logged so far.
+    pub fn log(&self) -> &[String] {
+        &self.log
+    }
+
     /// Sends SIGTERM, waits for the exit and returns the counters it printed.
     pub fn stop(mut self) -> BTreeMap<String, u64> {
         // SAFETY: signalling our own child.
@@ -112,6 +118,7 @@ impl Daemon {
             .read_to_string(&mut stdout)
             .expect("read stdout");
         let status = self.child.wait().expect("wait for hairpin");
+        crate::untrack_process(self.child.id());
         assert!(
             status.success(),
             "hairpin exited with {status}; stdout:\n{stdout}"
@@ -126,6 +133,7 @@ impl Drop for Daemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        crate::untrack_process(self.child.id());
     }
 }
 

@@ -11,7 +11,10 @@ use std::{
     fs::File,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     thread,
 };
 
@@ -45,6 +48,57 @@ pub fn run(program: &str, args: &[&str]) -> Output {
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
+/// Namespaces and processes this process made and has not removed yet, for
+/// [`emergency_cleanup`].
+static LIVE: Mutex<Vec<Live>> = Mutex::new(Vec::new());
+
+#[derive(PartialEq)]
+enum Live {
+    Netns(String),
+    Process(u32),
+}
+
+fn track(live: Live) {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner()).push(live);
+}
+
+fn untrack(live: &Live) {
+    LIVE.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|l| l != live);
+}
+
+/// Removes whatever this process made, when it is being interrupted and its
+/// destructors will not run: stops its processes, deletes its namespaces.
+pub fn emergency_cleanup() {
+    let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
+    for item in &live {
+        if let Live::Process(pid) = item {
+            // SAFETY: signalling a child of ours.
+            unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for item in &live {
+        match item {
+            Live::Process(pid) => unsafe {
+                libc::kill(*pid as i32, libc::SIGKILL);
+            },
+            Live::Netns(name) => {
+                let _ = Command::new("ip").args(["netns", "delete", name]).status();
+            }
+        }
+    }
+}
+
+pub(crate) fn track_process(pid: u32) {
+    track(Live::Process(pid));
+}
+
+pub(crate) fn untrack_process(pid: u32) {
+    untrack(&Live::Process(pid));
+}
+
 /// A network namespace this process made; deleted on drop.
 pub struct Netns {
     name: String,
@@ -56,6 +110,7 @@ impl Netns {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let name = format!("hp{}-{id}-{role}", std::process::id());
         run("ip", &["netns", "add", &name]);
+        track(Live::Netns(name.clone()));
         let netns = Self { name };
         netns.ip(&["link", "set", "lo", "up"]);
         netns

@@ -1,0 +1,509 @@
+//! Packets through the loaded XDP program with BPF_PROG_TEST_RUN.
+//!
+//! Each test runs in its own namespace holding a LAN interface with the
+//! gateway's address and permanent neighbour entries, so that
+//! `bpf_fib_lookup` resolves the next hop as on a real gateway.
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{Ipv4HeaderSlice, PacketBuilder, TcpHeaderSlice, UdpHeaderSlice};
+use hairpin::{config::Config, datapath::Datapath};
+use hairpin_common::Counter;
+use hairpin_tests::{Netns, have_root, veth};
+use rstest::rstest;
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const GATEWAY: [u8; 4] = [192, 168, 0, 1];
+const SERVER: [u8; 4] = [192, 168, 0, 2];
+const CLIENT: [u8; 4] = [192, 168, 0, 3];
+const CLIENT_B: [u8; 4] = [192, 168, 0, 4];
+/// On the LAN, but with no neighbour entry.
+const UNRESOLVED_SERVER: [u8; 4] = [192, 168, 0, 77];
+const OUTSIDER: [u8; 4] = [198, 51, 100, 7];
+const PUBLIC: [u8; 4] = [203, 0, 113, 1];
+const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
+const CLIENT_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x04];
+const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+const CONFIG: &str = r#"
+[lan]
+interface = "lan0"
+networks = ["192.168.0.0/24"]
+address = "192.168.0.1"
+
+[[mapping]]
+proto = "tcp"
+public = "203.0.113.1:80"
+to = "192.168.0.2:8080"
+
+[[mapping]]
+proto = "udp"
+public = "203.0.113.1:53"
+to = "192.168.0.2:5353"
+
+[[mapping]]
+proto = "tcp"
+public = "203.0.113.1:81"
+to = "192.168.0.77:80"
+"#;
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A namespace with `lan0` (192.168.0.1/24, forwarding on) and the server
+/// and clients as permanent neighbours; `f` runs inside it with the
+/// datapath loaded and configured from `config`.
+fn with_datapath<R: Send>(config: &str, f: impl FnOnce(&mut Gateway) -> R + Send) -> R {
+    let netns = Netns::new("pkt");
+    veth(&netns, "lan0", &netns, "lan0p");
+    netns.ip(&["link", "set", "lan0", "address", &mac(GATEWAY_MAC)]);
+    netns.ip(&["addr", "add", "192.168.0.1/24", "dev", "lan0"]);
+    netns.sysctl("net.ipv4.ip_forward=1");
+    for (addr, m) in [
+        (SERVER, SERVER_MAC),
+        (CLIENT, CLIENT_MAC),
+        (CLIENT_B, CLIENT_B_MAC),
+    ] {
+        let addr = Ipv4Addr::from(addr).to_string();
+        netns.ip(&[
+            "neigh",
+            "replace",
+            &addr,
+            "lladdr",
+            &mac(m),
+            "dev",
+            "lan0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    let config: Config = config.parse().expect("test config");
+    netns.run_in(move || {
+        let mut datapath = Datapath::load(&config).expect("load the datapath");
+        datapath.configure(&config).expect("configure the datapath");
+        let lan0 = hairpin::datapath::if_index("lan0").expect("lan0");
+        f(&mut Gateway { datapath, lan0 })
+    })
+}
+
+struct Gateway {
+    datapath: Datapath,
+    lan0: u32,
+}
+
+impl Gateway {
+    /// Runs one packet received on lan0; the verdict and the packet after.
+    fn run(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex.
+        let ctx: Vec<u8> = [0, packet.len() as u32, 0, self.lan0, 0, 0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let mut out = vec![0u8; packet.len() + 256];
+        let xdp = self.datapath.xdp().expect("xdp program");
+        let result = xdp
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn counter(&self, counter: Counter) -> u64 {
+        let counters = self.datapath.counters().expect("counters");
+        counters
+            .iter()
+            .find(|(c, _)| *c == counter)
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
+    }
+}
+
+struct Tcp {
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    syn: bool,
+    ack: bool,
+}
+
+fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), syn: bool, ack: bool, ttl: u8) -> Vec<u8> {
+    let t = Tcp { src, dst, syn, ack };
+    let mut builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(t.src.0, t.dst.0, ttl)
+        .tcp(t.src.1, t.dst.1, 1000, 64240);
+    if t.syn {
+        builder = builder.syn();
+    }
+    if t.ack {
+        builder = builder.ack(77);
+    }
+    let mut packet = Vec::new();
+    builder
+        .write(&mut packet, b"tcp payload")
+        .expect("build tcp");
+    packet
+}
+
+fn syn(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
+    tcp(src, dst, true, false, 64)
+}
+
+fn udp(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
+    let mut packet = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .udp(src.1, dst.1)
+        .write(&mut packet, payload)
+        .expect("build udp");
+    packet
+}
+
+/// What a rewritten packet carries, after checking every checksum in it.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    ttl: u8,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+}
+
+fn inspect(packet: &[u8]) -> Seen {
+    let ip = Ipv4HeaderSlice::from_slice(&packet[14..]).expect("IPv4 header");
+    assert_eq!(
+        ip.header_checksum(),
+        ip.to_header().calc_header_checksum(),
+        "IPv4 header checksum is wrong"
+    );
+    let l4 = &packet[14 + ip.slice().len()..];
+    let (src_port, dst_port) = match ip.protocol().0 {
+        6 => {
+            let tcp = TcpHeaderSlice::from_slice(l4).expect("TCP header");
+            let payload = &l4[tcp.slice().len()..];
+            let expected = tcp.calc_checksum_ipv4(&ip, payload).expect("tcp checksum");
+            assert_eq!(tcp.checksum(), expected, "TCP checksum is wrong");
+            (tcp.source_port(), tcp.destination_port())
+        }
+        17 => {
+            let udp = UdpHeaderSlice::from_slice(l4).expect("UDP header");
+            let payload = &l4[8..];
+            if udp.checksum() != 0 {
+                let expected = udp
+                    .to_header()
+                    .calc_checksum_ipv4(&ip.to_header(), payload)
+                    .expect("udp checksum");
+                assert_eq!(udp.checksum(), expected, "UDP checksum is wrong");
+            }
+            (udp.source_port(), udp.destination_port())
+        }
+        other => panic!("unexpected protocol {other}"),
+    };
+    Seen {
+        src: (ip.source(), src_port),
+        dst: (ip.destination(), dst_port),
+        ttl: ip.ttl(),
+        src_mac: packet[6..12].try_into().unwrap(),
+        dst_mac: packet[0..6].try_into().unwrap(),
+    }
+}
+
+fn skip_unless_root(test: &str) -> bool {
+    !have_root(test)
+}
+
+#[test]
+fn hairpin_forward_and_reply() {
+    if skip_unless_root("hairpin_forward_and_reply") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let (verdict, out) = gw.run(&syn((CLIENT, 40000), (PUBLIC, 80)));
+        assert_eq!(verdict, XDP_TX, "the hairpin goes back out of lan0");
+        let seen = inspect(&out);
+        assert_eq!(
+            seen,
+            Seen {
+                src: (GATEWAY, 40000),
+                dst: (SERVER, 8080),
+                ttl: 63,
+                src_mac: GATEWAY_MAC,
+                dst_mac: SERVER_MAC,
+            },
+            "DNAT to the server, SNAT to the gateway keeping the client's port"
+        );
+
+        let reply = tcp((SERVER, 8080), (GATEWAY, 40000), true, true, 64);
+        let (verdict, out) = gw.run(&reply);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            inspect(&out),
+            Seen {
+                src: (PUBLIC, 80),
+                dst: (CLIENT, 40000),
+                ttl: 63,
+                src_mac: GATEWAY_MAC,
+                dst_mac: CLIENT_MAC
+            },
+            "the reply comes from the public address"
+        );
+
+        let (verdict, out) = gw.run(&tcp((CLIENT, 40000), (PUBLIC, 80), false, true, 64));
+        assert_eq!(verdict, XDP_TX, "the flow's later packets follow its entry");
+        assert_eq!(inspect(&out).dst, (SERVER, 8080));
+
+        assert_eq!(gw.counter(Counter::Hairpinned), 2);
+        assert_eq!(gw.counter(Counter::TranslatedBack), 1);
+        assert_eq!(gw.counter(Counter::FlowCreated), 1);
+    });
+}
+
+#[test]
+fn udp_forward_and_reply() {
+    if skip_unless_root("udp_forward_and_reply") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let (verdict, out) = gw.run(&udp((CLIENT, 33333), (PUBLIC, 53), b"query"));
+        assert_eq!(verdict, XDP_TX);
+        let seen = inspect(&out);
+        assert_eq!((seen.src, seen.dst), ((GATEWAY, 33333), (SERVER, 5353)));
+        assert_eq!(&out[out.len() - 5..], b"query", "payload untouched");
+
+        let (verdict, out) = gw.run(&udp((SERVER, 5353), (GATEWAY, 33333), b"answer"));
+        assert_eq!(verdict, XDP_TX);
+        let seen = inspect(&out);
+        assert_eq!((seen.src, seen.dst), ((PUBLIC, 53), (CLIENT, 33333)));
+    });
+}
+
+#[test]
+fn udp_zero_checksum_stays_zero() {
+    if skip_unless_root("udp_zero_checksum_stays_zero") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let mut packet = udp((CLIENT, 33334), (PUBLIC, 53), b"no checksum");
+        packet[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+        let (verdict, out) = gw.run(&packet);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            &out[14 + 20 + 6..14 + 20 + 8],
+            &[0, 0],
+            "a zero UDP checksum must stay zero"
+        );
+        inspect(&out);
+    });
+}
+
+#[test]
+fn two_clients_with_the_same_source_port_get_distinct_tuples() {
+    if skip_unless_root("two_clients_with_the_same_source_port_get_distinct_tuples") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let (verdict_a, out_a) = gw.run(&syn((CLIENT, 40000), (PUBLIC, 80)));
+        let mut syn_b = syn((CLIENT_B, 40000), (PUBLIC, 80));
+        syn_b[6..12].copy_from_slice(&CLIENT_B_MAC);
+        let (verdict_b, out_b) = gw.run(&syn_b);
+        assert_eq!((verdict_a, verdict_b), (XDP_TX, XDP_TX));
+        let (a, b) = (inspect(&out_a), inspect(&out_b));
+        assert_eq!(a.src, (GATEWAY, 40000), "the first client keeps its port");
+        assert_eq!(b.src.0, GATEWAY);
+        assert_ne!(
+            a.src, b.src,
+            "two clients must never share a translated tuple"
+        );
+
+        for (seen, client, client_mac) in [(a, CLIENT, CLIENT_MAC), (b, CLIENT_B, CLIENT_B_MAC)] {
+            let reply = tcp(seen.dst, seen.src, true, true, 64);
+            let (verdict, out) = gw.run(&reply);
+            assert_eq!(verdict, XDP_TX);
+            let back = inspect(&out);
+            assert_eq!(
+                back.dst,
+                (client, 40000),
+                "each reply reaches its own client"
+            );
+            assert_eq!(back.dst_mac, client_mac);
+        }
+    });
+}
+
+#[test]
+fn exhausted_snat_ports_refuse_the_flow() {
+    if skip_unless_root("exhausted_snat_ports_refuse_the_flow") {
+        return;
+    }
+    let config = CONFIG.replace(
+        "address = \"192.168.0.1\"",
+        "address = \"192.168.0.1\"\nsnat_ports = \"20000-20001\"",
+    );
+    with_datapath(&config, |gw| {
+        let mut ports = Vec::new();
+        for client_port in [40000, 40001] {
+            let (verdict, out) = gw.run(&syn((CLIENT, client_port), (PUBLIC, 80)));
+            assert_eq!(verdict, XDP_TX);
+            ports.push(inspect(&out).src.1);
+        }
+        ports.sort();
+        assert_eq!(
+            ports,
+            [20000, 20001],
+            "the range's two ports are used once each"
+        );
+
+        let packet = syn((CLIENT, 40002), (PUBLIC, 80));
+        let (verdict, out) = gw.run(&packet);
+        assert_eq!(verdict, XDP_PASS, "no port left: the flow is refused");
+        assert_eq!(out, packet, "a refused packet is passed untouched");
+        assert_eq!(gw.counter(Counter::PortAllocFailed), 1);
+    });
+}
+
+/// Sets the fragment field and fixes the header checksum.
+fn with_frag_off(mut packet: Vec<u8>, frag_off: u16) -> Vec<u8> {
+    packet[20..22].copy_from_slice(&frag_off.to_be_bytes());
+    fix_ip_checksum(&mut packet);
+    packet
+}
+
+fn fix_ip_checksum(packet: &mut [u8]) {
+    let ihl = (packet[14] & 0x0f) as usize * 4;
+    packet[24..26].copy_from_slice(&[0, 0]);
+    let check = hairpin_common::checksum::full(&packet[14..14 + ihl]);
+    packet[24..26].copy_from_slice(&check.to_ne_bytes());
+}
+
+/// A SYN whose IPv4 header carries a 4-byte option (NOP padding).
+fn syn_with_ip_options() -> Vec<u8> {
+    let plain = syn((CLIENT, 40010), (PUBLIC, 80));
+    let mut packet = plain[..34].to_vec();
+    packet.extend_from_slice(&[1, 1, 1, 0]);
+    packet.extend_from_slice(&plain[34..]);
+    packet[14] = 0x46;
+    let tot_len = u16::from_be_bytes([packet[16], packet[17]]) + 4;
+    packet[16..18].copy_from_slice(&tot_len.to_be_bytes());
+    fix_ip_checksum(&mut packet);
+    packet
+}
+
+fn arp() -> Vec<u8> {
+    let mut packet = vec![0xff; 6];
+    packet.extend_from_slice(&CLIENT_MAC);
+    packet.extend_from_slice(&[0x08, 0x06]);
+    packet.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    packet.extend_from_slice(&CLIENT_MAC);
+    packet.extend_from_slice(&CLIENT);
+    packet.extend_from_slice(&[0; 6]);
+    packet.extend_from_slice(&GATEWAY);
+    packet
+}
+
+#[rstest]
+#[case::no_mapping(syn((CLIENT, 40000), (PUBLIC, 443)), Counter::PassNoMapping)]
+#[case::wrong_protocol_for_the_port(udp((CLIENT, 40000), (PUBLIC, 80), b"x"), Counter::PassNoMapping)]
+#[case::source_outside_the_lan(syn((OUTSIDER, 40000), (PUBLIC, 80)), Counter::PassSourceNotLan)]
+#[case::tcp_ack_without_entry(tcp((CLIENT, 40000), (PUBLIC, 80), false, true, 64), Counter::PassTcpNotSyn)]
+#[case::tcp_syn_ack_without_entry(tcp((CLIENT, 40000), (PUBLIC, 80), true, true, 64), Counter::PassTcpNotSyn)]
+#[case::ip_options(syn_with_ip_options(), Counter::PassIpOptions)]
+#[case::first_fragment(with_frag_off(udp((CLIENT, 40000), (PUBLIC, 53), b"frag"), 0x2000), Counter::PassFragment)]
+#[case::later_fragment(with_frag_off(udp((CLIENT, 40000), (PUBLIC, 53), b"frag"), 0x0010), Counter::PassFragment)]
+#[case::ttl_one(tcp((CLIENT, 40000), (PUBLIC, 80), true, false, 1), Counter::PassTtlExpired)]
+#[case::arp(arp(), Counter::PassNotIpv4)]
+#[case::truncated_tcp(syn((CLIENT, 40000), (PUBLIC, 80))[..40].to_vec(), Counter::PassMalformed)]
+fn packets_hairpin_does_not_own_pass_untouched(#[case] packet: Vec<u8>, #[case] reason: Counter) {
+    if skip_unless_root("packets_hairpin_does_not_own_pass_untouched") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let (verdict, out) = gw.run(&packet);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out, packet, "a passed packet must be untouched");
+        assert_eq!(gw.counter(reason), 1, "counted as {}", reason.name());
+        assert_eq!(
+            gw.counter(Counter::FlowCreated),
+            0,
+            "no state for a passed packet"
+        );
+    });
+}
+
+#[test]
+fn ttl_one_of_a_tracked_flow_goes_to_the_kernel() {
+    if skip_unless_root("ttl_one_of_a_tracked_flow_goes_to_the_kernel") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        assert_eq!(gw.run(&syn((CLIENT, 40020), (PUBLIC, 80))).0, XDP_TX);
+        let packet = tcp((CLIENT, 40020), (PUBLIC, 80), false, true, 1);
+        let (verdict, out) = gw.run(&packet);
+        assert_eq!(
+            (verdict, out),
+            (XDP_PASS, packet),
+            "the kernel answers time exceeded"
+        );
+    });
+}
+
+#[test]
+fn unresolved_next_hop_is_handed_to_the_kernel_translated() {
+    if skip_unless_root("unresolved_next_hop_is_handed_to_the_kernel_translated") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let (verdict, out) = gw.run(&syn((CLIENT, 40030), (PUBLIC, 81)));
+        assert_eq!(
+            verdict, XDP_PASS,
+            "TC's bpf_redirect_neigh sends it once the MAC is known"
+        );
+        assert_eq!(gw.counter(Counter::NeighRedirected), 1);
+        // The output starts with the metadata for the TC program.
+        let meta = out.len() - syn((CLIENT, 40030), (PUBLIC, 81)).len();
+        assert_eq!(meta, 8, "metadata in front of the packet");
+        let seen = inspect(&out[meta..]);
+        assert_eq!(
+            (seen.src, seen.dst),
+            ((GATEWAY, 40030), (UNRESOLVED_SERVER, 80))
+        );
+        assert_eq!(seen.ttl, 63);
+    });
+}
+
+#[test]
+fn unconfigured_program_passes_everything() {
+    if skip_unless_root("unconfigured_program_passes_everything") {
+        return;
+    }
+    let netns = Netns::new("pkt");
+    netns.run_in(|| {
+        let config: Config = CONFIG.parse().unwrap();
+        let mut datapath = Datapath::load(&config).expect("load");
+        let packet = syn((CLIENT, 40000), (PUBLIC, 80));
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = datapath
+            .xdp()
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(&packet),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("test run");
+        assert_eq!(result.return_value, XDP_PASS);
+        assert_ne!(result.return_value, XDP_DROP);
+    });
+}

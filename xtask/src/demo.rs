@@ -1,0 +1,192 @@
+//! The seed's story in network namespaces: a LAN client cannot reach a LAN
+//! server through the gateway's public address; hairpin fixes it.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    os::fd::{FromRawFd, OwnedFd},
+    sync::atomic::{AtomicI32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use hairpin_tests::{
+    Netns,
+    apps::{Servers, udp_echo},
+    daemon::Daemon,
+    emergency_cleanup,
+    seed::{CLIENT, GATEWAY_LAN, PUBLIC, SERVER, SeedBed, WAN_HOST},
+};
+
+#[derive(clap::Args)]
+pub struct Options {}
+
+const UDP_PUBLIC_PORT: u16 = 53;
+const UDP_SERVER_PORT: u16 = 5353;
+
+pub fn demo(_: &Options) -> anyhow::Result<()> {
+    if !crate::is_root() {
+        bail!("the demo needs root to create network namespaces and load XDP; run it as root");
+    }
+    crate::setup::ensure()?;
+    let binary = crate::build_hairpin(false)?;
+    // SAFETY: set before any thread that reads the environment is started.
+    unsafe { std::env::set_var("HAIRPIN_BIN", &binary) };
+    clean_up_on_signal()?;
+
+    step("Building the seed's network in namespaces");
+    let bed = SeedBed::new();
+    println!(
+        "  client {CLIENT} and server {SERVER} share a LAN bridge with the gateway ({GATEWAY_LAN});\n  \
+         the gateway's public address is {PUBLIC} (WAN host {WAN_HOST}).\n  \
+         The server answers HTTP on :80 and UDP echo on :{UDP_SERVER_PORT}, published as\n  \
+         {PUBLIC}:80/tcp and {PUBLIC}:{UDP_PUBLIC_PORT}/udp."
+    );
+    let _servers = Servers::start(&bed.server, 80, UDP_SERVER_PORT);
+    let mappings = [
+        ("tcp", format!("{PUBLIC}:80"), format!("{SERVER}:80")),
+        (
+            "udp",
+            format!("{PUBLIC}:{UDP_PUBLIC_PORT}"),
+            format!("{SERVER}:{UDP_SERVER_PORT}"),
+        ),
+    ];
+    let mappings: Vec<_> = mappings
+        .iter()
+        .map(|(p, a, b)| (*p, a.as_str(), b.as_str()))
+        .collect();
+
+    step("Without hairpin: the LAN client tries the public address");
+    let tcp_before = curl(&bed.client);
+    let udp_before = udp(&bed.client);
+
+    step("Starting hairpin on the gateway");
+    let config = bed.config(&mappings);
+    println!("{}", indent(&config));
+    let daemon = Daemon::start(&bed.gateway, &config);
+    for line in daemon.log() {
+        println!("  | {line}");
+    }
+
+    step("With hairpin: the same requests");
+    let tcp_after = curl(&bed.client);
+    let udp_after = udp(&bed.client);
+    step("The server reaches its own public address");
+    let server_self = curl(&bed.server);
+
+    step("Stopping hairpin; its counters");
+    let counters = daemon.stop();
+    for (name, value) in &counters {
+        println!("  {name:<20} {value}");
+    }
+
+    step("Summary");
+    let results = [
+        (
+            "client -> public TCP, without hairpin",
+            !tcp_before,
+            "fails",
+        ),
+        (
+            "client -> public UDP, without hairpin",
+            !udp_before,
+            "fails",
+        ),
+        ("client -> public TCP, with hairpin", tcp_after, "works"),
+        ("client -> public UDP, with hairpin", udp_after, "works"),
+        (
+            "server -> own public address, with hairpin",
+            server_self,
+            "works",
+        ),
+    ];
+    for (what, as_expected, expected) in &results {
+        println!(
+            "  {} {what}: {expected}{}",
+            if *as_expected { "ok " } else { "BAD" },
+            if *as_expected { "" } else { " (it did not)" }
+        );
+    }
+    step("Removing the demo's namespaces");
+    drop(bed);
+    if results.iter().any(|(_, ok, _)| !ok) {
+        bail!("the demo did not go as expected");
+    }
+    Ok(())
+}
+
+fn step(title: &str) {
+    println!("\n== {title}");
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("  | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `curl http://PUBLIC/` from `host`; whether it answered.
+fn curl(host: &Netns) -> bool {
+    let url = format!("http://{PUBLIC}/");
+    let output = host.try_exec("curl", &["-sS", "--max-time", "3", &url]);
+    let text = String::from_utf8_lossy(if output.status.success() {
+        &output.stdout
+    } else {
+        &output.stderr
+    });
+    println!("  $ curl {url}\n  {}", text.trim());
+    output.status.success()
+}
+
+fn udp(host: &Netns) -> bool {
+    let server: SocketAddr = SocketAddrV4::new(PUBLIC, UDP_PUBLIC_PORT).into();
+    let result = udp_echo(host, server, b"ping", Duration::from_secs(3));
+    match &result {
+        Ok(reply) => println!(
+            "  UDP {server} answered: {}",
+            String::from_utf8_lossy(reply)
+        ),
+        Err(e) => println!("  UDP {server}: no answer ({e})"),
+    }
+    result.is_ok()
+}
+
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    // SAFETY: write(2) is async-signal-safe.
+    unsafe { libc::write(fd, b"!".as_ptr().cast(), 1) };
+}
+
+/// On SIGINT or SIGTERM, stop hairpin and delete the namespaces, then exit:
+/// destructors do not run when a signal ends the process.
+fn clean_up_on_signal() -> anyhow::Result<()> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for two descriptors.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe");
+    }
+    // SAFETY: fresh descriptors we own.
+    let reader = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only calls write(2).
+        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+    }
+    std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        // SAFETY: reading one byte into a one-byte buffer.
+        unsafe {
+            libc::read(
+                std::os::fd::AsRawFd::as_raw_fd(&reader),
+                byte.as_mut_ptr().cast(),
+                1,
+            )
+        };
+        eprintln!("\ninterrupted: stopping hairpin and removing the demo's namespaces");
+        emergency_cleanup();
+        std::process::exit(130);
+    });
+    Ok(())
+}
