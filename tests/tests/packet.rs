@@ -16,6 +16,7 @@ use rstest::rstest;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 
 const GATEWAY: [u8; 4] = [192, 168, 0, 1];
 const SERVER: [u8; 4] = [192, 168, 0, 2];
@@ -23,6 +24,8 @@ const CLIENT: [u8; 4] = [192, 168, 0, 3];
 const CLIENT_B: [u8; 4] = [192, 168, 0, 4];
 /// On the LAN, but with no neighbour entry.
 const UNRESOLVED_SERVER: [u8; 4] = [192, 168, 0, 77];
+/// A client behind the second LAN interface.
+const OTHER_LAN_CLIENT: [u8; 4] = [192, 168, 1, 5];
 const OUTSIDER: [u8; 4] = [198, 51, 100, 7];
 const PUBLIC: [u8; 4] = [203, 0, 113, 1];
 const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -67,11 +70,14 @@ fn with_datapath<R: Send>(config: &str, f: impl FnOnce(&mut Gateway) -> R + Send
     veth(&netns, "lan0", &netns, "lan0p");
     netns.ip(&["link", "set", "lan0", "address", &mac(GATEWAY_MAC)]);
     netns.ip(&["addr", "add", "192.168.0.1/24", "dev", "lan0"]);
+    veth(&netns, "lan1", &netns, "lan1p");
+    netns.ip(&["addr", "add", "192.168.1.1/24", "dev", "lan1"]);
     netns.sysctl("net.ipv4.ip_forward=1");
-    for (addr, m) in [
-        (SERVER, SERVER_MAC),
-        (CLIENT, CLIENT_MAC),
-        (CLIENT_B, CLIENT_B_MAC),
+    for (addr, m, dev) in [
+        (SERVER, SERVER_MAC, "lan0"),
+        (CLIENT, CLIENT_MAC, "lan0"),
+        (CLIENT_B, CLIENT_B_MAC, "lan0"),
+        (OTHER_LAN_CLIENT, CLIENT_MAC, "lan1"),
     ] {
         let addr = Ipv4Addr::from(addr).to_string();
         netns.ip(&[
@@ -81,7 +87,7 @@ fn with_datapath<R: Send>(config: &str, f: impl FnOnce(&mut Gateway) -> R + Send
             "lladdr",
             &mac(m),
             "dev",
-            "lan0",
+            dev,
             "nud",
             "permanent",
         ]);
@@ -91,21 +97,32 @@ fn with_datapath<R: Send>(config: &str, f: impl FnOnce(&mut Gateway) -> R + Send
         let mut datapath = Datapath::load(&config).expect("load the datapath");
         datapath.configure(&config).expect("configure the datapath");
         let lan0 = hairpin::datapath::if_index("lan0").expect("lan0");
-        f(&mut Gateway { datapath, lan0 })
+        let lan1 = hairpin::datapath::if_index("lan1").expect("lan1");
+        f(&mut Gateway {
+            datapath,
+            lan0,
+            lan1,
+        })
     })
 }
 
 struct Gateway {
     datapath: Datapath,
     lan0: u32,
+    lan1: u32,
 }
 
 impl Gateway {
     /// Runs one packet received on lan0; the verdict and the packet after.
     fn run(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.run_on(self.lan0, packet)
+    }
+
+    /// Runs one packet received on the interface `ingress`.
+    fn run_on(&mut self, ingress: u32, packet: &[u8]) -> (u32, Vec<u8>) {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
         // rx_queue_index, egress_ifindex.
-        let ctx: Vec<u8> = [0, packet.len() as u32, 0, self.lan0, 0, 0]
+        let ctx: Vec<u8> = [0, packet.len() as u32, 0, ingress, 0, 0]
             .iter()
             .flat_map(|v| v.to_ne_bytes())
             .collect();
@@ -505,5 +522,52 @@ fn unconfigured_program_passes_everything() {
             .expect("test run");
         assert_eq!(result.return_value, XDP_PASS);
         assert_ne!(result.return_value, XDP_DROP);
+    });
+}
+
+#[test]
+fn hairpin_between_lan_interfaces_is_redirected() {
+    if skip_unless_root("hairpin_between_lan_interfaces_is_redirected") {
+        return;
+    }
+    let config = CONFIG
+        .replace("interface = \"lan0\"", "interfaces = [\"lan0\", \"lan1\"]")
+        .replace(
+            "networks = [\"192.168.0.0/24\"]",
+            "networks = [\"192.168.0.0/24\", \"192.168.1.0/24\"]",
+        );
+    with_datapath(&config, |gw| {
+        let lan1 = gw.lan1;
+        let (verdict, out) = gw.run_on(lan1, &syn((OTHER_LAN_CLIENT, 40040), (PUBLIC, 80)));
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "the server is behind lan0: redirect through the devmap"
+        );
+        let seen = inspect(&out);
+        assert_eq!(
+            (seen.src, seen.dst),
+            ((GATEWAY, 40040), (SERVER, 8080)),
+            "SNAT source stays lan.address"
+        );
+        assert_eq!(seen.dst_mac, SERVER_MAC);
+
+        let (verdict, out) = gw.run(&tcp((SERVER, 8080), (GATEWAY, 40040), true, true, 64));
+        assert_eq!(verdict, XDP_REDIRECT, "the reply goes back out of lan1");
+        assert_eq!(inspect(&out).dst, (OTHER_LAN_CLIENT, 40040));
+    });
+}
+
+#[test]
+fn egress_interface_not_managed_is_passed() {
+    if skip_unless_root("egress_interface_not_managed_is_passed") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let lan1 = gw.lan1;
+        let packet = syn((OTHER_LAN_CLIENT, 40050), (PUBLIC, 80));
+        // lan1's network is not configured: not a LAN source.
+        let (verdict, out) = gw.run_on(lan1, &packet);
+        assert_eq!((verdict, out), (XDP_PASS, packet));
+        assert_eq!(gw.counter(Counter::PassSourceNotLan), 1);
     });
 }

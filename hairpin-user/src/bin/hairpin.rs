@@ -1,4 +1,4 @@
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -38,10 +38,31 @@ enum Command {
     },
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("hairpin: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, whatever RUST_BACKTRACE says.
+            eprintln!("hairpin: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run {
             config,
             stats_interval,
@@ -76,13 +97,19 @@ fn describe(config: &Config) -> String {
 
 async fn run(path: &std::path::Path, stats_interval: u64) -> anyhow::Result<()> {
     let config = load_config(path)?;
-    let interfaces = config
+    let lan = config
         .lan
         .interfaces
         .iter()
-        .chain(config.wan.iter().map(|w| &w.interface));
-    for name in interfaces {
-        if_index(name).with_context(|| format!("invalid configuration {}", path.display()))?;
+        .enumerate()
+        .map(|(i, name)| (format!("lan.interfaces[{i}]"), name));
+    let wan = config
+        .wan
+        .iter()
+        .map(|wan| ("wan.interface".to_string(), &wan.interface));
+    for (key, name) in lan.chain(wan) {
+        if_index(name)
+            .with_context(|| format!("invalid configuration {}: `{key}`", path.display()))?;
     }
     for name in &config.lan.interfaces {
         warn_if_not_forwarding(name);
