@@ -21,10 +21,20 @@ macro_rules! counters {
 counters! {
     /// A LAN client's packet to a public address, sent to the server.
     Hairpinned => "hairpinned",
+    /// A WAN client's packet to a published port, sent to the server.
+    PortForwarded => "port_forwarded",
     /// A server's reply, sent back to the client as from the public address.
     TranslatedBack => "translated_back",
-    /// A new hairpin flow was entered into conntrack.
+    /// A new flow was entered into the table of new flows.
     FlowCreated => "flow_created",
+    /// A flow became established and moved to the established table.
+    FlowEstablished => "flow_established",
+    /// The established table was full: the flow stayed among the new ones.
+    EstablishedTableFull => "established_table_full",
+    /// An idle flow found expired by the datapath and removed.
+    FlowExpired => "flow_expired",
+    /// An ICMP error of a tracked flow, translated and sent on.
+    IcmpTranslated => "icmp_translated",
     /// Forwarded packet whose next hop had no resolved MAC yet: handed to
     /// the kernel (TC, `bpf_redirect_neigh`) already translated.
     NeighRedirected => "neigh_redirected",
@@ -37,6 +47,14 @@ counters! {
     PassSourceNotLan => "pass_source_not_lan",
     PassTcpNotSyn => "pass_tcp_not_syn",
     PassTtlExpired => "pass_ttl_expired",
+    /// Larger than the egress MTU: the kernel answers "fragmentation needed".
+    PassTooBig => "pass_too_big",
+    /// A LAN source address arriving on a WAN interface (spoofed).
+    PassLanSourceOnWan => "pass_lan_source_on_wan",
+    /// The ingress interface is not one hairpin manages.
+    PassUnknownInterface => "pass_unknown_interface",
+    /// An ICMP error that belongs to no tracked flow.
+    PassIcmpNoFlow => "pass_icmp_no_flow",
     /// Metadata could not be attached for the kernel hand-off.
     PassNoMetadata => "pass_no_metadata",
     /// No free SNAT source port after the bounded retries.

@@ -12,6 +12,8 @@ pub const IPPROTO_UDP: u8 = 17;
 pub mod names {
     pub const MAPPINGS: &str = "MAPPINGS";
     pub const CONNTRACK: &str = "CONNTRACK";
+    pub const CONNTRACK_NEW: &str = "CONNTRACK_NEW";
+    pub const INTERFACES: &str = "INTERFACES";
     pub const LAN_NETWORKS: &str = "LAN_NETWORKS";
     pub const SETTINGS: &str = "SETTINGS";
     pub const EGRESS_DEVICES: &str = "EGRESS_DEVICES";
@@ -24,7 +26,8 @@ pub mod programs {
     pub const TC_INGRESS: &str = "hairpin_neigh_redirect";
 }
 
-pub const MAX_MAPPINGS: u32 = 4096;
+pub const MAX_MAPPINGS: u32 = 65536;
+pub const MAX_INTERFACES: u32 = 64;
 pub const MAX_LAN_NETWORKS: u32 = 64;
 pub const MAX_EGRESS_DEVICES: u32 = 64;
 pub const DEFAULT_CONNTRACK_CAPACITY: u32 = 65536;
@@ -87,15 +90,67 @@ pub const DIRECTION_ORIGINAL: u8 = 0;
 pub const DIRECTION_REPLY: u8 = 1;
 
 pod! {
-    /// Conntrack entry: how a packet with the key's tuple is rewritten.
+    /// Conntrack entry: how a packet with the key's tuple is rewritten. Each
+    /// flow has two, one per direction; the partner of an entry is found at
+    /// the reverse of its `translated` tuple.
     pub struct FlowEntry {
         /// The tuple the packet leaves with.
         pub translated: FlowKey,
+        /// When this direction last saw a packet (CLOCK_MONOTONIC_COARSE, ns;
+        /// refreshed at most once a second).
+        pub last_seen_ns: u64,
         /// `DIRECTION_ORIGINAL` or `DIRECTION_REPLY`.
         pub direction: u8,
-        pub _pad: [u8; 7],
+        /// One of the `state` constants (kept the same in both entries).
+        pub state: u8,
+        /// `FIN_SEEN_*` bits.
+        pub fin_seen: u8,
+        /// `KIND_HAIRPIN` or `KIND_PORT_FORWARD`.
+        pub kind: u8,
+        pub _pad: [u8; 4],
     }
 }
+
+/// Flow states. TCP follows the connection; UDP becomes `UDP_REPLIED` with
+/// the server's first answer.
+pub mod state {
+    pub const TCP_SYN_SENT: u8 = 1;
+    pub const TCP_SYN_RECV: u8 = 2;
+    pub const TCP_ESTABLISHED: u8 = 3;
+    pub const TCP_FIN_WAIT: u8 = 4;
+    pub const TCP_CLOSE_WAIT: u8 = 5;
+    pub const TCP_TIME_WAIT: u8 = 6;
+    pub const TCP_CLOSE: u8 = 7;
+    pub const UDP_UNREPLIED: u8 = 8;
+    pub const UDP_REPLIED: u8 = 9;
+
+    pub const fn name(state: u8) -> &'static str {
+        match state {
+            TCP_SYN_SENT => "SYN_SENT",
+            TCP_SYN_RECV => "SYN_RECV",
+            TCP_ESTABLISHED => "ESTABLISHED",
+            TCP_FIN_WAIT => "FIN_WAIT",
+            TCP_CLOSE_WAIT => "CLOSE_WAIT",
+            TCP_TIME_WAIT => "TIME_WAIT",
+            TCP_CLOSE => "CLOSE",
+            UDP_UNREPLIED => "UNREPLIED",
+            UDP_REPLIED => "REPLIED",
+            _ => "UNKNOWN",
+        }
+    }
+}
+
+pub const FIN_SEEN_ORIGINAL: u8 = 1;
+pub const FIN_SEEN_REPLY: u8 = 2;
+
+/// A LAN client through the public address: DNAT and SNAT.
+pub const KIND_HAIRPIN: u8 = 0;
+/// From the WAN to a published port: DNAT only, the client address kept.
+pub const KIND_PORT_FORWARD: u8 = 1;
+
+/// What an interface is to hairpin (`INTERFACES` map value).
+pub const ROLE_LAN: u8 = 1;
+pub const ROLE_WAN: u8 = 2;
 
 pod! {
     /// Global settings, the only element of the `SETTINGS` array.
@@ -106,6 +161,26 @@ pod! {
         pub snat_port_first: u16,
         /// Last port of the SNAT source-port range, inclusive (host order).
         pub snat_port_last: u16,
+        /// Idle timeouts in nanoseconds.
+        pub tcp_established_ns: u64,
+        pub tcp_transitory_ns: u64,
+        pub udp_ns: u64,
+    }
+}
+
+impl Settings {
+    /// How long a flow in `state` may stay idle.
+    pub const fn timeout_ns(&self, flow_state: u8) -> u64 {
+        match flow_state {
+            state::TCP_ESTABLISHED => self.tcp_established_ns,
+            state::UDP_UNREPLIED | state::UDP_REPLIED => self.udp_ns,
+            _ => self.tcp_transitory_ns,
+        }
+    }
+
+    /// Whether an entry last seen at `last_seen_ns` has expired at `now_ns`.
+    pub const fn expired(&self, flow_state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+        now_ns.saturating_sub(last_seen_ns) > self.timeout_ns(flow_state)
     }
 }
 
@@ -122,6 +197,17 @@ pod! {
 pub const NEIGH_REDIRECT_MAGIC: u32 = 0x4850_4e52;
 
 impl FlowKey {
+    /// The same connection seen from the other side.
+    pub const fn reversed(&self) -> Self {
+        Self::new(
+            self.dst_addr,
+            self.src_addr,
+            self.dst_port,
+            self.src_port,
+            self.proto,
+        )
+    }
+
     pub const fn new(
         src_addr: u32,
         dst_addr: u32,

@@ -1,9 +1,10 @@
 //! The NAT decisions, as pure functions of header fields and map values.
 
 use crate::{
-    Counter, DIRECTION_ORIGINAL, DIRECTION_REPLY, FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
-    MappingValue,
+    Counter, DIRECTION_ORIGINAL, DIRECTION_REPLY, FIN_SEEN_ORIGINAL, FIN_SEEN_REPLY, FlowEntry,
+    FlowKey, IPPROTO_TCP, IPPROTO_UDP, KIND_HAIRPIN, KIND_PORT_FORWARD, MappingValue,
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    state,
 };
 
 /// How many source ports a new flow tries before it is refused.
@@ -61,11 +62,11 @@ pub const fn snat_port_candidate(
     first + (random % span) as u16
 }
 
-/// The two conntrack entries of a new hairpin flow.
+/// The two conntrack entries of a new flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HairpinFlow {
+pub struct FlowPair {
     /// Key: the client's packet as received. Value: client → server as the
-    /// gateway sends it (source = gateway LAN address and SNAT port).
+    /// gateway sends it.
     pub original_key: FlowKey,
     pub original: FlowEntry,
     /// Key: the server's reply as received. Value: the reply as the client
@@ -74,14 +75,53 @@ pub struct HairpinFlow {
     pub reply: FlowEntry,
 }
 
-/// DNAT to the server and SNAT to `lan_addr:snat_port` (big-endian port).
-#[inline(always)]
+const fn entry(
+    translated: FlowKey,
+    direction: u8,
+    kind: u8,
+    flow_state: u8,
+    now_ns: u64,
+) -> FlowEntry {
+    FlowEntry {
+        translated,
+        last_seen_ns: now_ns,
+        direction,
+        state: flow_state,
+        fin_seen: 0,
+        kind,
+        _pad: [0; 4],
+    }
+}
+
+/// The state a new flow starts in.
+pub const fn initial_state(proto: u8) -> u8 {
+    if proto == IPPROTO_UDP {
+        state::UDP_UNREPLIED
+    } else {
+        state::TCP_SYN_SENT
+    }
+}
+
+const fn pair(packet: &FlowKey, to_server: FlowKey, kind: u8, now_ns: u64) -> FlowPair {
+    let to_client = packet.reversed();
+    let flow_state = initial_state(packet.proto);
+    FlowPair {
+        original_key: *packet,
+        original: entry(to_server, DIRECTION_ORIGINAL, kind, flow_state, now_ns),
+        reply_key: to_server.reversed(),
+        reply: entry(to_client, DIRECTION_REPLY, kind, flow_state, now_ns),
+    }
+}
+
+/// A LAN client through the public address: DNAT to the server and SNAT to
+/// `lan_addr:snat_port` (big-endian port).
 pub const fn hairpin_flow(
     packet: &FlowKey,
     server: &MappingValue,
     lan_addr: u32,
     snat_port: u16,
-) -> HairpinFlow {
+    now_ns: u64,
+) -> FlowPair {
     let to_server = FlowKey::new(
         lan_addr,
         server.server_addr,
@@ -89,34 +129,80 @@ pub const fn hairpin_flow(
         server.server_port,
         packet.proto,
     );
-    let reply_key = FlowKey::new(
-        server.server_addr,
-        lan_addr,
-        server.server_port,
-        snat_port,
-        packet.proto,
-    );
-    let to_client = FlowKey::new(
-        packet.dst_addr,
+    pair(packet, to_server, KIND_HAIRPIN, now_ns)
+}
+
+/// A WAN client to a published port: DNAT only, as a port forward does.
+pub const fn port_forward_flow(packet: &FlowKey, server: &MappingValue, now_ns: u64) -> FlowPair {
+    let to_server = FlowKey::new(
         packet.src_addr,
-        packet.dst_port,
+        server.server_addr,
         packet.src_port,
+        server.server_port,
         packet.proto,
     );
-    HairpinFlow {
-        original_key: *packet,
-        original: FlowEntry {
-            translated: to_server,
-            direction: DIRECTION_ORIGINAL,
-            _pad: [0; 7],
-        },
-        reply_key,
-        reply: FlowEntry {
-            translated: to_client,
-            direction: DIRECTION_REPLY,
-            _pad: [0; 7],
-        },
+    pair(packet, to_server, KIND_PORT_FORWARD, now_ns)
+}
+
+/// The flow's state after a packet in `direction` (TCP `flags` ignored for
+/// UDP), with the updated `FIN_SEEN_*` bits.
+pub const fn next_state(flow_state: u8, fin_seen: u8, direction: u8, flags: u8) -> (u8, u8) {
+    if flow_state == state::UDP_UNREPLIED || flow_state == state::UDP_REPLIED {
+        let replied = flow_state == state::UDP_REPLIED || direction == DIRECTION_REPLY;
+        return (
+            if replied {
+                state::UDP_REPLIED
+            } else {
+                state::UDP_UNREPLIED
+            },
+            fin_seen,
+        );
     }
+    let original = direction == DIRECTION_ORIGINAL;
+    if flags & TCP_RST != 0 {
+        return (state::TCP_CLOSE, fin_seen);
+    }
+    if flags & TCP_SYN != 0 {
+        return match (flow_state, original, flags & TCP_ACK != 0) {
+            // A closed connection's tuple reused for a new one.
+            (state::TCP_TIME_WAIT | state::TCP_CLOSE, true, false) => (state::TCP_SYN_SENT, 0),
+            (state::TCP_SYN_SENT, false, true) => (state::TCP_SYN_RECV, fin_seen),
+            _ => (flow_state, fin_seen),
+        };
+    }
+    if flags & TCP_FIN != 0 {
+        let fin_seen = fin_seen
+            | if original {
+                FIN_SEEN_ORIGINAL
+            } else {
+                FIN_SEEN_REPLY
+            };
+        if fin_seen == FIN_SEEN_ORIGINAL | FIN_SEEN_REPLY {
+            return (state::TCP_TIME_WAIT, fin_seen);
+        }
+        return match flow_state {
+            state::TCP_SYN_RECV | state::TCP_ESTABLISHED => (state::TCP_FIN_WAIT, fin_seen),
+            _ => (flow_state, fin_seen),
+        };
+    }
+    if flags & TCP_ACK != 0 {
+        let first_fin_by_original = fin_seen & FIN_SEEN_ORIGINAL != 0;
+        return match flow_state {
+            state::TCP_SYN_RECV if original => (state::TCP_ESTABLISHED, fin_seen),
+            // The other side acknowledges the first FIN: half closed.
+            state::TCP_FIN_WAIT if original != first_fin_by_original => {
+                (state::TCP_CLOSE_WAIT, fin_seen)
+            }
+            _ => (flow_state, fin_seen),
+        };
+    }
+    (flow_state, fin_seen)
+}
+
+/// Whether a flow in this state belongs in the established table, where a
+/// flood of new flows cannot evict it.
+pub const fn is_established(flow_state: u8) -> bool {
+    flow_state == state::TCP_ESTABLISHED || flow_state == state::UDP_REPLIED
 }
 
 #[cfg(test)]
@@ -218,7 +304,7 @@ mod tests {
             _pad: [0; 2],
         };
 
-        let flow = hairpin_flow(&packet, &mapping, gateway, be(41000));
+        let flow = hairpin_flow(&packet, &mapping, gateway, be(41000), 5);
 
         assert_eq!(flow.original_key, packet);
         assert_eq!(
@@ -235,5 +321,149 @@ mod tests {
             FlowKey::new(public, client, be(80), be(40000), IPPROTO_TCP)
         );
         assert_eq!(flow.reply.direction, DIRECTION_REPLY);
+        assert_eq!(
+            flow.original_key,
+            flow.reply.translated.reversed(),
+            "partners find each other"
+        );
+        assert_eq!(
+            flow.reply_key,
+            flow.original.translated.reversed(),
+            "partners find each other"
+        );
+        assert_eq!(
+            (flow.original.state, flow.original.last_seen_ns),
+            (state::TCP_SYN_SENT, 5)
+        );
     }
+
+    #[test]
+    fn port_forward_keeps_the_client_address() {
+        let wan_client = addr([198, 51, 100, 7]);
+        let public = addr([203, 0, 113, 1]);
+        let server = addr([192, 168, 0, 2]);
+        let packet = FlowKey::new(wan_client, public, be(50000), be(53), IPPROTO_UDP);
+        let mapping = MappingValue {
+            server_addr: server,
+            server_port: be(5353),
+            _pad: [0; 2],
+        };
+
+        let flow = port_forward_flow(&packet, &mapping, 9);
+
+        assert_eq!(
+            flow.original.translated,
+            FlowKey::new(wan_client, server, be(50000), be(5353), IPPROTO_UDP)
+        );
+        assert_eq!(
+            flow.reply_key,
+            FlowKey::new(server, wan_client, be(5353), be(50000), IPPROTO_UDP)
+        );
+        assert_eq!(
+            flow.reply.translated,
+            FlowKey::new(public, wan_client, be(53), be(50000), IPPROTO_UDP)
+        );
+        assert_eq!(
+            (flow.original.kind, flow.original.state),
+            (KIND_PORT_FORWARD, state::UDP_UNREPLIED)
+        );
+    }
+
+    const O: u8 = DIRECTION_ORIGINAL;
+    const R: u8 = DIRECTION_REPLY;
+    const SYN: u8 = TCP_SYN;
+    const SYN_ACK: u8 = TCP_SYN | TCP_ACK;
+    const ACK: u8 = TCP_ACK;
+    const FIN_ACK: u8 = TCP_FIN | TCP_ACK;
+    const RST: u8 = TCP_RST;
+
+    /// Replays packets from the start of a connection; the states after each.
+    fn replay(packets: &[(u8, u8)]) -> std::vec::Vec<u8> {
+        let (mut flow_state, mut fin_seen) = (state::TCP_SYN_SENT, 0);
+        packets
+            .iter()
+            .map(|&(direction, flags)| {
+                (flow_state, fin_seen) = next_state(flow_state, fin_seen, direction, flags);
+                flow_state
+            })
+            .collect()
+    }
+
+    use state::{
+        TCP_CLOSE as CLOSE, TCP_CLOSE_WAIT as CLOSE_WAIT, TCP_ESTABLISHED as EST,
+        TCP_FIN_WAIT as FIN_WAIT, TCP_SYN_RECV as SYN_RECV, TCP_SYN_SENT as SYN_SENT,
+        TCP_TIME_WAIT as TIME_WAIT,
+    };
+
+    #[rstest]
+    #[case::handshake(&[(R, SYN_ACK), (O, ACK)], &[SYN_RECV, EST])]
+    #[case::syn_retransmitted(&[(O, SYN), (R, SYN_ACK), (O, SYN), (O, ACK)], &[SYN_SENT, SYN_RECV, SYN_RECV, EST])]
+    #[case::data_keeps_established(&[(R, SYN_ACK), (O, ACK), (O, ACK), (R, ACK)], &[SYN_RECV, EST, EST, EST])]
+    #[case::client_closes_first(
+        &[(R, SYN_ACK), (O, ACK), (O, FIN_ACK), (R, ACK), (R, FIN_ACK), (O, ACK)],
+        &[SYN_RECV, EST, FIN_WAIT, CLOSE_WAIT, TIME_WAIT, TIME_WAIT]
+    )]
+    #[case::server_closes_first(
+        &[(R, SYN_ACK), (O, ACK), (R, FIN_ACK), (R, ACK), (O, ACK), (O, FIN_ACK)],
+        &[SYN_RECV, EST, FIN_WAIT, FIN_WAIT, CLOSE_WAIT, TIME_WAIT]
+    )]
+    #[case::reset_by_server(&[(R, SYN_ACK), (O, ACK), (R, RST)], &[SYN_RECV, EST, CLOSE])]
+    #[case::refused(&[(R, RST | ACK)], &[CLOSE])]
+    #[case::reopened_after_close(&[(R, RST), (O, SYN), (R, SYN_ACK)], &[CLOSE, SYN_SENT, SYN_RECV])]
+    #[case::syn_ack_from_client_ignored(&[(O, SYN_ACK)], &[SYN_SENT])]
+    fn tcp_state_machine(#[case] packets: &[(u8, u8)], #[case] expected: &[u8]) {
+        let names = |states: &[u8]| {
+            states
+                .iter()
+                .map(|s| state::name(*s))
+                .collect::<std::vec::Vec<_>>()
+        };
+        assert_eq!(names(&replay(packets)), names(expected));
+    }
+
+    #[rstest]
+    #[case(state::UDP_UNREPLIED, O, state::UDP_UNREPLIED)]
+    #[case(state::UDP_UNREPLIED, R, state::UDP_REPLIED)]
+    #[case(state::UDP_REPLIED, O, state::UDP_REPLIED)]
+    fn udp_states(#[case] from: u8, #[case] direction: u8, #[case] to: u8) {
+        assert_eq!(next_state(from, 0, direction, 0).0, to);
+    }
+
+    #[test]
+    fn only_established_and_replied_flows_are_protected() {
+        assert!(is_established(EST) && is_established(state::UDP_REPLIED));
+        for s in [
+            SYN_SENT,
+            SYN_RECV,
+            FIN_WAIT,
+            CLOSE_WAIT,
+            TIME_WAIT,
+            CLOSE,
+            state::UDP_UNREPLIED,
+        ] {
+            assert!(!is_established(s), "{}", state::name(s));
+        }
+    }
+
+    #[test]
+    fn timeouts_by_state() {
+        let settings = crate::Settings {
+            tcp_established_ns: 7440,
+            tcp_transitory_ns: 240,
+            udp_ns: 300,
+            ..Default::default()
+        };
+        assert_eq!(settings.timeout_ns(EST), 7440);
+        assert_eq!(settings.timeout_ns(TIME_WAIT), 240);
+        assert_eq!(settings.timeout_ns(SYN_SENT), 240);
+        assert_eq!(settings.timeout_ns(state::UDP_REPLIED), 300);
+        assert!(!settings.expired(EST, 1000, 1000 + 7440));
+        assert!(settings.expired(EST, 1000, 1000 + 7441));
+        assert!(
+            !settings.expired(UDP_UNREPLIED_STATE, 2000, 1000),
+            "a timestamp from the future is not expired"
+        );
+    }
+
+    const UDP_UNREPLIED_STATE: u8 = state::UDP_UNREPLIED;
 }

@@ -6,11 +6,12 @@ use core::mem::size_of;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK,
-        bpf_fib_lookup as FibParams, xdp_action,
+        BPF_ANY, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_NOEXIST, TC_ACT_OK, bpf_fib_lookup as FibParams, xdp_action,
     },
     helpers::generated::{
-        bpf_fib_lookup, bpf_get_prandom_u32, bpf_redirect_neigh, bpf_xdp_adjust_meta,
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect_neigh,
+        bpf_xdp_adjust_meta,
     },
     macros::{classifier, map, xdp},
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
@@ -19,18 +20,29 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use hairpin_common::{
     Counter, DEFAULT_CONNTRACK_CAPACITY, DIRECTION_ORIGINAL, FlowEntry, FlowKey, IPPROTO_UDP,
-    MAX_EGRESS_DEVICES, MAX_LAN_NETWORKS, MAX_MAPPINGS, MappingKey, MappingValue,
-    NEIGH_REDIRECT_MAGIC, NeighRedirect, Settings, checksum,
-    nat::{self, HairpinFlow, SNAT_PORT_ATTEMPTS},
+    KIND_HAIRPIN, MAX_EGRESS_DEVICES, MAX_INTERFACES, MAX_LAN_NETWORKS, MAX_MAPPINGS, MappingKey,
+    MappingValue, NEIGH_REDIRECT_MAGIC, NeighRedirect, ROLE_LAN, ROLE_WAN, Settings, checksum,
+    nat::{self, FlowPair, SNAT_PORT_ATTEMPTS},
     packet::{ETH_HEADER_LEN, ETH_P_IPV4, EthHeader, Ipv4Header, L4_OFFSET, TcpHeader, UdpHeader},
 };
 
 #[map]
 static MAPPINGS: HashMap<MappingKey, MappingValue> = HashMap::with_max_entries(MAX_MAPPINGS, 0);
 
+/// Established flows. Not LRU: a flood of new flows cannot evict them; idle
+/// ones are reclaimed by user space (and treated as absent once expired).
 #[map]
-static CONNTRACK: LruHashMap<FlowKey, FlowEntry> =
+static CONNTRACK: HashMap<FlowKey, FlowEntry> =
+    HashMap::with_max_entries(DEFAULT_CONNTRACK_CAPACITY, 0);
+
+/// Flows not established yet; under pressure the least recently used go.
+#[map]
+static CONNTRACK_NEW: LruHashMap<FlowKey, FlowEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_CAPACITY, 0);
+
+/// `ROLE_LAN` or `ROLE_WAN` by interface index.
+#[map]
+static INTERFACES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_INTERFACES, 0);
 
 #[map]
 static LAN_NETWORKS: LpmTrie<u32, u8> = LpmTrie::with_max_entries(MAX_LAN_NETWORKS, 0);
@@ -46,7 +58,7 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 
 const AF_INET: u8 = 2;
 
-#[xdp]
+#[xdp(frags)]
 pub fn hairpin(ctx: XdpContext) -> u32 {
     let (action, counter) = match try_hairpin(&ctx) {
         Ok(forwarded) => forwarded,
@@ -80,8 +92,8 @@ struct L4 {
     tcp_flags: u8,
 }
 
-/// Translates a packet of a tracked or newly hairpinned flow and sends it on
-/// (`Ok`), or names why the kernel gets it untouched (`Err`).
+/// Translates a packet of a tracked or new flow and sends it on (`Ok`), or
+/// names why the kernel gets it untouched (`Err`).
 #[inline(always)]
 fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     let eth: *mut EthHeader = ptr_at(ctx, 0)?;
@@ -95,43 +107,44 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     let l4 = l4_header(ctx, ip.proto)?;
     let [src_port, dst_port] = unsafe { *l4.ports };
     let packet = FlowKey::new(ip.src_addr, ip.dst_addr, src_port, dst_port, ip.proto);
-
     if nat::ttl_expires(ip.ttl) {
         return Err(Counter::PassTtlExpired);
     }
+    let settings = *SETTINGS.get(0).ok_or(Counter::PassNotConfigured)?;
+    if settings.lan_addr == 0 {
+        return Err(Counter::PassNotConfigured);
+    }
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let tot_len = u16::from_be(ip.tot_len);
-    // SAFETY: the entry is copied out at once; a concurrent LRU eviction can
-    // at worst hand us a stale copy of a valid entry.
-    let (to, route, counter, created) = match unsafe { CONNTRACK.get(&packet) } {
-        Some(entry) => {
-            let counter = if entry.direction == DIRECTION_ORIGINAL {
+
+    let (to, route, counter, created) = match find_flow(&packet, &settings, now) {
+        Some(flow) => {
+            // SAFETY: a map value; see find_flow.
+            let entry = unsafe { *flow.entry };
+            let route = fib_lookup(ctx, &entry.translated, tot_len)?;
+            track(&flow, &entry, &packet, l4.tcp_flags, now);
+            let counter = if entry.direction != DIRECTION_ORIGINAL {
+                Counter::TranslatedBack
+            } else if entry.kind == KIND_HAIRPIN {
                 Counter::Hairpinned
             } else {
-                Counter::TranslatedBack
+                Counter::PortForwarded
             };
-            let route = fib_lookup(ctx, &entry.translated, tot_len)?;
             (entry.translated, route, counter, None)
         }
         None => {
-            let (server, settings) = admit_new_flow(&packet, l4.tcp_flags)?;
+            let admitted = admit_new_flow(ctx, &packet, l4.tcp_flags, &settings)?;
             // The route does not depend on the SNAT port: look it up before
             // any state is created, so a routing failure leaves none behind.
-            let provisional = FlowKey::new(
-                settings.lan_addr,
-                server.server_addr,
-                packet.src_port,
-                server.server_port,
-                packet.proto,
-            );
-            let route = fib_lookup(ctx, &provisional, tot_len)?;
-            let flow = allocate_flow(&packet, &server, &settings)?;
+            let route = fib_lookup(ctx, &admitted.provisional, tot_len)?;
+            let flow = create_flow(&packet, &admitted, &settings, now)?;
             count(Counter::FlowCreated);
-            (
-                flow.original.translated,
-                route,
-                Counter::Hairpinned,
-                Some(flow),
-            )
+            let counter = if admitted.hairpin {
+                Counter::Hairpinned
+            } else {
+                Counter::PortForwarded
+            };
+            (flow.original.translated, route, counter, Some(flow))
         }
     };
 
@@ -139,8 +152,8 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
         && let Err(counter) = hand_to_kernel(ctx, ifindex)
     {
         if let Some(flow) = created {
-            let _ = CONNTRACK.remove(&flow.original_key);
-            let _ = CONNTRACK.remove(&flow.reply_key);
+            let _ = CONNTRACK_NEW.remove(&flow.original_key);
+            let _ = CONNTRACK_NEW.remove(&flow.reply_key);
         }
         return Err(counter);
     }
@@ -173,6 +186,136 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     }
 }
 
+/// A live conntrack entry and the table it is in.
+struct Flow {
+    entry: *mut FlowEntry,
+    established: bool,
+}
+
+/// The live entry for `key`: established flows first, then new ones. An
+/// entry idle past its timeout counts as live while its partner (the other
+/// direction) is not; once both are, the flow is removed and absent.
+#[inline(always)]
+fn find_flow(key: &FlowKey, settings: &Settings, now: u64) -> Option<Flow> {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        if !expired(key, entry, settings, now, true) {
+            return Some(Flow {
+                entry,
+                established: true,
+            });
+        }
+    }
+    let entry = CONNTRACK_NEW.get_ptr_mut(key)?;
+    if expired(key, entry, settings, now, false) {
+        return None;
+    }
+    Some(Flow {
+        entry,
+        established: false,
+    })
+}
+
+/// Whether the flow of `entry` has expired; if so, removes both its entries.
+#[inline(always)]
+fn expired(
+    key: &FlowKey,
+    entry: *mut FlowEntry,
+    settings: &Settings,
+    now: u64,
+    established: bool,
+) -> bool {
+    // SAFETY: a map value; fields are copied out.
+    let (state, last_seen, partner_key) = unsafe {
+        (
+            (*entry).state,
+            (*entry).last_seen_ns,
+            (*entry).translated.reversed(),
+        )
+    };
+    if !settings.expired(state, last_seen, now) {
+        return false;
+    }
+    let partner = if established {
+        CONNTRACK.get_ptr(&partner_key)
+    } else {
+        CONNTRACK_NEW.get_ptr(&partner_key)
+    };
+    if let Some(partner) = partner {
+        // SAFETY: a map value.
+        if !settings.expired(state, unsafe { (*partner).last_seen_ns }, now) {
+            return false;
+        }
+    }
+    if established {
+        let _ = CONNTRACK.remove(key);
+        let _ = CONNTRACK.remove(&partner_key);
+    } else {
+        let _ = CONNTRACK_NEW.remove(key);
+        let _ = CONNTRACK_NEW.remove(&partner_key);
+    }
+    count(Counter::FlowExpired);
+    true
+}
+
+/// Refreshes the entry and moves the flow's state on; a flow that becomes
+/// established moves to the established table.
+#[inline(always)]
+fn track(flow: &Flow, entry: &FlowEntry, packet: &FlowKey, tcp_flags: u8, now: u64) {
+    const REFRESH_NS: u64 = 1_000_000_000;
+    if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
+        // SAFETY: a map value; a racing writer at worst stores the same time.
+        unsafe { (*flow.entry).last_seen_ns = now };
+    }
+    let (state, fin_seen) =
+        nat::next_state(entry.state, entry.fin_seen, entry.direction, tcp_flags);
+    if state == entry.state && fin_seen == entry.fin_seen {
+        return;
+    }
+    let partner_key = entry.translated.reversed();
+    let partner = if flow.established {
+        CONNTRACK.get_ptr_mut(&partner_key)
+    } else {
+        CONNTRACK_NEW.get_ptr_mut(&partner_key)
+    };
+    unsafe {
+        (*flow.entry).state = state;
+        (*flow.entry).fin_seen = fin_seen;
+        (*flow.entry).last_seen_ns = now;
+    }
+    let Some(partner) = partner else {
+        return;
+    };
+    unsafe {
+        (*partner).state = state;
+        (*partner).fin_seen = fin_seen;
+    }
+    if !flow.established && nat::is_established(state) {
+        // SAFETY: map values, copied.
+        let (own, other) = unsafe { (*flow.entry, *partner) };
+        promote(packet, &own, &partner_key, &other);
+    }
+}
+
+/// Moves a flow's two entries from the new to the established table.
+#[inline(always)]
+fn promote(key: &FlowKey, entry: &FlowEntry, partner_key: &FlowKey, partner: &FlowEntry) {
+    if CONNTRACK
+        .insert(partner_key, partner, BPF_ANY as u64)
+        .is_err()
+    {
+        count(Counter::EstablishedTableFull);
+        return;
+    }
+    if CONNTRACK.insert(key, entry, BPF_ANY as u64).is_err() {
+        let _ = CONNTRACK.remove(partner_key);
+        count(Counter::EstablishedTableFull);
+        return;
+    }
+    let _ = CONNTRACK_NEW.remove(key);
+    let _ = CONNTRACK_NEW.remove(partner_key);
+    count(Counter::FlowEstablished);
+}
+
 #[inline(always)]
 fn l4_header(ctx: &XdpContext, proto: u8) -> Result<L4, Counter> {
     if proto == IPPROTO_UDP {
@@ -196,10 +339,25 @@ fn l4_header(ctx: &XdpContext, proto: u8) -> Result<L4, Counter> {
     }
 }
 
-/// A packet without a conntrack entry may open a hairpin flow if it is a LAN
-/// client's first packet to a mapped public address and port.
+/// A new flow the mapping table and the interface's role let in.
+struct Admitted {
+    server: MappingValue,
+    /// A LAN client through the public address (else a WAN port forward).
+    hairpin: bool,
+    /// The translated tuple with the client's own port, for the route.
+    provisional: FlowKey,
+}
+
+/// A packet without a conntrack entry may open a flow if it is a client's
+/// first packet to a mapped public address and port: a LAN client's on a LAN
+/// interface (hairpin), anyone else's on a WAN interface (port forward).
 #[inline(always)]
-fn admit_new_flow(packet: &FlowKey, tcp_flags: u8) -> Result<(MappingValue, Settings), Counter> {
+fn admit_new_flow(
+    ctx: &XdpContext,
+    packet: &FlowKey,
+    tcp_flags: u8,
+    settings: &Settings,
+) -> Result<Admitted, Counter> {
     let mapping_key = MappingKey {
         public_addr: packet.dst_addr,
         public_port: packet.dst_port,
@@ -207,46 +365,85 @@ fn admit_new_flow(packet: &FlowKey, tcp_flags: u8) -> Result<(MappingValue, Sett
         _pad: 0,
     };
     let server = *unsafe { MAPPINGS.get(&mapping_key) }.ok_or(Counter::PassNoMapping)?;
-    if LAN_NETWORKS.get(Key::new(32, packet.src_addr)).is_none() {
-        return Err(Counter::PassSourceNotLan);
-    }
+    let role = *unsafe { INTERFACES.get(&(ctx.ingress_ifindex() as u32)) }
+        .ok_or(Counter::PassUnknownInterface)?;
+    let lan_source = LAN_NETWORKS.get(Key::new(32, packet.src_addr)).is_some();
+    let hairpin = match role {
+        ROLE_LAN if lan_source => true,
+        ROLE_LAN => return Err(Counter::PassSourceNotLan),
+        ROLE_WAN if lan_source => return Err(Counter::PassLanSourceOnWan),
+        _ => false,
+    };
     if packet.proto != IPPROTO_UDP && !nat::tcp_opens_flow(tcp_flags) {
         return Err(Counter::PassTcpNotSyn);
     }
-    let settings = *SETTINGS.get(0).ok_or(Counter::PassNotConfigured)?;
-    if settings.lan_addr == 0 {
-        return Err(Counter::PassNotConfigured);
-    }
-    Ok((server, settings))
+    let src_addr = if hairpin {
+        settings.lan_addr
+    } else {
+        packet.src_addr
+    };
+    let provisional = FlowKey::new(
+        src_addr,
+        server.server_addr,
+        packet.src_port,
+        server.server_port,
+        packet.proto,
+    );
+    Ok(Admitted {
+        server,
+        hairpin,
+        provisional,
+    })
 }
 
-/// Picks a free SNAT port with bounded retries and enters both directions.
-/// The reply entry goes in first with BPF_NOEXIST: that insert is what makes
-/// the translated tuple unique.
+/// Enters both directions of a new flow into the table of new flows, the
+/// reply entry first with BPF_NOEXIST: that insert is what makes the
+/// translated tuple unique. A hairpin flow tries the client's port and then
+/// random ones of the SNAT range, a bounded number of times.
 #[inline(always)]
-fn allocate_flow(
+fn create_flow(
     packet: &FlowKey,
-    server: &MappingValue,
+    admitted: &Admitted,
     settings: &Settings,
-) -> Result<HairpinFlow, Counter> {
+    now: u64,
+) -> Result<FlowPair, Counter> {
     let client_port = u16::from_be(packet.src_port);
-    for attempt in 0..SNAT_PORT_ATTEMPTS {
-        let random = unsafe { bpf_get_prandom_u32() };
-        let port = nat::snat_port_candidate(
-            client_port,
-            attempt,
-            random,
-            settings.snat_port_first,
-            settings.snat_port_last,
-        );
-        let flow = nat::hairpin_flow(packet, server, settings.lan_addr, port.to_be());
-        if CONNTRACK
-            .insert(&flow.reply_key, &flow.reply, BPF_NOEXIST as u64)
-            .is_err()
+    let attempts = if admitted.hairpin {
+        SNAT_PORT_ATTEMPTS
+    } else {
+        1
+    };
+    for attempt in 0..attempts {
+        let flow = if admitted.hairpin {
+            let random = unsafe { bpf_get_prandom_u32() };
+            let port = nat::snat_port_candidate(
+                client_port,
+                attempt,
+                random,
+                settings.snat_port_first,
+                settings.snat_port_last,
+            );
+            nat::hairpin_flow(
+                packet,
+                &admitted.server,
+                settings.lan_addr,
+                port.to_be(),
+                now,
+            )
+        } else {
+            nat::port_forward_flow(packet, &admitted.server, now)
+        };
+        // An established flow's port stays taken until user space reclaims
+        // it, even once idle: checking expiry here would multiply the
+        // verifier's paths by the retries.
+        if CONNTRACK.get_ptr(&flow.reply_key).is_some()
+            || CONNTRACK_NEW
+                .insert(&flow.reply_key, &flow.reply, BPF_NOEXIST as u64)
+                .is_err()
         {
             continue;
         }
-        if CONNTRACK
+        if CONNTRACK_NEW
             .insert(&flow.original_key, &flow.original, BPF_NOEXIST as u64)
             .is_ok()
         {
@@ -254,10 +451,14 @@ fn allocate_flow(
         }
         // Another CPU entered this flow in the meantime; the client's
         // retransmission will find that entry.
-        let _ = CONNTRACK.remove(&flow.reply_key);
+        let _ = CONNTRACK_NEW.remove(&flow.reply_key);
         return Err(Counter::PassFlowRace);
     }
-    Err(Counter::PortAllocFailed)
+    Err(if admitted.hairpin {
+        Counter::PortAllocFailed
+    } else {
+        Counter::PassFlowRace
+    })
 }
 
 enum Route {
@@ -292,6 +493,7 @@ fn fib_lookup(ctx: &XdpContext, to: &FlowKey, tot_len: u16) -> Result<Route, Cou
         BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Route::Unresolved {
             ifindex: params.ifindex,
         }),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::PassTooBig),
         _ => return Err(Counter::FibFailed),
     }
     .and_then(|route| match route {

@@ -1,12 +1,6 @@
 //! The TOML configuration, parsed and validated before anything is loaded.
 
-use std::{
-    collections::HashSet,
-    fmt,
-    net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
-    str::FromStr,
-};
+use std::{fmt, net::Ipv4Addr, path::Path, str::FromStr};
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -121,12 +115,100 @@ pub enum XdpMode {
     Skb,
 }
 
+/// An inclusive port range; a single port is a range of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub const fn single(port: u16) -> Self {
+        Self {
+            first: port,
+            last: port,
+        }
+    }
+
+    pub const fn len(&self) -> u32 {
+        (self.last - self.first) as u32 + 1
+    }
+
+    pub const fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub const fn overlaps(&self, other: &PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// `public` (address and port range) is published and served at `to`; port
+/// `public_ports.first + i` goes to `to_ports.first + i`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapping {
     pub proto: Proto,
-    pub public: SocketAddrV4,
-    pub to: SocketAddrV4,
+    pub public: Ipv4Addr,
+    pub public_ports: PortRange,
+    pub to: Ipv4Addr,
+    pub to_ports: PortRange,
 }
+
+impl Mapping {
+    /// Every (public port, server port) pair of the mapping.
+    pub fn port_pairs(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
+        (self.public_ports.first..=self.public_ports.last)
+            .zip(self.to_ports.first..=self.to_ports.last)
+    }
+
+    /// Whether both publish a port in common.
+    pub fn overlaps(&self, other: &Mapping) -> bool {
+        self.proto == other.proto
+            && self.public == other.public
+            && self.public_ports.overlaps(&other.public_ports)
+    }
+}
+
+impl fmt::Display for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}:{} -> {}:{}",
+            self.proto, self.public, self.public_ports, self.to, self.to_ports
+        )
+    }
+}
+
+/// Idle timeouts, in seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_established: u64,
+    pub tcp_transitory: u64,
+    pub udp: u64,
+}
+
+/// RFC 5382 REQ-5: established at least 2 h 4 min, transitory 4 min;
+/// RFC 4787 REQ-5: UDP at least 2 min (5 min recommended).
+pub const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
+    tcp_established: 7440,
+    tcp_transitory: 240,
+    udp: 300,
+};
+pub const RFC_MINIMUM_TIMEOUTS: Timeouts = Timeouts {
+    tcp_established: 7440,
+    tcp_transitory: 240,
+    udp: 120,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lan {
@@ -149,7 +231,39 @@ pub struct Config {
     pub wan: Option<Wan>,
     pub xdp_mode: XdpMode,
     pub conntrack_capacity: u32,
+    pub timeouts: Timeouts,
     pub mappings: Vec<Mapping>,
+}
+
+impl Config {
+    /// Settings that are allowed but not what an operator would normally
+    /// want, as sentences for the log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let (t, min) = (self.timeouts, RFC_MINIMUM_TIMEOUTS);
+        for (key, value, minimum, rfc) in [
+            (
+                "tcp_established",
+                t.tcp_established,
+                min.tcp_established,
+                "RFC 5382 REQ-5",
+            ),
+            (
+                "tcp_transitory",
+                t.tcp_transitory,
+                min.tcp_transitory,
+                "RFC 5382 REQ-5",
+            ),
+            ("udp", t.udp, min.udp, "RFC 4787 REQ-5"),
+        ] {
+            if value < minimum {
+                warnings.push(format!(
+                    "timeouts.{key} = {value} s is shorter than {rfc} allows ({minimum} s): idle connections may break"
+                ));
+            }
+        }
+        warnings
+    }
 }
 
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 65535);
@@ -161,8 +275,17 @@ struct RawConfig {
     wan: Option<RawWan>,
     xdp: Option<RawXdp>,
     conntrack: Option<RawConntrack>,
+    timeouts: Option<RawTimeouts>,
     #[serde(default)]
     mapping: Vec<RawMapping>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    tcp_established: Option<i64>,
+    tcp_transitory: Option<i64>,
+    udp: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -242,14 +365,28 @@ impl FromStr for Config {
                 ));
             }
         };
-        let mut mappings = Vec::new();
-        let mut published = HashSet::new();
+        let timeouts = parse_timeouts(raw.timeouts)?;
+        let mut mappings: Vec<Mapping> = Vec::new();
+        let mut published_ports = 0u32;
         for (index, raw) in raw.mapping.into_iter().enumerate() {
             let mapping = parse_mapping(index, raw)?;
-            if !published.insert((mapping.proto, mapping.public)) {
+            if let Some(other) = mappings.iter().position(|m| m.overlaps(&mapping)) {
                 return Err(invalid(
                     format!("mapping[{index}].public"),
-                    format!("{} {} is mapped twice", mapping.proto, mapping.public),
+                    format!(
+                        "{} {}:{} is already published by mapping[{other}]",
+                        mapping.proto, mapping.public, mapping.public_ports
+                    ),
+                ));
+            }
+            published_ports += mapping.public_ports.len();
+            if published_ports > hairpin_common::MAX_MAPPINGS {
+                return Err(invalid(
+                    format!("mapping[{index}].public"),
+                    format!(
+                        "more than {} published ports in all",
+                        hairpin_common::MAX_MAPPINGS
+                    ),
                 ));
             }
             mappings.push(mapping);
@@ -259,6 +396,7 @@ impl FromStr for Config {
             wan,
             xdp_mode,
             conntrack_capacity,
+            timeouts,
             mappings,
         })
     }
@@ -393,23 +531,47 @@ fn parse_wan(raw: RawWan) -> Result<Wan, ConfigError> {
     })
 }
 
-fn parse_socket(key: &str, text: &str) -> Result<SocketAddrV4, ConfigError> {
-    let addr: SocketAddrV4 = text.parse().map_err(|_| {
-        invalid(
-            key,
-            format!("`{text}` is not an IPv4 address and port (like 203.0.113.1:80)"),
+fn parse_timeouts(raw: Option<RawTimeouts>) -> Result<Timeouts, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(DEFAULT_TIMEOUTS);
+    };
+    let seconds = |key: &str, value: Option<i64>, default: u64| match value {
+        None => Ok(default),
+        Some(s) if (1..=30 * 86_400).contains(&s) => Ok(s as u64),
+        Some(s) => Err(invalid(
+            format!("timeouts.{key}"),
+            format!("{s} is out of range (1 to 2592000 seconds)"),
+        )),
+    };
+    Ok(Timeouts {
+        tcp_established: seconds(
+            "tcp_established",
+            raw.tcp_established,
+            DEFAULT_TIMEOUTS.tcp_established,
+        )?,
+        tcp_transitory: seconds(
+            "tcp_transitory",
+            raw.tcp_transitory,
+            DEFAULT_TIMEOUTS.tcp_transitory,
+        )?,
+        udp: seconds("udp", raw.udp, DEFAULT_TIMEOUTS.udp)?,
+    })
+}
+
+/// `ADDRESS:PORT` or `ADDRESS:FIRST-LAST`.
+pub fn parse_endpoint(text: &str) -> Result<(Ipv4Addr, PortRange), String> {
+    let form = || {
+        format!(
+            "`{text}` is not an IPv4 address and port or port range (like 203.0.113.1:80 or 203.0.113.1:8000-8099)"
         )
-    })?;
-    if addr.port() == 0 {
-        return Err(invalid(key, "port 0 is not a valid port"));
+    };
+    let (addr, ports) = text.rsplit_once(':').ok_or_else(form)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| form())?;
+    if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+        return Err(format!("{addr} is not a unicast address"));
     }
-    if addr.ip().is_unspecified() || addr.ip().is_broadcast() || addr.ip().is_multicast() {
-        return Err(invalid(
-            key,
-            format!("{} is not a unicast address", addr.ip()),
-        ));
-    }
-    Ok(addr)
+    let (first, last) = parse_port_range(ports)?;
+    Ok((addr, PortRange { first, last }))
 }
 
 fn parse_mapping(index: usize, raw: RawMapping) -> Result<Mapping, ConfigError> {
@@ -422,10 +584,26 @@ fn parse_mapping(index: usize, raw: RawMapping) -> Result<Mapping, ConfigError> 
     let public = raw
         .public
         .ok_or_else(|| invalid(key("public"), "missing"))?;
-    let public = parse_socket(&key("public"), &public)?;
+    let (public, public_ports) = parse_endpoint(&public).map_err(|e| invalid(key("public"), e))?;
     let to = raw.to.ok_or_else(|| invalid(key("to"), "missing"))?;
-    let to = parse_socket(&key("to"), &to)?;
-    Ok(Mapping { proto, public, to })
+    let (to, to_ports) = parse_endpoint(&to).map_err(|e| invalid(key("to"), e))?;
+    if public_ports.len() != to_ports.len() {
+        return Err(invalid(
+            key("to"),
+            format!(
+                "{} port(s) for the {} public port(s) {public}:{public_ports}: the ranges must have equal lengths",
+                to_ports.len(),
+                public_ports.len()
+            ),
+        ));
+    }
+    Ok(Mapping {
+        proto,
+        public,
+        public_ports,
+        to,
+        to_ports,
+    })
 }
 
 #[cfg(test)]
@@ -466,10 +644,14 @@ to = "192.168.0.2:80"
             config.mappings,
             [Mapping {
                 proto: Proto::Tcp,
-                public: "203.0.113.1:80".parse().unwrap(),
-                to: "192.168.0.2:80".parse().unwrap(),
+                public: Ipv4Addr::new(203, 0, 113, 1),
+                public_ports: PortRange::single(80),
+                to: Ipv4Addr::new(192, 168, 0, 2),
+                to_ports: PortRange::single(80),
             }]
         );
+        assert_eq!(config.timeouts, DEFAULT_TIMEOUTS);
+        assert!(config.warnings().is_empty());
     }
 
     #[test]
@@ -551,6 +733,28 @@ to = "192.168.0.5:80"
 [xdp]"#,
         "mapping[1].public"
     )]
+    #[case::unequal_ranges(
+        r#"to = "192.168.0.2:80""#,
+        r#"to = "192.168.0.2:80-81""#,
+        "mapping[0].to"
+    )]
+    #[case::reversed_public_range(
+        r#"public = "203.0.113.1:80""#,
+        r#"public = "203.0.113.1:90-80""#,
+        "mapping[0].public"
+    )]
+    #[case::overlapping_range(
+        "[xdp]",
+        r#"[[mapping]]
+proto = "tcp"
+public = "203.0.113.1:70-85"
+to = "192.168.0.5:70-85"
+
+[xdp]"#,
+        "mapping[1].public"
+    )]
+    #[case::zero_timeout("[xdp]", "[timeouts]\nudp = 0\n\n[xdp]", "timeouts.udp")]
+    #[case::unknown_timeout("[xdp]", "[timeouts]\nicmp = 30\n\n[xdp]", "icmp")]
     #[case::reversed_snat_ports(
         r#"address = "192.168.0.1""#,
         r#"address = "192.168.0.1"
@@ -572,6 +776,30 @@ snat_ports = "30000-20000""#,
             .expect_err("invalid config accepted")
             .to_string();
         assert!(error.contains(key), "error does not name `{key}`: {error}");
+    }
+
+    #[test]
+    fn port_ranges_and_timeouts() {
+        let text = format!(
+            "{SEED}\n[timeouts]\ntcp_established = 600\nudp = 30\n\n[[mapping]]\nproto = \"tcp\"\npublic = \"198.51.100.1:8000-8002\"\nto = \"192.168.0.2:9000-9002\"\n"
+        );
+        let config: Config = text.parse().expect("valid");
+        let pairs: Vec<_> = config.mappings[1].port_pairs().collect();
+        assert_eq!(pairs, [(8000, 9000), (8001, 9001), (8002, 9002)]);
+        assert_eq!(
+            config.timeouts,
+            Timeouts {
+                tcp_established: 600,
+                tcp_transitory: 240,
+                udp: 30
+            }
+        );
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("tcp_established") && warnings[1].contains("udp"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

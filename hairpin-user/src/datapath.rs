@@ -11,7 +11,8 @@ use aya::{
     },
 };
 use hairpin_common::{
-    Counter, FlowEntry, FlowKey, MappingKey, MappingValue, Settings, maps::names, maps::programs,
+    Counter, FlowEntry, FlowKey, MappingKey, MappingValue, ROLE_LAN, ROLE_WAN, Settings,
+    maps::names, maps::programs,
 };
 use log::warn;
 use thiserror::Error;
@@ -99,6 +100,7 @@ impl Datapath {
         }
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::CONNTRACK, config.conntrack_capacity)
+            .map_max_entries(names::CONNTRACK_NEW, config.conntrack_capacity)
             .load(crate::EBPF_OBJECT)?;
         let xdp: &mut Xdp = program(&mut ebpf, programs::XDP)?;
         xdp.load().map_err(|source| DatapathError::Program {
@@ -126,18 +128,9 @@ impl Datapath {
     /// Writes settings, LAN networks, egress devices and mappings. The LAN
     /// (and WAN) interfaces must exist in the calling thread's namespace.
     pub fn configure(&mut self, config: &Config) -> Result<(), DatapathError> {
-        let mut settings: Array<&mut MapData, Settings> = self.map_mut(names::SETTINGS)?;
-        let (snat_port_first, snat_port_last) = config.lan.snat_ports;
-        settings
-            .set(
-                0,
-                Settings {
-                    lan_addr: wire_addr(config.lan.address),
-                    snat_port_first,
-                    snat_port_last,
-                },
-                0,
-            )
+        let mut settings_map: Array<&mut MapData, Settings> = self.map_mut(names::SETTINGS)?;
+        settings_map
+            .set(0, settings(config), 0)
             .map_err(map_error(names::SETTINGS))?;
 
         let mut networks: LpmTrie<&mut MapData, u32, u8> = self.map_mut(names::LAN_NETWORKS)?;
@@ -147,9 +140,15 @@ impl Datapath {
                 .map_err(map_error(names::LAN_NETWORKS))?;
         }
 
+        let mut roles: HashMap<&mut MapData, u32, u8> = self.map_mut(names::INTERFACES)?;
+        for (name, role) in managed_interfaces(config) {
+            roles
+                .insert(if_index(name)?, role, 0)
+                .map_err(map_error(names::INTERFACES))?;
+        }
+
         let mut egress: DevMapHash<&mut MapData> = self.map_mut(names::EGRESS_DEVICES)?;
-        let wan = config.wan.iter().map(|wan| &wan.interface);
-        for name in config.lan.interfaces.iter().chain(wan) {
+        for (name, _) in managed_interfaces(config) {
             let index = if_index(name)?;
             egress.insert(index, index, None, 0).map_err(|e| match e {
                 aya::maps::xdp::XdpMapError::MapError(source) => DatapathError::Map {
@@ -166,33 +165,34 @@ impl Datapath {
         Ok(())
     }
 
+    /// Publishes every port of `mapping`.
     pub fn insert_mapping(&mut self, mapping: &Mapping) -> Result<(), DatapathError> {
         let mut mappings: HashMap<&mut MapData, MappingKey, MappingValue> =
             self.map_mut(names::MAPPINGS)?;
-        let key = MappingKey {
-            public_addr: wire_addr(*mapping.public.ip()),
-            public_port: mapping.public.port().to_be(),
-            proto: mapping.proto.number(),
-            _pad: 0,
-        };
-        let value = MappingValue {
-            server_addr: wire_addr(*mapping.to.ip()),
-            server_port: mapping.to.port().to_be(),
-            _pad: [0; 2],
-        };
-        mappings
-            .insert(key, value, 0)
-            .map_err(map_error(names::MAPPINGS))
+        for (public_port, server_port) in mapping.port_pairs() {
+            let key = MappingKey {
+                public_addr: wire_addr(mapping.public),
+                public_port: public_port.to_be(),
+                proto: mapping.proto.number(),
+                _pad: 0,
+            };
+            let value = MappingValue {
+                server_addr: wire_addr(mapping.to),
+                server_port: server_port.to_be(),
+                _pad: [0; 2],
+            };
+            mappings
+                .insert(key, value, 0)
+                .map_err(map_error(names::MAPPINGS))?;
+        }
+        Ok(())
     }
 
-    /// Attaches XDP and the TC ingress helper to every LAN interface. On any
-    /// failure, what was attached so far is detached again.
+    /// Attaches XDP and the TC ingress helper to every LAN and WAN
+    /// interface. On any failure, what was attached so far is detached again.
     pub fn attach(&mut self, config: &Config) -> Result<Vec<Attachment>, DatapathError> {
-        let result = config
-            .lan
-            .interfaces
-            .iter()
-            .try_for_each(|name| self.attach_interface(name, config.xdp_mode));
+        let result = managed_interfaces(config)
+            .try_for_each(|(name, _)| self.attach_interface(name, config.xdp_mode));
         if let Err(error) = result {
             self.detach();
             return Err(error);
@@ -279,20 +279,43 @@ impl Datapath {
             .collect()
     }
 
-    /// All conntrack entries (both directions of every flow).
-    pub fn conntrack(&self) -> Result<Vec<(FlowKey, FlowEntry)>, DatapathError> {
-        let map = self.ebpf.map(names::CONNTRACK).ok_or(DatapathError::Map {
-            name: names::CONNTRACK,
-            source: aya::maps::MapError::InvalidName {
-                name: names::CONNTRACK.into(),
-            },
+    /// All entries of one conntrack table (both directions of every flow).
+    pub fn conntrack(&self, table: Table) -> Result<Vec<(FlowKey, FlowEntry)>, DatapathError> {
+        let name = table.map_name();
+        let map = self.ebpf.map(name).ok_or(DatapathError::Map {
+            name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
         })?;
-        let table: HashMap<&MapData, FlowKey, FlowEntry> =
-            HashMap::try_from(map).map_err(map_error(names::CONNTRACK))?;
-        table
+        let entries: HashMap<&MapData, FlowKey, FlowEntry> =
+            HashMap::try_from(map).map_err(map_error(name))?;
+        entries
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(map_error(names::CONNTRACK))
+            .map_err(map_error(name))
+    }
+
+    /// Removes the flows idle past their timeout (both entries of a flow,
+    /// once both are), as the datapath treats them as absent anyway.
+    /// Returns how many entries were removed from each table.
+    pub fn reclaim_expired(
+        &mut self,
+        settings: &Settings,
+        now_ns: u64,
+    ) -> Result<[usize; 2], DatapathError> {
+        let mut reclaimed = [0; 2];
+        for (slot, table) in [Table::Established, Table::New].into_iter().enumerate() {
+            let entries = self.conntrack(table)?;
+            let expired = crate::conntrack::expired_flows(&entries, settings, now_ns);
+            let name = table.map_name();
+            let mut map: HashMap<&mut MapData, FlowKey, FlowEntry> = self.map_mut(name)?;
+            for key in &expired {
+                // Gone already when the datapath or the LRU removed it.
+                if map.remove(key).is_ok() {
+                    reclaimed[slot] += 1;
+                }
+            }
+        }
+        Ok(reclaimed)
     }
 
     fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DatapathError>
@@ -310,6 +333,56 @@ impl Datapath {
 impl Drop for Datapath {
     fn drop(&mut self) {
         self.detach();
+    }
+}
+
+/// The LAN interfaces, then the WAN one, with their roles.
+fn managed_interfaces(config: &Config) -> impl Iterator<Item = (&String, u8)> {
+    let lan = config.lan.interfaces.iter().map(|name| (name, ROLE_LAN));
+    lan.chain(config.wan.iter().map(|wan| (&wan.interface, ROLE_WAN)))
+}
+
+const NANOS: u64 = 1_000_000_000;
+
+/// The two conntrack tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// Established flows (TCP ESTABLISHED, UDP replied): never evicted.
+    Established,
+    /// Flows not established yet (and closing ones): LRU.
+    New,
+}
+
+impl Table {
+    pub const fn map_name(self) -> &'static str {
+        match self {
+            Table::Established => names::CONNTRACK,
+            Table::New => names::CONNTRACK_NEW,
+        }
+    }
+}
+
+/// The clock the datapath stamps entries with (`bpf_ktime_get_coarse_ns`).
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    now.tv_sec as u64 * NANOS + now.tv_nsec as u64
+}
+
+/// The settings the datapath is configured with.
+pub fn settings(config: &Config) -> Settings {
+    let (snat_port_first, snat_port_last) = config.lan.snat_ports;
+    Settings {
+        lan_addr: wire_addr(config.lan.address),
+        snat_port_first,
+        snat_port_last,
+        tcp_established_ns: config.timeouts.tcp_established * NANOS,
+        tcp_transitory_ns: config.timeouts.tcp_transitory * NANOS,
+        udp_ns: config.timeouts.udp * NANOS,
     }
 }
 

@@ -1,20 +1,64 @@
-//! Presenting the datapath's counters.
+//! Presenting the datapath's counters and the conntrack tables' fill.
 
 use std::fmt::Write as _;
 
 use hairpin_common::Counter;
 
-/// One `name value` line per counter, non-zero ones only unless `all`.
-pub fn format_counters(counters: &[(Counter, u64)], all: bool) -> String {
-    let width = Counter::ALL
-        .iter()
-        .map(|c| c.name().len())
-        .max()
-        .unwrap_or(0);
+/// Counters and table fill at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Every datapath counter, summed over the CPUs.
+    pub counters: Vec<(Counter, u64)>,
+    /// Entries (two per flow) in the established and new-flow tables.
+    pub established_entries: usize,
+    pub new_entries: usize,
+    /// Table capacity, entries each.
+    pub capacity: u32,
+    /// Entries removed by user space because their flows had expired.
+    pub reclaimed_established: u64,
+    pub reclaimed_new: u64,
+}
+
+impl Snapshot {
+    pub fn counter(&self, counter: Counter) -> u64 {
+        self.counters
+            .iter()
+            .find(|(c, _)| *c == counter)
+            .map_or(0, |(_, v)| *v)
+    }
+
+    /// New flows that left the new-flow table without being established,
+    /// expiring or being reclaimed: evicted by its LRU under pressure.
+    pub fn new_flows_evicted(&self) -> u64 {
+        let accounted = self.counter(Counter::FlowEstablished)
+            + self.counter(Counter::FlowExpired)
+            + (self.new_entries as u64 + self.reclaimed_new) / 2;
+        self.counter(Counter::FlowCreated).saturating_sub(accounted)
+    }
+
+    /// Name-value pairs: the counters, then the derived figures.
+    pub fn values(&self) -> Vec<(&'static str, u64)> {
+        let mut values: Vec<_> = self.counters.iter().map(|(c, v)| (c.name(), *v)).collect();
+        values.extend([
+            ("new_flows_evicted", self.new_flows_evicted()),
+            (
+                "reclaimed_entries",
+                self.reclaimed_established + self.reclaimed_new,
+            ),
+            ("established_entries", self.established_entries as u64),
+            ("new_entries", self.new_entries as u64),
+        ]);
+        values
+    }
+}
+
+/// One `name value` line each, zero values only when `all`.
+pub fn format_values(values: &[(&str, u64)], all: bool) -> String {
+    let width = values.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
     let mut out = String::new();
-    for (counter, value) in counters {
+    for (name, value) in values {
         if all || *value != 0 {
-            let _ = writeln!(out, "  {:<width$}  {value}", counter.name());
+            let _ = writeln!(out, "  {name:<width$}  {value}");
         }
     }
     if out.is_empty() {
@@ -28,11 +72,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn zero_counters_hidden_unless_all() {
-        let counters = [(Counter::Hairpinned, 3), (Counter::PassNoMapping, 0)];
-        let text = format_counters(&counters, false);
+    fn zero_values_hidden_unless_all() {
+        let values = [("hairpinned", 3), ("pass_no_mapping", 0)];
+        let text = format_values(&values, false);
         assert!(text.contains("hairpinned") && text.contains('3'), "{text}");
         assert!(!text.contains("pass_no_mapping"), "{text}");
-        assert!(format_counters(&counters, true).contains("pass_no_mapping"));
+        assert!(format_values(&values, true).contains("pass_no_mapping"));
+    }
+
+    #[test]
+    fn evictions_are_what_is_left_unaccounted() {
+        let snapshot = Snapshot {
+            counters: vec![
+                (Counter::FlowCreated, 100),
+                (Counter::FlowEstablished, 10),
+                (Counter::FlowExpired, 5),
+            ],
+            new_entries: 40,
+            reclaimed_new: 10,
+            ..Default::default()
+        };
+        // 100 created - 10 established - 5 expired - 20 live - 5 reclaimed.
+        assert_eq!(snapshot.new_flows_evicted(), 60);
     }
 }

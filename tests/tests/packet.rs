@@ -8,8 +8,11 @@ use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{Ipv4HeaderSlice, PacketBuilder, TcpHeaderSlice, UdpHeaderSlice};
-use hairpin::{config::Config, datapath::Datapath};
-use hairpin_common::Counter;
+use hairpin::{
+    config::Config,
+    datapath::{Datapath, Table},
+};
+use hairpin_common::{Counter, FlowKey, state};
 use hairpin_tests::{Netns, have_root, veth};
 use rstest::rstest;
 
@@ -26,6 +29,10 @@ const CLIENT_B: [u8; 4] = [192, 168, 0, 4];
 const UNRESOLVED_SERVER: [u8; 4] = [192, 168, 0, 77];
 /// A client behind the second LAN interface.
 const OTHER_LAN_CLIENT: [u8; 4] = [192, 168, 1, 5];
+/// The gateway's next hop on the WAN, towards 198.51.100.0/24.
+const UPSTREAM_ROUTER: [u8; 4] = [203, 0, 113, 254];
+const UPSTREAM_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+const GATEWAY_WAN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xf1];
 const OUTSIDER: [u8; 4] = [198, 51, 100, 7];
 const PUBLIC: [u8; 4] = [203, 0, 113, 1];
 const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -53,6 +60,15 @@ to = "192.168.0.2:5353"
 proto = "tcp"
 public = "203.0.113.1:81"
 to = "192.168.0.77:80"
+
+[[mapping]]
+proto = "tcp"
+public = "203.0.113.1:8000-8009"
+to = "192.168.0.2:9000-9009"
+
+[wan]
+interface = "wan0"
+addresses = ["203.0.113.1"]
 "#;
 
 fn mac(m: [u8; 6]) -> String {
@@ -72,12 +88,17 @@ fn with_datapath<R: Send>(config: &str, f: impl FnOnce(&mut Gateway) -> R + Send
     netns.ip(&["addr", "add", "192.168.0.1/24", "dev", "lan0"]);
     veth(&netns, "lan1", &netns, "lan1p");
     netns.ip(&["addr", "add", "192.168.1.1/24", "dev", "lan1"]);
+    veth(&netns, "wan0", &netns, "wan0p");
+    netns.ip(&["link", "set", "wan0", "address", &mac(GATEWAY_WAN_MAC)]);
+    netns.ip(&["addr", "add", "203.0.113.1/24", "dev", "wan0"]);
+    netns.ip(&["route", "add", "198.51.100.0/24", "via", "203.0.113.254"]);
     netns.sysctl("net.ipv4.ip_forward=1");
     for (addr, m, dev) in [
         (SERVER, SERVER_MAC, "lan0"),
         (CLIENT, CLIENT_MAC, "lan0"),
         (CLIENT_B, CLIENT_B_MAC, "lan0"),
         (OTHER_LAN_CLIENT, CLIENT_MAC, "lan1"),
+        (UPSTREAM_ROUTER, UPSTREAM_MAC, "wan0"),
     ] {
         let addr = Ipv4Addr::from(addr).to_string();
         netns.ip(&[
@@ -98,7 +119,9 @@ fn with_datapath<R: Send>(config: &str, f: impl FnOnce(&mut Gateway) -> R + Send
         datapath.configure(&config).expect("configure the datapath");
         let lan0 = hairpin::datapath::if_index("lan0").expect("lan0");
         let lan1 = hairpin::datapath::if_index("lan1").expect("lan1");
+        let wan0 = hairpin::datapath::if_index("wan0").expect("wan0");
         f(&mut Gateway {
+            wan0,
             datapath,
             lan0,
             lan1,
@@ -108,6 +131,7 @@ fn with_datapath<R: Send>(config: &str, f: impl FnOnce(&mut Gateway) -> R + Send
 
 struct Gateway {
     datapath: Datapath,
+    wan0: u32,
     lan0: u32,
     lan1: u32,
 }
@@ -558,16 +582,279 @@ fn hairpin_between_lan_interfaces_is_redirected() {
 }
 
 #[test]
-fn egress_interface_not_managed_is_passed() {
-    if skip_unless_root("egress_interface_not_managed_is_passed") {
+fn packet_on_an_unmanaged_interface_is_passed() {
+    if skip_unless_root("packet_on_an_unmanaged_interface_is_passed") {
         return;
     }
     with_datapath(CONFIG, |gw| {
         let lan1 = gw.lan1;
         let packet = syn((OTHER_LAN_CLIENT, 40050), (PUBLIC, 80));
-        // lan1's network is not configured: not a LAN source.
+        // lan1 is not in the configuration.
         let (verdict, out) = gw.run_on(lan1, &packet);
         assert_eq!((verdict, out), (XDP_PASS, packet));
-        assert_eq!(gw.counter(Counter::PassSourceNotLan), 1);
+        assert_eq!(gw.counter(Counter::PassUnknownInterface), 1);
+    });
+}
+
+impl Gateway {
+    /// The flow state and table of the entry keyed by `packet`'s tuple.
+    fn flow_state(&self, key: FlowKey) -> Option<(Table, &'static str)> {
+        [Table::Established, Table::New]
+            .into_iter()
+            .find_map(|table| {
+                let entries = self.datapath.conntrack(table).expect("conntrack");
+                entries
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, e)| (table, state::name(e.state)))
+            })
+    }
+}
+
+fn key(src: ([u8; 4], u16), dst: ([u8; 4], u16), proto: u8) -> FlowKey {
+    FlowKey::new(
+        u32::from_ne_bytes(src.0),
+        u32::from_ne_bytes(dst.0),
+        src.1.to_be(),
+        dst.1.to_be(),
+        proto,
+    )
+}
+
+fn flagged(src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: u8) -> Vec<u8> {
+    let mut packet = tcp(src, dst, false, false, 64);
+    // Set the flags byte directly and fix the TCP checksum.
+    packet[14 + 20 + 13] = flags;
+    let ip = Ipv4HeaderSlice::from_slice(&packet[14..]).unwrap();
+    let tcp_slice = TcpHeaderSlice::from_slice(&packet[34..]).unwrap();
+    let check = tcp_slice
+        .calc_checksum_ipv4(&ip, &packet[34 + 20..])
+        .unwrap();
+    packet[34 + 16..34 + 18].copy_from_slice(&check.to_be_bytes());
+    packet
+}
+
+const WAN_CLIENT: [u8; 4] = [198, 51, 100, 7];
+
+#[test]
+fn wan_port_forward_keeps_the_client_address() {
+    if skip_unless_root("wan_port_forward_keeps_the_client_address") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let wan0 = gw.wan0;
+        let mut packet = syn((WAN_CLIENT, 50000), (PUBLIC, 80));
+        packet[..6].copy_from_slice(&GATEWAY_WAN_MAC);
+        let (verdict, out) = gw.run_on(wan0, &packet);
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "from the WAN interface to the LAN one"
+        );
+        let seen = inspect(&out);
+        assert_eq!(
+            (seen.src, seen.dst, seen.dst_mac),
+            ((WAN_CLIENT, 50000), (SERVER, 8080), SERVER_MAC),
+            "DNAT only: the server sees the real client"
+        );
+
+        let (verdict, out) = gw.run(&tcp((SERVER, 8080), (WAN_CLIENT, 50000), true, true, 64));
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "the reply goes out of the WAN interface"
+        );
+        let seen = inspect(&out);
+        assert_eq!(
+            (seen.src, seen.dst, seen.src_mac, seen.dst_mac),
+            (
+                (PUBLIC, 80),
+                (WAN_CLIENT, 50000),
+                GATEWAY_WAN_MAC,
+                UPSTREAM_MAC
+            ),
+            "from the public address, through the upstream router"
+        );
+        assert_eq!(gw.counter(Counter::PortForwarded), 1);
+        assert_eq!(gw.counter(Counter::TranslatedBack), 1);
+    });
+}
+
+#[test]
+fn lan_source_arriving_on_the_wan_is_passed() {
+    if skip_unless_root("lan_source_arriving_on_the_wan_is_passed") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let wan0 = gw.wan0;
+        let packet = syn((CLIENT, 50001), (PUBLIC, 80));
+        let (verdict, out) = gw.run_on(wan0, &packet);
+        assert_eq!((verdict, out), (XDP_PASS, packet), "a spoofed LAN source");
+        assert_eq!(gw.counter(Counter::PassLanSourceOnWan), 1);
+    });
+}
+
+#[rstest]
+#[case(8000, 9000)]
+#[case(8005, 9005)]
+#[case(8009, 9009)]
+fn port_range_mapping(#[case] public_port: u16, #[case] server_port: u16) {
+    if skip_unless_root("port_range_mapping") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let (verdict, out) = gw.run(&syn((CLIENT, 40100), (PUBLIC, public_port)));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(inspect(&out).dst, (SERVER, server_port));
+        let reply = tcp((SERVER, server_port), (GATEWAY, 40100), true, true, 64);
+        assert_eq!(inspect(&gw.run(&reply).1).src, (PUBLIC, public_port));
+        let outside = syn((CLIENT, 40101), (PUBLIC, 8010));
+        assert_eq!(gw.run(&outside).0, XDP_PASS, "8010 is outside the range");
+    });
+}
+
+#[test]
+fn tcp_states_follow_the_connection_and_it_moves_tables() {
+    if skip_unless_root("tcp_states_follow_the_connection_and_it_moves_tables") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let client = (CLIENT, 40200);
+        let (public, server, gateway) = ((PUBLIC, 80), (SERVER, 8080), (GATEWAY, 40200));
+        let original = key(client, public, 6);
+        let reply = key(server, gateway, 6);
+        const SYN: u8 = 0x02;
+        const ACK: u8 = 0x10;
+        const FIN: u8 = 0x01;
+        const RST: u8 = 0x04;
+        let steps: &[(bool, u8, Table, &str)] = &[
+            (true, SYN, Table::New, "SYN_SENT"),
+            (false, SYN | ACK, Table::New, "SYN_RECV"),
+            (true, ACK, Table::Established, "ESTABLISHED"),
+            (false, ACK, Table::Established, "ESTABLISHED"),
+            (true, FIN | ACK, Table::Established, "FIN_WAIT"),
+            (false, ACK, Table::Established, "CLOSE_WAIT"),
+            (false, FIN | ACK, Table::Established, "TIME_WAIT"),
+            (true, ACK, Table::Established, "TIME_WAIT"),
+            (true, RST, Table::Established, "CLOSE"),
+        ];
+        for (i, (from_client, flags, table, state_name)) in steps.iter().enumerate() {
+            let packet = if *from_client {
+                flagged(client, public, *flags)
+            } else {
+                flagged(server, gateway, *flags)
+            };
+            let (verdict, _) = gw.run(&packet);
+            assert_eq!(verdict, XDP_TX, "step {i}: packet not translated");
+            for k in [original, reply] {
+                assert_eq!(
+                    gw.flow_state(k),
+                    Some((*table, *state_name)),
+                    "step {i}: flags {flags:#04x}"
+                );
+            }
+        }
+        assert_eq!(gw.counter(Counter::FlowEstablished), 1);
+    });
+}
+
+#[test]
+fn udp_flow_is_established_by_the_reply() {
+    if skip_unless_root("udp_flow_is_established_by_the_reply") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let original = key((CLIENT, 33400), (PUBLIC, 53), 17);
+        gw.run(&udp((CLIENT, 33400), (PUBLIC, 53), b"q"));
+        assert_eq!(gw.flow_state(original), Some((Table::New, "UNREPLIED")));
+        gw.run(&udp((SERVER, 5353), (GATEWAY, 33400), b"a"));
+        assert_eq!(
+            gw.flow_state(original),
+            Some((Table::Established, "REPLIED"))
+        );
+    });
+}
+
+#[test]
+fn expired_flows_are_absent_and_reclaimed() {
+    if skip_unless_root("expired_flows_are_absent_and_reclaimed") {
+        return;
+    }
+    let config = format!("{CONFIG}\n[timeouts]\ntcp_transitory = 1\nudp = 1\n");
+    with_datapath(&config, |gw| {
+        let client = (CLIENT, 40300);
+        assert_eq!(gw.run(&syn(client, (PUBLIC, 80))).0, XDP_TX);
+        assert_eq!(gw.run(&udp((CLIENT, 33500), (PUBLIC, 53), b"q")).0, XDP_TX);
+        assert_eq!(
+            gw.run(&udp((SERVER, 5353), (GATEWAY, 33500), b"a")).0,
+            XDP_TX
+        );
+
+        // Timeouts are in whole seconds; this test is about time passing.
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+
+        let ack = tcp(client, (PUBLIC, 80), false, true, 64);
+        assert_eq!(
+            gw.run(&ack),
+            (XDP_PASS, ack.clone()),
+            "an expired flow is absent: its ACK goes to the kernel"
+        );
+        assert_eq!(
+            gw.counter(Counter::FlowExpired),
+            1,
+            "removed by the datapath"
+        );
+        assert_eq!(gw.flow_state(key(client, (PUBLIC, 80), 6)), None);
+
+        let settings = hairpin::datapath::settings(&config.parse().unwrap());
+        let reclaimed = gw
+            .datapath
+            .reclaim_expired(&settings, hairpin::datapath::monotonic_coarse_ns())
+            .expect("reclaim");
+        assert_eq!(
+            reclaimed,
+            [2, 0],
+            "the idle UDP flow's two entries, from the established table"
+        );
+        assert!(
+            gw.datapath
+                .conntrack(Table::Established)
+                .unwrap()
+                .is_empty()
+        );
+
+        assert_eq!(
+            gw.run(&syn(client, (PUBLIC, 80))).0,
+            XDP_TX,
+            "the same tuple opens a new flow"
+        );
+    });
+}
+
+#[test]
+fn packet_larger_than_the_egress_mtu_goes_to_the_kernel() {
+    if skip_unless_root("packet_larger_than_the_egress_mtu_goes_to_the_kernel") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        // The WAN link is smaller than the LAN's packets.
+        let mtu_run = std::process::Command::new("ip")
+            .args(["link", "set", "wan0", "mtu", "1400"])
+            .status();
+        assert!(mtu_run.expect("ip").success());
+        let wan0 = gw.wan0;
+        assert_eq!(
+            gw.run_on(wan0, &udp((WAN_CLIENT, 50100), (PUBLIC, 53), b"q"))
+                .0,
+            XDP_REDIRECT
+        );
+        let big = udp((SERVER, 5353), (WAN_CLIENT, 50100), &[7u8; 1450]);
+        let (verdict, out) = gw.run(&big);
+        assert_eq!(
+            (verdict, out),
+            (XDP_PASS, big),
+            "untouched, so the kernel answers fragmentation needed"
+        );
+        assert_eq!(gw.counter(Counter::PassTooBig), 1);
+        let small = udp((SERVER, 5353), (WAN_CLIENT, 50100), &[7u8; 1300]);
+        assert_eq!(gw.run(&small).0, XDP_REDIRECT);
     });
 }

@@ -4,8 +4,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use hairpin::{
     config::Config,
-    datapath::{Datapath, if_index},
-    stats::format_counters,
+    datapath::{Datapath, Table, if_index, monotonic_coarse_ns},
+    stats::{Snapshot, format_values},
 };
 use log::{info, warn};
 use tokio::signal::unix::{SignalKind, signal};
@@ -140,10 +140,15 @@ async fn run(path: &std::path::Path, stats_interval: u64) -> anyhow::Result<()> 
         );
     }
     info!("hairpin running: {}", describe(&config));
-    for m in &config.mappings {
-        info!("  {} {} -> {}", m.proto, m.public, m.to);
+    for mapping in &config.mappings {
+        info!("  {mapping}");
+    }
+    for warning in config.warnings() {
+        warn!("{warning}");
     }
 
+    let settings = hairpin::datapath::settings(&config);
+    let mut reclaimed = [0u64; 2];
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let period = Duration::from_secs(if stats_interval == 0 {
@@ -151,23 +156,51 @@ async fn run(path: &std::path::Path, stats_interval: u64) -> anyhow::Result<()> 
     } else {
         stats_interval
     });
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut stats_ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let reclaim_period = reclaim_interval(&config);
+    let mut reclaim_ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + reclaim_period, reclaim_period);
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            _ = ticker.tick() => print_counters(&datapath, "counters"),
+            _ = stats_ticker.tick() => print_counters(&datapath, &config, reclaimed, "counters"),
+            _ = reclaim_ticker.tick() => match datapath.reclaim_expired(&settings, monotonic_coarse_ns()) {
+                Ok([established, new]) => {
+                    reclaimed[0] += established as u64;
+                    reclaimed[1] += new as u64;
+                }
+                Err(e) => warn!("reclaiming expired flows: {e}"),
+            },
         }
     }
-    print_counters(&datapath, "counters at exit");
+    print_counters(&datapath, &config, reclaimed, "counters at exit");
     datapath.detach();
     info!("detached");
     Ok(())
 }
 
-fn print_counters(datapath: &Datapath, title: &str) {
-    match datapath.counters() {
-        Ok(counters) => println!("{title}:\n{}", format_counters(&counters, false)),
+/// Often enough that expired flows do not linger much past their timeout.
+fn reclaim_interval(config: &Config) -> Duration {
+    let t = config.timeouts;
+    let shortest = t.tcp_established.min(t.tcp_transitory).min(t.udp);
+    Duration::from_secs((shortest / 4).clamp(1, 10))
+}
+
+fn snapshot(datapath: &Datapath, config: &Config, reclaimed: [u64; 2]) -> anyhow::Result<Snapshot> {
+    Ok(Snapshot {
+        counters: datapath.counters()?,
+        established_entries: datapath.conntrack(Table::Established)?.len(),
+        new_entries: datapath.conntrack(Table::New)?.len(),
+        capacity: config.conntrack_capacity,
+        reclaimed_established: reclaimed[0],
+        reclaimed_new: reclaimed[1],
+    })
+}
+
+fn print_counters(datapath: &Datapath, config: &Config, reclaimed: [u64; 2], title: &str) {
+    match snapshot(datapath, config, reclaimed) {
+        Ok(snapshot) => println!("{title}:\n{}", format_values(&snapshot.values(), false)),
         Err(e) => warn!("reading counters: {e}"),
     }
 }

@@ -1,0 +1,98 @@
+//! Reading the conntrack tables: which flows have expired.
+
+use std::collections::HashMap;
+
+use hairpin_common::{FlowEntry, FlowKey, Settings};
+
+/// The keys of both entries of every flow in `entries` that has expired:
+/// a flow is idle when both directions are, so that a one-way stream keeps
+/// its flow alive. An entry whose partner is missing expires on its own.
+pub fn expired_flows(
+    entries: &[(FlowKey, FlowEntry)],
+    settings: &Settings,
+    now_ns: u64,
+) -> Vec<FlowKey> {
+    let by_key: HashMap<FlowKey, &FlowEntry> = entries.iter().map(|(k, e)| (*k, e)).collect();
+    let idle = |entry: &FlowEntry| settings.expired(entry.state, entry.last_seen_ns, now_ns);
+    entries
+        .iter()
+        .filter(|(_, entry)| {
+            idle(entry)
+                && by_key
+                    .get(&entry.translated.reversed())
+                    .is_none_or(|partner| idle(partner))
+        })
+        .map(|(key, _)| *key)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use hairpin_common::{FlowKey, MappingValue, nat, state};
+
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn settings() -> Settings {
+        Settings {
+            tcp_established_ns: 100 * SECOND,
+            tcp_transitory_ns: 10 * SECOND,
+            udp_ns: 30 * SECOND,
+            ..Default::default()
+        }
+    }
+
+    fn flow(
+        client_port: u16,
+        flow_state: u8,
+        original_seen: u64,
+        reply_seen: u64,
+    ) -> Vec<(FlowKey, FlowEntry)> {
+        let packet = FlowKey::new(3, 100, client_port.to_be(), 80u16.to_be(), 6);
+        let server = MappingValue {
+            server_addr: 2,
+            server_port: 80u16.to_be(),
+            _pad: [0; 2],
+        };
+        let mut pair = nat::hairpin_flow(&packet, &server, 1, client_port.to_be(), 0);
+        pair.original.state = flow_state;
+        pair.reply.state = flow_state;
+        pair.original.last_seen_ns = original_seen;
+        pair.reply.last_seen_ns = reply_seen;
+        vec![
+            (pair.original_key, pair.original),
+            (pair.reply_key, pair.reply),
+        ]
+    }
+
+    #[test]
+    fn a_flow_expires_when_both_directions_are_idle() {
+        let mut entries = flow(1000, state::TCP_ESTABLISHED, 0, 0);
+        entries.extend(flow(1001, state::TCP_ESTABLISHED, 0, 150 * SECOND));
+        entries.extend(flow(1002, state::TCP_TIME_WAIT, 195 * SECOND, 195 * SECOND));
+        entries.extend(flow(1003, state::TCP_TIME_WAIT, 130 * SECOND, 130 * SECOND));
+
+        let expired = expired_flows(&entries, &settings(), 200 * SECOND);
+
+        let ports: Vec<u16> = expired
+            .iter()
+            .filter(|k| k.src_addr == 3)
+            .map(|k| u16::from_be(k.src_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [1000, 1003],
+            "idle established flow and old TIME_WAIT go; the others stay"
+        );
+        assert_eq!(expired.len(), 4, "both entries of each expired flow");
+    }
+
+    #[test]
+    fn an_orphan_entry_expires_on_its_own() {
+        let entries = flow(2000, state::UDP_REPLIED, 0, 0);
+        let orphan = [entries[0]];
+        assert_eq!(expired_flows(&orphan, &settings(), 31 * SECOND).len(), 1);
+        assert!(expired_flows(&orphan, &settings(), 29 * SECOND).is_empty());
+    }
+}
