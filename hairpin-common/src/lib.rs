@@ -5,6 +5,7 @@
 
 pub mod checksum;
 pub mod counters;
+pub mod icmp;
 pub mod maps;
 pub mod nat;
 pub mod packet;

@@ -11,7 +11,8 @@ use crate::{
 pub const SNAT_PORT_ATTEMPTS: u32 = 16;
 
 /// Whether an IPv4 header is one hairpin may translate; the counter says why
-/// not. Only plain TCP and UDP without options or fragmentation are taken.
+/// not. Only plain TCP, UDP and ICMP without options or fragmentation are
+/// taken.
 #[inline(always)]
 pub const fn check_ipv4(version_ihl: u8, frag_off_be: u16, proto: u8) -> Result<(), Counter> {
     if version_ihl >> 4 != 4 {
@@ -24,7 +25,7 @@ pub const fn check_ipv4(version_ihl: u8, frag_off_be: u16, proto: u8) -> Result<
     if u16::from_be(frag_off_be) & 0x3fff != 0 {
         return Err(Counter::PassFragment);
     }
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != crate::icmp::IPPROTO_ICMP {
         return Err(Counter::PassNotTcpUdp);
     }
     Ok(())
@@ -226,7 +227,8 @@ mod tests {
     #[case::options(0x46, 0, 6, Err(Counter::PassIpOptions))]
     #[case::more_fragments(0x45, be(0x2000), 17, Err(Counter::PassFragment))]
     #[case::later_fragment(0x45, be(0x00b9), 17, Err(Counter::PassFragment))]
-    #[case::icmp(0x45, 0, 1, Err(Counter::PassNotTcpUdp))]
+    #[case::icmp(0x45, 0, 1, Ok(()))]
+    #[case::gre(0x45, 0, 47, Err(Counter::PassNotTcpUdp))]
     #[case::not_v4(0x65, 0, 6, Err(Counter::PassMalformed))]
     fn ipv4_header_checks(
         #[case] version_ihl: u8,

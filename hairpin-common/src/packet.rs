@@ -59,3 +59,13 @@ const _: () = assert!(core::mem::size_of::<EthHeader>() == ETH_HEADER_LEN);
 const _: () = assert!(core::mem::size_of::<Ipv4Header>() == IPV4_HEADER_LEN);
 const _: () = assert!(core::mem::size_of::<TcpHeader>() == 20);
 const _: () = assert!(core::mem::size_of::<UdpHeader>() == 8);
+
+#[repr(C)]
+pub struct IcmpHeader {
+    pub icmp_type: u8,
+    pub code: u8,
+    pub check: u16,
+    pub rest: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<IcmpHeader>() == crate::icmp::ICMP_HEADER_LEN);

@@ -19,11 +19,16 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use hairpin_common::{
-    Counter, DEFAULT_CONNTRACK_CAPACITY, DIRECTION_ORIGINAL, FlowEntry, FlowKey, IPPROTO_UDP,
-    KIND_HAIRPIN, MAX_EGRESS_DEVICES, MAX_INTERFACES, MAX_LAN_NETWORKS, MAX_MAPPINGS, MappingKey,
-    MappingValue, NEIGH_REDIRECT_MAGIC, NeighRedirect, ROLE_LAN, ROLE_WAN, Settings, checksum,
+    Counter, DEFAULT_CONNTRACK_CAPACITY, DIRECTION_ORIGINAL, FlowEntry, FlowKey, IPPROTO_TCP,
+    IPPROTO_UDP, KIND_HAIRPIN, MAX_EGRESS_DEVICES, MAX_INTERFACES, MAX_LAN_NETWORKS, MAX_MAPPINGS,
+    MappingKey, MappingValue, NEIGH_REDIRECT_MAGIC, NeighRedirect, ROLE_LAN, ROLE_WAN, Settings,
+    checksum,
+    icmp::{self, ICMP_HEADER_LEN, IPPROTO_ICMP},
     nat::{self, FlowPair, SNAT_PORT_ATTEMPTS},
-    packet::{ETH_HEADER_LEN, ETH_P_IPV4, EthHeader, Ipv4Header, L4_OFFSET, TcpHeader, UdpHeader},
+    packet::{
+        ETH_HEADER_LEN, ETH_P_IPV4, EthHeader, IPV4_HEADER_LEN, IcmpHeader, Ipv4Header, L4_OFFSET,
+        TcpHeader, UdpHeader,
+    },
 };
 
 #[map]
@@ -104,9 +109,6 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
     let ip = unsafe { &mut *ip };
     nat::check_ipv4(ip.version_ihl, ip.frag_off, ip.proto)?;
-    let l4 = l4_header(ctx, ip.proto)?;
-    let [src_port, dst_port] = unsafe { *l4.ports };
-    let packet = FlowKey::new(ip.src_addr, ip.dst_addr, src_port, dst_port, ip.proto);
     if nat::ttl_expires(ip.ttl) {
         return Err(Counter::PassTtlExpired);
     }
@@ -116,6 +118,12 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let tot_len = u16::from_be(ip.tot_len);
+    if ip.proto == IPPROTO_ICMP {
+        return try_icmp_error(ctx, ip.src_addr, tot_len, &settings, now);
+    }
+    let l4 = l4_header(ctx, ip.proto)?;
+    let [src_port, dst_port] = unsafe { *l4.ports };
+    let packet = FlowKey::new(ip.src_addr, ip.dst_addr, src_port, dst_port, ip.proto);
 
     let (to, route, counter, created) = match find_flow(&packet, &settings, now) {
         Some(flow) => {
@@ -164,7 +172,18 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     let l4 = l4_header(ctx, ip.proto)?;
     rewrite(ip, &l4, &packet, &to);
 
-    match route {
+    send(ctx, eth, &route, counter)
+}
+
+/// Sets the MAC addresses and picks the action for a translated packet.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    eth: &mut EthHeader,
+    route: &Route,
+    counter: Counter,
+) -> Result<(u32, Counter), Counter> {
+    match *route {
         Route::Resolved {
             ifindex,
             smac,
@@ -183,6 +202,99 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
             }
         }
         Route::Unresolved { .. } => Ok((xdp_action::XDP_PASS, Counter::NeighRedirected)),
+    }
+}
+
+const ICMP_OFFSET: usize = L4_OFFSET;
+const EMBEDDED_IP_OFFSET: usize = ICMP_OFFSET + ICMP_HEADER_LEN;
+const EMBEDDED_L4_OFFSET: usize = EMBEDDED_IP_OFFSET + IPV4_HEADER_LEN;
+
+/// An ICMP error about a packet of a tracked flow goes to that packet's
+/// sender, its outer and embedded headers translated back (RFC 5508).
+/// Errors do not refresh the flow.
+#[inline(always)]
+fn try_icmp_error(
+    ctx: &XdpContext,
+    outer_src: u32,
+    tot_len: u16,
+    settings: &Settings,
+    now: u64,
+) -> Result<(u32, Counter), Counter> {
+    let icmp_header: *mut IcmpHeader = ptr_at(ctx, ICMP_OFFSET)?;
+    if !icmp::is_error(unsafe { (*icmp_header).icmp_type }) {
+        return Err(Counter::PassNotTcpUdp);
+    }
+    let inner: *mut Ipv4Header =
+        ptr_at(ctx, EMBEDDED_IP_OFFSET).map_err(|_| Counter::PassIcmpNoFlow)?;
+    let (inner_version_ihl, inner_proto, inner_src, inner_dst) = unsafe {
+        (
+            (*inner).version_ihl,
+            (*inner).proto,
+            (*inner).src_addr,
+            (*inner).dst_addr,
+        )
+    };
+    if inner_version_ihl != 0x45 || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP) {
+        return Err(Counter::PassIcmpNoFlow);
+    }
+    let ports: *mut [u16; 2] =
+        ptr_at(ctx, EMBEDDED_L4_OFFSET).map_err(|_| Counter::PassIcmpNoFlow)?;
+    let [src_port, dst_port] = unsafe { *ports };
+    let embedded = FlowKey::new(inner_src, inner_dst, src_port, dst_port, inner_proto);
+    let flow = find_flow(&embedded.reversed(), settings, now).ok_or(Counter::PassIcmpNoFlow)?;
+    let translated = unsafe { (*flow.entry).translated };
+    let rewrite = icmp::error_rewrite(outer_src, &embedded, &translated);
+    let outer_to = FlowKey::new(rewrite.outer_src, rewrite.outer_dst, 0, 0, IPPROTO_ICMP);
+    let route = fib_lookup(ctx, &outer_to, tot_len)?;
+    if let Route::Unresolved { ifindex } = route {
+        hand_to_kernel(ctx, ifindex)?;
+    }
+
+    // hand_to_kernel may have moved the packet: look everything up again.
+    let eth: *mut EthHeader = ptr_at(ctx, 0)?;
+    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+    let icmp_header: *mut IcmpHeader = ptr_at(ctx, ICMP_OFFSET)?;
+    let inner: *mut Ipv4Header = ptr_at(ctx, EMBEDDED_IP_OFFSET)?;
+    let ports: *mut [u16; 2] = ptr_at(ctx, EMBEDDED_L4_OFFSET)?;
+    // The embedded transport checksum, when the error quotes that far.
+    let l4_check: Option<*mut u16> = if inner_proto == IPPROTO_UDP {
+        ptr_at::<UdpHeader>(ctx, EMBEDDED_L4_OFFSET)
+            .ok()
+            .map(|udp| unsafe { &raw mut (*udp).check })
+    } else {
+        ptr_at::<TcpHeader>(ctx, EMBEDDED_L4_OFFSET)
+            .ok()
+            .map(|tcp| unsafe { &raw mut (*tcp).check })
+    };
+    let to = rewrite.embedded;
+    unsafe {
+        let old_ip_check = (*inner).check;
+        let mut new_ip_check = checksum::replace_u32(old_ip_check, embedded.src_addr, to.src_addr);
+        new_ip_check = checksum::replace_u32(new_ip_check, embedded.dst_addr, to.dst_addr);
+        let (old_l4_check, new_l4_check) = match l4_check {
+            Some(check) => {
+                let old = *check;
+                let new =
+                    checksum::l4_after_rewrite(old, &embedded, &to, inner_proto == IPPROTO_UDP);
+                *check = new;
+                (old, new)
+            }
+            None => (0, 0),
+        };
+        (*icmp_header).check = icmp::checksum_after(
+            (*icmp_header).check,
+            &embedded,
+            &to,
+            (old_ip_check, new_ip_check),
+            (old_l4_check, new_l4_check),
+        );
+        (*inner).check = new_ip_check;
+        (*inner).src_addr = to.src_addr;
+        (*inner).dst_addr = to.dst_addr;
+        *ports = [to.src_port, to.dst_port];
+        let outer_from = FlowKey::new((*ip).src_addr, (*ip).dst_addr, 0, 0, IPPROTO_ICMP);
+        rewrite_ipv4(&mut *ip, &outer_from, &outer_to);
+        send(ctx, &mut *eth, &route, Counter::IcmpTranslated)
     }
 }
 
@@ -528,14 +640,20 @@ fn hand_to_kernel(ctx: &XdpContext, ifindex: u32) -> Result<(), Counter> {
     Ok(())
 }
 
+/// New addresses and one hop less.
 #[inline(always)]
-fn rewrite(ip: &mut Ipv4Header, l4: &L4, from: &FlowKey, to: &FlowKey) {
+fn rewrite_ipv4(ip: &mut Ipv4Header, from: &FlowKey, to: &FlowKey) {
     let ttl_proto = |ip: &Ipv4Header| u16::from_ne_bytes([ip.ttl, ip.proto]);
     let old_ttl_proto = ttl_proto(ip);
     ip.ttl -= 1;
     ip.check = checksum::ipv4_after_rewrite(ip.check, from, to, old_ttl_proto, ttl_proto(ip));
     ip.src_addr = to.src_addr;
     ip.dst_addr = to.dst_addr;
+}
+
+#[inline(always)]
+fn rewrite(ip: &mut Ipv4Header, l4: &L4, from: &FlowKey, to: &FlowKey) {
+    rewrite_ipv4(ip, from, to);
     unsafe {
         *l4.check = checksum::l4_after_rewrite(*l4.check, from, to, from.proto == IPPROTO_UDP);
         *l4.ports = [to.src_port, to.dst_port];

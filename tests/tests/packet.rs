@@ -858,3 +858,152 @@ fn packet_larger_than_the_egress_mtu_goes_to_the_kernel() {
         assert_eq!(gw.run(&small).0, XDP_REDIRECT);
     });
 }
+
+/// An ICMP error from `from` to `to` quoting `quoted` (an IPv4 packet,
+/// without Ethernet header), as much as `quote_len` bytes of it.
+fn icmp_error(
+    from: [u8; 4],
+    to: [u8; 4],
+    icmp_type: u8,
+    code: u8,
+    quoted: &[u8],
+    quote_len: usize,
+) -> Vec<u8> {
+    let quoted = &quoted[..quote_len.min(quoted.len())];
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quoted);
+    let check = hairpin_common::checksum::full(&icmp);
+    icmp[2..4].copy_from_slice(&check.to_ne_bytes());
+    let mut packet = SERVER_MAC.to_vec();
+    packet.extend_from_slice(&GATEWAY_MAC);
+    packet.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + icmp.len()) as u16;
+    packet.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0]);
+    packet[16..18].copy_from_slice(&total.to_be_bytes());
+    packet.extend_from_slice(&from);
+    packet.extend_from_slice(&to);
+    fix_ip_checksum(&mut packet);
+    packet.extend_from_slice(&icmp);
+    packet
+}
+
+/// Checks the outer IPv4 and ICMP checksums and the quoted IPv4 header's;
+/// returns (outer source, outer destination, quoted packet bytes).
+fn inspect_icmp(packet: &[u8]) -> ([u8; 4], [u8; 4], Vec<u8>) {
+    let ip = Ipv4HeaderSlice::from_slice(&packet[14..]).expect("outer IPv4");
+    assert_eq!(
+        ip.header_checksum(),
+        ip.to_header().calc_header_checksum(),
+        "outer IPv4 checksum"
+    );
+    assert_eq!(ip.protocol().0, 1, "ICMP");
+    let icmp = &packet[34..];
+    assert_eq!(
+        hairpin_common::checksum::full(icmp),
+        0,
+        "ICMP checksum is wrong"
+    );
+    let quoted = &icmp[8..];
+    let inner = Ipv4HeaderSlice::from_slice(quoted).expect("quoted IPv4");
+    assert_eq!(
+        inner.header_checksum(),
+        inner.to_header().calc_header_checksum(),
+        "quoted IPv4 checksum"
+    );
+    (ip.source(), ip.destination(), quoted.to_vec())
+}
+
+#[rstest]
+#[case::whole_udp_header(28)]
+#[case::the_whole_datagram(576)]
+fn icmp_port_unreachable_from_the_server_reaches_the_hairpin_client(#[case] quote_len: usize) {
+    if skip_unless_root("icmp_port_unreachable_from_the_server_reaches_the_hairpin_client") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let sent = udp((CLIENT, 33600), (PUBLIC, 53), b"anyone there?");
+        let (verdict, delivered) = gw.run(&sent);
+        assert_eq!(verdict, XDP_TX);
+        // The server has no socket on 5353: it reports on what it received.
+        let error = icmp_error(SERVER, GATEWAY, 3, 3, &delivered[14..], quote_len);
+        let (verdict, out) = gw.run(&error);
+        assert_eq!(verdict, XDP_TX, "the error goes back to the client");
+        let (src, dst, quoted) = inspect_icmp(&out);
+        assert_eq!(
+            (src, dst),
+            (PUBLIC, CLIENT),
+            "as from the public address the client used"
+        );
+        let client_sent = &sent[14..];
+        assert_eq!(
+            &quoted[12..20],
+            &client_sent[12..20],
+            "quoted addresses as the client sent them"
+        );
+        assert_eq!(
+            quoted[8],
+            client_sent[8] - 1,
+            "quoted TTL as the server received it"
+        );
+        assert_eq!(
+            &quoted[20..28],
+            &client_sent[20..28],
+            "the quoted UDP header (ports and checksum) is the client's own"
+        );
+        if quote_len > 28 {
+            assert_eq!(&quoted[28..], &client_sent[28..], "quoted payload untouched");
+        }
+        assert_eq!(gw.counter(Counter::IcmpTranslated), 1);
+    });
+}
+
+#[test]
+fn icmp_time_exceeded_from_a_wan_router_reaches_the_server() {
+    if skip_unless_root("icmp_time_exceeded_from_a_wan_router_reaches_the_server") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let wan0 = gw.wan0;
+        assert_eq!(
+            gw.run_on(wan0, &syn((WAN_CLIENT, 50200), (PUBLIC, 80))).0,
+            XDP_REDIRECT
+        );
+        let server_sent = tcp((SERVER, 8080), (WAN_CLIENT, 50200), true, true, 64);
+        let (verdict, forwarded) = gw.run(&server_sent);
+        assert_eq!(verdict, XDP_REDIRECT);
+        // A router upstream reports the reply's TTL expired, quoting 40 bytes.
+        let error = icmp_error(UPSTREAM_ROUTER, WAN_CLIENT, 11, 0, &forwarded[14..], 48);
+        let mut error = error;
+        error[..6].copy_from_slice(&GATEWAY_WAN_MAC);
+        // Addressed to the WAN client, but arriving here as the router's next hop would send it.
+        let (verdict, out) = gw.run_on(wan0, &error);
+        assert_eq!(verdict, XDP_REDIRECT, "to the server, on the LAN");
+        let (src, dst, quoted) = inspect_icmp(&out);
+        assert_eq!(
+            (src, dst),
+            (UPSTREAM_ROUTER, SERVER),
+            "a router keeps its own address"
+        );
+        assert_eq!(&quoted[12..20], &server_sent[14 + 12..14 + 20]);
+        assert_eq!(
+            &quoted[20..40],
+            &server_sent[34..54],
+            "quoted TCP header, checksum included, as the server sent it"
+        );
+    });
+}
+
+#[rstest]
+#[case::no_flow(icmp_error(SERVER, GATEWAY, 3, 3, &udp((GATEWAY, 1), (SERVER, 2), b"x")[14..], 28), Counter::PassIcmpNoFlow)]
+#[case::echo_request(icmp_error(CLIENT, GATEWAY, 8, 0, &[0; 8], 8), Counter::PassNotTcpUdp)]
+#[case::truncated_quote(icmp_error(SERVER, GATEWAY, 3, 3, &udp((GATEWAY, 1), (SERVER, 2), b"x")[14..], 22), Counter::PassIcmpNoFlow)]
+fn icmp_that_belongs_to_no_flow_passes_untouched(#[case] packet: Vec<u8>, #[case] reason: Counter) {
+    if skip_unless_root("icmp_that_belongs_to_no_flow_passes_untouched") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let (verdict, out) = gw.run(&packet);
+        assert_eq!((verdict, out), (XDP_PASS, packet));
+        assert_eq!(gw.counter(reason), 1, "counted as {}", reason.name());
+    });
+}

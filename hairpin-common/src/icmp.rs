@@ -1,0 +1,188 @@
+//! Translating ICMP errors of tracked flows (RFC 5508 REQ-4, REQ-5, REQ-7):
+//! the outer addresses, the embedded header and every checksum over them.
+
+use crate::{FlowKey, checksum};
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// Code of "fragmentation needed and DF set" under `ICMP_DEST_UNREACH`.
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_HEADER_LEN: usize = 8;
+
+/// The ICMP messages that carry the header of a packet they report on.
+pub const fn is_error(icmp_type: u8) -> bool {
+    matches!(
+        icmp_type,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+    )
+}
+
+/// How an ICMP error about the packet `embedded` (as the gateway sent it) is
+/// rewritten. `translated` is the conntrack entry found at
+/// `embedded.reversed()`: how the flow's packets coming back this way are
+/// rewritten, so its reverse is the packet as its sender sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ErrorRewrite {
+    pub outer_src: u32,
+    pub outer_dst: u32,
+    pub embedded: FlowKey,
+}
+
+pub const fn error_rewrite(
+    outer_src: u32,
+    embedded: &FlowKey,
+    translated: &FlowKey,
+) -> ErrorRewrite {
+    // The endpoint that reports its own unreachability appears at the
+    // address its peer used; a router on the way keeps its own address.
+    let outer_src = if outer_src == embedded.dst_addr {
+        translated.src_addr
+    } else {
+        outer_src
+    };
+    ErrorRewrite {
+        outer_src,
+        outer_dst: translated.dst_addr,
+        embedded: translated.reversed(),
+    }
+}
+
+/// The ICMP checksum after the embedded header's addresses, ports and
+/// checksums changed; it covers the whole ICMP message.
+pub const fn checksum_after(
+    check: u16,
+    from: &FlowKey,
+    to: &FlowKey,
+    embedded_ip_check: (u16, u16),
+    embedded_l4_check: (u16, u16),
+) -> u16 {
+    let mut check = checksum::replace_u32(check, from.src_addr, to.src_addr);
+    check = checksum::replace_u32(check, from.dst_addr, to.dst_addr);
+    check = checksum::replace_u16(check, from.src_port, to.src_port);
+    check = checksum::replace_u16(check, from.dst_port, to.dst_port);
+    check = checksum::replace_u16(check, embedded_ip_check.0, embedded_ip_check.1);
+    checksum::replace_u16(check, embedded_l4_check.0, embedded_l4_check.1)
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn addr(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+
+    const fn be(port: u16) -> u16 {
+        port.to_be()
+    }
+
+    #[test]
+    fn error_from_the_server_to_a_hairpin_client() {
+        let (client, public, server, gateway) = (
+            addr([192, 168, 0, 3]),
+            addr([203, 0, 113, 1]),
+            addr([192, 168, 0, 2]),
+            addr([192, 168, 0, 1]),
+        );
+        // The server reports on what the gateway sent it: gateway:41000 → server:5000.
+        let embedded = FlowKey::new(gateway, server, be(41000), be(5000), 17);
+        // The reply entry: server → gateway:41000 goes back as public:5000 → client:40000.
+        let translated = FlowKey::new(public, client, be(5000), be(40000), 17);
+        let rewrite = error_rewrite(server, &embedded, &translated);
+        assert_eq!(
+            rewrite.outer_src, public,
+            "the server is known to the client as the public address"
+        );
+        assert_eq!(rewrite.outer_dst, client);
+        assert_eq!(
+            rewrite.embedded,
+            FlowKey::new(client, public, be(40000), be(5000), 17)
+        );
+    }
+
+    #[test]
+    fn error_from_a_router_keeps_the_router_address() {
+        let (wan_client, public, server, router) = (
+            addr([198, 51, 100, 7]),
+            addr([203, 0, 113, 1]),
+            addr([192, 168, 0, 2]),
+            addr([203, 0, 113, 254]),
+        );
+        // A router on the WAN reports on the server's reply as sent: public:80 → client.
+        let embedded = FlowKey::new(public, wan_client, be(80), be(50000), 6);
+        // The original entry: client → public:80 goes in as client → server:8080.
+        let translated = FlowKey::new(wan_client, server, be(50000), be(8080), 6);
+        let rewrite = error_rewrite(router, &embedded, &translated);
+        assert_eq!((rewrite.outer_src, rewrite.outer_dst), (router, server));
+        assert_eq!(
+            rewrite.embedded,
+            FlowKey::new(server, wan_client, be(8080), be(50000), 6)
+        );
+    }
+
+    #[test]
+    fn only_errors_are_translated() {
+        assert!(
+            is_error(ICMP_DEST_UNREACH)
+                && is_error(ICMP_TIME_EXCEEDED)
+                && is_error(ICMP_PARAMETER_PROBLEM)
+        );
+        assert!(
+            !is_error(0) && !is_error(8),
+            "echo reply and request are not errors"
+        );
+    }
+
+    fn words(bytes: &[u8]) -> u32 {
+        checksum::sum_words(bytes, 0)
+    }
+
+    proptest! {
+        /// An ICMP error message rewritten incrementally has the checksum a
+        /// full computation gives.
+        #[test]
+        fn icmp_checksum_incremental_equals_full(
+            from in (any::<u32>(), any::<u32>(), any::<u16>(), any::<u16>()),
+            to in (any::<u32>(), any::<u32>(), any::<u16>(), any::<u16>()),
+            ip_check in (any::<u16>(), any::<u16>()),
+            l4_check in (any::<u16>(), any::<u16>()),
+            rest in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let from = FlowKey::new(from.0, from.1, from.2, from.3, 17);
+            let to = FlowKey::new(to.0, to.1, to.2, to.3, 17);
+            // ICMP header (type, code, checksum, unused), embedded IPv4
+            // header, embedded UDP header, more payload.
+            let message = |tuple: &FlowKey, ip_check: u16, l4_check: u16| {
+                let mut m: Vec<u8> = vec![3, 3, 0, 0, 0, 0, 0, 0];
+                m.extend_from_slice(&[0x45, 0, 0, 48, 0, 0, 0x40, 0, 64, 17]);
+                m.extend_from_slice(&ip_check.to_ne_bytes());
+                m.extend_from_slice(&tuple.src_addr.to_ne_bytes());
+                m.extend_from_slice(&tuple.dst_addr.to_ne_bytes());
+                m.extend_from_slice(&tuple.src_port.to_ne_bytes());
+                m.extend_from_slice(&tuple.dst_port.to_ne_bytes());
+                m.extend_from_slice(&[0, 28]);
+                m.extend_from_slice(&l4_check.to_ne_bytes());
+                m.extend_from_slice(&rest);
+                let check = !checksum::fold(words(&m));
+                m[2..4].copy_from_slice(&check.to_ne_bytes());
+                m
+            };
+            let before = message(&from, ip_check.0, l4_check.0);
+            let after = message(&to, ip_check.1, l4_check.1);
+            let check = u16::from_ne_bytes([before[2], before[3]]);
+            let incremental = checksum_after(check, &from, &to, ip_check, l4_check);
+            let full = u16::from_ne_bytes([after[2], after[3]]);
+            prop_assert!(
+                incremental == full || (incremental | full) == 0xffff && (incremental & full) == 0,
+                "incremental {incremental:#06x} != full {full:#06x}"
+            );
+        }
+    }
+}
