@@ -35,6 +35,11 @@ counters! {
     FlowExpired => "flow_expired",
     /// An ICMP error of a tracked flow, translated and sent on.
     IcmpTranslated => "icmp_translated",
+    /// A packet to a public address too big for the egress link, answered
+    /// with ICMP "fragmentation needed".
+    FragNeededSent => "frag_needed_sent",
+    /// Turning a too-big packet into "fragmentation needed" failed; dropped.
+    FragNeededFailed => "frag_needed_failed",
     /// Forwarded packet whose next hop had no resolved MAC yet: handed to
     /// the kernel (TC, `bpf_redirect_neigh`) already translated.
     NeighRedirected => "neigh_redirected",

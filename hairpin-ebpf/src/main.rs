@@ -11,7 +11,7 @@ use aya_ebpf::{
     },
     helpers::generated::{
         bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect_neigh,
-        bpf_xdp_adjust_meta,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_meta, bpf_xdp_adjust_tail,
     },
     macros::{classifier, map, xdp},
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
@@ -62,6 +62,7 @@ static EGRESS_DEVICES: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_DEVI
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 const AF_INET: u8 = 2;
+const IP_DONT_FRAGMENT: u16 = 0x4000;
 
 #[xdp(frags)]
 pub fn hairpin(ctx: XdpContext) -> u32 {
@@ -130,6 +131,9 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
             // SAFETY: a map value; see find_flow.
             let entry = unsafe { *flow.entry };
             let route = fib_lookup(ctx, &entry.translated, tot_len)?;
+            if let Route::TooBig { mtu } = route {
+                return too_big(ctx, mtu, entry.direction == DIRECTION_ORIGINAL);
+            }
             track(&flow, &entry, &packet, l4.tcp_flags, now);
             let counter = if entry.direction != DIRECTION_ORIGINAL {
                 Counter::TranslatedBack
@@ -145,6 +149,9 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
             // The route does not depend on the SNAT port: look it up before
             // any state is created, so a routing failure leaves none behind.
             let route = fib_lookup(ctx, &admitted.provisional, tot_len)?;
+            if let Route::TooBig { mtu } = route {
+                return too_big(ctx, mtu, true);
+            }
             let flow = create_flow(&packet, &admitted, &settings, now)?;
             count(Counter::FlowCreated);
             let counter = if admitted.hairpin {
@@ -202,6 +209,7 @@ fn send(
             }
         }
         Route::Unresolved { .. } => Ok((xdp_action::XDP_PASS, Counter::NeighRedirected)),
+        Route::TooBig { .. } => Err(Counter::PassTooBig),
     }
 }
 
@@ -246,6 +254,9 @@ fn try_icmp_error(
     let rewrite = icmp::error_rewrite(outer_src, &embedded, &translated);
     let outer_to = FlowKey::new(rewrite.outer_src, rewrite.outer_dst, 0, 0, IPPROTO_ICMP);
     let route = fib_lookup(ctx, &outer_to, tot_len)?;
+    if let Route::TooBig { .. } = route {
+        return Err(Counter::PassTooBig);
+    }
     if let Route::Unresolved { ifindex } = route {
         hand_to_kernel(ctx, ifindex)?;
     }
@@ -581,6 +592,8 @@ enum Route {
     },
     /// Routed out of `ifindex`, but the next hop's MAC is not known yet.
     Unresolved { ifindex: u32 },
+    /// Larger than the egress MTU.
+    TooBig { mtu: u16 },
 }
 
 #[inline(always)]
@@ -605,7 +618,9 @@ fn fib_lookup(ctx: &XdpContext, to: &FlowKey, tot_len: u16) -> Result<Route, Cou
         BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Route::Unresolved {
             ifindex: params.ifindex,
         }),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::PassTooBig),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Ok(Route::TooBig {
+            mtu: unsafe { params.__bindgen_anon_1.mtu_result },
+        }),
         _ => return Err(Counter::FibFailed),
     }
     .and_then(|route| match route {
@@ -616,6 +631,99 @@ fn fib_lookup(ctx: &XdpContext, to: &FlowKey, tot_len: u16) -> Result<Route, Cou
         }
         route => Ok(route),
     })
+}
+
+/// A packet too big for the egress link. Sent towards a server or a WAN
+/// client in reply, it goes to the kernel untouched: its addresses are
+/// routable, so the kernel forwards it no further and answers "fragmentation
+/// needed" to its sender. Sent to the public address, the kernel would take
+/// it as its own, so hairpin answers itself (when DF is set; without DF the
+/// kernel gets it, as it would fragment it).
+#[inline(always)]
+fn too_big(ctx: &XdpContext, mtu: u16, to_public_address: bool) -> Result<(u32, Counter), Counter> {
+    if !to_public_address {
+        return Err(Counter::PassTooBig);
+    }
+    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+    // SAFETY: bounds checked.
+    let (frag_off, tot_len, public_addr) =
+        unsafe { ((*ip).frag_off, (*ip).tot_len, (*ip).dst_addr) };
+    if u16::from_be(frag_off) & IP_DONT_FRAGMENT == 0 {
+        return Err(Counter::PassTooBig);
+    }
+    answer_frag_needed(ctx, mtu, public_addr, u16::from_be(tot_len))
+}
+
+/// Turns the packet into the ICMP "fragmentation needed" its sender must
+/// get: the received IPv4 header and 8 bytes after it are quoted, the rest
+/// cut off, and it goes back out where it came from.
+#[inline(always)]
+fn answer_frag_needed(
+    ctx: &XdpContext,
+    mtu: u16,
+    from_addr: u32,
+    tot_len: u16,
+) -> Result<(u32, Counter), Counter> {
+    const QUOTE_LEN: usize = IPV4_HEADER_LEN + 8;
+    const ICMP_LEN: usize = ICMP_HEADER_LEN + QUOTE_LEN;
+    const PREPENDED: usize = IPV4_HEADER_LEN + ICMP_HEADER_LEN;
+    const OLD_ETH: usize = PREPENDED;
+    const QUOTE: usize = PREPENDED + ETH_HEADER_LEN;
+    let frame_len = ETH_HEADER_LEN as i32 + tot_len as i32;
+    let keep = (ETH_HEADER_LEN + QUOTE_LEN) as i32;
+    if frame_len < keep {
+        return Err(Counter::PassMalformed);
+    }
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep - frame_len) } != 0
+        || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(PREPENDED as i32)) } != 0
+    {
+        // The packet may be half cut now: better dropped than sent on.
+        return Ok((xdp_action::XDP_DROP, Counter::FragNeededFailed));
+    }
+    let new_eth: *mut EthHeader = ptr_at(ctx, 0)?;
+    let old_eth: *mut EthHeader = ptr_at(ctx, OLD_ETH)?;
+    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+    let icmp_header: *mut IcmpHeader = ptr_at(ctx, ICMP_OFFSET)?;
+    let quoted: *mut Ipv4Header = ptr_at(ctx, QUOTE)?;
+    let icmp_words: *mut [u16; ICMP_LEN / 2] = ptr_at(ctx, ICMP_OFFSET)?;
+    let ip_words: *mut [u16; IPV4_HEADER_LEN / 2] = ptr_at(ctx, ETH_HEADER_LEN)?;
+    unsafe {
+        (*new_eth).dst = (*old_eth).src;
+        (*new_eth).src = (*old_eth).dst;
+        (*new_eth).ether_type = ETH_P_IPV4.to_be();
+        let sender = (*quoted).src_addr;
+        *ip = Ipv4Header {
+            version_ihl: 0x45,
+            tos: 0,
+            tot_len: ((IPV4_HEADER_LEN + ICMP_LEN) as u16).to_be(),
+            id: 0,
+            frag_off: 0,
+            ttl: 64,
+            proto: IPPROTO_ICMP,
+            check: 0,
+            src_addr: from_addr,
+            dst_addr: sender,
+        };
+        (*ip).check = !checksum::fold(sum_words(&*ip_words));
+        let mtu = mtu.to_be_bytes();
+        *icmp_header = IcmpHeader {
+            icmp_type: icmp::ICMP_DEST_UNREACH,
+            code: icmp::ICMP_FRAG_NEEDED,
+            check: 0,
+            rest: u32::from_ne_bytes([0, 0, mtu[0], mtu[1]]),
+        };
+        (*icmp_header).check = !checksum::fold(sum_words(&*icmp_words));
+    }
+    Ok((xdp_action::XDP_TX, Counter::FragNeededSent))
+}
+
+#[inline(always)]
+fn sum_words<const N: usize>(words: &[u16; N]) -> u32 {
+    let mut sum = 0u32;
+    for word in words {
+        sum += *word as u32;
+    }
+    sum
 }
 
 /// Prepends the metadata that asks the TC ingress program to send the packet

@@ -951,7 +951,11 @@ fn icmp_port_unreachable_from_the_server_reaches_the_hairpin_client(#[case] quot
             "the quoted UDP header (ports and checksum) is the client's own"
         );
         if quote_len > 28 {
-            assert_eq!(&quoted[28..], &client_sent[28..], "quoted payload untouched");
+            assert_eq!(
+                &quoted[28..],
+                &client_sent[28..],
+                "quoted payload untouched"
+            );
         }
         assert_eq!(gw.counter(Counter::IcmpTranslated), 1);
     });
@@ -1005,5 +1009,75 @@ fn icmp_that_belongs_to_no_flow_passes_untouched(#[case] packet: Vec<u8>, #[case
         let (verdict, out) = gw.run(&packet);
         assert_eq!((verdict, out), (XDP_PASS, packet));
         assert_eq!(gw.counter(reason), 1, "counted as {}", reason.name());
+    });
+}
+
+/// An ACK carrying `len` bytes, with or without DF.
+fn big_tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), len: usize, dont_fragment: bool) -> Vec<u8> {
+    let mut packet = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_WAN_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 5000, 64240)
+        .ack(1)
+        .write(&mut packet, &vec![0x5a; len])
+        .expect("build tcp");
+    if dont_fragment {
+        packet[20] |= 0x40;
+    } else {
+        packet[20] &= !0x40;
+    }
+    fix_ip_checksum(&mut packet);
+    packet
+}
+
+#[test]
+fn too_big_towards_the_server_is_answered_with_fragmentation_needed() {
+    if skip_unless_root("too_big_towards_the_server_is_answered_with_fragmentation_needed") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let status = std::process::Command::new("ip")
+            .args(["link", "set", "lan0", "mtu", "1400"])
+            .status();
+        assert!(status.expect("ip").success());
+        let wan0 = gw.wan0;
+        let client = (WAN_CLIENT, 50300);
+        assert_eq!(gw.run_on(wan0, &syn(client, (PUBLIC, 80))).0, XDP_REDIRECT);
+
+        let big = big_tcp(client, (PUBLIC, 80), 1420, true);
+        let (verdict, out) = gw.run_on(wan0, &big);
+        assert_eq!(verdict, XDP_TX, "answered where it came from");
+        assert_eq!(&out[0..6], &big[6..12], "back to the sender's MAC");
+        let (src, dst, quoted) = inspect_icmp(&out);
+        assert_eq!(
+            (src, dst),
+            (PUBLIC, WAN_CLIENT),
+            "from the address the client sent to"
+        );
+        assert_eq!(
+            (out[34], out[35]),
+            (3, 4),
+            "destination unreachable, fragmentation needed"
+        );
+        assert_eq!(
+            u16::from_be_bytes([out[40], out[41]]),
+            1400,
+            "the next-hop MTU"
+        );
+        assert_eq!(
+            quoted,
+            big[14..14 + 28],
+            "the sender's own header and 8 bytes"
+        );
+        assert_eq!(gw.counter(Counter::FragNeededSent), 1);
+
+        let may_fragment = big_tcp(client, (PUBLIC, 80), 1420, false);
+        let (verdict, out) = gw.run_on(wan0, &may_fragment);
+        assert_eq!(
+            (verdict, out),
+            (XDP_PASS, may_fragment),
+            "without DF the kernel fragments"
+        );
+        assert_eq!(gw.counter(Counter::PassTooBig), 1);
     });
 }
