@@ -38,8 +38,11 @@ counters! {
     /// A packet to a public address too big for the egress link, answered
     /// with ICMP "fragmentation needed".
     FragNeededSent => "frag_needed_sent",
-    /// Turning a too-big packet into "fragmentation needed" failed; dropped.
-    FragNeededFailed => "frag_needed_failed",
+    /// A new flow refused for want of a SNAT port, answered with ICMP
+    /// "communication administratively prohibited".
+    FlowRefused => "flow_refused",
+    /// Turning a packet into an ICMP answer failed; dropped.
+    IcmpAnswerFailed => "icmp_answer_failed",
     /// Forwarded packet whose next hop had no resolved MAC yet: handed to
     /// the kernel (TC, `bpf_redirect_neigh`) already translated.
     NeighRedirected => "neigh_redirected",

@@ -7,8 +7,10 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
-/// Code of "fragmentation needed and DF set" under `ICMP_DEST_UNREACH`.
+/// Codes under `ICMP_DEST_UNREACH`: "fragmentation needed and DF set" and
+/// "communication administratively prohibited".
 pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_ADMIN_PROHIBITED: u8 = 13;
 pub const ICMP_HEADER_LEN: usize = 8;
 
 /// The ICMP messages that carry the header of a packet they report on.

@@ -47,12 +47,13 @@ pub const fn ttl_expires(ttl: u8) -> bool {
 }
 
 /// The source port tried at `attempt`, in host order: the client's own port
-/// first when it lies in the range, then pseudo-random ones.
+/// first when it lies in the range, then consecutive ports from a random
+/// `start`, so that a range no longer than the attempts is searched whole.
 #[inline(always)]
 pub const fn snat_port_candidate(
     client_port: u16,
     attempt: u32,
-    random: u32,
+    start: u32,
     first: u16,
     last: u16,
 ) -> u16 {
@@ -60,7 +61,7 @@ pub const fn snat_port_candidate(
         return client_port;
     }
     let span = (last as u32).saturating_sub(first as u32) + 1;
-    first + (random % span) as u16
+    first + (start.wrapping_add(attempt) % span) as u16
 }
 
 /// The two conntrack entries of a new flow.
@@ -271,25 +272,38 @@ mod tests {
     }
 
     #[test]
-    fn retries_stay_in_range_and_vary() {
-        let ports: std::collections::BTreeSet<u16> = (1..200u32)
-            .map(|a| snat_port_candidate(40000, a, a.wrapping_mul(2_654_435_761), 20000, 20015))
-            .collect();
-        assert!(
-            ports.iter().all(|p| (20000..=20015).contains(p)),
-            "{ports:?}"
-        );
-        assert!(
-            ports.len() > 8,
-            "retries should spread over the range: {ports:?}"
-        );
+    fn retries_stay_in_range() {
+        for attempt in 1..200 {
+            let port = snat_port_candidate(40000, attempt, 3_000_000_000, 20000, 20015);
+            assert!((20000..=20015).contains(&port), "attempt {attempt}: {port}");
+        }
+    }
+
+    #[test]
+    fn a_small_range_is_searched_whole() {
+        for start in [0, 7, 15, u32::MAX] {
+            let ports: std::collections::BTreeSet<u16> = (0..SNAT_PORT_ATTEMPTS)
+                .map(|a| snat_port_candidate(40000, a, start, 20000, 20015))
+                .collect();
+            assert_eq!(
+                ports.len(),
+                16,
+                "start {start}: every port of a 16-port range is tried: {ports:?}"
+            );
+        }
     }
 
     #[test]
     fn full_range_does_not_overflow() {
         assert_eq!(
             snat_port_candidate(5, 1, u32::MAX, 0, 65535),
-            (u32::MAX % 65536) as u16
+            0,
+            "wraps around"
+        );
+        assert_eq!(
+            snat_port_candidate(5, 2, 65533, 1, 65535),
+            1,
+            "wraps to the first port"
         );
     }
 

@@ -152,7 +152,23 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
             if let Route::TooBig { mtu } = route {
                 return too_big(ctx, mtu, true);
             }
-            let flow = create_flow(&packet, &admitted, &settings, now)?;
+            let flow = match create_flow(&packet, &admitted, &settings, now) {
+                Ok(flow) => flow,
+                // Refused cleanly: handed to the kernel, the packet could
+                // reach a service of the gateway's own on the public address.
+                Err(Counter::PortAllocFailed) => {
+                    count(Counter::PortAllocFailed);
+                    return answer_unreachable(
+                        ctx,
+                        icmp::ICMP_ADMIN_PROHIBITED,
+                        0,
+                        packet.dst_addr,
+                        tot_len,
+                        Counter::FlowRefused,
+                    );
+                }
+                Err(other) => return Err(other),
+            };
             count(Counter::FlowCreated);
             let counter = if admitted.hairpin {
                 Counter::Hairpinned
@@ -208,7 +224,10 @@ fn send(
                 Ok((action, counter))
             }
         }
-        Route::Unresolved { .. } => Ok((xdp_action::XDP_PASS, Counter::NeighRedirected)),
+        Route::Unresolved { .. } => {
+            count(Counter::NeighRedirected);
+            Ok((xdp_action::XDP_PASS, counter))
+        }
         Route::TooBig { .. } => Err(Counter::PassTooBig),
     }
 }
@@ -536,13 +555,13 @@ fn create_flow(
     } else {
         1
     };
+    let start = unsafe { bpf_get_prandom_u32() };
     for attempt in 0..attempts {
         let flow = if admitted.hairpin {
-            let random = unsafe { bpf_get_prandom_u32() };
             let port = nat::snat_port_candidate(
                 client_port,
                 attempt,
-                random,
+                start,
                 settings.snat_port_first,
                 settings.snat_port_last,
             );
@@ -651,18 +670,28 @@ fn too_big(ctx: &XdpContext, mtu: u16, to_public_address: bool) -> Result<(u32, 
     if u16::from_be(frag_off) & IP_DONT_FRAGMENT == 0 {
         return Err(Counter::PassTooBig);
     }
-    answer_frag_needed(ctx, mtu, public_addr, u16::from_be(tot_len))
+    answer_unreachable(
+        ctx,
+        icmp::ICMP_FRAG_NEEDED,
+        mtu,
+        public_addr,
+        u16::from_be(tot_len),
+        Counter::FragNeededSent,
+    )
 }
 
-/// Turns the packet into the ICMP "fragmentation needed" its sender must
-/// get: the received IPv4 header and 8 bytes after it are quoted, the rest
-/// cut off, and it goes back out where it came from.
+/// Turns the packet into an ICMP "destination unreachable" (`code`, with the
+/// next-hop `mtu` for "fragmentation needed") to its sender, from
+/// `from_addr`: the received IPv4 header and 8 bytes after it are quoted, the
+/// rest cut off, and it goes back out where it came from.
 #[inline(always)]
-fn answer_frag_needed(
+fn answer_unreachable(
     ctx: &XdpContext,
+    code: u8,
     mtu: u16,
     from_addr: u32,
     tot_len: u16,
+    counter: Counter,
 ) -> Result<(u32, Counter), Counter> {
     const QUOTE_LEN: usize = IPV4_HEADER_LEN + 8;
     const ICMP_LEN: usize = ICMP_HEADER_LEN + QUOTE_LEN;
@@ -678,7 +707,7 @@ fn answer_frag_needed(
         || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(PREPENDED as i32)) } != 0
     {
         // The packet may be half cut now: better dropped than sent on.
-        return Ok((xdp_action::XDP_DROP, Counter::FragNeededFailed));
+        return Ok((xdp_action::XDP_DROP, Counter::IcmpAnswerFailed));
     }
     let new_eth: *mut EthHeader = ptr_at(ctx, 0)?;
     let old_eth: *mut EthHeader = ptr_at(ctx, OLD_ETH)?;
@@ -708,13 +737,13 @@ fn answer_frag_needed(
         let mtu = mtu.to_be_bytes();
         *icmp_header = IcmpHeader {
             icmp_type: icmp::ICMP_DEST_UNREACH,
-            code: icmp::ICMP_FRAG_NEEDED,
+            code,
             check: 0,
             rest: u32::from_ne_bytes([0, 0, mtu[0], mtu[1]]),
         };
         (*icmp_header).check = !checksum::fold(sum_words(&*icmp_words));
     }
-    Ok((xdp_action::XDP_TX, Counter::FragNeededSent))
+    Ok((xdp_action::XDP_TX, counter))
 }
 
 #[inline(always)]

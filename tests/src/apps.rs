@@ -61,7 +61,7 @@ impl Servers {
                     .set_read_timeout(Some(Duration::from_millis(20)))
                     .expect("timeout");
                 ready_tx.send(()).expect("ready");
-                let mut buf = [0u8; 2048];
+                let mut buf = vec![0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((len, peer)) = socket.recv_from(&mut buf) {
                         let mut reply = format!("{peer} ").into_bytes();
@@ -123,21 +123,111 @@ pub fn http_get(
     path: &str,
     timeout: Duration,
 ) -> io::Result<(String, Vec<u8>)> {
-    let path = path.to_string();
+    let mut stream = tcp_connect(netns, server, timeout)?;
+    http_request(&mut stream, server, path, timeout)
+}
+
+/// A TCP connection opened from inside a namespace (the stream stays in
+/// that namespace whichever thread uses it).
+pub fn tcp_connect(netns: &Netns, server: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    netns.run_in(move || TcpStream::connect_timeout(&server, timeout))
+}
+
+/// `GET path` on an open connection to `server`; the status line and body.
+/// The server closes the connection after the response.
+pub fn http_request(
+    stream: &mut TcpStream,
+    server: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> io::Result<(String, Vec<u8>)> {
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {server}\r\n\r\n").as_bytes())?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| io::Error::other("no HTTP header end"))?;
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status = head.lines().next().unwrap_or_default().to_string();
+    Ok((status, response[split + 4..].to_vec()))
+}
+
+/// A UDP socket in a namespace, connected to `server` (so ICMP errors about
+/// what it sends come back as errors of its next receive).
+pub fn connected_udp(netns: &Netns, server: SocketAddr) -> io::Result<UdpSocket> {
     netns.run_in(move || {
-        let mut stream = TcpStream::connect_timeout(&server, timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {server}\r\n\r\n").as_bytes())?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response)?;
-        let split = response
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| io::Error::other("no HTTP header end"))?;
-        let head = String::from_utf8_lossy(&response[..split]).to_string();
-        let status = head.lines().next().unwrap_or_default().to_string();
-        Ok((status, response[split + 4..].to_vec()))
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(server)?;
+        Ok(socket)
     })
+}
+
+/// A TCP echo server in a namespace: every connection gets back what it
+/// sends, for as long as it stays open (up to a minute idle). Stopped on
+/// drop (open connections end at their idle limit).
+pub struct TcpEcho {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpEcho {
+    pub fn start(netns: &Netns, port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let stop = stop.clone();
+            netns.spawn(move || {
+                let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind echo");
+                listener.set_nonblocking(true).expect("nonblocking");
+                ready_tx.send(()).expect("ready");
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            thread::spawn(move || echo(stream));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(5))
+                        }
+                        Err(e) => panic!("accept: {e}"),
+                    }
+                }
+            })
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("echo server did not start");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TcpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn echo(mut stream: TcpStream) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Sends `payload` to a UDP echo server from inside a namespace; the reply.
@@ -153,7 +243,7 @@ pub fn udp_echo(
         socket.set_read_timeout(Some(timeout))?;
         socket.connect(server)?;
         socket.send(&payload)?;
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 65536];
         let len = socket.recv(&mut buf)?;
         Ok(buf[..len].to_vec())
     })

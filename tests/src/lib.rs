@@ -4,6 +4,8 @@
 
 pub mod apps;
 pub mod daemon;
+pub mod netfilter;
+pub mod raw;
 pub mod seed;
 
 use std::{
@@ -162,6 +164,61 @@ impl Netns {
         self.exec("sysctl", &["-qw", setting]);
     }
 
+    /// The value of a sysctl inside the namespace, e.g. `net.ipv4.ip_no_pmtu_disc`.
+    pub fn sysctl_value(&self, key: &str) -> String {
+        let output = self.exec("sysctl", &["-n", key]);
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    /// The MAC address of `interface`, from `ip -o link` inside the
+    /// namespace (`/sys/class/net` would show the host's interfaces).
+    pub fn mac(&self, interface: &str) -> [u8; 6] {
+        let output = self.ip(&["-o", "link", "show", "dev", interface]);
+        let text = String::from_utf8_lossy(&output.stdout);
+        let address = text
+            .split_whitespace()
+            .skip_while(|word| *word != "link/ether")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no link/ether address for {interface} in: {text}"));
+        let bytes: Vec<u8> = address
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16))
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("bad MAC address `{address}` of {interface}: {e}"));
+        bytes
+            .try_into()
+            .unwrap_or_else(|_| panic!("MAC address `{address}` of {interface} is not 6 bytes"))
+    }
+
+    /// The MTU of `interface`.
+    pub fn mtu(&self, interface: &str) -> u32 {
+        let output = self.ip(&["-o", "link", "show", "dev", interface]);
+        let text = String::from_utf8_lossy(&output.stdout);
+        text.split_whitespace()
+            .skip_while(|word| *word != "mtu")
+            .nth(1)
+            .and_then(|mtu| mtu.parse().ok())
+            .unwrap_or_else(|| panic!("no mtu for {interface} in: {text}"))
+    }
+
+    /// A counter of the namespace's `/proc/net/snmp`, e.g. `("Icmp",
+    /// "OutDestUnreachs")`.
+    pub fn snmp(&self, group: &str, field: &str) -> u64 {
+        let output = self.exec("cat", &["/proc/net/snmp"]);
+        let text = String::from_utf8_lossy(&output.stdout);
+        let prefix = format!("{group}:");
+        let mut rows = text.lines().filter(|line| line.starts_with(&prefix));
+        let (Some(names), Some(values)) = (rows.next(), rows.next()) else {
+            panic!("no {group} rows in /proc/net/snmp of {}", self.name);
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(name, _)| *name == field)
+            .and_then(|(_, value)| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {group} {field} in /proc/net/snmp of {}", self.name))
+    }
+
     /// Runs `f` on a thread that has joined this namespace (sockets it opens
     /// and interface indexes it looks up are this namespace's).
     pub fn run_in<F, R>(&self, f: F) -> R
@@ -278,6 +335,8 @@ fn load_xdp_pass() -> OwnedFd {
     attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
     attr[8..16].copy_from_slice(&(instructions.as_ptr() as u64).to_ne_bytes());
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    // BPF_F_XDP_HAS_FRAGS: may attach to interfaces with jumbo MTUs.
+    attr[44..48].copy_from_slice(&(1u32 << 5).to_ne_bytes());
     attr[48..57].copy_from_slice(b"xdp_pass\0");
     attr[68..72].copy_from_slice(&BPF_XDP.to_ne_bytes());
     bpf(BPF_PROG_LOAD, &mut attr)

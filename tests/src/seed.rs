@@ -94,10 +94,29 @@ impl SeedBed {
     /// The hairpin configuration for this bed with the given mappings
     /// (`(proto, public, to)`).
     pub fn config(&self, mappings: &[(&str, &str, &str)]) -> String {
+        self.config_with(mappings, &ConfigOptions::default())
+    }
+
+    /// [`SeedBed::config`] with optional settings added.
+    pub fn config_with(&self, mappings: &[(&str, &str, &str)], options: &ConfigOptions) -> String {
         let mut text = format!(
-            "[lan]\ninterfaces = [\"{GATEWAY_LAN_IF}\"]\nnetworks = [\"{LAN_NETWORK}\"]\naddress = \"{GATEWAY_LAN}\"\n\n\
-             [wan]\ninterface = \"{GATEWAY_WAN_IF}\"\naddresses = [\"{PUBLIC}\"]\n\n[xdp]\nmode = \"native\"\n"
+            "[lan]\ninterfaces = [\"{GATEWAY_LAN_IF}\"]\nnetworks = [\"{LAN_NETWORK}\"]\naddress = \"{GATEWAY_LAN}\"\n"
         );
+        if let Some(ports) = &options.snat_ports {
+            text.push_str(&format!("snat_ports = \"{ports}\"\n"));
+        }
+        text.push_str(&format!(
+            "\n[wan]\ninterface = \"{GATEWAY_WAN_IF}\"\naddresses = [\"{PUBLIC}\"]\n\n[xdp]\nmode = \"native\"\n"
+        ));
+        if let Some(capacity) = options.conntrack_capacity {
+            text.push_str(&format!("\n[conntrack]\ncapacity = {capacity}\n"));
+        }
+        if !options.timeouts.is_empty() {
+            text.push_str("\n[timeouts]\n");
+            for (key, seconds) in &options.timeouts {
+                text.push_str(&format!("{key} = {seconds}\n"));
+            }
+        }
         for (proto, public, to) in mappings {
             text.push_str(&format!(
                 "\n[[mapping]]\nproto = \"{proto}\"\npublic = \"{public}\"\nto = \"{to}\"\n"
@@ -151,4 +170,61 @@ impl SeedBed {
             ],
         );
     }
+
+    /// Port forwards from the WAN, as netfilter does them: for each mapping,
+    /// DNAT of packets arriving on the WAN interface for the public address
+    /// and port to the server (no SNAT: the server sees the real client).
+    pub fn load_port_forward_iptables(&self, mappings: &[(&str, &str, &str)]) {
+        for (proto, public, to) in mappings {
+            let (public_addr, public_port) = public.split_once(':').expect("public addr:port");
+            self.gateway.exec(
+                "iptables",
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-i",
+                    GATEWAY_WAN_IF,
+                    "-d",
+                    public_addr,
+                    "-p",
+                    proto,
+                    "--dport",
+                    &public_port.replace('-', ":"),
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    to,
+                ],
+            );
+        }
+    }
+
+    /// Another host on the LAN bridge, `addr`/24 on its `eth0` with the
+    /// gateway as default route and complete checksums (like the client).
+    /// Its namespace is removed when the returned value is dropped.
+    pub fn add_lan_host(&self, role: &str, addr: Ipv4Addr) -> Netns {
+        let host = Netns::new(role);
+        let port: String = format!("p-{role}").chars().take(15).collect();
+        veth(&host, "eth0", &self.lan, &port);
+        self.lan.ip(&["link", "set", &port, "master", "br0"]);
+        host.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        host.ip(&["route", "add", "default", "via", &GATEWAY_LAN.to_string()]);
+        host.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+        host
+    }
+}
+
+/// Optional settings of a hairpin configuration, beyond the bed's
+/// interfaces and the mappings.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigOptions {
+    /// `[lan] snat_ports`, e.g. `"20000-20003"`.
+    pub snat_ports: Option<String>,
+    /// `[conntrack] capacity`.
+    pub conntrack_capacity: Option<u32>,
+    /// `[timeouts]`: key (`tcp_established`, `tcp_transitory`, `udp`) and
+    /// seconds.
+    pub timeouts: Vec<(&'static str, u64)>,
 }

@@ -11,6 +11,10 @@ use hairpin_tests::{
     apps::{BIG_LEN, Servers, big_body, http_get, udp_echo},
     daemon::Daemon,
     have_root,
+    netfilter::{
+        add_netfilter_probes, kernel_conntrack_entries, netfilter_probe_listing,
+        netfilter_probe_packets, reset_netfilter_probes,
+    },
     seed::{GATEWAY_LAN, PUBLIC, SERVER, SeedBed},
 };
 
@@ -179,41 +183,6 @@ fn one_mib_download_arrives_intact() {
     );
 }
 
-/// Counts every packet of the hairpin flows that netfilter sees, in the raw
-/// table (before conntrack and NAT).
-fn add_netfilter_probes(gateway: &Netns) {
-    let public = PUBLIC.to_string();
-    let server = SERVER.to_string();
-    for rule in [
-        vec!["-d", public.as_str(), "-p", "tcp", "--dport", "80"],
-        vec!["-d", public.as_str(), "-p", "udp", "--dport", "53"],
-        vec!["-s", server.as_str(), "-p", "tcp", "--sport", "80"],
-        vec!["-s", server.as_str(), "-p", "udp", "--sport", "5353"],
-    ] {
-        let mut args = vec!["-t", "raw", "-A", "PREROUTING"];
-        args.extend(rule);
-        gateway.exec("iptables", &args);
-    }
-}
-
-/// Packets counted by the raw-table probes.
-fn netfilter_probe_packets(gateway: &Netns) -> u64 {
-    let output = gateway.exec(
-        "iptables",
-        &["-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"],
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .skip(2)
-        .filter_map(|line| line.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
-fn kernel_conntrack_entries(gateway: &Netns) -> String {
-    let output = gateway.try_exec("conntrack", &["-L", "-d", &PUBLIC.to_string()]);
-    String::from_utf8_lossy(&output.stdout).to_string()
-}
-
 #[test]
 fn with_the_seed_rules_loaded_the_flows_never_reach_netfilter() {
     if !have_root("with_the_seed_rules_loaded_the_flows_never_reach_netfilter") {
@@ -222,7 +191,7 @@ fn with_the_seed_rules_loaded_the_flows_never_reach_netfilter() {
     let s = scenario();
     let m = mappings();
     s.bed.load_seed_iptables(&mapping_refs(&m));
-    add_netfilter_probes(&s.bed.gateway);
+    add_netfilter_probes(&s.bed.gateway, &mapping_refs(&m), None);
 
     // The rules themselves work, and the probes see their packets.
     get_hello(&s.bed.client).expect("TCP through the seed's iptables rules");
@@ -232,7 +201,7 @@ fn with_the_seed_rules_loaded_the_flows_never_reach_netfilter() {
         netfilter_probe_packets(&s.bed.gateway) > 0,
         "the probes should count netfilter's packets"
     );
-    s.bed.gateway.exec("iptables", &["-t", "raw", "-Z"]);
+    reset_netfilter_probes(&s.bed.gateway);
     s.bed.gateway.exec("conntrack", &["-F"]);
 
     let daemon = start_hairpin(&s.bed);
@@ -248,9 +217,10 @@ fn with_the_seed_rules_loaded_the_flows_never_reach_netfilter() {
     assert_eq!(
         netfilter_probe_packets(&s.bed.gateway),
         0,
-        "netfilter saw packets of hairpinned flows"
+        "netfilter saw packets of hairpinned flows:\n{}",
+        netfilter_probe_listing(&s.bed.gateway)
     );
-    let entries = kernel_conntrack_entries(&s.bed.gateway);
+    let entries = kernel_conntrack_entries(&s.bed.gateway, PUBLIC);
     assert!(
         !entries.contains("dport="),
         "kernel conntrack tracked hairpinned flows:\n{entries}"

@@ -409,9 +409,25 @@ fn exhausted_snat_ports_refuse_the_flow() {
 
         let packet = syn((CLIENT, 40002), (PUBLIC, 80));
         let (verdict, out) = gw.run(&packet);
-        assert_eq!(verdict, XDP_PASS, "no port left: the flow is refused");
-        assert_eq!(out, packet, "a refused packet is passed untouched");
+        assert_eq!(
+            verdict, XDP_TX,
+            "no port left: the flow is refused, to the client"
+        );
+        let (src, dst, quoted) = inspect_icmp(&out);
+        assert_eq!((src, dst), (PUBLIC, CLIENT));
+        assert_eq!(
+            (out[34], out[35]),
+            (3, 13),
+            "communication administratively prohibited"
+        );
+        assert_eq!(quoted, packet[14..14 + 28], "quoting the refused SYN");
         assert_eq!(gw.counter(Counter::PortAllocFailed), 1);
+        assert_eq!(gw.counter(Counter::FlowRefused), 1);
+        assert_eq!(
+            gw.counter(Counter::FlowCreated),
+            2,
+            "no state for the refused flow"
+        );
     });
 }
 
