@@ -33,10 +33,7 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .context("workspace root")?
         .join("hairpin-ebpf");
-    println!(
-        "cargo:rerun-if-changed={}",
-        ebpf_dir.with_file_name("hairpin-common").display()
-    );
+    println!("cargo:rerun-if-changed={}", ebpf_dir.with_file_name("hairpin-common").display());
     // SAFETY: build scripts are single-threaded.
     unsafe { env::set_var("RUSTC_BOOTSTRAP", "1") };
     aya_build::build_ebpf(
@@ -51,19 +48,12 @@ fn main() -> anyhow::Result<()> {
 
 /// What the eBPF build needs and this machine lacks, if anything.
 fn missing_toolchain() -> Option<String> {
-    if Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
+    if Command::new("bpf-linker").arg("--version").output().is_err() {
         return Some("bpf-linker is not installed".into());
     }
     let core = rust_src_marker();
     if !core.exists() {
-        return Some(format!(
-            "rust-src is missing ({} not found)",
-            core.display()
-        ));
+        return Some(format!("rust-src is missing ({} not found)", core.display()));
     }
     None
 }

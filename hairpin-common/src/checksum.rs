@@ -121,13 +121,7 @@ mod tests {
     }
 
     fn tuple() -> impl Strategy<Value = FlowKey> {
-        (
-            any::<u32>(),
-            any::<u32>(),
-            any::<u16>(),
-            any::<u16>(),
-            prop_oneof![Just(6u8), Just(17u8)],
-        )
+        (any::<u32>(), any::<u32>(), any::<u16>(), any::<u16>(), prop_oneof![Just(6u8), Just(17u8)])
             .prop_map(|(s, d, sp, dp, p)| FlowKey::new(s, d, sp, dp, p))
     }
 

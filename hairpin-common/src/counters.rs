@@ -84,12 +84,7 @@ mod tests {
     #[test]
     fn counter_discriminants_index_all() {
         for (index, counter) in Counter::ALL.iter().enumerate() {
-            assert_eq!(
-                *counter as usize,
-                index,
-                "{} is out of place",
-                counter.name()
-            );
+            assert_eq!(*counter as usize, index, "{} is out of place", counter.name());
         }
     }
 }

@@ -15,10 +15,7 @@ pub const ICMP_HEADER_LEN: usize = 8;
 
 /// The ICMP messages that carry the header of a packet they report on.
 pub const fn is_error(icmp_type: u8) -> bool {
-    matches!(
-        icmp_type,
-        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
-    )
+    matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM)
 }
 
 /// How an ICMP error about the packet `embedded` (as the gateway sent it) is
@@ -39,16 +36,8 @@ pub const fn error_rewrite(
 ) -> ErrorRewrite {
     // The endpoint that reports its own unreachability appears at the
     // address its peer used; a router on the way keeps its own address.
-    let outer_src = if outer_src == embedded.dst_addr {
-        translated.src_addr
-    } else {
-        outer_src
-    };
-    ErrorRewrite {
-        outer_src,
-        outer_dst: translated.dst_addr,
-        embedded: translated.reversed(),
-    }
+    let outer_src = if outer_src == embedded.dst_addr { translated.src_addr } else { outer_src };
+    ErrorRewrite { outer_src, outer_dst: translated.dst_addr, embedded: translated.reversed() }
 }
 
 /// The ICMP checksum after the embedded header's addresses, ports and
@@ -103,10 +92,7 @@ mod tests {
             "the server is known to the client as the public address"
         );
         assert_eq!(rewrite.outer_dst, client);
-        assert_eq!(
-            rewrite.embedded,
-            FlowKey::new(client, public, be(40000), be(5000), 17)
-        );
+        assert_eq!(rewrite.embedded, FlowKey::new(client, public, be(40000), be(5000), 17));
     }
 
     #[test]
@@ -123,10 +109,7 @@ mod tests {
         let translated = FlowKey::new(wan_client, server, be(50000), be(8080), 6);
         let rewrite = error_rewrite(router, &embedded, &translated);
         assert_eq!((rewrite.outer_src, rewrite.outer_dst), (router, server));
-        assert_eq!(
-            rewrite.embedded,
-            FlowKey::new(server, wan_client, be(8080), be(50000), 6)
-        );
+        assert_eq!(rewrite.embedded, FlowKey::new(server, wan_client, be(8080), be(50000), 6));
     }
 
     #[test]
@@ -136,10 +119,7 @@ mod tests {
                 && is_error(ICMP_TIME_EXCEEDED)
                 && is_error(ICMP_PARAMETER_PROBLEM)
         );
-        assert!(
-            !is_error(0) && !is_error(8),
-            "echo reply and request are not errors"
-        );
+        assert!(!is_error(0) && !is_error(8), "echo reply and request are not errors");
     }
 
     fn words(bytes: &[u8]) -> u32 {

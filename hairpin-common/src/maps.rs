@@ -199,13 +199,7 @@ pub const NEIGH_REDIRECT_MAGIC: u32 = 0x4850_4e52;
 impl FlowKey {
     /// The same connection seen from the other side.
     pub const fn reversed(&self) -> Self {
-        Self::new(
-            self.dst_addr,
-            self.src_addr,
-            self.dst_port,
-            self.src_port,
-            self.proto,
-        )
+        Self::new(self.dst_addr, self.src_addr, self.dst_port, self.src_port, self.proto)
     }
 
     pub const fn new(
@@ -215,13 +209,6 @@ impl FlowKey {
         dst_port: u16,
         proto: u8,
     ) -> Self {
-        Self {
-            src_addr,
-            dst_addr,
-            src_port,
-            dst_port,
-            proto,
-            _pad: [0; 3],
-        }
+        Self { src_addr, dst_addr, src_port, dst_port, proto, _pad: [0; 3] }
     }
 }

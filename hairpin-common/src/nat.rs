@@ -97,11 +97,7 @@ const fn entry(
 
 /// The state a new flow starts in.
 pub const fn initial_state(proto: u8) -> u8 {
-    if proto == IPPROTO_UDP {
-        state::UDP_UNREPLIED
-    } else {
-        state::TCP_SYN_SENT
-    }
+    if proto == IPPROTO_UDP { state::UDP_UNREPLIED } else { state::TCP_SYN_SENT }
 }
 
 const fn pair(packet: &FlowKey, to_server: FlowKey, kind: u8, now_ns: u64) -> FlowPair {
@@ -124,13 +120,8 @@ pub const fn hairpin_flow(
     snat_port: u16,
     now_ns: u64,
 ) -> FlowPair {
-    let to_server = FlowKey::new(
-        lan_addr,
-        server.server_addr,
-        snat_port,
-        server.server_port,
-        packet.proto,
-    );
+    let to_server =
+        FlowKey::new(lan_addr, server.server_addr, snat_port, server.server_port, packet.proto);
     pair(packet, to_server, KIND_HAIRPIN, now_ns)
 }
 
@@ -151,14 +142,7 @@ pub const fn port_forward_flow(packet: &FlowKey, server: &MappingValue, now_ns: 
 pub const fn next_state(flow_state: u8, fin_seen: u8, direction: u8, flags: u8) -> (u8, u8) {
     if flow_state == state::UDP_UNREPLIED || flow_state == state::UDP_REPLIED {
         let replied = flow_state == state::UDP_REPLIED || direction == DIRECTION_REPLY;
-        return (
-            if replied {
-                state::UDP_REPLIED
-            } else {
-                state::UDP_UNREPLIED
-            },
-            fin_seen,
-        );
+        return (if replied { state::UDP_REPLIED } else { state::UDP_UNREPLIED }, fin_seen);
     }
     let original = direction == DIRECTION_ORIGINAL;
     if flags & TCP_RST != 0 {
@@ -173,12 +157,7 @@ pub const fn next_state(flow_state: u8, fin_seen: u8, direction: u8, flags: u8) 
         };
     }
     if flags & TCP_FIN != 0 {
-        let fin_seen = fin_seen
-            | if original {
-                FIN_SEEN_ORIGINAL
-            } else {
-                FIN_SEEN_REPLY
-            };
+        let fin_seen = fin_seen | if original { FIN_SEEN_ORIGINAL } else { FIN_SEEN_REPLY };
         if fin_seen == FIN_SEEN_ORIGINAL | FIN_SEEN_REPLY {
             return (state::TCP_TIME_WAIT, fin_seen);
         }
@@ -295,16 +274,8 @@ mod tests {
 
     #[test]
     fn full_range_does_not_overflow() {
-        assert_eq!(
-            snat_port_candidate(5, 1, u32::MAX, 0, 65535),
-            0,
-            "wraps around"
-        );
-        assert_eq!(
-            snat_port_candidate(5, 2, 65533, 1, 65535),
-            1,
-            "wraps to the first port"
-        );
+        assert_eq!(snat_port_candidate(5, 1, u32::MAX, 0, 65535), 0, "wraps around");
+        assert_eq!(snat_port_candidate(5, 2, 65533, 1, 65535), 1, "wraps to the first port");
     }
 
     #[test]
@@ -314,11 +285,7 @@ mod tests {
         let server = addr([192, 168, 0, 2]);
         let gateway = addr([192, 168, 0, 1]);
         let packet = FlowKey::new(client, public, be(40000), be(80), IPPROTO_TCP);
-        let mapping = MappingValue {
-            server_addr: server,
-            server_port: be(8080),
-            _pad: [0; 2],
-        };
+        let mapping = MappingValue { server_addr: server, server_port: be(8080), _pad: [0; 2] };
 
         let flow = hairpin_flow(&packet, &mapping, gateway, be(41000), 5);
 
@@ -328,29 +295,15 @@ mod tests {
             FlowKey::new(gateway, server, be(41000), be(8080), IPPROTO_TCP)
         );
         assert_eq!(flow.original.direction, DIRECTION_ORIGINAL);
-        assert_eq!(
-            flow.reply_key,
-            FlowKey::new(server, gateway, be(8080), be(41000), IPPROTO_TCP)
-        );
+        assert_eq!(flow.reply_key, FlowKey::new(server, gateway, be(8080), be(41000), IPPROTO_TCP));
         assert_eq!(
             flow.reply.translated,
             FlowKey::new(public, client, be(80), be(40000), IPPROTO_TCP)
         );
         assert_eq!(flow.reply.direction, DIRECTION_REPLY);
-        assert_eq!(
-            flow.original_key,
-            flow.reply.translated.reversed(),
-            "partners find each other"
-        );
-        assert_eq!(
-            flow.reply_key,
-            flow.original.translated.reversed(),
-            "partners find each other"
-        );
-        assert_eq!(
-            (flow.original.state, flow.original.last_seen_ns),
-            (state::TCP_SYN_SENT, 5)
-        );
+        assert_eq!(flow.original_key, flow.reply.translated.reversed(), "partners find each other");
+        assert_eq!(flow.reply_key, flow.original.translated.reversed(), "partners find each other");
+        assert_eq!((flow.original.state, flow.original.last_seen_ns), (state::TCP_SYN_SENT, 5));
     }
 
     #[test]
@@ -359,11 +312,7 @@ mod tests {
         let public = addr([203, 0, 113, 1]);
         let server = addr([192, 168, 0, 2]);
         let packet = FlowKey::new(wan_client, public, be(50000), be(53), IPPROTO_UDP);
-        let mapping = MappingValue {
-            server_addr: server,
-            server_port: be(5353),
-            _pad: [0; 2],
-        };
+        let mapping = MappingValue { server_addr: server, server_port: be(5353), _pad: [0; 2] };
 
         let flow = port_forward_flow(&packet, &mapping, 9);
 
@@ -428,12 +377,8 @@ mod tests {
     #[case::reopened_after_close(&[(R, RST), (O, SYN), (R, SYN_ACK)], &[CLOSE, SYN_SENT, SYN_RECV])]
     #[case::syn_ack_from_client_ignored(&[(O, SYN_ACK)], &[SYN_SENT])]
     fn tcp_state_machine(#[case] packets: &[(u8, u8)], #[case] expected: &[u8]) {
-        let names = |states: &[u8]| {
-            states
-                .iter()
-                .map(|s| state::name(*s))
-                .collect::<std::vec::Vec<_>>()
-        };
+        let names =
+            |states: &[u8]| states.iter().map(|s| state::name(*s)).collect::<std::vec::Vec<_>>();
         assert_eq!(names(&replay(packets)), names(expected));
     }
 
@@ -448,15 +393,8 @@ mod tests {
     #[test]
     fn only_established_and_replied_flows_are_protected() {
         assert!(is_established(EST) && is_established(state::UDP_REPLIED));
-        for s in [
-            SYN_SENT,
-            SYN_RECV,
-            FIN_WAIT,
-            CLOSE_WAIT,
-            TIME_WAIT,
-            CLOSE,
-            state::UDP_UNREPLIED,
-        ] {
+        for s in [SYN_SENT, SYN_RECV, FIN_WAIT, CLOSE_WAIT, TIME_WAIT, CLOSE, state::UDP_UNREPLIED]
+        {
             assert!(!is_established(s), "{}", state::name(s));
         }
     }

@@ -170,11 +170,8 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
                 Err(other) => return Err(other),
             };
             count(Counter::FlowCreated);
-            let counter = if admitted.hairpin {
-                Counter::Hairpinned
-            } else {
-                Counter::PortForwarded
-            };
+            let counter =
+                if admitted.hairpin { Counter::Hairpinned } else { Counter::PortForwarded };
             (flow.original.translated, route, counter, Some(flow))
         }
     };
@@ -207,20 +204,14 @@ fn send(
     counter: Counter,
 ) -> Result<(u32, Counter), Counter> {
     match *route {
-        Route::Resolved {
-            ifindex,
-            smac,
-            dmac,
-        } => {
+        Route::Resolved { ifindex, smac, dmac } => {
             eth.src = smac;
             eth.dst = dmac;
             if ifindex == ctx.ingress_ifindex() as u32 {
                 Ok((xdp_action::XDP_TX, counter))
             } else {
                 // Present in the map (checked by fib_lookup), so this succeeds.
-                let action = EGRESS_DEVICES
-                    .redirect(ifindex, 0)
-                    .unwrap_or(xdp_action::XDP_DROP);
+                let action = EGRESS_DEVICES.redirect(ifindex, 0).unwrap_or(xdp_action::XDP_DROP);
                 Ok((action, counter))
             }
         }
@@ -253,14 +244,8 @@ fn try_icmp_error(
     }
     let inner: *mut Ipv4Header =
         ptr_at(ctx, EMBEDDED_IP_OFFSET).map_err(|_| Counter::PassIcmpNoFlow)?;
-    let (inner_version_ihl, inner_proto, inner_src, inner_dst) = unsafe {
-        (
-            (*inner).version_ihl,
-            (*inner).proto,
-            (*inner).src_addr,
-            (*inner).dst_addr,
-        )
-    };
+    let (inner_version_ihl, inner_proto, inner_src, inner_dst) =
+        unsafe { ((*inner).version_ihl, (*inner).proto, (*inner).src_addr, (*inner).dst_addr) };
     if inner_version_ihl != 0x45 || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP) {
         return Err(Counter::PassIcmpNoFlow);
     }
@@ -341,20 +326,14 @@ struct Flow {
 fn find_flow(key: &FlowKey, settings: &Settings, now: u64) -> Option<Flow> {
     if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
         if !expired(key, entry, settings, now, true) {
-            return Some(Flow {
-                entry,
-                established: true,
-            });
+            return Some(Flow { entry, established: true });
         }
     }
     let entry = CONNTRACK_NEW.get_ptr_mut(key)?;
     if expired(key, entry, settings, now, false) {
         return None;
     }
-    Some(Flow {
-        entry,
-        established: false,
-    })
+    Some(Flow { entry, established: false })
 }
 
 /// Whether the flow of `entry` has expired; if so, removes both its entries.
@@ -367,13 +346,8 @@ fn expired(
     established: bool,
 ) -> bool {
     // SAFETY: a map value; fields are copied out.
-    let (state, last_seen, partner_key) = unsafe {
-        (
-            (*entry).state,
-            (*entry).last_seen_ns,
-            (*entry).translated.reversed(),
-        )
-    };
+    let (state, last_seen, partner_key) =
+        unsafe { ((*entry).state, (*entry).last_seen_ns, (*entry).translated.reversed()) };
     if !settings.expired(state, last_seen, now) {
         return false;
     }
@@ -441,10 +415,7 @@ fn track(flow: &Flow, entry: &FlowEntry, packet: &FlowKey, tcp_flags: u8, now: u
 /// Moves a flow's two entries from the new to the established table.
 #[inline(always)]
 fn promote(key: &FlowKey, entry: &FlowEntry, partner_key: &FlowKey, partner: &FlowEntry) {
-    if CONNTRACK
-        .insert(partner_key, partner, BPF_ANY as u64)
-        .is_err()
-    {
+    if CONNTRACK.insert(partner_key, partner, BPF_ANY as u64).is_err() {
         count(Counter::EstablishedTableFull);
         return;
     }
@@ -462,21 +433,11 @@ fn promote(key: &FlowKey, entry: &FlowEntry, partner_key: &FlowKey, partner: &Fl
 fn l4_header(ctx: &XdpContext, proto: u8) -> Result<L4, Counter> {
     if proto == IPPROTO_UDP {
         let udp: *mut UdpHeader = ptr_at(ctx, L4_OFFSET)?;
-        unsafe {
-            Ok(L4 {
-                check: &raw mut (*udp).check,
-                ports: udp.cast(),
-                tcp_flags: 0,
-            })
-        }
+        unsafe { Ok(L4 { check: &raw mut (*udp).check, ports: udp.cast(), tcp_flags: 0 }) }
     } else {
         let tcp: *mut TcpHeader = ptr_at(ctx, L4_OFFSET)?;
         unsafe {
-            Ok(L4 {
-                check: &raw mut (*tcp).check,
-                ports: tcp.cast(),
-                tcp_flags: (*tcp).flags,
-            })
+            Ok(L4 { check: &raw mut (*tcp).check, ports: tcp.cast(), tcp_flags: (*tcp).flags })
         }
     }
 }
@@ -519,11 +480,7 @@ fn admit_new_flow(
     if packet.proto != IPPROTO_UDP && !nat::tcp_opens_flow(tcp_flags) {
         return Err(Counter::PassTcpNotSyn);
     }
-    let src_addr = if hairpin {
-        settings.lan_addr
-    } else {
-        packet.src_addr
-    };
+    let src_addr = if hairpin { settings.lan_addr } else { packet.src_addr };
     let provisional = FlowKey::new(
         src_addr,
         server.server_addr,
@@ -531,11 +488,7 @@ fn admit_new_flow(
         server.server_port,
         packet.proto,
     );
-    Ok(Admitted {
-        server,
-        hairpin,
-        provisional,
-    })
+    Ok(Admitted { server, hairpin, provisional })
 }
 
 /// Enters both directions of a new flow into the table of new flows, the
@@ -550,11 +503,7 @@ fn create_flow(
     now: u64,
 ) -> Result<FlowPair, Counter> {
     let client_port = u16::from_be(packet.src_port);
-    let attempts = if admitted.hairpin {
-        SNAT_PORT_ATTEMPTS
-    } else {
-        1
-    };
+    let attempts = if admitted.hairpin { SNAT_PORT_ATTEMPTS } else { 1 };
     let start = unsafe { bpf_get_prandom_u32() };
     for attempt in 0..attempts {
         let flow = if admitted.hairpin {
@@ -565,13 +514,7 @@ fn create_flow(
                 settings.snat_port_first,
                 settings.snat_port_last,
             );
-            nat::hairpin_flow(
-                packet,
-                &admitted.server,
-                settings.lan_addr,
-                port.to_be(),
-                now,
-            )
+            nat::hairpin_flow(packet, &admitted.server, settings.lan_addr, port.to_be(), now)
         } else {
             nat::port_forward_flow(packet, &admitted.server, now)
         };
@@ -579,16 +522,11 @@ fn create_flow(
         // it, even once idle: checking expiry here would multiply the
         // verifier's paths by the retries.
         if CONNTRACK.get_ptr(&flow.reply_key).is_some()
-            || CONNTRACK_NEW
-                .insert(&flow.reply_key, &flow.reply, BPF_NOEXIST as u64)
-                .is_err()
+            || CONNTRACK_NEW.insert(&flow.reply_key, &flow.reply, BPF_NOEXIST as u64).is_err()
         {
             continue;
         }
-        if CONNTRACK_NEW
-            .insert(&flow.original_key, &flow.original, BPF_NOEXIST as u64)
-            .is_ok()
-        {
+        if CONNTRACK_NEW.insert(&flow.original_key, &flow.original, BPF_NOEXIST as u64).is_ok() {
             return Ok(flow);
         }
         // Another CPU entered this flow in the meantime; the client's
@@ -596,11 +534,7 @@ fn create_flow(
         let _ = CONNTRACK_NEW.remove(&flow.reply_key);
         return Err(Counter::PassFlowRace);
     }
-    Err(if admitted.hairpin {
-        Counter::PortAllocFailed
-    } else {
-        Counter::PassFlowRace
-    })
+    Err(if admitted.hairpin { Counter::PortAllocFailed } else { Counter::PassFlowRace })
 }
 
 enum Route {
@@ -610,9 +544,13 @@ enum Route {
         dmac: [u8; 6],
     },
     /// Routed out of `ifindex`, but the next hop's MAC is not known yet.
-    Unresolved { ifindex: u32 },
+    Unresolved {
+        ifindex: u32,
+    },
     /// Larger than the egress MTU.
-    TooBig { mtu: u16 },
+    TooBig {
+        mtu: u16,
+    },
 }
 
 #[inline(always)]
@@ -629,17 +567,13 @@ fn fib_lookup(ctx: &XdpContext, to: &FlowKey, tot_len: u16) -> Result<Route, Cou
     let ret =
         unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0) };
     match ret as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok(Route::Resolved {
-            ifindex: params.ifindex,
-            smac: params.smac,
-            dmac: params.dmac,
-        }),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Route::Unresolved {
-            ifindex: params.ifindex,
-        }),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Ok(Route::TooBig {
-            mtu: unsafe { params.__bindgen_anon_1.mtu_result },
-        }),
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            Ok(Route::Resolved { ifindex: params.ifindex, smac: params.smac, dmac: params.dmac })
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Route::Unresolved { ifindex: params.ifindex }),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            Ok(Route::TooBig { mtu: unsafe { params.__bindgen_anon_1.mtu_result } })
+        }
         _ => return Err(Counter::FibFailed),
     }
     .and_then(|route| match route {

@@ -8,10 +8,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read {path}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{0}")]
     Syntax(String),
     #[error("`{key}`: {message}")]
@@ -19,10 +16,7 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
+    ConfigError::Invalid { key: key.into(), message: message.into() }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -69,9 +63,7 @@ pub struct Ipv4Net {
 
 impl Ipv4Net {
     pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        let mask = u32::MAX
-            .checked_shl(32 - self.prefix_len as u32)
-            .unwrap_or(0);
+        let mask = u32::MAX.checked_shl(32 - self.prefix_len as u32).unwrap_or(0);
         u32::from(addr) & mask == u32::from(self.addr)
     }
 }
@@ -92,9 +84,7 @@ impl FromStr for Ipv4Net {
         let mask = u32::MAX.checked_shl(32 - prefix_len as u32).unwrap_or(0);
         if u32::from(addr) & !mask != 0 {
             let network = Ipv4Addr::from(u32::from(addr) & mask);
-            return Err(format!(
-                "`{s}` has host bits set; did you mean {network}/{prefix_len}?"
-            ));
+            return Err(format!("`{s}` has host bits set; did you mean {network}/{prefix_len}?"));
         }
         Ok(net)
     }
@@ -124,10 +114,7 @@ pub struct PortRange {
 
 impl PortRange {
     pub const fn single(port: u16) -> Self {
-        Self {
-            first: port,
-            last: port,
-        }
+        Self { first: port, last: port }
     }
 
     pub const fn len(&self) -> u32 {
@@ -199,16 +186,10 @@ pub struct Timeouts {
 
 /// RFC 5382 REQ-5: established at least 2 h 4 min, transitory 4 min;
 /// RFC 4787 REQ-5: UDP at least 2 min (5 min recommended).
-pub const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
-    tcp_established: 7440,
-    tcp_transitory: 240,
-    udp: 300,
-};
-pub const RFC_MINIMUM_TIMEOUTS: Timeouts = Timeouts {
-    tcp_established: 7440,
-    tcp_transitory: 240,
-    udp: 120,
-};
+pub const DEFAULT_TIMEOUTS: Timeouts =
+    Timeouts { tcp_established: 7440, tcp_transitory: 240, udp: 300 };
+pub const RFC_MINIMUM_TIMEOUTS: Timeouts =
+    Timeouts { tcp_established: 7440, tcp_transitory: 240, udp: 120 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lan {
@@ -242,18 +223,8 @@ impl Config {
         let mut warnings = Vec::new();
         let (t, min) = (self.timeouts, RFC_MINIMUM_TIMEOUTS);
         for (key, value, minimum, rfc) in [
-            (
-                "tcp_established",
-                t.tcp_established,
-                min.tcp_established,
-                "RFC 5382 REQ-5",
-            ),
-            (
-                "tcp_transitory",
-                t.tcp_transitory,
-                min.tcp_transitory,
-                "RFC 5382 REQ-5",
-            ),
+            ("tcp_established", t.tcp_established, min.tcp_established, "RFC 5382 REQ-5"),
+            ("tcp_transitory", t.tcp_transitory, min.tcp_transitory, "RFC 5382 REQ-5"),
             ("udp", t.udp, min.udp, "RFC 4787 REQ-5"),
         ] {
             if value < minimum {
@@ -328,10 +299,8 @@ struct RawMapping {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         text.parse()
     }
 }
@@ -383,38 +352,24 @@ impl FromStr for Config {
             if published_ports > hairpin_common::MAX_MAPPINGS {
                 return Err(invalid(
                     format!("mapping[{index}].public"),
-                    format!(
-                        "more than {} published ports in all",
-                        hairpin_common::MAX_MAPPINGS
-                    ),
+                    format!("more than {} published ports in all", hairpin_common::MAX_MAPPINGS),
                 ));
             }
             mappings.push(mapping);
         }
-        Ok(Config {
-            lan,
-            wan,
-            xdp_mode,
-            conntrack_capacity,
-            timeouts,
-            mappings,
-        })
+        Ok(Config { lan, wan, xdp_mode, conntrack_capacity, timeouts, mappings })
     }
 }
 
 fn parse_interface_name(key: &str, name: &str) -> Result<String, ConfigError> {
     if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
-        return Err(invalid(
-            key,
-            format!("`{name}` is not a valid interface name"),
-        ));
+        return Err(invalid(key, format!("`{name}` is not a valid interface name")));
     }
     Ok(name.to_string())
 }
 
 fn parse_addr(key: &str, text: &str) -> Result<Ipv4Addr, ConfigError> {
-    text.parse()
-        .map_err(|_| invalid(key, format!("`{text}` is not an IPv4 address")))
+    text.parse().map_err(|_| invalid(key, format!("`{text}` is not an IPv4 address")))
 }
 
 fn parse_lan(raw: RawLan) -> Result<Lan, ConfigError> {
@@ -428,17 +383,11 @@ fn parse_lan(raw: RawLan) -> Result<Lan, ConfigError> {
         (Some(list), None) => list,
         (None, Some(one)) => vec![one],
         (None, None) => {
-            return Err(invalid(
-                "lan.interfaces",
-                "missing: name the LAN interface(s)",
-            ));
+            return Err(invalid("lan.interfaces", "missing: name the LAN interface(s)"));
         }
     };
     if names.is_empty() {
-        return Err(invalid(
-            "lan.interfaces",
-            "empty: name at least one LAN interface",
-        ));
+        return Err(invalid("lan.interfaces", "empty: name at least one LAN interface"));
     }
     let mut interfaces = Vec::new();
     for (index, name) in names.iter().enumerate() {
@@ -455,42 +404,25 @@ fn parse_lan(raw: RawLan) -> Result<Lan, ConfigError> {
         .networks
         .ok_or_else(|| invalid("lan.networks", "missing: list the LAN networks to hairpin"))?;
     if networks.is_empty() {
-        return Err(invalid(
-            "lan.networks",
-            "empty: list at least one LAN network",
-        ));
+        return Err(invalid("lan.networks", "empty: list at least one LAN network"));
     }
     let networks = networks
         .iter()
         .enumerate()
-        .map(|(index, net)| {
-            net.parse()
-                .map_err(|e| invalid(format!("lan.networks[{index}]"), e))
-        })
+        .map(|(index, net)| net.parse().map_err(|e| invalid(format!("lan.networks[{index}]"), e)))
         .collect::<Result<Vec<Ipv4Net>, _>>()?;
     let address = raw.address.ok_or_else(|| {
-        invalid(
-            "lan.address",
-            "missing: the gateway's LAN address (the SNAT source)",
-        )
+        invalid("lan.address", "missing: the gateway's LAN address (the SNAT source)")
     })?;
     let address = parse_addr("lan.address", &address)?;
     if address.is_unspecified() || address.is_broadcast() || address.is_multicast() {
-        return Err(invalid(
-            "lan.address",
-            format!("{address} cannot be a source address"),
-        ));
+        return Err(invalid("lan.address", format!("{address} cannot be a source address")));
     }
     let snat_ports = match raw.snat_ports {
         None => DEFAULT_SNAT_PORTS,
         Some(text) => parse_port_range(&text).map_err(|e| invalid("lan.snat_ports", e))?,
     };
-    Ok(Lan {
-        interfaces,
-        networks,
-        address,
-        snat_ports,
-    })
+    Ok(Lan { interfaces, networks, address, snat_ports })
 }
 
 /// `A-B` or a single port, 1 to 65535, A <= B.
@@ -500,24 +432,19 @@ pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
         match p.trim().parse::<u16>() {
             Ok(0) => Err("port 0 is not a valid port".into()),
             Ok(p) => Ok(p),
-            Err(_) => Err(format!(
-                "`{text}` is not a port or port range (like 20000-29999)"
-            )),
+            Err(_) => Err(format!("`{text}` is not a port or port range (like 20000-29999)")),
         }
     };
     let (first, last) = (port(first)?, port(last)?);
     if first > last {
-        return Err(format!(
-            "`{text}` is reversed: the first port must not exceed the last"
-        ));
+        return Err(format!("`{text}` is reversed: the first port must not exceed the last"));
     }
     Ok((first, last))
 }
 
 fn parse_wan(raw: RawWan) -> Result<Wan, ConfigError> {
-    let interface = raw
-        .interface
-        .ok_or_else(|| invalid("wan.interface", "missing: name the WAN interface"))?;
+    let interface =
+        raw.interface.ok_or_else(|| invalid("wan.interface", "missing: name the WAN interface"))?;
     let interface = parse_interface_name("wan.interface", &interface)?;
     let addresses = raw
         .addresses
@@ -525,10 +452,7 @@ fn parse_wan(raw: RawWan) -> Result<Wan, ConfigError> {
         .enumerate()
         .map(|(index, a)| parse_addr(&format!("wan.addresses[{index}]"), a))
         .collect::<Result<_, _>>()?;
-    Ok(Wan {
-        interface,
-        addresses,
-    })
+    Ok(Wan { interface, addresses })
 }
 
 fn parse_timeouts(raw: Option<RawTimeouts>) -> Result<Timeouts, ConfigError> {
@@ -581,9 +505,7 @@ fn parse_mapping(index: usize, raw: RawMapping) -> Result<Mapping, ConfigError> 
         .ok_or_else(|| invalid(key("proto"), "missing: tcp or udp"))?
         .parse()
         .map_err(|e| invalid(key("proto"), e))?;
-    let public = raw
-        .public
-        .ok_or_else(|| invalid(key("public"), "missing"))?;
+    let public = raw.public.ok_or_else(|| invalid(key("public"), "missing"))?;
     let (public, public_ports) = parse_endpoint(&public).map_err(|e| invalid(key("public"), e))?;
     let to = raw.to.ok_or_else(|| invalid(key("to"), "missing"))?;
     let (to, to_ports) = parse_endpoint(&to).map_err(|e| invalid(key("to"), e))?;
@@ -597,13 +519,7 @@ fn parse_mapping(index: usize, raw: RawMapping) -> Result<Mapping, ConfigError> 
             ),
         ));
     }
-    Ok(Mapping {
-        proto,
-        public,
-        public_ports,
-        to,
-        to_ports,
-    })
+    Ok(Mapping { proto, public, public_ports, to, to_ports })
 }
 
 #[cfg(test)]
@@ -766,15 +682,9 @@ snat_ports = "30000-20000""#,
         #[case] to: &str,
         #[case] key: &str,
     ) {
-        assert!(
-            SEED.contains(from),
-            "test setup: `{from}` not in the seed config"
-        );
+        assert!(SEED.contains(from), "test setup: `{from}` not in the seed config");
         let text = SEED.replacen(from, to, 1);
-        let error = text
-            .parse::<Config>()
-            .expect_err("invalid config accepted")
-            .to_string();
+        let error = text.parse::<Config>().expect_err("invalid config accepted").to_string();
         assert!(error.contains(key), "error does not name `{key}`: {error}");
     }
 
@@ -788,11 +698,7 @@ snat_ports = "30000-20000""#,
         assert_eq!(pairs, [(8000, 9000), (8001, 9001), (8002, 9002)]);
         assert_eq!(
             config.timeouts,
-            Timeouts {
-                tcp_established: 600,
-                tcp_transitory: 240,
-                udp: 30
-            }
+            Timeouts { tcp_established: 600, tcp_transitory: 240, udp: 30 }
         );
         let warnings = config.warnings();
         assert_eq!(warnings.len(), 2, "{warnings:?}");

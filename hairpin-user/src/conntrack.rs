@@ -18,9 +18,7 @@ pub fn expired_flows(
         .iter()
         .filter(|(_, entry)| {
             idle(entry)
-                && by_key
-                    .get(&entry.translated.reversed())
-                    .is_none_or(|partner| idle(partner))
+                && by_key.get(&entry.translated.reversed()).is_none_or(|partner| idle(partner))
         })
         .map(|(key, _)| *key)
         .collect()
@@ -50,20 +48,13 @@ mod tests {
         reply_seen: u64,
     ) -> Vec<(FlowKey, FlowEntry)> {
         let packet = FlowKey::new(3, 100, client_port.to_be(), 80u16.to_be(), 6);
-        let server = MappingValue {
-            server_addr: 2,
-            server_port: 80u16.to_be(),
-            _pad: [0; 2],
-        };
+        let server = MappingValue { server_addr: 2, server_port: 80u16.to_be(), _pad: [0; 2] };
         let mut pair = nat::hairpin_flow(&packet, &server, 1, client_port.to_be(), 0);
         pair.original.state = flow_state;
         pair.reply.state = flow_state;
         pair.original.last_seen_ns = original_seen;
         pair.reply.last_seen_ns = reply_seen;
-        vec![
-            (pair.original_key, pair.original),
-            (pair.reply_key, pair.reply),
-        ]
+        vec![(pair.original_key, pair.original), (pair.reply_key, pair.reply)]
     }
 
     #[test]
@@ -75,11 +66,8 @@ mod tests {
 
         let expired = expired_flows(&entries, &settings(), 200 * SECOND);
 
-        let ports: Vec<u16> = expired
-            .iter()
-            .filter(|k| k.src_addr == 3)
-            .map(|k| u16::from_be(k.src_port))
-            .collect();
+        let ports: Vec<u16> =
+            expired.iter().filter(|k| k.src_addr == 3).map(|k| u16::from_be(k.src_port)).collect();
         assert_eq!(
             ports,
             [1000, 1003],

@@ -30,28 +30,15 @@ pub enum DatapathError {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program `{name}`: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("eBPF map `{name}`: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error("eBPF map `EGRESS_DEVICES`: {0}")]
     Devmap(aya::maps::xdp::XdpMapError),
     #[error("attaching XDP to `{interface}` in {mode} mode: {source}")]
-    AttachXdp {
-        interface: String,
-        mode: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    AttachXdp { interface: String, mode: &'static str, source: aya::programs::ProgramError },
     #[error("attaching the TC ingress program to `{interface}`: {source}")]
-    AttachTc {
-        interface: String,
-        source: aya::programs::ProgramError,
-    },
+    AttachTc { interface: String, source: aya::programs::ProgramError },
 }
 
 fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
@@ -103,19 +90,11 @@ impl Datapath {
             .map_max_entries(names::CONNTRACK_NEW, config.conntrack_capacity)
             .load(crate::EBPF_OBJECT)?;
         let xdp: &mut Xdp = program(&mut ebpf, programs::XDP)?;
-        xdp.load().map_err(|source| DatapathError::Program {
-            name: programs::XDP,
-            source,
-        })?;
+        xdp.load().map_err(|source| DatapathError::Program { name: programs::XDP, source })?;
         let tc: &mut SchedClassifier = program(&mut ebpf, programs::TC_INGRESS)?;
-        tc.load().map_err(|source| DatapathError::Program {
-            name: programs::TC_INGRESS,
-            source,
-        })?;
-        Ok(Self {
-            ebpf,
-            attachments: Vec::new(),
-        })
+        tc.load()
+            .map_err(|source| DatapathError::Program { name: programs::TC_INGRESS, source })?;
+        Ok(Self { ebpf, attachments: Vec::new() })
     }
 
     /// Takes the aya-log ring buffer, for the caller to drain.
@@ -129,9 +108,7 @@ impl Datapath {
     /// (and WAN) interfaces must exist in the calling thread's namespace.
     pub fn configure(&mut self, config: &Config) -> Result<(), DatapathError> {
         let mut settings_map: Array<&mut MapData, Settings> = self.map_mut(names::SETTINGS)?;
-        settings_map
-            .set(0, settings(config), 0)
-            .map_err(map_error(names::SETTINGS))?;
+        settings_map.set(0, settings(config), 0).map_err(map_error(names::SETTINGS))?;
 
         let mut networks: LpmTrie<&mut MapData, u32, u8> = self.map_mut(names::LAN_NETWORKS)?;
         for net in &config.lan.networks {
@@ -142,19 +119,16 @@ impl Datapath {
 
         let mut roles: HashMap<&mut MapData, u32, u8> = self.map_mut(names::INTERFACES)?;
         for (name, role) in managed_interfaces(config) {
-            roles
-                .insert(if_index(name)?, role, 0)
-                .map_err(map_error(names::INTERFACES))?;
+            roles.insert(if_index(name)?, role, 0).map_err(map_error(names::INTERFACES))?;
         }
 
         let mut egress: DevMapHash<&mut MapData> = self.map_mut(names::EGRESS_DEVICES)?;
         for (name, _) in managed_interfaces(config) {
             let index = if_index(name)?;
             egress.insert(index, index, None, 0).map_err(|e| match e {
-                aya::maps::xdp::XdpMapError::MapError(source) => DatapathError::Map {
-                    name: names::EGRESS_DEVICES,
-                    source,
-                },
+                aya::maps::xdp::XdpMapError::MapError(source) => {
+                    DatapathError::Map { name: names::EGRESS_DEVICES, source }
+                }
                 other => DatapathError::Devmap(other),
             })?;
         }
@@ -181,9 +155,7 @@ impl Datapath {
                 server_port: server_port.to_be(),
                 _pad: [0; 2],
             };
-            mappings
-                .insert(key, value, 0)
-                .map_err(map_error(names::MAPPINGS))?;
+            mappings.insert(key, value, 0).map_err(map_error(names::MAPPINGS))?;
         }
         Ok(())
     }
@@ -204,12 +176,11 @@ impl Datapath {
         let index = if_index(name)?;
         let xdp: &mut Xdp = program(&mut self.ebpf, programs::XDP)?;
         let attempt = |xdp: &mut Xdp, flags, mode_name| {
-            xdp.attach_to_if_index(index, flags)
-                .map_err(|source| DatapathError::AttachXdp {
-                    interface: name.into(),
-                    mode: mode_name,
-                    source,
-                })
+            xdp.attach_to_if_index(index, flags).map_err(|source| DatapathError::AttachXdp {
+                interface: name.into(),
+                mode: mode_name,
+                source,
+            })
         };
         let (link, mode_name) = match mode {
             XdpMode::Native => (attempt(xdp, AttachMode::Driver, "native")?, "native"),
@@ -222,11 +193,7 @@ impl Datapath {
                 }
             },
         };
-        let attachment = Attachment {
-            interface: name.into(),
-            if_index: index,
-            mode: mode_name,
-        };
+        let attachment = Attachment { interface: name.into(), if_index: index, mode: mode_name };
         self.attachments.push((attachment, link));
 
         let tc: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_INGRESS)?;
@@ -234,10 +201,7 @@ impl Datapath {
             // Kernels before TCX (6.6) need a clsact qdisc first.
             let _ = aya::programs::tc::qdisc_add_clsact(name);
             tc.attach(name, TcAttachType::Ingress)
-                .map_err(|_| DatapathError::AttachTc {
-                    interface: name.into(),
-                    source,
-                })?;
+                .map_err(|_| DatapathError::AttachTc { interface: name.into(), source })?;
         }
         Ok(())
     }
@@ -262,18 +226,15 @@ impl Datapath {
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DatapathError> {
         let map = self.ebpf.map(names::COUNTERS).ok_or(DatapathError::Map {
             name: names::COUNTERS,
-            source: aya::maps::MapError::InvalidName {
-                name: names::COUNTERS.into(),
-            },
+            source: aya::maps::MapError::InvalidName { name: names::COUNTERS.into() },
         })?;
         let counters: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map).map_err(map_error(names::COUNTERS))?;
         Counter::ALL
             .iter()
             .map(|&counter| {
-                let values = counters
-                    .get(&(counter as u32), 0)
-                    .map_err(map_error(names::COUNTERS))?;
+                let values =
+                    counters.get(&(counter as u32), 0).map_err(map_error(names::COUNTERS))?;
                 Ok((counter, values.iter().sum()))
             })
             .collect()
@@ -288,10 +249,7 @@ impl Datapath {
         })?;
         let entries: HashMap<&MapData, FlowKey, FlowEntry> =
             HashMap::try_from(map).map_err(map_error(name))?;
-        entries
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_error(name))
+        entries.iter().collect::<Result<_, _>>().map_err(map_error(name))
     }
 
     /// Removes the flows idle past their timeout (both entries of a flow,
@@ -364,10 +322,7 @@ impl Table {
 
 /// The clock the datapath stamps entries with (`bpf_ktime_get_coarse_ns`).
 pub fn monotonic_coarse_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: a valid timespec to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
     now.tv_sec as u64 * NANOS + now.tv_nsec as u64
@@ -390,11 +345,8 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, D
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let program = ebpf.program_mut(name).ok_or(DatapathError::Program {
-        name,
-        source: aya::programs::ProgramError::NotLoaded,
-    })?;
-    program
-        .try_into()
-        .map_err(|source| DatapathError::Program { name, source })
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
+    program.try_into().map_err(|source| DatapathError::Program { name, source })
 }

@@ -21,10 +21,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn counter(&self, counter: Counter) -> u64 {
-        self.counters
-            .iter()
-            .find(|(c, _)| *c == counter)
-            .map_or(0, |(_, v)| *v)
+        self.counters.iter().find(|(c, _)| *c == counter).map_or(0, |(_, v)| *v)
     }
 
     /// New flows that left the new-flow table without being established,
@@ -41,10 +38,7 @@ impl Snapshot {
         let mut values: Vec<_> = self.counters.iter().map(|(c, v)| (c.name(), *v)).collect();
         values.extend([
             ("new_flows_evicted", self.new_flows_evicted()),
-            (
-                "reclaimed_entries",
-                self.reclaimed_established + self.reclaimed_new,
-            ),
+            ("reclaimed_entries", self.reclaimed_established + self.reclaimed_new),
             ("established_entries", self.established_entries as u64),
             ("new_entries", self.new_entries as u64),
         ]);

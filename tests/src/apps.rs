@@ -57,9 +57,7 @@ impl Servers {
             let stop = stop.clone();
             netns.spawn(move || {
                 let socket = UdpSocket::bind(("0.0.0.0", udp_port)).expect("bind udp");
-                socket
-                    .set_read_timeout(Some(Duration::from_millis(20)))
-                    .expect("timeout");
+                socket.set_read_timeout(Some(Duration::from_millis(20))).expect("timeout");
                 ready_tx.send(()).expect("ready");
                 let mut buf = vec![0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
@@ -72,14 +70,9 @@ impl Servers {
             })
         };
         for _ in 0..2 {
-            ready_rx
-                .recv_timeout(Duration::from_secs(5))
-                .expect("servers did not start");
+            ready_rx.recv_timeout(Duration::from_secs(5)).expect("servers did not start");
         }
-        Self {
-            stop,
-            threads: vec![tcp, udp],
-        }
+        Self { stop, threads: vec![tcp, udp] }
     }
 }
 
@@ -108,10 +101,8 @@ fn serve_http(mut stream: TcpStream, peer: SocketAddr) {
     } else {
         format!("hello {peer}\n").into_bytes()
     };
-    let head = format!(
-        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
+    let head =
+        format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
     let _ = stream.write_all(head.as_bytes());
     let _ = stream.write_all(&body);
 }
@@ -195,13 +186,8 @@ impl TcpEcho {
                 }
             })
         };
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("echo server did not start");
-        Self {
-            stop,
-            thread: Some(thread),
-        }
+        ready_rx.recv_timeout(Duration::from_secs(5)).expect("echo server did not start");
+        Self { stop, thread: Some(thread) }
     }
 }
 

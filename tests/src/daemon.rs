@@ -66,12 +66,8 @@ impl Daemon {
                 }
             }
         });
-        let mut daemon = Self {
-            child,
-            stderr: rx,
-            log: Vec::new(),
-            _config: tempfile_path::TempPath(path),
-        };
+        let mut daemon =
+            Self { child, stderr: rx, log: Vec::new(), _config: tempfile_path::TempPath(path) };
         daemon.wait_for_log("hairpin running", Duration::from_secs(30));
         daemon
     }
@@ -111,18 +107,10 @@ impl Daemon {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let mut stdout = String::new();
-        self.child
-            .stdout
-            .take()
-            .expect("stdout")
-            .read_to_string(&mut stdout)
-            .expect("read stdout");
+        self.child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read stdout");
         let status = self.child.wait().expect("wait for hairpin");
         crate::untrack_process(self.child.id());
-        assert!(
-            status.success(),
-            "hairpin exited with {status}; stdout:\n{stdout}"
-        );
+        assert!(status.success(), "hairpin exited with {status}; stdout:\n{stdout}");
         parse_counters(&stdout)
     }
 }

@@ -65,9 +65,7 @@ fn track(live: Live) {
 }
 
 fn untrack(live: &Live) {
-    LIVE.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|l| l != live);
+    LIVE.lock().unwrap_or_else(|e| e.into_inner()).retain(|l| l != live);
 }
 
 /// Removes whatever this process made, when it is being interrupted and its
@@ -264,26 +262,13 @@ fn enter(netns: &File) {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
     }
 }
 
 /// Connects `a:a_name` and `b:b_name` with a veth pair, both ends up.
 pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
-    a.ip(&[
-        "link",
-        "add",
-        a_name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_name,
-        "netns",
-        b.name(),
-    ]);
+    a.ip(&["link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", b.name()]);
     a.ip(&["link", "set", a_name, "up"]);
     b.ip(&["link", "set", b_name, "up"]);
 }
@@ -314,11 +299,7 @@ const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 fn bpf(command: libc::c_long, attr: &mut [u8; 128]) -> OwnedFd {
     // SAFETY: attr is a zero-padded bpf_attr of the size passed.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), attr.len()) };
-    assert!(
-        fd >= 0,
-        "bpf({command}): {}",
-        std::io::Error::last_os_error()
-    );
+    assert!(fd >= 0, "bpf({command}): {}", std::io::Error::last_os_error());
     // SAFETY: the kernel returned a new fd.
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
 }

@@ -23,15 +23,8 @@ pub fn add_netfilter_probes(
     mappings: &[(&str, &str, &str)],
     max_ip_len: Option<u16>,
 ) {
-    if gateway
-        .try_exec("iptables", &["-t", "raw", "-n", "-L", CHAIN])
-        .status
-        .success()
-    {
-        panic!(
-            "netfilter probes are already installed in {}",
-            gateway.name()
-        );
+    if gateway.try_exec("iptables", &["-t", "raw", "-n", "-L", CHAIN]).status.success() {
+        panic!("netfilter probes are already installed in {}", gateway.name());
     }
     gateway.exec("iptables", &["-t", "raw", "-N", CHAIN]);
     gateway.exec("iptables", &["-t", "raw", "-A", "PREROUTING", "-j", CHAIN]);
@@ -76,9 +69,8 @@ pub fn add_netfilter_probes(
 
 /// `ADDRESS:PORT` or `ADDRESS:FIRST-LAST` as iptables wants them.
 fn split_endpoint(endpoint: &str) -> (&str, String) {
-    let (addr, ports) = endpoint
-        .rsplit_once(':')
-        .unwrap_or_else(|| panic!("`{endpoint}` is not ADDRESS:PORT"));
+    let (addr, ports) =
+        endpoint.rsplit_once(':').unwrap_or_else(|| panic!("`{endpoint}` is not ADDRESS:PORT"));
     (addr, ports.replace('-', ":"))
 }
 

@@ -31,11 +31,7 @@ impl PacketSocket {
             // SAFETY: plain socket creation.
             let fd =
                 unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-            assert!(
-                fd >= 0,
-                "AF_PACKET socket in {name}: {}",
-                io::Error::last_os_error()
-            );
+            assert!(fd >= 0, "AF_PACKET socket in {name}: {}", io::Error::last_os_error());
             // SAFETY: the kernel returned a new fd.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             // SAFETY: an all-zero sockaddr_ll is valid.

@@ -52,20 +52,8 @@ impl SeedBed {
         }
         veth(&gateway, GATEWAY_WAN_IF, &wan, "eth0");
 
-        gateway.ip(&[
-            "addr",
-            "add",
-            &format!("{GATEWAY_LAN}/24"),
-            "dev",
-            GATEWAY_LAN_IF,
-        ]);
-        gateway.ip(&[
-            "addr",
-            "add",
-            &format!("{PUBLIC}/24"),
-            "dev",
-            GATEWAY_WAN_IF,
-        ]);
+        gateway.ip(&["addr", "add", &format!("{GATEWAY_LAN}/24"), "dev", GATEWAY_LAN_IF]);
+        gateway.ip(&["addr", "add", &format!("{PUBLIC}/24"), "dev", GATEWAY_WAN_IF]);
         gateway.sysctl("net.ipv4.ip_forward=1");
         for (host, addr) in [(&server, SERVER), (&client, CLIENT)] {
             host.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
@@ -81,14 +69,7 @@ impl SeedBed {
         }
         let xdp_pass = vec![attach_xdp_pass(&lan, "p-gw"), attach_xdp_pass(&wan, "eth0")];
 
-        Self {
-            gateway,
-            server,
-            client,
-            wan,
-            lan,
-            _xdp_pass: xdp_pass,
-        }
+        Self { gateway, server, client, wan, lan, _xdp_pass: xdp_pass }
     }
 
     /// The hairpin configuration for this bed with the given mappings
@@ -128,77 +109,36 @@ impl SeedBed {
     /// The seed's two netfilter rules for each mapping: DNAT to the server in
     /// PREROUTING, SNAT of LAN-to-LAN traffic to the gateway in POSTROUTING.
     pub fn load_seed_iptables(&self, mappings: &[(&str, &str, &str)]) {
-        for (proto, public, to) in mappings {
-            let (public_addr, public_port) = public.split_once(':').expect("public addr:port");
-            self.gateway.exec(
-                "iptables",
-                &[
-                    "-t",
-                    "nat",
-                    "-A",
-                    "PREROUTING",
-                    "-s",
-                    LAN_NETWORK,
-                    "-d",
-                    public_addr,
-                    "-p",
-                    proto,
-                    "--dport",
-                    public_port,
-                    "-j",
-                    "DNAT",
-                    "--to-destination",
-                    to,
-                ],
-            );
+        for mapping in mappings {
+            self.dnat(&["-s", LAN_NETWORK], mapping);
         }
-        self.gateway.exec(
-            "iptables",
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-s",
-                LAN_NETWORK,
-                "-d",
-                LAN_NETWORK,
-                "-j",
-                "SNAT",
-                "--to-source",
-                &GATEWAY_LAN.to_string(),
-            ],
-        );
+        let gateway = GATEWAY_LAN.to_string();
+        let snat = ["-A", "POSTROUTING", "-s", LAN_NETWORK, "-d", LAN_NETWORK];
+        let mut args = vec!["-t", "nat"];
+        args.extend(snat);
+        args.extend(["-j", "SNAT", "--to-source", &gateway]);
+        self.gateway.exec("iptables", &args);
     }
 
     /// Port forwards from the WAN, as netfilter does them: for each mapping,
     /// DNAT of packets arriving on the WAN interface for the public address
     /// and port to the server (no SNAT: the server sees the real client).
     pub fn load_port_forward_iptables(&self, mappings: &[(&str, &str, &str)]) {
-        for (proto, public, to) in mappings {
-            let (public_addr, public_port) = public.split_once(':').expect("public addr:port");
-            self.gateway.exec(
-                "iptables",
-                &[
-                    "-t",
-                    "nat",
-                    "-A",
-                    "PREROUTING",
-                    "-i",
-                    GATEWAY_WAN_IF,
-                    "-d",
-                    public_addr,
-                    "-p",
-                    proto,
-                    "--dport",
-                    &public_port.replace('-', ":"),
-                    "-j",
-                    "DNAT",
-                    "--to-destination",
-                    to,
-                ],
-            );
+        for mapping in mappings {
+            self.dnat(&["-i", GATEWAY_WAN_IF], mapping);
         }
+    }
+
+    /// A PREROUTING DNAT rule for `(proto, public, to)`, for the packets
+    /// `selector` picks.
+    fn dnat(&self, selector: &[&str], (proto, public, to): &(&str, &str, &str)) {
+        let (public_addr, public_ports) = public.split_once(':').expect("public addr:port");
+        let ports = public_ports.replace('-', ":");
+        let mut args = vec!["-t", "nat", "-A", "PREROUTING"];
+        args.extend(selector);
+        args.extend(["-d", public_addr, "-p", proto, "--dport", &ports]);
+        args.extend(["-j", "DNAT", "--to-destination", to]);
+        self.gateway.exec("iptables", &args);
     }
 
     /// Another host on the LAN bridge, `addr`/24 on its `eth0` with the

@@ -27,25 +27,15 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn mappings() -> [(&'static str, String, String); 2] {
     [
-        (
-            "tcp",
-            format!("{PUBLIC}:{HTTP_PORT}"),
-            format!("{SERVER}:{HTTP_PORT}"),
-        ),
-        (
-            "udp",
-            format!("{PUBLIC}:{UDP_PUBLIC_PORT}"),
-            format!("{SERVER}:{UDP_SERVER_PORT}"),
-        ),
+        ("tcp", format!("{PUBLIC}:{HTTP_PORT}"), format!("{SERVER}:{HTTP_PORT}")),
+        ("udp", format!("{PUBLIC}:{UDP_PUBLIC_PORT}"), format!("{SERVER}:{UDP_SERVER_PORT}")),
     ]
 }
 
 fn mapping_refs<'a>(
     m: &'a [(&'static str, String, String); 2],
 ) -> Vec<(&'static str, &'a str, &'a str)> {
-    m.iter()
-        .map(|(p, a, b)| (*p, a.as_str(), b.as_str()))
-        .collect()
+    m.iter().map(|(p, a, b)| (*p, a.as_str(), b.as_str())).collect()
 }
 
 fn public_http() -> SocketAddr {
@@ -64,10 +54,7 @@ struct Scenario {
 fn scenario() -> Scenario {
     let bed = SeedBed::new();
     let servers = Servers::start(&bed.server, HTTP_PORT, UDP_SERVER_PORT);
-    Scenario {
-        bed,
-        _servers: servers,
-    }
+    Scenario { bed, _servers: servers }
 }
 
 fn start_hairpin(bed: &SeedBed) -> Daemon {
@@ -117,11 +104,7 @@ fn lan_client_fails_without_hairpin_and_reaches_the_server_with_it() {
 
     let counters = daemon.stop();
     println!("hairpin's counters: {counters:?}");
-    assert_eq!(
-        counter(&counters, "flow_created"),
-        2,
-        "one TCP and one UDP flow: {counters:?}"
-    );
+    assert_eq!(counter(&counters, "flow_created"), 2, "one TCP and one UDP flow: {counters:?}");
     assert!(counter(&counters, "hairpinned") >= 5, "{counters:?}");
     assert!(counter(&counters, "translated_back") >= 4, "{counters:?}");
 
@@ -139,10 +122,7 @@ fn server_reaches_its_own_public_address() {
     let s = scenario();
     let _daemon = start_hairpin(&s.bed);
     let hello = get_hello(&s.bed.server).expect("server to its own public address");
-    assert!(
-        hello.starts_with(&format!("hello {GATEWAY_LAN}:")),
-        "{hello}"
-    );
+    assert!(hello.starts_with(&format!("hello {GATEWAY_LAN}:")), "{hello}");
     let echo = udp_echo(&s.bed.server, public_udp(), b"self", TIMEOUT).expect("UDP to itself");
     assert!(String::from_utf8_lossy(&echo).ends_with(" self"));
 }
@@ -168,19 +148,11 @@ fn one_mib_download_arrives_intact() {
     }
     let s = scenario();
     let _daemon = start_hairpin(&s.bed);
-    let (status, body) = http_get(
-        &s.bed.client,
-        public_http(),
-        "/big",
-        Duration::from_secs(20),
-    )
-    .expect("1 MiB through the hairpin");
+    let (status, body) = http_get(&s.bed.client, public_http(), "/big", Duration::from_secs(20))
+        .expect("1 MiB through the hairpin");
     assert_eq!(status, "HTTP/1.0 200 OK");
     assert_eq!(body.len(), BIG_LEN);
-    assert!(
-        body == big_body(BIG_LEN),
-        "the 1 MiB body arrived corrupted"
-    );
+    assert!(body == big_body(BIG_LEN), "the 1 MiB body arrived corrupted");
 }
 
 #[test]
@@ -221,26 +193,16 @@ fn with_the_seed_rules_loaded_the_flows_never_reach_netfilter() {
         netfilter_probe_listing(&s.bed.gateway)
     );
     let entries = kernel_conntrack_entries(&s.bed.gateway, PUBLIC);
-    assert!(
-        !entries.contains("dport="),
-        "kernel conntrack tracked hairpinned flows:\n{entries}"
-    );
+    assert!(!entries.contains("dport="), "kernel conntrack tracked hairpinned flows:\n{entries}");
 
     let counters = daemon.stop();
-    assert_eq!(
-        counter(&counters, "flow_created"),
-        CONNECTIONS + 2,
-        "{counters:?}"
-    );
+    assert_eq!(counter(&counters, "flow_created"), CONNECTIONS + 2, "{counters:?}");
     // Each HTTP exchange is at least SYN, ACK, request, FIN-ACK and final
     // ACK from the client, and SYN-ACK, response and FIN from the server;
     // the UDP exchange is one datagram each way.
     let http_exchanges = CONNECTIONS + 1;
     let udp_datagrams = 1;
-    assert!(
-        counter(&counters, "hairpinned") >= 5 * http_exchanges + udp_datagrams,
-        "{counters:?}"
-    );
+    assert!(counter(&counters, "hairpinned") >= 5 * http_exchanges + udp_datagrams, "{counters:?}");
     assert!(
         counter(&counters, "translated_back") >= 3 * http_exchanges + udp_datagrams,
         "{counters:?}"

@@ -19,8 +19,7 @@ fn jumbo_lan(bed: &SeedBed) {
     for port in ["br0", "p-gw", "p-srv", "p-cli"] {
         bed.lan.ip(&["link", "set", port, "mtu", JUMBO_MTU]);
     }
-    bed.gateway
-        .ip(&["link", "set", GATEWAY_LAN_IF, "mtu", JUMBO_MTU]);
+    bed.gateway.ip(&["link", "set", GATEWAY_LAN_IF, "mtu", JUMBO_MTU]);
     for host in [&bed.server, &bed.client] {
         host.ip(&["link", "set", "eth0", "mtu", JUMBO_MTU]);
     }
@@ -45,14 +44,8 @@ fn jumbo_frames_are_translated_whole() {
     let echo = udp_echo(&bed.client, public_udp, &payload, Duration::from_secs(3))
         .expect("an 8000-byte datagram through the hairpin and back");
     let prefix = format!("{GATEWAY_LAN}:");
-    assert!(
-        echo.starts_with(prefix.as_bytes()),
-        "the server saw the gateway"
-    );
-    assert!(
-        echo.ends_with(&payload),
-        "the 8000-byte datagram arrived whole, both ways"
-    );
+    assert!(echo.starts_with(prefix.as_bytes()), "the server saw the gateway");
+    assert!(echo.ends_with(&payload), "the 8000-byte datagram arrived whole, both ways");
 
     let (status, body) = http_get(
         &bed.client,
@@ -62,19 +55,10 @@ fn jumbo_frames_are_translated_whole() {
     )
     .expect("1 MiB in jumbo segments");
     assert_eq!(status, "HTTP/1.0 200 OK");
-    assert!(
-        body.len() == BIG_LEN && body == big_body(BIG_LEN),
-        "the download arrived intact"
-    );
+    assert!(body.len() == BIG_LEN && body == big_body(BIG_LEN), "the download arrived intact");
 
     let counters = daemon.stop();
     println!("hairpin's counters: {counters:?}");
-    assert!(
-        counters.get("pass_too_big").copied().unwrap_or(0) == 0,
-        "{counters:?}"
-    );
-    assert!(
-        counters.get("hairpinned").copied().unwrap_or(0) > 0,
-        "{counters:?}"
-    );
+    assert!(counters.get("pass_too_big").copied().unwrap_or(0) == 0, "{counters:?}");
+    assert!(counters.get("hairpinned").copied().unwrap_or(0) > 0, "{counters:?}");
 }

@@ -69,12 +69,7 @@ impl Bed {
     fn new(nat: Nat) -> Self {
         let seed = SeedBed::new();
         let servers = Servers::start(&seed.server, HTTP_PORT, UDP_SERVER_PORT);
-        Self {
-            nat,
-            seed,
-            _servers: servers,
-            daemon: None,
-        }
+        Self { nat, seed, _servers: servers, daemon: None }
     }
 
     /// Installs the probes (counting only packets up to `probe_max_ip_len`
@@ -243,10 +238,8 @@ fn icmp_port_unreachable_reaches_the_sender(#[case] nat: Nat, #[case] sender: Se
         Sender::WanHost => &bed.seed.wan,
     };
     let unreachable_sent = |netns: &Netns| netns.snmp("Icmp", "OutDestUnreachs");
-    let (server_before, gateway_before) = (
-        unreachable_sent(&bed.seed.server),
-        unreachable_sent(&bed.seed.gateway),
-    );
+    let (server_before, gateway_before) =
+        (unreachable_sent(&bed.seed.server), unreachable_sent(&bed.seed.gateway));
 
     let socket = connected_udp(from, public(CLOSED_UDP_PORT))
         .unwrap_or_else(|e| panic!("{sender:?}: connected UDP socket: {e}"));
@@ -264,12 +257,7 @@ fn icmp_port_unreachable_reaches_the_sender(#[case] nat: Nat, #[case] sender: Se
     let gateway_sent = unreachable_sent(&bed.seed.gateway) - gateway_before;
     match result {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
             panic!(
                 "{sender:?}: no ICMP port unreachable within {WAIT:?} ({nat:?}); the server sent {server_sent}, the gateway {gateway_sent}"
             )
@@ -311,9 +299,7 @@ fn download_across_a_smaller_wan_mtu_uses_path_mtu_discovery(#[case] nat: Nat) {
     }
     const WAN_MTU: u16 = 1400;
     let mut bed = Bed::new(nat);
-    bed.seed
-        .gateway
-        .ip(&["link", "set", GATEWAY_WAN_IF, "mtu", &WAN_MTU.to_string()]);
+    bed.seed.gateway.ip(&["link", "set", GATEWAY_WAN_IF, "mtu", &WAN_MTU.to_string()]);
     for (netns, interface, role) in [
         (&bed.seed.wan, "eth0", "WAN host"),
         (&bed.seed.server, "eth0", "server"),
@@ -333,32 +319,19 @@ fn download_across_a_smaller_wan_mtu_uses_path_mtu_discovery(#[case] nat: Nat) {
     let oversize = format!("{}:65535", WAN_MTU + 1);
     bed.seed.wan.exec(
         "iptables",
-        &[
-            "-A", "INPUT", "-p", "tcp", "--sport", "80", "-m", "length", "--length", &oversize,
-        ],
+        &["-A", "INPUT", "-p", "tcp", "--sport", "80", "-m", "length", "--length", &oversize],
     );
     bed.start_nat(MAPPINGS, Some(WAN_MTU));
 
-    let (status, body) = http_get(
-        &bed.seed.wan,
-        public(HTTP_PORT),
-        "/big",
-        Duration::from_secs(20),
-    )
-    .unwrap_or_else(|e| {
-        panic!("WAN host: 1 MiB download via a {WAN_MTU}-byte link failed ({nat:?}): {e}")
-    });
+    let (status, body) =
+        http_get(&bed.seed.wan, public(HTTP_PORT), "/big", Duration::from_secs(20)).unwrap_or_else(
+            |e| panic!("WAN host: 1 MiB download via a {WAN_MTU}-byte link failed ({nat:?}): {e}"),
+        );
     assert_eq!(status, "HTTP/1.0 200 OK", "({nat:?})");
     assert_eq!(body.len(), BIG_LEN, "downloaded length ({nat:?})");
-    assert!(
-        body == big_body(BIG_LEN),
-        "the 1 MiB body arrived corrupted ({nat:?})"
-    );
+    assert!(body == big_body(BIG_LEN), "the 1 MiB body arrived corrupted ({nat:?})");
 
-    let listing = bed
-        .seed
-        .wan
-        .exec("iptables", &["-L", "INPUT", "-v", "-x", "-n"]);
+    let listing = bed.seed.wan.exec("iptables", &["-L", "INPUT", "-v", "-x", "-n"]);
     let listing = String::from_utf8_lossy(&listing.stdout).to_string();
     let oversized: u64 = listing
         .lines()
@@ -377,10 +350,7 @@ fn download_across_a_smaller_wan_mtu_uses_path_mtu_discovery(#[case] nat: Nat) {
     );
     let counters = bed.finish();
     if nat == Nat::Hairpin {
-        println!(
-            "too big, left to the kernel: {}",
-            counter(&counters, "pass_too_big")
-        );
+        println!("too big, left to the kernel: {}", counter(&counters, "pass_too_big"));
     }
 }
 
@@ -435,10 +405,7 @@ fn a_long_flow_survives_a_flood_of_new_flows() {
         ("tcp", "203.0.113.1:80", "192.168.0.2:80"),
         ("tcp", "203.0.113.1:7000", "192.168.0.2:7000"),
     ];
-    let options = ConfigOptions {
-        conntrack_capacity: Some(CAPACITY),
-        ..ConfigOptions::default()
-    };
+    let options = ConfigOptions { conntrack_capacity: Some(CAPACITY), ..ConfigOptions::default() };
     let daemon = Daemon::start(&seed.gateway, &seed.config_with(&mappings, &options));
 
     let mut long = tcp_connect(&seed.client, public(ECHO_PORT), TIMEOUT)
@@ -473,18 +440,12 @@ fn a_long_flow_survives_a_flood_of_new_flows() {
         match done_rx.try_recv() {
             Ok(took) => break took,
             Err(mpsc::TryRecvError::Disconnected) => {
-                flood
-                    .join()
-                    .map(|_| ())
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                flood.join().map(|_| ()).unwrap_or_else(|panic| std::panic::resume_unwind(panic));
                 panic!("the flood thread ended without finishing");
             }
             Err(mpsc::TryRecvError::Empty) => {}
         }
-        assert!(
-            Instant::now() < deadline,
-            "the flood did not finish within 20 s"
-        );
+        assert!(Instant::now() < deadline, "the flood did not finish within 20 s");
         echo_round_trip(&mut long, &format!("during the flood {during}")).unwrap_or_else(|e| {
             panic!("the long flow, after {during} exchanges during the flood: {e}")
         });
@@ -500,10 +461,7 @@ fn a_long_flow_survives_a_flood_of_new_flows() {
     }
     let (status, _) = http_get(&seed.client, public(HTTP_PORT), "/", TIMEOUT)
         .unwrap_or_else(|e| panic!("a new connection after the flood: {e}"));
-    assert_eq!(
-        status, "HTTP/1.0 200 OK",
-        "a new connection after the flood"
-    );
+    assert_eq!(status, "HTTP/1.0 200 OK", "a new connection after the flood");
     drop(long);
 
     let counters = daemon.stop();
@@ -517,11 +475,7 @@ fn a_long_flow_survives_a_flood_of_new_flows() {
         counter(&counters, "new_flows_evicted") >= created - u64::from(CAPACITY),
         "the new-flow table can hold {CAPACITY} entries: the rest must show as evicted: {counters:?}"
     );
-    assert_eq!(
-        counter(&counters, "established_table_full"),
-        0,
-        "{counters:?}"
-    );
+    assert_eq!(counter(&counters, "established_table_full"), 0, "{counters:?}");
 }
 
 /// With four SNAT ports, four open connections take them all; a fifth is
@@ -562,10 +516,7 @@ fn exhausted_snat_ports_refuse_a_new_flow_and_keep_the_open_ones() {
         Err(e) => println!("the fifth connection failed after {waited:?}: {e}"),
     }
     // Refused with an ICMP error at once, not left to time out.
-    assert!(
-        waited < Duration::from_secs(1),
-        "refusing the fifth connection took {waited:?}"
-    );
+    assert!(waited < Duration::from_secs(1), "refusing the fifth connection took {waited:?}");
 
     let mut ports = BTreeSet::new();
     for (index, stream) in open.iter_mut().enumerate() {
@@ -578,11 +529,7 @@ fn exhausted_snat_ports_refuse_a_new_flow_and_keep_the_open_ones() {
             .strip_prefix("hello ")
             .and_then(|peer| peer.parse().ok())
             .unwrap_or_else(|| panic!("open connection {index}: unexpected body {body:?}"));
-        assert_eq!(
-            *peer.ip(),
-            GATEWAY_LAN,
-            "open connection {index}: SNAT address"
-        );
+        assert_eq!(*peer.ip(), GATEWAY_LAN, "open connection {index}: SNAT address");
         assert!(
             PORTS.contains(&peer.port()),
             "open connection {index}: SNAT port {} outside {PORTS:?}",

@@ -72,10 +72,7 @@ addresses = ["203.0.113.1"]
 "#;
 
 fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 /// A namespace with `lan0` (192.168.0.1/24, forwarding on) and the server
@@ -101,17 +98,7 @@ fn with_datapath<R: Send>(config: &str, f: impl FnOnce(&mut Gateway) -> R + Send
         (UPSTREAM_ROUTER, UPSTREAM_MAC, "wan0"),
     ] {
         let addr = Ipv4Addr::from(addr).to_string();
-        netns.ip(&[
-            "neigh",
-            "replace",
-            &addr,
-            "lladdr",
-            &mac(m),
-            "dev",
-            dev,
-            "nud",
-            "permanent",
-        ]);
+        netns.ip(&["neigh", "replace", &addr, "lladdr", &mac(m), "dev", dev, "nud", "permanent"]);
     }
     let config: Config = config.parse().expect("test config");
     netns.run_in(move || {
@@ -120,12 +107,7 @@ fn with_datapath<R: Send>(config: &str, f: impl FnOnce(&mut Gateway) -> R + Send
         let lan0 = hairpin::datapath::if_index("lan0").expect("lan0");
         let lan1 = hairpin::datapath::if_index("lan1").expect("lan1");
         let wan0 = hairpin::datapath::if_index("wan0").expect("wan0");
-        f(&mut Gateway {
-            wan0,
-            datapath,
-            lan0,
-            lan1,
-        })
+        f(&mut Gateway { wan0, datapath, lan0, lan1 })
     })
 }
 
@@ -166,11 +148,7 @@ impl Gateway {
 
     fn counter(&self, counter: Counter) -> u64 {
         let counters = self.datapath.counters().expect("counters");
-        counters
-            .iter()
-            .find(|(c, _)| *c == counter)
-            .map(|(_, v)| *v)
-            .unwrap_or(0)
+        counters.iter().find(|(c, _)| *c == counter).map(|(_, v)| *v).unwrap_or(0)
     }
 }
 
@@ -193,9 +171,7 @@ fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), syn: bool, ack: bool, ttl: u8) 
         builder = builder.ack(77);
     }
     let mut packet = Vec::new();
-    builder
-        .write(&mut packet, b"tcp payload")
-        .expect("build tcp");
+    builder.write(&mut packet, b"tcp payload").expect("build tcp");
     packet
 }
 
@@ -341,11 +317,7 @@ fn udp_zero_checksum_stays_zero() {
         packet[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
         let (verdict, out) = gw.run(&packet);
         assert_eq!(verdict, XDP_TX);
-        assert_eq!(
-            &out[14 + 20 + 6..14 + 20 + 8],
-            &[0, 0],
-            "a zero UDP checksum must stay zero"
-        );
+        assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0], "a zero UDP checksum must stay zero");
         inspect(&out);
     });
 }
@@ -364,21 +336,14 @@ fn two_clients_with_the_same_source_port_get_distinct_tuples() {
         let (a, b) = (inspect(&out_a), inspect(&out_b));
         assert_eq!(a.src, (GATEWAY, 40000), "the first client keeps its port");
         assert_eq!(b.src.0, GATEWAY);
-        assert_ne!(
-            a.src, b.src,
-            "two clients must never share a translated tuple"
-        );
+        assert_ne!(a.src, b.src, "two clients must never share a translated tuple");
 
         for (seen, client, client_mac) in [(a, CLIENT, CLIENT_MAC), (b, CLIENT_B, CLIENT_B_MAC)] {
             let reply = tcp(seen.dst, seen.src, true, true, 64);
             let (verdict, out) = gw.run(&reply);
             assert_eq!(verdict, XDP_TX);
             let back = inspect(&out);
-            assert_eq!(
-                back.dst,
-                (client, 40000),
-                "each reply reaches its own client"
-            );
+            assert_eq!(back.dst, (client, 40000), "each reply reaches its own client");
             assert_eq!(back.dst_mac, client_mac);
         }
     });
@@ -401,33 +366,18 @@ fn exhausted_snat_ports_refuse_the_flow() {
             ports.push(inspect(&out).src.1);
         }
         ports.sort();
-        assert_eq!(
-            ports,
-            [20000, 20001],
-            "the range's two ports are used once each"
-        );
+        assert_eq!(ports, [20000, 20001], "the range's two ports are used once each");
 
         let packet = syn((CLIENT, 40002), (PUBLIC, 80));
         let (verdict, out) = gw.run(&packet);
-        assert_eq!(
-            verdict, XDP_TX,
-            "no port left: the flow is refused, to the client"
-        );
+        assert_eq!(verdict, XDP_TX, "no port left: the flow is refused, to the client");
         let (src, dst, quoted) = inspect_icmp(&out);
         assert_eq!((src, dst), (PUBLIC, CLIENT));
-        assert_eq!(
-            (out[34], out[35]),
-            (3, 13),
-            "communication administratively prohibited"
-        );
+        assert_eq!((out[34], out[35]), (3, 13), "communication administratively prohibited");
         assert_eq!(quoted, packet[14..14 + 28], "quoting the refused SYN");
         assert_eq!(gw.counter(Counter::PortAllocFailed), 1);
         assert_eq!(gw.counter(Counter::FlowRefused), 1);
-        assert_eq!(
-            gw.counter(Counter::FlowCreated),
-            2,
-            "no state for the refused flow"
-        );
+        assert_eq!(gw.counter(Counter::FlowCreated), 2, "no state for the refused flow");
     });
 }
 
@@ -491,11 +441,7 @@ fn packets_hairpin_does_not_own_pass_untouched(#[case] packet: Vec<u8>, #[case] 
         assert_eq!(verdict, XDP_PASS);
         assert_eq!(out, packet, "a passed packet must be untouched");
         assert_eq!(gw.counter(reason), 1, "counted as {}", reason.name());
-        assert_eq!(
-            gw.counter(Counter::FlowCreated),
-            0,
-            "no state for a passed packet"
-        );
+        assert_eq!(gw.counter(Counter::FlowCreated), 0, "no state for a passed packet");
     });
 }
 
@@ -508,11 +454,7 @@ fn ttl_one_of_a_tracked_flow_goes_to_the_kernel() {
         assert_eq!(gw.run(&syn((CLIENT, 40020), (PUBLIC, 80))).0, XDP_TX);
         let packet = tcp((CLIENT, 40020), (PUBLIC, 80), false, true, 1);
         let (verdict, out) = gw.run(&packet);
-        assert_eq!(
-            (verdict, out),
-            (XDP_PASS, packet),
-            "the kernel answers time exceeded"
-        );
+        assert_eq!((verdict, out), (XDP_PASS, packet), "the kernel answers time exceeded");
     });
 }
 
@@ -523,19 +465,13 @@ fn unresolved_next_hop_is_handed_to_the_kernel_translated() {
     }
     with_datapath(CONFIG, |gw| {
         let (verdict, out) = gw.run(&syn((CLIENT, 40030), (PUBLIC, 81)));
-        assert_eq!(
-            verdict, XDP_PASS,
-            "TC's bpf_redirect_neigh sends it once the MAC is known"
-        );
+        assert_eq!(verdict, XDP_PASS, "TC's bpf_redirect_neigh sends it once the MAC is known");
         assert_eq!(gw.counter(Counter::NeighRedirected), 1);
         // The output starts with the metadata for the TC program.
         let meta = out.len() - syn((CLIENT, 40030), (PUBLIC, 81)).len();
         assert_eq!(meta, 8, "metadata in front of the packet");
         let seen = inspect(&out[meta..]);
-        assert_eq!(
-            (seen.src, seen.dst),
-            ((GATEWAY, 40030), (UNRESOLVED_SERVER, 80))
-        );
+        assert_eq!((seen.src, seen.dst), ((GATEWAY, 40030), (UNRESOLVED_SERVER, 80)));
         assert_eq!(seen.ttl, 63);
     });
 }
@@ -570,19 +506,15 @@ fn hairpin_between_lan_interfaces_is_redirected() {
     if skip_unless_root("hairpin_between_lan_interfaces_is_redirected") {
         return;
     }
-    let config = CONFIG
-        .replace("interface = \"lan0\"", "interfaces = [\"lan0\", \"lan1\"]")
-        .replace(
+    let config =
+        CONFIG.replace("interface = \"lan0\"", "interfaces = [\"lan0\", \"lan1\"]").replace(
             "networks = [\"192.168.0.0/24\"]",
             "networks = [\"192.168.0.0/24\", \"192.168.1.0/24\"]",
         );
     with_datapath(&config, |gw| {
         let lan1 = gw.lan1;
         let (verdict, out) = gw.run_on(lan1, &syn((OTHER_LAN_CLIENT, 40040), (PUBLIC, 80)));
-        assert_eq!(
-            verdict, XDP_REDIRECT,
-            "the server is behind lan0: redirect through the devmap"
-        );
+        assert_eq!(verdict, XDP_REDIRECT, "the server is behind lan0: redirect through the devmap");
         let seen = inspect(&out);
         assert_eq!(
             (seen.src, seen.dst),
@@ -615,15 +547,10 @@ fn packet_on_an_unmanaged_interface_is_passed() {
 impl Gateway {
     /// The flow state and table of the entry keyed by `packet`'s tuple.
     fn flow_state(&self, key: FlowKey) -> Option<(Table, &'static str)> {
-        [Table::Established, Table::New]
-            .into_iter()
-            .find_map(|table| {
-                let entries = self.datapath.conntrack(table).expect("conntrack");
-                entries
-                    .iter()
-                    .find(|(k, _)| *k == key)
-                    .map(|(_, e)| (table, state::name(e.state)))
-            })
+        [Table::Established, Table::New].into_iter().find_map(|table| {
+            let entries = self.datapath.conntrack(table).expect("conntrack");
+            entries.iter().find(|(k, _)| *k == key).map(|(_, e)| (table, state::name(e.state)))
+        })
     }
 }
 
@@ -643,9 +570,7 @@ fn flagged(src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: u8) -> Vec<u8> {
     packet[14 + 20 + 13] = flags;
     let ip = Ipv4HeaderSlice::from_slice(&packet[14..]).unwrap();
     let tcp_slice = TcpHeaderSlice::from_slice(&packet[34..]).unwrap();
-    let check = tcp_slice
-        .calc_checksum_ipv4(&ip, &packet[34 + 20..])
-        .unwrap();
+    let check = tcp_slice.calc_checksum_ipv4(&ip, &packet[34 + 20..]).unwrap();
     packet[34 + 16..34 + 18].copy_from_slice(&check.to_be_bytes());
     packet
 }
@@ -662,10 +587,7 @@ fn wan_port_forward_keeps_the_client_address() {
         let mut packet = syn((WAN_CLIENT, 50000), (PUBLIC, 80));
         packet[..6].copy_from_slice(&GATEWAY_WAN_MAC);
         let (verdict, out) = gw.run_on(wan0, &packet);
-        assert_eq!(
-            verdict, XDP_REDIRECT,
-            "from the WAN interface to the LAN one"
-        );
+        assert_eq!(verdict, XDP_REDIRECT, "from the WAN interface to the LAN one");
         let seen = inspect(&out);
         assert_eq!(
             (seen.src, seen.dst, seen.dst_mac),
@@ -674,19 +596,11 @@ fn wan_port_forward_keeps_the_client_address() {
         );
 
         let (verdict, out) = gw.run(&tcp((SERVER, 8080), (WAN_CLIENT, 50000), true, true, 64));
-        assert_eq!(
-            verdict, XDP_REDIRECT,
-            "the reply goes out of the WAN interface"
-        );
+        assert_eq!(verdict, XDP_REDIRECT, "the reply goes out of the WAN interface");
         let seen = inspect(&out);
         assert_eq!(
             (seen.src, seen.dst, seen.src_mac, seen.dst_mac),
-            (
-                (PUBLIC, 80),
-                (WAN_CLIENT, 50000),
-                GATEWAY_WAN_MAC,
-                UPSTREAM_MAC
-            ),
+            ((PUBLIC, 80), (WAN_CLIENT, 50000), GATEWAY_WAN_MAC, UPSTREAM_MAC),
             "from the public address, through the upstream router"
         );
         assert_eq!(gw.counter(Counter::PortForwarded), 1);
@@ -782,10 +696,7 @@ fn udp_flow_is_established_by_the_reply() {
         gw.run(&udp((CLIENT, 33400), (PUBLIC, 53), b"q"));
         assert_eq!(gw.flow_state(original), Some((Table::New, "UNREPLIED")));
         gw.run(&udp((SERVER, 5353), (GATEWAY, 33400), b"a"));
-        assert_eq!(
-            gw.flow_state(original),
-            Some((Table::Established, "REPLIED"))
-        );
+        assert_eq!(gw.flow_state(original), Some((Table::Established, "REPLIED")));
     });
 }
 
@@ -799,10 +710,7 @@ fn expired_flows_are_absent_and_reclaimed() {
         let client = (CLIENT, 40300);
         assert_eq!(gw.run(&syn(client, (PUBLIC, 80))).0, XDP_TX);
         assert_eq!(gw.run(&udp((CLIENT, 33500), (PUBLIC, 53), b"q")).0, XDP_TX);
-        assert_eq!(
-            gw.run(&udp((SERVER, 5353), (GATEWAY, 33500), b"a")).0,
-            XDP_TX
-        );
+        assert_eq!(gw.run(&udp((SERVER, 5353), (GATEWAY, 33500), b"a")).0, XDP_TX);
 
         // Timeouts are in whole seconds; this test is about time passing.
         std::thread::sleep(std::time::Duration::from_millis(2100));
@@ -813,11 +721,7 @@ fn expired_flows_are_absent_and_reclaimed() {
             (XDP_PASS, ack.clone()),
             "an expired flow is absent: its ACK goes to the kernel"
         );
-        assert_eq!(
-            gw.counter(Counter::FlowExpired),
-            1,
-            "removed by the datapath"
-        );
+        assert_eq!(gw.counter(Counter::FlowExpired), 1, "removed by the datapath");
         assert_eq!(gw.flow_state(key(client, (PUBLIC, 80), 6)), None);
 
         let settings = hairpin::datapath::settings(&config.parse().unwrap());
@@ -830,18 +734,9 @@ fn expired_flows_are_absent_and_reclaimed() {
             [2, 0],
             "the idle UDP flow's two entries, from the established table"
         );
-        assert!(
-            gw.datapath
-                .conntrack(Table::Established)
-                .unwrap()
-                .is_empty()
-        );
+        assert!(gw.datapath.conntrack(Table::Established).unwrap().is_empty());
 
-        assert_eq!(
-            gw.run(&syn(client, (PUBLIC, 80))).0,
-            XDP_TX,
-            "the same tuple opens a new flow"
-        );
+        assert_eq!(gw.run(&syn(client, (PUBLIC, 80))).0, XDP_TX, "the same tuple opens a new flow");
     });
 }
 
@@ -852,16 +747,11 @@ fn packet_larger_than_the_egress_mtu_goes_to_the_kernel() {
     }
     with_datapath(CONFIG, |gw| {
         // The WAN link is smaller than the LAN's packets.
-        let mtu_run = std::process::Command::new("ip")
-            .args(["link", "set", "wan0", "mtu", "1400"])
-            .status();
+        let mtu_run =
+            std::process::Command::new("ip").args(["link", "set", "wan0", "mtu", "1400"]).status();
         assert!(mtu_run.expect("ip").success());
         let wan0 = gw.wan0;
-        assert_eq!(
-            gw.run_on(wan0, &udp((WAN_CLIENT, 50100), (PUBLIC, 53), b"q"))
-                .0,
-            XDP_REDIRECT
-        );
+        assert_eq!(gw.run_on(wan0, &udp((WAN_CLIENT, 50100), (PUBLIC, 53), b"q")).0, XDP_REDIRECT);
         let big = udp((SERVER, 5353), (WAN_CLIENT, 50100), &[7u8; 1450]);
         let (verdict, out) = gw.run(&big);
         assert_eq!(
@@ -907,18 +797,10 @@ fn icmp_error(
 /// returns (outer source, outer destination, quoted packet bytes).
 fn inspect_icmp(packet: &[u8]) -> ([u8; 4], [u8; 4], Vec<u8>) {
     let ip = Ipv4HeaderSlice::from_slice(&packet[14..]).expect("outer IPv4");
-    assert_eq!(
-        ip.header_checksum(),
-        ip.to_header().calc_header_checksum(),
-        "outer IPv4 checksum"
-    );
+    assert_eq!(ip.header_checksum(), ip.to_header().calc_header_checksum(), "outer IPv4 checksum");
     assert_eq!(ip.protocol().0, 1, "ICMP");
     let icmp = &packet[34..];
-    assert_eq!(
-        hairpin_common::checksum::full(icmp),
-        0,
-        "ICMP checksum is wrong"
-    );
+    assert_eq!(hairpin_common::checksum::full(icmp), 0, "ICMP checksum is wrong");
     let quoted = &icmp[8..];
     let inner = Ipv4HeaderSlice::from_slice(quoted).expect("quoted IPv4");
     assert_eq!(
@@ -945,33 +827,21 @@ fn icmp_port_unreachable_from_the_server_reaches_the_hairpin_client(#[case] quot
         let (verdict, out) = gw.run(&error);
         assert_eq!(verdict, XDP_TX, "the error goes back to the client");
         let (src, dst, quoted) = inspect_icmp(&out);
-        assert_eq!(
-            (src, dst),
-            (PUBLIC, CLIENT),
-            "as from the public address the client used"
-        );
+        assert_eq!((src, dst), (PUBLIC, CLIENT), "as from the public address the client used");
         let client_sent = &sent[14..];
         assert_eq!(
             &quoted[12..20],
             &client_sent[12..20],
             "quoted addresses as the client sent them"
         );
-        assert_eq!(
-            quoted[8],
-            client_sent[8] - 1,
-            "quoted TTL as the server received it"
-        );
+        assert_eq!(quoted[8], client_sent[8] - 1, "quoted TTL as the server received it");
         assert_eq!(
             &quoted[20..28],
             &client_sent[20..28],
             "the quoted UDP header (ports and checksum) is the client's own"
         );
         if quote_len > 28 {
-            assert_eq!(
-                &quoted[28..],
-                &client_sent[28..],
-                "quoted payload untouched"
-            );
+            assert_eq!(&quoted[28..], &client_sent[28..], "quoted payload untouched");
         }
         assert_eq!(gw.counter(Counter::IcmpTranslated), 1);
     });
@@ -984,10 +854,7 @@ fn icmp_time_exceeded_from_a_wan_router_reaches_the_server() {
     }
     with_datapath(CONFIG, |gw| {
         let wan0 = gw.wan0;
-        assert_eq!(
-            gw.run_on(wan0, &syn((WAN_CLIENT, 50200), (PUBLIC, 80))).0,
-            XDP_REDIRECT
-        );
+        assert_eq!(gw.run_on(wan0, &syn((WAN_CLIENT, 50200), (PUBLIC, 80))).0, XDP_REDIRECT);
         let server_sent = tcp((SERVER, 8080), (WAN_CLIENT, 50200), true, true, 64);
         let (verdict, forwarded) = gw.run(&server_sent);
         assert_eq!(verdict, XDP_REDIRECT);
@@ -999,11 +866,7 @@ fn icmp_time_exceeded_from_a_wan_router_reaches_the_server() {
         let (verdict, out) = gw.run_on(wan0, &error);
         assert_eq!(verdict, XDP_REDIRECT, "to the server, on the LAN");
         let (src, dst, quoted) = inspect_icmp(&out);
-        assert_eq!(
-            (src, dst),
-            (UPSTREAM_ROUTER, SERVER),
-            "a router keeps its own address"
-        );
+        assert_eq!((src, dst), (UPSTREAM_ROUTER, SERVER), "a router keeps its own address");
         assert_eq!(&quoted[12..20], &server_sent[14 + 12..14 + 20]);
         assert_eq!(
             &quoted[20..40],
@@ -1052,9 +915,8 @@ fn too_big_towards_the_server_is_answered_with_fragmentation_needed() {
         return;
     }
     with_datapath(CONFIG, |gw| {
-        let status = std::process::Command::new("ip")
-            .args(["link", "set", "lan0", "mtu", "1400"])
-            .status();
+        let status =
+            std::process::Command::new("ip").args(["link", "set", "lan0", "mtu", "1400"]).status();
         assert!(status.expect("ip").success());
         let wan0 = gw.wan0;
         let client = (WAN_CLIENT, 50300);
@@ -1065,35 +927,15 @@ fn too_big_towards_the_server_is_answered_with_fragmentation_needed() {
         assert_eq!(verdict, XDP_TX, "answered where it came from");
         assert_eq!(&out[0..6], &big[6..12], "back to the sender's MAC");
         let (src, dst, quoted) = inspect_icmp(&out);
-        assert_eq!(
-            (src, dst),
-            (PUBLIC, WAN_CLIENT),
-            "from the address the client sent to"
-        );
-        assert_eq!(
-            (out[34], out[35]),
-            (3, 4),
-            "destination unreachable, fragmentation needed"
-        );
-        assert_eq!(
-            u16::from_be_bytes([out[40], out[41]]),
-            1400,
-            "the next-hop MTU"
-        );
-        assert_eq!(
-            quoted,
-            big[14..14 + 28],
-            "the sender's own header and 8 bytes"
-        );
+        assert_eq!((src, dst), (PUBLIC, WAN_CLIENT), "from the address the client sent to");
+        assert_eq!((out[34], out[35]), (3, 4), "destination unreachable, fragmentation needed");
+        assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1400, "the next-hop MTU");
+        assert_eq!(quoted, big[14..14 + 28], "the sender's own header and 8 bytes");
         assert_eq!(gw.counter(Counter::FragNeededSent), 1);
 
         let may_fragment = big_tcp(client, (PUBLIC, 80), 1420, false);
         let (verdict, out) = gw.run_on(wan0, &may_fragment);
-        assert_eq!(
-            (verdict, out),
-            (XDP_PASS, may_fragment),
-            "without DF the kernel fragments"
-        );
+        assert_eq!((verdict, out), (XDP_PASS, may_fragment), "without DF the kernel fragments");
         assert_eq!(gw.counter(Counter::PassTooBig), 1);
     });
 }

@@ -44,16 +44,9 @@ pub fn demo(_: &Options) -> anyhow::Result<()> {
     let _servers = Servers::start(&bed.server, 80, UDP_SERVER_PORT);
     let mappings = [
         ("tcp", format!("{PUBLIC}:80"), format!("{SERVER}:80")),
-        (
-            "udp",
-            format!("{PUBLIC}:{UDP_PUBLIC_PORT}"),
-            format!("{SERVER}:{UDP_SERVER_PORT}"),
-        ),
+        ("udp", format!("{PUBLIC}:{UDP_PUBLIC_PORT}"), format!("{SERVER}:{UDP_SERVER_PORT}")),
     ];
-    let mappings: Vec<_> = mappings
-        .iter()
-        .map(|(p, a, b)| (*p, a.as_str(), b.as_str()))
-        .collect();
+    let mappings: Vec<_> = mappings.iter().map(|(p, a, b)| (*p, a.as_str(), b.as_str())).collect();
 
     step("Without hairpin: the LAN client tries the public address");
     let tcp_before = curl(&bed.client);
@@ -81,23 +74,11 @@ pub fn demo(_: &Options) -> anyhow::Result<()> {
 
     step("Summary");
     let results = [
-        (
-            "client -> public TCP, without hairpin",
-            !tcp_before,
-            "fails",
-        ),
-        (
-            "client -> public UDP, without hairpin",
-            !udp_before,
-            "fails",
-        ),
+        ("client -> public TCP, without hairpin", !tcp_before, "fails"),
+        ("client -> public UDP, without hairpin", !udp_before, "fails"),
         ("client -> public TCP, with hairpin", tcp_after, "works"),
         ("client -> public UDP, with hairpin", udp_after, "works"),
-        (
-            "server -> own public address, with hairpin",
-            server_self,
-            "works",
-        ),
+        ("server -> own public address, with hairpin", server_self, "works"),
     ];
     for (what, as_expected, expected) in &results {
         println!(
@@ -119,10 +100,7 @@ fn step(title: &str) {
 }
 
 fn indent(text: &str) -> String {
-    text.lines()
-        .map(|l| format!("  | {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    text.lines().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n")
 }
 
 /// `curl http://PUBLIC/` from `host`; whether it answered.
@@ -142,10 +120,7 @@ fn udp(host: &Netns) -> bool {
     let server: SocketAddr = SocketAddrV4::new(PUBLIC, UDP_PUBLIC_PORT).into();
     let result = udp_echo(host, server, b"ping", Duration::from_secs(3));
     match &result {
-        Ok(reply) => println!(
-            "  UDP {server} answered: {}",
-            String::from_utf8_lossy(reply)
-        ),
+        Ok(reply) => println!("  UDP {server} answered: {}", String::from_utf8_lossy(reply)),
         Err(e) => println!("  UDP {server}: no answer ({e})"),
     }
     result.is_ok()
@@ -178,11 +153,7 @@ fn clean_up_on_signal() -> anyhow::Result<()> {
         let mut byte = [0u8; 1];
         // SAFETY: reading one byte into a one-byte buffer.
         unsafe {
-            libc::read(
-                std::os::fd::AsRawFd::as_raw_fd(&reader),
-                byte.as_mut_ptr().cast(),
-                1,
-            )
+            libc::read(std::os::fd::AsRawFd::as_raw_fd(&reader), byte.as_mut_ptr().cast(), 1)
         };
         eprintln!("\ninterrupted: stopping hairpin and removing the demo's namespaces");
         emergency_cleanup();

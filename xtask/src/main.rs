@@ -44,9 +44,7 @@ fn workspace_root() -> std::path::PathBuf {
 
 /// Runs `command`, failing with its description when it does not succeed.
 fn run_command(command: &mut Command) -> anyhow::Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("failed to start {command:?}"))?;
+    let status = command.status().with_context(|| format!("failed to start {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed: {status}");
     }
@@ -62,17 +60,17 @@ fn is_root() -> bool {
 /// as in a plain `cargo build`) and returns its path.
 fn build_hairpin(release: bool) -> anyhow::Result<std::path::PathBuf> {
     let mut cargo = Command::new(env!("CARGO"));
-    cargo
-        .current_dir(workspace_root())
-        .env("HAIRPIN_REQUIRE_EBPF", "1")
-        .args(["build", "--package", "hairpin-user", "--bin", "hairpin"]);
+    cargo.current_dir(workspace_root()).env("HAIRPIN_REQUIRE_EBPF", "1").args([
+        "build",
+        "--package",
+        "hairpin-user",
+        "--bin",
+        "hairpin",
+    ]);
     if release {
         cargo.arg("--release");
     }
     run_command(&mut cargo)?;
     let profile = if release { "release" } else { "debug" };
-    Ok(workspace_root()
-        .join("target")
-        .join(profile)
-        .join("hairpin"))
+    Ok(workspace_root().join("target").join(profile).join("hairpin"))
 }

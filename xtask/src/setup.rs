@@ -85,10 +85,7 @@ pub fn setup(options: &Options) -> anyhow::Result<()> {
     if installed.is_empty() {
         println!("setup: everything was present ({elapsed:.1} s)");
     } else {
-        println!(
-            "setup: done in {elapsed:.1} s; installed {}",
-            installed.join(", ")
-        );
+        println!("setup: done in {elapsed:.1} s; installed {}", installed.join(", "));
     }
     Ok(())
 }
@@ -121,11 +118,10 @@ impl Toolchain {
         let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
         let sysroot = output(Command::new(&rustc).args(["--print", "sysroot"]))?;
         let verbose = output(Command::new(&rustc).args(["--version", "--verbose"]))?;
-        let version = verbose
-            .lines()
-            .next()
-            .and_then(|line| line.split_whitespace().nth(1))
-            .with_context(|| format!("no version in `rustc --version --verbose`:\n{verbose}"))?;
+        let version =
+            verbose.lines().next().and_then(|line| line.split_whitespace().nth(1)).with_context(
+                || format!("no version in `rustc --version --verbose`:\n{verbose}"),
+            )?;
         let llvm_major = verbose
             .lines()
             .find_map(|line| line.strip_prefix("LLVM version:"))
@@ -154,9 +150,7 @@ impl Toolchain {
     /// The toolchain's rustup name (its sysroot folder's), if rustup manages it.
     fn rustup_name(&self) -> Option<&str> {
         let parent = self.sysroot.parent()?;
-        (parent.file_name()? == "toolchains")
-            .then(|| self.sysroot.file_name()?.to_str())
-            .flatten()
+        (parent.file_name()? == "toolchains").then(|| self.sysroot.file_name()?.to_str()).flatten()
     }
 }
 
@@ -182,10 +176,7 @@ fn test_tools() -> anyhow::Result<Option<String>> {
     )?;
     let still_missing = missing_test_tools();
     if !still_missing.is_empty() {
-        bail!(
-            "apt installed {} but their tools are still not found",
-            still_missing.join(", ")
-        );
+        bail!("apt installed {} but their tools are still not found", still_missing.join(", "));
     }
     Ok(Some(format!("installed with apt: {}", missing.join(" "))))
 }
@@ -389,11 +380,7 @@ impl PrivateApt {
         let lists = dir.join("lists");
         let etc = dir.join("etc");
         let cache = dir.join("cache");
-        for folder in [
-            lists.join("partial"),
-            etc.clone(),
-            cache.join("archives/partial"),
-        ] {
+        for folder in [lists.join("partial"), etc.clone(), cache.join("archives/partial")] {
             fs::create_dir_all(&folder)
                 .with_context(|| format!("creating {}", folder.display()))?;
         }
@@ -458,11 +445,7 @@ fn debian_mirror() -> anyhow::Result<String> {
             rest.split_whitespace().next().map(str::to_owned)
         })
         .with_context(|| {
-            format!(
-                "no Debian mirror found in {} or {}",
-                deb822.display(),
-                list.display()
-            )
+            format!("no Debian mirror found in {} or {}", deb822.display(), list.display())
         })
 }
 
@@ -516,25 +499,21 @@ fn bpf_linker(toolchain: &Toolchain) -> anyhow::Result<Option<String>> {
 /// A bpf-linker whose `--version` runs: the one on PATH, else cargo's.
 fn working_bpf_linker() -> Option<PathBuf> {
     let cargo_bin = cargo_home().map(|home| home.join("bin/bpf-linker"));
-    find_program("bpf-linker")
-        .into_iter()
-        .chain(cargo_bin)
-        .find(|linker| {
-            Command::new(linker)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|status| status.success())
-        })
+    find_program("bpf-linker").into_iter().chain(cargo_bin).find(|linker| {
+        Command::new(linker)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    })
 }
 
 /// The eBPF build runs `bpf-linker` from PATH, so say when it is not there.
 fn warn_if_off_path(linker: &Path) {
     let path = env::var_os("PATH").unwrap_or_default();
-    let on_path = linker
-        .parent()
-        .is_some_and(|dir| env::split_paths(&path).any(|entry| entry == dir));
+    let on_path =
+        linker.parent().is_some_and(|dir| env::split_paths(&path).any(|entry| entry == dir));
     if !on_path {
         println!(
             "bpf-linker: warning: {} is not on PATH; add its folder to PATH for the eBPF build",
@@ -560,11 +539,7 @@ fn toolchain_llvm(lib: &Path) -> anyhow::Result<PathBuf> {
     names
         .iter()
         .find(|name| name.starts_with("libLLVM.so."))
-        .or_else(|| {
-            names
-                .iter()
-                .find(|name| name.starts_with("libLLVM-") && name.ends_with(".so"))
-        })
+        .or_else(|| names.iter().find(|name| name.starts_with("libLLVM-") && name.ends_with(".so")))
         .map(|name| lib.join(name))
         .with_context(|| format!("no libLLVM shared library in {}", lib.display()))
 }

@@ -28,14 +28,7 @@ pub fn test(options: &Options) -> anyhow::Result<()> {
         .current_dir(crate::workspace_root())
         .env("HAIRPIN_REQUIRE_EBPF", "1")
         .env("HAIRPIN_BIN", &binary)
-        .args([
-            "test",
-            "--lib",
-            "--bins",
-            "--tests",
-            "--",
-            "--test-threads=1",
-        ])
+        .args(["test", "--lib", "--bins", "--tests", "--", "--test-threads=1"])
         .args(&options.args)
         .stdout(Stdio::piped());
     let mut child = cargo.spawn().context("failed to start cargo test")?;
@@ -47,10 +40,7 @@ pub fn test(options: &Options) -> anyhow::Result<()> {
         totals.add(&line);
     }
     let status = child.wait().context("waiting for cargo test")?;
-    println!(
-        "\nall test binaries: {} passed, {} failed",
-        totals.passed, totals.failed
-    );
+    println!("\nall test binaries: {} passed, {} failed", totals.passed, totals.failed);
     if !status.success() {
         bail!("cargo test failed: {status}");
     }

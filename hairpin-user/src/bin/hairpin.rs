@@ -41,10 +41,7 @@ enum Command {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("hairpin: cannot start the runtime: {e}");
@@ -63,10 +60,7 @@ fn main() -> ExitCode {
 
 async fn execute(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run {
-            config,
-            stats_interval,
-        } => run(&config, stats_interval).await,
+        Command::Run { config, stats_interval } => run(&config, stats_interval).await,
         Command::Check { config } => {
             let config = load_config(&config)?;
             println!("configuration is valid: {}", describe(&config));
@@ -83,13 +77,7 @@ fn describe(config: &Config) -> String {
     format!(
         "LAN {} ({}), SNAT source {}, {} mapping(s)",
         config.lan.interfaces.join(", "),
-        config
-            .lan
-            .networks
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        config.lan.networks.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
         config.lan.address,
         config.mappings.len()
     )
@@ -103,10 +91,7 @@ async fn run(path: &std::path::Path, stats_interval: u64) -> anyhow::Result<()> 
         .iter()
         .enumerate()
         .map(|(i, name)| (format!("lan.interfaces[{i}]"), name));
-    let wan = config
-        .wan
-        .iter()
-        .map(|wan| ("wan.interface".to_string(), &wan.interface));
+    let wan = config.wan.iter().map(|wan| ("wan.interface".to_string(), &wan.interface));
     for (key, name) in lan.chain(wan) {
         if_index(name)
             .with_context(|| format!("invalid configuration {}: `{key}`", path.display()))?;
@@ -129,15 +114,10 @@ async fn run(path: &std::path::Path, stats_interval: u64) -> anyhow::Result<()> 
             }
         });
     }
-    datapath
-        .configure(&config)
-        .context("configuring the datapath")?;
+    datapath.configure(&config).context("configuring the datapath")?;
     let attachments = datapath.attach(&config).context("attaching the datapath")?;
     for a in &attachments {
-        info!(
-            "attached to {} (ifindex {}) in {} mode",
-            a.interface, a.if_index, a.mode
-        );
+        info!("attached to {} (ifindex {}) in {} mode", a.interface, a.if_index, a.mode);
     }
     info!("hairpin running: {}", describe(&config));
     for mapping in &config.mappings {
@@ -151,11 +131,8 @@ async fn run(path: &std::path::Path, stats_interval: u64) -> anyhow::Result<()> 
     let mut reclaimed = [0u64; 2];
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let period = Duration::from_secs(if stats_interval == 0 {
-        u64::MAX / 4
-    } else {
-        stats_interval
-    });
+    let period =
+        Duration::from_secs(if stats_interval == 0 { u64::MAX / 4 } else { stats_interval });
     let mut stats_ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let reclaim_period = reclaim_interval(&config);
     let mut reclaim_ticker =
