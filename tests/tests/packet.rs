@@ -66,6 +66,16 @@ proto = "tcp"
 public = "203.0.113.1:8000-8009"
 to = "192.168.0.2:9000-9009"
 
+[[mapping]]
+proto = "udp"
+public = "203.0.113.1:80"
+to = "192.168.0.2:8081"
+
+[[mapping]]
+proto = "tcp"
+public = "198.51.100.10:443"
+to = "192.168.0.2:8443"
+
 [wan]
 interface = "wan0"
 addresses = ["203.0.113.1"]
@@ -422,7 +432,7 @@ fn arp() -> Vec<u8> {
 
 #[rstest]
 #[case::no_mapping(syn((CLIENT, 40000), (PUBLIC, 443)), Counter::PassNoMapping)]
-#[case::wrong_protocol_for_the_port(udp((CLIENT, 40000), (PUBLIC, 80), b"x"), Counter::PassNoMapping)]
+#[case::wrong_protocol_for_the_port(udp((CLIENT, 40000), (PUBLIC, 81), b"x"), Counter::PassNoMapping)]
 #[case::source_outside_the_lan(syn((OUTSIDER, 40000), (PUBLIC, 80)), Counter::PassSourceNotLan)]
 #[case::tcp_ack_without_entry(tcp((CLIENT, 40000), (PUBLIC, 80), false, true, 64), Counter::PassTcpNotSyn)]
 #[case::tcp_syn_ack_without_entry(tcp((CLIENT, 40000), (PUBLIC, 80), true, true, 64), Counter::PassTcpNotSyn)]
@@ -937,5 +947,35 @@ fn too_big_towards_the_server_is_answered_with_fragmentation_needed() {
         let (verdict, out) = gw.run_on(wan0, &may_fragment);
         assert_eq!((verdict, out), (XDP_PASS, may_fragment), "without DF the kernel fragments");
         assert_eq!(gw.counter(Counter::PassTooBig), 1);
+    });
+}
+
+/// A second public address that is not assigned to the gateway (routed to
+/// it), and TCP and UDP published on the same port to different places.
+#[rstest]
+#[case::unassigned_address_tcp(6, ([198, 51, 100, 10], 443), 8443)]
+#[case::same_port_tcp(6, (PUBLIC, 80), 8080)]
+#[case::same_port_udp(17, (PUBLIC, 80), 8081)]
+fn mappings_by_address_protocol_and_port(
+    #[case] proto: u8,
+    #[case] public: ([u8; 4], u16),
+    #[case] server_port: u16,
+) {
+    if skip_unless_root("mappings_by_address_protocol_and_port") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let (from_lan, from_wan) = if proto == 6 {
+            (syn((CLIENT, 40400), public), syn((WAN_CLIENT, 50400), public))
+        } else {
+            (udp((CLIENT, 40400), public, b"l"), udp((WAN_CLIENT, 50400), public, b"w"))
+        };
+        let (verdict, out) = gw.run(&from_lan);
+        assert_eq!(verdict, XDP_TX, "hairpin");
+        assert_eq!(inspect(&out).dst, (SERVER, server_port));
+        let wan0 = gw.wan0;
+        let (verdict, out) = gw.run_on(wan0, &from_wan);
+        assert_eq!(verdict, XDP_REDIRECT, "port forward");
+        assert_eq!(inspect(&out).dst, (SERVER, server_port));
     });
 }
