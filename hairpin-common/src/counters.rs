@@ -73,6 +73,10 @@ counters! {
     PassEgressNotManaged => "pass_egress_not_managed",
     /// Two CPUs opened the same flow at once; the loser's packet is passed.
     PassFlowRace => "pass_flow_race",
+    /// Entries user space removed from each table because their flows had
+    /// expired (written by user space only, in the first CPU's slot).
+    ReclaimedEstablished => "reclaimed_established",
+    ReclaimedNew => "reclaimed_new",
     /// Settings map empty: user space has not configured the program.
     PassNotConfigured => "pass_not_configured",
 }

@@ -18,6 +18,22 @@ pub mod names {
     pub const SETTINGS: &str = "SETTINGS";
     pub const EGRESS_DEVICES: &str = "EGRESS_DEVICES";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const MAPPING_STATS: &str = "MAPPING_STATS";
+    pub const LAYOUT: &str = "LAYOUT";
+
+    /// The maps a running instance keeps (pinned) and its tools share.
+    pub const SHARED: [&str; 10] = [
+        LAYOUT,
+        SETTINGS,
+        LAN_NETWORKS,
+        INTERFACES,
+        EGRESS_DEVICES,
+        MAPPINGS,
+        CONNTRACK,
+        CONNTRACK_NEW,
+        COUNTERS,
+        MAPPING_STATS,
+    ];
 }
 
 /// Program names as they appear in the eBPF object.
@@ -27,6 +43,8 @@ pub mod programs {
 }
 
 pub const MAX_MAPPINGS: u32 = 65536;
+/// Mapping rules (a rule may publish a range of ports), `MAPPING_STATS` slots.
+pub const MAX_MAPPING_RULES: u32 = 4096;
 pub const MAX_INTERFACES: u32 = 64;
 pub const MAX_LAN_NETWORKS: u32 = 64;
 pub const MAX_EGRESS_DEVICES: u32 = 64;
@@ -64,7 +82,8 @@ pod! {
         pub server_addr: u32,
         /// big-endian
         pub server_port: u16,
-        pub _pad: [u8; 2],
+        /// The mapping rule this port belongs to: its `MAPPING_STATS` slot.
+        pub id: u16,
     }
 }
 
@@ -99,6 +118,13 @@ pod! {
         /// When this direction last saw a packet (CLOCK_MONOTONIC_COARSE, ns;
         /// refreshed at most once a second).
         pub last_seen_ns: u64,
+        /// Bytes (IPv4 total length) and packets seen in this direction.
+        pub bytes: u64,
+        pub packets: u32,
+        /// When the flow was created (CLOCK_MONOTONIC_COARSE, seconds).
+        pub created_s: u32,
+        /// The mapping rule of the flow (`MappingValue::id`).
+        pub mapping_id: u16,
         /// `DIRECTION_ORIGINAL` or `DIRECTION_REPLY`.
         pub direction: u8,
         /// One of the `state` constants (kept the same in both entries).
@@ -107,7 +133,7 @@ pod! {
         pub fin_seen: u8,
         /// `KIND_HAIRPIN` or `KIND_PORT_FORWARD`.
         pub kind: u8,
-        pub _pad: [u8; 4],
+        pub _pad: [u8; 2],
     }
 }
 
@@ -212,3 +238,22 @@ impl FlowKey {
         Self { src_addr, dst_addr, src_port, dst_port, proto, _pad: [0; 3] }
     }
 }
+
+pod! {
+    /// Traffic of one mapping rule (`MAPPING_STATS`, per CPU).
+    pub struct MappingStats {
+        pub flows: u64,
+        pub packets: u64,
+        pub bytes: u64,
+    }
+}
+
+/// Changes whenever a map's layout or meaning changes, so that a running
+/// instance's pinned maps are never used with another layout.
+pub const LAYOUT_VERSION: u64 = 3 << 48
+    | (core::mem::size_of::<FlowKey>() as u64) << 40
+    | (core::mem::size_of::<FlowEntry>() as u64) << 32
+    | (core::mem::size_of::<MappingKey>() as u64) << 24
+    | (core::mem::size_of::<MappingValue>() as u64) << 16
+    | (core::mem::size_of::<Settings>() as u64) << 8
+    | core::mem::size_of::<MappingStats>() as u64;

@@ -81,17 +81,21 @@ const fn entry(
     translated: FlowKey,
     direction: u8,
     kind: u8,
-    flow_state: u8,
     now_ns: u64,
+    server: &MappingValue,
 ) -> FlowEntry {
     FlowEntry {
         translated,
         last_seen_ns: now_ns,
+        bytes: 0,
+        packets: 0,
+        created_s: (now_ns / 1_000_000_000) as u32,
+        mapping_id: server.id,
         direction,
-        state: flow_state,
+        state: initial_state(translated.proto),
         fin_seen: 0,
         kind,
-        _pad: [0; 4],
+        _pad: [0; 2],
     }
 }
 
@@ -100,14 +104,18 @@ pub const fn initial_state(proto: u8) -> u8 {
     if proto == IPPROTO_UDP { state::UDP_UNREPLIED } else { state::TCP_SYN_SENT }
 }
 
-const fn pair(packet: &FlowKey, to_server: FlowKey, kind: u8, now_ns: u64) -> FlowPair {
-    let to_client = packet.reversed();
-    let flow_state = initial_state(packet.proto);
+const fn pair(
+    packet: &FlowKey,
+    to_server: FlowKey,
+    kind: u8,
+    now_ns: u64,
+    server: &MappingValue,
+) -> FlowPair {
     FlowPair {
         original_key: *packet,
-        original: entry(to_server, DIRECTION_ORIGINAL, kind, flow_state, now_ns),
+        original: entry(to_server, DIRECTION_ORIGINAL, kind, now_ns, server),
         reply_key: to_server.reversed(),
-        reply: entry(to_client, DIRECTION_REPLY, kind, flow_state, now_ns),
+        reply: entry(packet.reversed(), DIRECTION_REPLY, kind, now_ns, server),
     }
 }
 
@@ -122,7 +130,7 @@ pub const fn hairpin_flow(
 ) -> FlowPair {
     let to_server =
         FlowKey::new(lan_addr, server.server_addr, snat_port, server.server_port, packet.proto);
-    pair(packet, to_server, KIND_HAIRPIN, now_ns)
+    pair(packet, to_server, KIND_HAIRPIN, now_ns, server)
 }
 
 /// A WAN client to a published port: DNAT only, as a port forward does.
@@ -134,7 +142,7 @@ pub const fn port_forward_flow(packet: &FlowKey, server: &MappingValue, now_ns: 
         server.server_port,
         packet.proto,
     );
-    pair(packet, to_server, KIND_PORT_FORWARD, now_ns)
+    pair(packet, to_server, KIND_PORT_FORWARD, now_ns, server)
 }
 
 /// The flow's state after a packet in `direction` (TCP `flags` ignored for
@@ -285,7 +293,7 @@ mod tests {
         let server = addr([192, 168, 0, 2]);
         let gateway = addr([192, 168, 0, 1]);
         let packet = FlowKey::new(client, public, be(40000), be(80), IPPROTO_TCP);
-        let mapping = MappingValue { server_addr: server, server_port: be(8080), _pad: [0; 2] };
+        let mapping = MappingValue { server_addr: server, server_port: be(8080), id: 0 };
 
         let flow = hairpin_flow(&packet, &mapping, gateway, be(41000), 5);
 
@@ -312,7 +320,7 @@ mod tests {
         let public = addr([203, 0, 113, 1]);
         let server = addr([192, 168, 0, 2]);
         let packet = FlowKey::new(wan_client, public, be(50000), be(53), IPPROTO_UDP);
-        let mapping = MappingValue { server_addr: server, server_port: be(5353), _pad: [0; 2] };
+        let mapping = MappingValue { server_addr: server, server_port: be(5353), id: 0 };
 
         let flow = port_forward_flow(&packet, &mapping, 9);
 

@@ -20,9 +20,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use hairpin_common::{
     Counter, DEFAULT_CONNTRACK_CAPACITY, DIRECTION_ORIGINAL, FlowEntry, FlowKey, IPPROTO_TCP,
-    IPPROTO_UDP, KIND_HAIRPIN, MAX_EGRESS_DEVICES, MAX_INTERFACES, MAX_LAN_NETWORKS, MAX_MAPPINGS,
-    MappingKey, MappingValue, NEIGH_REDIRECT_MAGIC, NeighRedirect, ROLE_LAN, ROLE_WAN, Settings,
-    checksum,
+    IPPROTO_UDP, KIND_HAIRPIN, MAX_EGRESS_DEVICES, MAX_INTERFACES, MAX_LAN_NETWORKS,
+    MAX_MAPPING_RULES, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue, NEIGH_REDIRECT_MAGIC,
+    NeighRedirect, ROLE_LAN, ROLE_WAN, Settings, checksum,
     icmp::{self, ICMP_HEADER_LEN, IPPROTO_ICMP},
     nat::{self, FlowPair, SNAT_PORT_ATTEMPTS},
     packet::{
@@ -61,6 +61,15 @@ static EGRESS_DEVICES: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_DEVI
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
+/// Flows, packets and bytes by mapping rule (`MappingValue::id`).
+#[map]
+static MAPPING_STATS: PerCpuArray<MappingStats> =
+    PerCpuArray::with_max_entries(MAX_MAPPING_RULES, 0);
+
+/// `LAYOUT_VERSION` of the user space that created the maps.
+#[map]
+static LAYOUT: Array<u64> = Array::with_max_entries(1, 0);
+
 const AF_INET: u8 = 2;
 const IP_DONT_FRAGMENT: u16 = 0x4000;
 
@@ -79,6 +88,19 @@ fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe { *slot += 1 };
+    }
+}
+
+/// Adds a packet (and a flow, when it opens one) to its mapping rule's traffic.
+#[inline(always)]
+fn account(mapping_id: u16, len: u16, new_flow: bool) {
+    if let Some(stats) = MAPPING_STATS.get_ptr_mut(mapping_id as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe {
+            (*stats).flows += new_flow as u64;
+            (*stats).packets += 1;
+            (*stats).bytes += len as u64;
+        }
     }
 }
 
@@ -134,7 +156,7 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
             if let Route::TooBig { mtu } = route {
                 return too_big(ctx, mtu, entry.direction == DIRECTION_ORIGINAL);
             }
-            track(&flow, &entry, &packet, l4.tcp_flags, now);
+            track(&flow, &entry, &packet, l4.tcp_flags, now, tot_len);
             let counter = if entry.direction != DIRECTION_ORIGINAL {
                 Counter::TranslatedBack
             } else if entry.kind == KIND_HAIRPIN {
@@ -152,7 +174,7 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
             if let Route::TooBig { mtu } = route {
                 return too_big(ctx, mtu, true);
             }
-            let flow = match create_flow(&packet, &admitted, &settings, now) {
+            let flow = match create_flow(&packet, &admitted, &settings, now, tot_len) {
                 Ok(flow) => flow,
                 // Refused cleanly: handed to the kernel, the packet could
                 // reach a service of the gateway's own on the public address.
@@ -170,18 +192,19 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
                 Err(other) => return Err(other),
             };
             count(Counter::FlowCreated);
+            account(admitted.server.id, tot_len, true);
             let counter =
                 if admitted.hairpin { Counter::Hairpinned } else { Counter::PortForwarded };
-            (flow.original.translated, route, counter, Some(flow))
+            (flow.original.translated, route, counter, Some((flow.original_key, flow.reply_key)))
         }
     };
 
     if let Route::Unresolved { ifindex } = route
         && let Err(counter) = hand_to_kernel(ctx, ifindex)
     {
-        if let Some(flow) = created {
-            let _ = CONNTRACK_NEW.remove(&flow.original_key);
-            let _ = CONNTRACK_NEW.remove(&flow.reply_key);
+        if let Some((original_key, reply_key)) = created {
+            let _ = CONNTRACK_NEW.remove(&original_key);
+            let _ = CONNTRACK_NEW.remove(&reply_key);
         }
         return Err(counter);
     }
@@ -376,12 +399,18 @@ fn expired(
 /// Refreshes the entry and moves the flow's state on; a flow that becomes
 /// established moves to the established table.
 #[inline(always)]
-fn track(flow: &Flow, entry: &FlowEntry, packet: &FlowKey, tcp_flags: u8, now: u64) {
+fn track(flow: &Flow, entry: &FlowEntry, packet: &FlowKey, tcp_flags: u8, now: u64, len: u16) {
     const REFRESH_NS: u64 = 1_000_000_000;
-    if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
-        // SAFETY: a map value; a racing writer at worst stores the same time.
-        unsafe { (*flow.entry).last_seen_ns = now };
+    // SAFETY: a map value. Concurrent updates from another CPU may lose an
+    // increment; these are statistics.
+    unsafe {
+        (*flow.entry).packets = entry.packets.wrapping_add(1);
+        (*flow.entry).bytes = entry.bytes.wrapping_add(len as u64);
+        if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
+            (*flow.entry).last_seen_ns = now;
+        }
     }
+    account(entry.mapping_id, len, false);
     let (state, fin_seen) =
         nat::next_state(entry.state, entry.fin_seen, entry.direction, tcp_flags);
     if state == entry.state && fin_seen == entry.fin_seen {
@@ -406,9 +435,8 @@ fn track(flow: &Flow, entry: &FlowEntry, packet: &FlowKey, tcp_flags: u8, now: u
         (*partner).fin_seen = fin_seen;
     }
     if !flow.established && nat::is_established(state) {
-        // SAFETY: map values, copied.
-        let (own, other) = unsafe { (*flow.entry, *partner) };
-        promote(packet, &own, &partner_key, &other);
+        // SAFETY: map values; the helpers copy them into the other table.
+        promote(packet, unsafe { &*flow.entry }, &partner_key, unsafe { &*partner });
     }
 }
 
@@ -501,12 +529,13 @@ fn create_flow(
     admitted: &Admitted,
     settings: &Settings,
     now: u64,
+    tot_len: u16,
 ) -> Result<FlowPair, Counter> {
     let client_port = u16::from_be(packet.src_port);
     let attempts = if admitted.hairpin { SNAT_PORT_ATTEMPTS } else { 1 };
     let start = unsafe { bpf_get_prandom_u32() };
     for attempt in 0..attempts {
-        let flow = if admitted.hairpin {
+        let mut flow = if admitted.hairpin {
             let port = nat::snat_port_candidate(
                 client_port,
                 attempt,
@@ -526,6 +555,8 @@ fn create_flow(
         {
             continue;
         }
+        flow.original.packets = 1;
+        flow.original.bytes = tot_len as u64;
         if CONNTRACK_NEW.insert(&flow.original_key, &flow.original, BPF_NOEXIST as u64).is_ok() {
             return Ok(flow);
         }

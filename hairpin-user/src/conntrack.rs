@@ -48,7 +48,7 @@ mod tests {
         reply_seen: u64,
     ) -> Vec<(FlowKey, FlowEntry)> {
         let packet = FlowKey::new(3, 100, client_port.to_be(), 80u16.to_be(), 6);
-        let server = MappingValue { server_addr: 2, server_port: 80u16.to_be(), _pad: [0; 2] };
+        let server = MappingValue { server_addr: 2, server_port: 80u16.to_be(), id: 0 };
         let mut pair = nat::hairpin_flow(&packet, &server, 1, client_port.to_be(), 0);
         pair.original.state = flow_state;
         pair.reply.state = flow_state;

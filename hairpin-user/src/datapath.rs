@@ -1,23 +1,31 @@
-//! Loading the eBPF object, filling its maps from a [`Config`], attaching it.
+//! Loading the eBPF object, filling its maps from a [`Config`], attaching
+//! it, and keeping it in bpffs (pinned) so that it outlives the daemon.
 
-use std::{ffi::CString, net::Ipv4Addr};
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
         SchedClassifier, TcAttachType, Xdp,
-        xdp::{XdpLinkId, XdpMode as AttachMode},
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::{XdpLink, XdpMode as AttachMode},
     },
 };
-use hairpin_common::{
-    Counter, FlowEntry, FlowKey, MappingKey, MappingValue, ROLE_LAN, ROLE_WAN, Settings,
-    maps::names, maps::programs,
-};
-use log::warn;
+use hairpin_common::{ROLE_LAN, ROLE_WAN, Settings, maps::names, maps::programs};
+use log::{info, warn};
 use thiserror::Error;
 
-use crate::config::{Config, Mapping, XdpMode};
+pub use crate::maps::{Table, host_addr, wire_addr};
+use crate::{
+    config::{Config, XdpMode},
+    maps::{Maps, MapsError},
+};
 
 #[derive(Debug, Error)]
 pub enum DatapathError {
@@ -31,18 +39,19 @@ pub enum DatapathError {
     Load(#[from] aya::EbpfError),
     #[error("eBPF program `{name}`: {source}")]
     Program { name: &'static str, source: aya::programs::ProgramError },
-    #[error("eBPF map `{name}`: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
-    #[error("eBPF map `EGRESS_DEVICES`: {0}")]
-    Devmap(aya::maps::xdp::XdpMapError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
     #[error("attaching XDP to `{interface}` in {mode} mode: {source}")]
     AttachXdp { interface: String, mode: &'static str, source: aya::programs::ProgramError },
     #[error("attaching the TC ingress program to `{interface}`: {source}")]
     AttachTc { interface: String, source: aya::programs::ProgramError },
-}
-
-fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
-    move |source| DatapathError::Map { name, source }
+    #[error("pinning under {path}: {message}")]
+    Pin { path: String, message: String },
+    #[error(
+        "the pinned conntrack tables at {dir} hold {pinned} entries, the configuration asks for {configured}: \
+         stop the running instance (which empties them) to change conntrack.capacity"
+    )]
+    Capacity { dir: String, pinned: u32, configured: u32 },
 }
 
 /// The interface index of `name` in the calling thread's network namespace.
@@ -55,46 +64,81 @@ pub fn if_index(name: &str) -> Result<u32, DatapathError> {
     }
 }
 
-/// Addresses and ports as the maps store them: bytes in wire order.
-pub fn wire_addr(addr: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
-}
-
-pub fn host_addr(wire: u32) -> Ipv4Addr {
-    Ipv4Addr::from(wire.to_ne_bytes())
-}
-
 /// An interface the XDP program is attached to.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {
     pub interface: String,
     pub if_index: u32,
-    pub mode: &'static str,
+    pub role: String,
+    pub mode: String,
 }
 
-/// The loaded eBPF object. Dropping it detaches everything it attached.
+/// Where a running instance keeps its maps and links in bpffs.
+#[derive(Clone, Debug)]
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    pub fn maps(&self) -> PathBuf {
+        self.0.join("maps")
+    }
+
+    fn links(&self) -> PathBuf {
+        self.0.join("links")
+    }
+
+    fn link(&self, kind: &str, interface: &str) -> PathBuf {
+        self.links().join(format!("{kind}_{interface}"))
+    }
+
+    /// Whether an instance left its maps here.
+    pub fn exists(&self) -> bool {
+        self.maps().join(names::LAYOUT).exists()
+    }
+}
+
+/// The loaded datapath. Without pins, dropping it detaches everything;
+/// with pins, everything stays until [`Datapath::remove`].
 pub struct Datapath {
     ebpf: Ebpf,
-    attachments: Vec<(Attachment, XdpLinkId)>,
+    pub maps: Maps,
+    pins: Option<PinDir>,
+    links: Vec<PinnedLink>,
+    attachments: Vec<Attachment>,
 }
 
 impl Datapath {
-    /// Loads the programs and creates the maps, sized from `config`; attaches
-    /// nothing.
-    pub fn load(config: &Config) -> Result<Self, DatapathError> {
+    /// Loads the programs and creates the maps, sized from `config`. With
+    /// `pins`, maps are pinned there, and a running (or crashed) instance's
+    /// pinned maps are used again, state and all.
+    pub fn load(config: &Config, pins: Option<&PinDir>) -> Result<Self, DatapathError> {
         if crate::EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoEbpfObject);
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(names::CONNTRACK, config.conntrack_capacity)
-            .map_max_entries(names::CONNTRACK_NEW, config.conntrack_capacity)
-            .load(crate::EBPF_OBJECT)?;
+            .map_max_entries(names::CONNTRACK_NEW, config.conntrack_capacity);
+        let map_paths: Vec<(&str, PathBuf)>;
+        if let Some(pins) = pins {
+            prepare_pin_dir(pins)?;
+            if pins.exists() {
+                crate::maps::check_layout(&pins.maps())?;
+                check_capacity(pins, config.conntrack_capacity)?;
+            }
+            map_paths = names::SHARED.iter().map(|name| (*name, pins.maps().join(name))).collect();
+            for (name, path) in &map_paths {
+                loader.map_pin_path(name, path.as_path());
+            }
+        }
+        let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
         let xdp: &mut Xdp = program(&mut ebpf, programs::XDP)?;
         xdp.load().map_err(|source| DatapathError::Program { name: programs::XDP, source })?;
         let tc: &mut SchedClassifier = program(&mut ebpf, programs::TC_INGRESS)?;
         tc.load()
             .map_err(|source| DatapathError::Program { name: programs::TC_INGRESS, source })?;
-        Ok(Self { ebpf, attachments: Vec::new() })
+        let mut maps = Maps::take(&mut ebpf)?;
+        maps.stamp_layout()?;
+        Ok(Self { ebpf, maps, pins: pins.cloned(), links: Vec::new(), attachments: Vec::new() })
     }
 
     /// Takes the aya-log ring buffer, for the caller to drain.
@@ -104,194 +148,250 @@ impl Datapath {
             .ok()
     }
 
-    /// Writes settings, LAN networks, egress devices and mappings. The LAN
-    /// (and WAN) interfaces must exist in the calling thread's namespace.
+    /// Makes settings, LAN networks, interfaces and mappings what `config`
+    /// says. The interfaces must exist in the calling thread's namespace.
+    /// Mappings already published as configured keep their statistics.
     pub fn configure(&mut self, config: &Config) -> Result<(), DatapathError> {
-        let mut settings_map: Array<&mut MapData, Settings> = self.map_mut(names::SETTINGS)?;
-        settings_map.set(0, settings(config), 0).map_err(map_error(names::SETTINGS))?;
-
-        let mut networks: LpmTrie<&mut MapData, u32, u8> = self.map_mut(names::LAN_NETWORKS)?;
-        for net in &config.lan.networks {
-            networks
-                .insert(&Key::new(net.prefix_len.into(), wire_addr(net.addr)), 1, 0)
-                .map_err(map_error(names::LAN_NETWORKS))?;
+        let interfaces = managed_interfaces(config)
+            .map(|(name, role)| Ok((if_index(name)?, role)))
+            .collect::<Result<Vec<_>, DatapathError>>()?;
+        self.maps.set_settings(settings(config))?;
+        self.maps.set_lan_networks(&config.lan.networks)?;
+        self.maps.set_interfaces(&interfaces)?;
+        let (added, removed) = self.maps.replace_mappings(&config.mappings)?;
+        for mapping in &removed {
+            info!("mapping withdrawn: {mapping}");
         }
-
-        let mut roles: HashMap<&mut MapData, u32, u8> = self.map_mut(names::INTERFACES)?;
-        for (name, role) in managed_interfaces(config) {
-            roles.insert(if_index(name)?, role, 0).map_err(map_error(names::INTERFACES))?;
-        }
-
-        let mut egress: DevMapHash<&mut MapData> = self.map_mut(names::EGRESS_DEVICES)?;
-        for (name, _) in managed_interfaces(config) {
-            let index = if_index(name)?;
-            egress.insert(index, index, None, 0).map_err(|e| match e {
-                aya::maps::xdp::XdpMapError::MapError(source) => {
-                    DatapathError::Map { name: names::EGRESS_DEVICES, source }
-                }
-                other => DatapathError::Devmap(other),
-            })?;
-        }
-
-        for mapping in &config.mappings {
-            self.insert_mapping(mapping)?;
-        }
-        Ok(())
-    }
-
-    /// Publishes every port of `mapping`.
-    pub fn insert_mapping(&mut self, mapping: &Mapping) -> Result<(), DatapathError> {
-        let mut mappings: HashMap<&mut MapData, MappingKey, MappingValue> =
-            self.map_mut(names::MAPPINGS)?;
-        for (public_port, server_port) in mapping.port_pairs() {
-            let key = MappingKey {
-                public_addr: wire_addr(mapping.public),
-                public_port: public_port.to_be(),
-                proto: mapping.proto.number(),
-                _pad: 0,
-            };
-            let value = MappingValue {
-                server_addr: wire_addr(mapping.to),
-                server_port: server_port.to_be(),
-                _pad: [0; 2],
-            };
-            mappings.insert(key, value, 0).map_err(map_error(names::MAPPINGS))?;
+        if !removed.is_empty() || !added.is_empty() {
+            info!("{} mapping(s) published, {} withdrawn", added.len(), removed.len());
         }
         Ok(())
     }
 
     /// Attaches XDP and the TC ingress helper to every LAN and WAN
-    /// interface. On any failure, what was attached so far is detached again.
+    /// interface; an instance's pinned links are taken over, so traffic never
+    /// stops. On any failure, what this call attached is detached again.
     pub fn attach(&mut self, config: &Config) -> Result<Vec<Attachment>, DatapathError> {
-        let result = managed_interfaces(config)
-            .try_for_each(|(name, _)| self.attach_interface(name, config.xdp_mode));
-        if let Err(error) = result {
-            self.detach();
-            return Err(error);
+        for (name, role) in managed_interfaces(config) {
+            if let Err(error) = self.attach_interface(name, role, config.xdp_mode) {
+                self.detach();
+                return Err(error);
+            }
         }
-        Ok(self.attachments.iter().map(|(a, _)| a.clone()).collect())
+        Ok(self.attachments.clone())
     }
 
-    fn attach_interface(&mut self, name: &str, mode: XdpMode) -> Result<(), DatapathError> {
+    fn attach_interface(
+        &mut self,
+        name: &str,
+        role: u8,
+        mode: XdpMode,
+    ) -> Result<(), DatapathError> {
         let index = if_index(name)?;
+        let pins = self.pins.clone();
         let xdp: &mut Xdp = program(&mut self.ebpf, programs::XDP)?;
-        let attempt = |xdp: &mut Xdp, flags, mode_name| {
-            xdp.attach_to_if_index(index, flags).map_err(|source| DatapathError::AttachXdp {
+        let xdp_pin = pins.as_ref().map(|p| p.link("xdp", name));
+        let reused = match xdp_pin.as_deref().map(PinnedLink::from_pin) {
+            Some(Ok(pinned)) => {
+                let link =
+                    XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_error(&xdp_pin, e))?;
+                match xdp.attach_to_link(link) {
+                    Ok(id) => Some(id),
+                    // The interface went away since (a link stays pinned but
+                    // severed): attach afresh.
+                    Err(e) => {
+                        warn!(
+                            "taking over the pinned XDP link of {name} failed ({e}); attaching anew"
+                        );
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let (link_id, mode_name) = match reused {
+            Some(id) => (id, "taken over"),
+            None => {
+                let attempt = |xdp: &mut Xdp, flags, mode_name| {
+                    xdp.attach_to_if_index(index, flags).map_err(|source| {
+                        DatapathError::AttachXdp { interface: name.into(), mode: mode_name, source }
+                    })
+                };
+                match mode {
+                    XdpMode::Native => (attempt(xdp, AttachMode::Driver, "native")?, "native"),
+                    XdpMode::Skb => (attempt(xdp, AttachMode::Skb, "skb")?, "skb"),
+                    XdpMode::Auto => match attempt(xdp, AttachMode::Driver, "native") {
+                        Ok(link) => (link, "native"),
+                        Err(error) => {
+                            warn!("{error}; falling back to skb (generic) mode, which is slower");
+                            (attempt(xdp, AttachMode::Skb, "skb")?, "skb")
+                        }
+                    },
+                }
+            }
+        };
+        if let Some(path) = &xdp_pin {
+            let link = xdp.take_link(link_id).map_err(|source| DatapathError::AttachXdp {
                 interface: name.into(),
                 mode: mode_name,
                 source,
-            })
+            })?;
+            let fd_link = FdLink::try_from(link).map_err(|e| pin_error(&xdp_pin, e))?;
+            self.links.push(pin_link(fd_link, path)?);
+        }
+
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_INGRESS)?;
+        let tc_pin = pins.as_ref().map(|p| p.link("tc", name));
+        let taken_over = match tc_pin.as_deref().map(PinnedLink::from_pin) {
+            Some(Ok(pinned)) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| pin_error(&tc_pin, e))?;
+                tc.attach_to_link(link)
+                    .map_err(|e| {
+                        warn!(
+                            "taking over the pinned TC link of {name} failed ({e}); attaching anew"
+                        )
+                    })
+                    .ok()
+            }
+            _ => None,
         };
-        let (link, mode_name) = match mode {
-            XdpMode::Native => (attempt(xdp, AttachMode::Driver, "native")?, "native"),
-            XdpMode::Skb => (attempt(xdp, AttachMode::Skb, "skb")?, "skb"),
-            XdpMode::Auto => match attempt(xdp, AttachMode::Driver, "native") {
-                Ok(link) => (link, "native"),
-                Err(error) => {
-                    warn!("{error}; falling back to skb (generic) mode, which is slower");
-                    (attempt(xdp, AttachMode::Skb, "skb")?, "skb")
+        let tc_id = match taken_over {
+            Some(id) => id,
+            None => match tc.attach(name, TcAttachType::Ingress) {
+                Ok(id) => id,
+                Err(source) => {
+                    // Kernels before TCX (6.6) need a clsact qdisc first.
+                    let _ = aya::programs::tc::qdisc_add_clsact(name);
+                    tc.attach(name, TcAttachType::Ingress)
+                        .map_err(|_| DatapathError::AttachTc { interface: name.into(), source })?
                 }
             },
         };
-        let attachment = Attachment { interface: name.into(), if_index: index, mode: mode_name };
-        self.attachments.push((attachment, link));
-
-        let tc: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_INGRESS)?;
-        if let Err(source) = tc.attach(name, TcAttachType::Ingress) {
-            // Kernels before TCX (6.6) need a clsact qdisc first.
-            let _ = aya::programs::tc::qdisc_add_clsact(name);
-            tc.attach(name, TcAttachType::Ingress)
-                .map_err(|_| DatapathError::AttachTc { interface: name.into(), source })?;
+        if let Some(path) = &tc_pin {
+            let link = tc
+                .take_link(tc_id)
+                .map_err(|source| DatapathError::AttachTc { interface: name.into(), source })?;
+            let fd_link = FdLink::try_from(link).map_err(|e| pin_error(&tc_pin, e))?;
+            self.links.push(pin_link(fd_link, path)?);
         }
+        let role = if role == ROLE_WAN { "wan" } else { "lan" };
+        self.attachments.push(Attachment {
+            interface: name.into(),
+            if_index: index,
+            role: role.into(),
+            mode: mode_name.into(),
+        });
         Ok(())
     }
 
-    /// Detaches the XDP program from every interface (the TC program goes
-    /// when the datapath is dropped).
+    /// Detaches from every interface. Pinned links are unpinned too.
     pub fn detach(&mut self) {
-        if let Ok(xdp) = program::<Xdp>(&mut self.ebpf, programs::XDP) {
-            for (attachment, link) in self.attachments.drain(..) {
-                if let Err(e) = xdp.detach(link) {
-                    warn!("detaching XDP from {}: {e}", attachment.interface);
-                }
+        for link in self.links.drain(..) {
+            if let Err(e) = link.unpin() {
+                warn!("unpinning a link: {e}");
             }
         }
+        // Links still owned by the programs (no pins) go with the object.
+        self.attachments.clear();
     }
+
+    /// Detaches and removes the pinned maps: the instance is gone.
+    pub fn remove(mut self) {
+        self.detach();
+        if let Some(pins) = self.pins.take() {
+            for name in names::SHARED {
+                let _ = fs::remove_file(pins.maps().join(name));
+            }
+            let _ = fs::remove_dir(pins.links());
+            let _ = fs::remove_dir(pins.maps());
+            let _ = fs::remove_dir(&pins.0);
+        }
+    }
+
+    /// Leaves everything attached and pinned, for a later `hairpin run` to
+    /// take over: dropping pinned links and maps keeps their pins.
+    pub fn keep(self) {}
 
     pub fn xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
         program(&mut self.ebpf, programs::XDP)
     }
 
-    /// Every counter summed over the CPUs, in [`Counter::ALL`] order.
-    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DatapathError> {
-        let map = self.ebpf.map(names::COUNTERS).ok_or(DatapathError::Map {
-            name: names::COUNTERS,
-            source: aya::maps::MapError::InvalidName { name: names::COUNTERS.into() },
-        })?;
-        let counters: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(map_error(names::COUNTERS))?;
-        Counter::ALL
-            .iter()
-            .map(|&counter| {
-                let values =
-                    counters.get(&(counter as u32), 0).map_err(map_error(names::COUNTERS))?;
-                Ok((counter, values.iter().sum()))
-            })
-            .collect()
-    }
-
-    /// All entries of one conntrack table (both directions of every flow).
-    pub fn conntrack(&self, table: Table) -> Result<Vec<(FlowKey, FlowEntry)>, DatapathError> {
-        let name = table.map_name();
-        let map = self.ebpf.map(name).ok_or(DatapathError::Map {
-            name,
-            source: aya::maps::MapError::InvalidName { name: name.into() },
-        })?;
-        let entries: HashMap<&MapData, FlowKey, FlowEntry> =
-            HashMap::try_from(map).map_err(map_error(name))?;
-        entries.iter().collect::<Result<_, _>>().map_err(map_error(name))
-    }
-
-    /// Removes the flows idle past their timeout (both entries of a flow,
-    /// once both are), as the datapath treats them as absent anyway.
-    /// Returns how many entries were removed from each table.
-    pub fn reclaim_expired(
-        &mut self,
-        settings: &Settings,
-        now_ns: u64,
-    ) -> Result<[usize; 2], DatapathError> {
-        let mut reclaimed = [0; 2];
-        for (slot, table) in [Table::Established, Table::New].into_iter().enumerate() {
-            let entries = self.conntrack(table)?;
-            let expired = crate::conntrack::expired_flows(&entries, settings, now_ns);
-            let name = table.map_name();
-            let mut map: HashMap<&mut MapData, FlowKey, FlowEntry> = self.map_mut(name)?;
-            for key in &expired {
-                // Gone already when the datapath or the LRU removed it.
-                if map.remove(key).is_ok() {
-                    reclaimed[slot] += 1;
-                }
-            }
-        }
-        Ok(reclaimed)
-    }
-
-    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DatapathError>
-    where
-        T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
-    {
-        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
-            name,
-            source: aya::maps::MapError::InvalidName { name: name.into() },
-        })?;
-        T::try_from(map).map_err(map_error(name))
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
     }
 }
 
-impl Drop for Datapath {
-    fn drop(&mut self) {
-        self.detach();
+fn pin_error(path: &Option<PathBuf>, error: impl std::fmt::Display) -> DatapathError {
+    DatapathError::Pin {
+        path: path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        message: error.to_string(),
     }
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<PinnedLink, DatapathError> {
+    // Taken over links are pinned already, at the same path.
+    let _ = fs::remove_file(path);
+    link.pin(path).map_err(|e| pin_error(&Some(path.to_path_buf()), e))
+}
+
+/// Mounts bpffs where the pins go if it is not there, and creates the
+/// directories, readable by root only.
+fn prepare_pin_dir(pins: &PinDir) -> Result<(), DatapathError> {
+    let bpffs = Path::new("/sys/fs/bpf");
+    if pins.0.starts_with(bpffs) && !is_bpffs(bpffs) {
+        let (source, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+        // SAFETY: valid C strings; mounting bpffs as the notes describe.
+        let rc = unsafe {
+            libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        };
+        if rc != 0 {
+            return Err(DatapathError::Pin {
+                path: bpffs.display().to_string(),
+                message: format!("mounting bpffs: {}", std::io::Error::last_os_error()),
+            });
+        }
+    }
+    for dir in [pins.0.clone(), pins.maps(), pins.links()] {
+        fs::create_dir_all(&dir)
+            .and_then(|()| fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)))
+            .map_err(|e| DatapathError::Pin {
+                path: dir.display().to_string(),
+                message: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let Ok(c_path) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid path and statfs buffer.
+    unsafe { libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC }
+}
+
+fn check_capacity(pins: &PinDir, configured: u32) -> Result<(), DatapathError> {
+    let data = aya::maps::MapData::from_pin(pins.maps().join(names::CONNTRACK)).map_err(|e| {
+        DatapathError::Pin { path: pins.0.display().to_string(), message: e.to_string() }
+    })?;
+    let pinned = data
+        .info()
+        .map_err(|e| DatapathError::Pin {
+            path: pins.0.display().to_string(),
+            message: e.to_string(),
+        })?
+        .max_entries();
+    if pinned != configured {
+        return Err(DatapathError::Capacity {
+            dir: pins.0.display().to_string(),
+            pinned,
+            configured,
+        });
+    }
+    Ok(())
 }
 
 /// The LAN interfaces, then the WAN one, with their roles.
@@ -301,24 +401,6 @@ fn managed_interfaces(config: &Config) -> impl Iterator<Item = (&String, u8)> {
 }
 
 const NANOS: u64 = 1_000_000_000;
-
-/// The two conntrack tables.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Table {
-    /// Established flows (TCP ESTABLISHED, UDP replied): never evicted.
-    Established,
-    /// Flows not established yet (and closing ones): LRU.
-    New,
-}
-
-impl Table {
-    pub const fn map_name(self) -> &'static str {
-        match self {
-            Table::Established => names::CONNTRACK,
-            Table::New => names::CONNTRACK_NEW,
-        }
-    }
-}
 
 /// The clock the datapath stamps entries with (`bpf_ktime_get_coarse_ns`).
 pub fn monotonic_coarse_ns() -> u64 {

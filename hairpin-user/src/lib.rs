@@ -4,6 +4,10 @@
 pub mod config;
 pub mod conntrack;
 pub mod datapath;
+pub mod explain;
+pub mod import;
+pub mod maps;
+pub mod metrics;
 pub mod stats;
 
 /// The eBPF object built by `build.rs`; empty when the eBPF toolchain was

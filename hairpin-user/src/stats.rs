@@ -20,6 +20,21 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Reads the counters and the tables' fill.
+    pub fn read(maps: &crate::maps::Maps, capacity: u32) -> Result<Self, crate::maps::MapsError> {
+        use crate::maps::Table;
+        let counters = maps.counters()?;
+        let value = |c: Counter| counters.iter().find(|(k, _)| *k == c).map_or(0, |(_, v)| *v);
+        Ok(Snapshot {
+            reclaimed_established: value(Counter::ReclaimedEstablished),
+            reclaimed_new: value(Counter::ReclaimedNew),
+            established_entries: maps.conntrack(Table::Established)?.len(),
+            new_entries: maps.conntrack(Table::New)?.len(),
+            capacity,
+            counters,
+        })
+    }
+
     pub fn counter(&self, counter: Counter) -> u64 {
         self.counters.iter().find(|(c, _)| *c == counter).map_or(0, |(_, v)| *v)
     }
@@ -38,7 +53,6 @@ impl Snapshot {
         let mut values: Vec<_> = self.counters.iter().map(|(c, v)| (c.name(), *v)).collect();
         values.extend([
             ("new_flows_evicted", self.new_flows_evicted()),
-            ("reclaimed_entries", self.reclaimed_established + self.reclaimed_new),
             ("established_entries", self.established_entries as u64),
             ("new_entries", self.new_entries as u64),
         ]);

@@ -30,7 +30,15 @@ pub struct Daemon {
     child: Child,
     stderr: mpsc::Receiver<String>,
     log: Vec<String>,
+    /// Where this daemon pins its maps and links (`--pin-dir`).
+    pub pin_dir: PathBuf,
     _config: tempfile_path::TempPath,
+}
+
+/// The pin directory of the bed whose gateway is `netns`: its own, so that
+/// beds never share state.
+pub fn pin_dir(netns: &Netns) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf").join(netns.name())
 }
 
 mod tempfile_path {
@@ -46,11 +54,19 @@ mod tempfile_path {
 impl Daemon {
     /// Starts `hairpin run` with `config` and waits until it is attached.
     pub fn start(netns: &Netns, config: &str) -> Self {
+        Self::start_with(netns, config, &[])
+    }
+
+    /// Like [`Daemon::start`], with more arguments for `hairpin run`.
+    pub fn start_with(netns: &Netns, config: &str, args: &[&str]) -> Self {
         let path = std::env::temp_dir().join(format!("{}.toml", netns.name()));
         std::fs::write(&path, config).expect("write config");
+        let pin_dir = pin_dir(netns);
         let mut child = netns
             .command(hairpin_binary().to_str().expect("utf-8 path"))
             .args(["run", "--config", path.to_str().expect("utf-8 path")])
+            .args(args)
+            .env("HAIRPIN_PIN_DIR", &pin_dir)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -66,8 +82,13 @@ impl Daemon {
                 }
             }
         });
-        let mut daemon =
-            Self { child, stderr: rx, log: Vec::new(), _config: tempfile_path::TempPath(path) };
+        let mut daemon = Self {
+            child,
+            stderr: rx,
+            log: Vec::new(),
+            pin_dir,
+            _config: tempfile_path::TempPath(path),
+        };
         daemon.wait_for_log("hairpin running", Duration::from_secs(30));
         daemon
     }
@@ -122,6 +143,8 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
         crate::untrack_process(self.child.id());
+        // A killed daemon leaves its pins; nothing else may use this bed's.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
 

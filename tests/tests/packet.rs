@@ -112,7 +112,7 @@ fn with_datapath<R: Send>(config: &str, f: impl FnOnce(&mut Gateway) -> R + Send
     }
     let config: Config = config.parse().expect("test config");
     netns.run_in(move || {
-        let mut datapath = Datapath::load(&config).expect("load the datapath");
+        let mut datapath = Datapath::load(&config, None).expect("load the datapath");
         datapath.configure(&config).expect("configure the datapath");
         let lan0 = hairpin::datapath::if_index("lan0").expect("lan0");
         let lan1 = hairpin::datapath::if_index("lan1").expect("lan1");
@@ -157,7 +157,7 @@ impl Gateway {
     }
 
     fn counter(&self, counter: Counter) -> u64 {
-        let counters = self.datapath.counters().expect("counters");
+        let counters = self.datapath.maps.counters().expect("counters");
         counters.iter().find(|(c, _)| *c == counter).map(|(_, v)| *v).unwrap_or(0)
     }
 }
@@ -494,7 +494,7 @@ fn unconfigured_program_passes_everything() {
     let netns = Netns::new("pkt");
     netns.run_in(|| {
         let config: Config = CONFIG.parse().unwrap();
-        let mut datapath = Datapath::load(&config).expect("load");
+        let mut datapath = Datapath::load(&config, None).expect("load");
         let packet = syn((CLIENT, 40000), (PUBLIC, 80));
         let mut out = vec![0u8; packet.len() + 256];
         let result = datapath
@@ -558,7 +558,7 @@ impl Gateway {
     /// The flow state and table of the entry keyed by `packet`'s tuple.
     fn flow_state(&self, key: FlowKey) -> Option<(Table, &'static str)> {
         [Table::Established, Table::New].into_iter().find_map(|table| {
-            let entries = self.datapath.conntrack(table).expect("conntrack");
+            let entries = self.datapath.maps.conntrack(table).expect("conntrack");
             entries.iter().find(|(k, _)| *k == key).map(|(_, e)| (table, state::name(e.state)))
         })
     }
@@ -737,6 +737,7 @@ fn expired_flows_are_absent_and_reclaimed() {
         let settings = hairpin::datapath::settings(&config.parse().unwrap());
         let reclaimed = gw
             .datapath
+            .maps
             .reclaim_expired(&settings, hairpin::datapath::monotonic_coarse_ns())
             .expect("reclaim");
         assert_eq!(
@@ -744,7 +745,7 @@ fn expired_flows_are_absent_and_reclaimed() {
             [2, 0],
             "the idle UDP flow's two entries, from the established table"
         );
-        assert!(gw.datapath.conntrack(Table::Established).unwrap().is_empty());
+        assert!(gw.datapath.maps.conntrack(Table::Established).unwrap().is_empty());
 
         assert_eq!(gw.run(&syn(client, (PUBLIC, 80))).0, XDP_TX, "the same tuple opens a new flow");
     });

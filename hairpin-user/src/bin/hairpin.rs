@@ -1,27 +1,40 @@
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::Read as _,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, Subcommand};
 use hairpin::{
-    config::Config,
-    datapath::{Datapath, Table, if_index, monotonic_coarse_ns},
+    config::{Config, Mapping, Proto, parse_endpoint},
+    datapath::{Attachment, Datapath, PinDir, if_index, monotonic_coarse_ns},
+    maps::{Maps, Table},
     stats::{Snapshot, format_values},
 };
-use log::{info, warn};
+use hairpin_common::{Counter, DIRECTION_ORIGINAL, FlowEntry, FlowKey, state};
+use log::{error, info, warn};
+use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 
-/// hairpin: hairpin NAT for Linux gateways, in XDP.
+/// hairpin: hairpin NAT and port forwards for Linux gateways, in XDP.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Where a running instance keeps its maps and links (bpffs).
+    #[arg(long, global = true, env = "HAIRPIN_PIN_DIR", default_value = "/sys/fs/bpf/hairpin")]
+    pin_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the datapath, attach it to the LAN interfaces and stay in the
-    /// foreground; SIGINT or SIGTERM detaches it.
+    /// Load the datapath (or take over a running one's), attach it and stay in
+    /// the foreground. SIGHUP re-reads the configuration; SIGINT or SIGTERM
+    /// detach and remove everything.
     Run {
         /// The configuration file (TOML).
         #[arg(long, short)]
@@ -29,6 +42,10 @@ enum Command {
         /// Print the counters every this many seconds (0: only at exit).
         #[arg(long, default_value_t = 0)]
         stats_interval: u64,
+        /// On SIGINT/SIGTERM leave the datapath attached with its state, for
+        /// an upgrade: the next `hairpin run` takes it over.
+        #[arg(long)]
+        keep_attached: bool,
     },
     /// Check a configuration file and print what it would do.
     Check {
@@ -36,6 +53,72 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Publish, withdraw or list mappings of the running instance.
+    #[command(subcommand)]
+    Mapping(MappingCommand),
+    /// List or flush the running instance's flows.
+    #[command(subcommand)]
+    Conntrack(ConntrackCommand),
+    /// Counters per verdict and per mapping, table fill.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        /// Print again every this many seconds.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1")]
+        watch: Option<u64>,
+    },
+    /// Interfaces, XDP modes, programs, table fill, configuration file.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one packet through the running instance's program and show what
+    /// it does (verdict, rewritten headers), leaving no state behind.
+    Explain {
+        proto: Proto,
+        /// Source, ADDRESS:PORT.
+        src: SocketAddrV4,
+        /// Destination, ADDRESS:PORT.
+        dst: SocketAddrV4,
+        /// The interface the packet arrives on (default: the first LAN one).
+        #[arg(long)]
+        iface: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn iptables-save output's DNAT port forwards into mappings.
+    ImportIptables {
+        /// The iptables-save output; `-` or nothing for standard input.
+        file: Option<PathBuf>,
+        /// Only print what would be published.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MappingCommand {
+    /// Publish PUBLIC (ADDRESS:PORT[-PORT]) at SERVER (ADDRESS:PORT[-PORT]).
+    Add { proto: Proto, public: String, server: String },
+    /// Withdraw the mapping publishing PUBLIC (ADDRESS:PORT[-PORT]). Its
+    /// established flows go on until they end or expire.
+    Del { proto: Proto, public: String },
+    /// List the published mappings.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConntrackCommand {
+    /// The tracked flows, like `conntrack -L`.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every tracked flow (their packets then go to the kernel).
+    Flush,
 }
 
 fn main() -> ExitCode {
@@ -48,7 +131,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli.command)) {
+    match runtime.block_on(execute(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever RUST_BACKTRACE says.
@@ -58,18 +141,29 @@ fn main() -> ExitCode {
     }
 }
 
-async fn execute(command: Command) -> anyhow::Result<()> {
-    match command {
-        Command::Run { config, stats_interval } => run(&config, stats_interval).await,
+async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let pins = PinDir(cli.pin_dir);
+    match cli.command {
+        Command::Run { config, stats_interval, keep_attached } => {
+            run(&config, &pins, stats_interval, keep_attached).await
+        }
         Command::Check { config } => {
             let config = load_config(&config)?;
             println!("configuration is valid: {}", describe(&config));
             Ok(())
         }
+        Command::Mapping(command) => mapping(&pins, command),
+        Command::Conntrack(command) => conntrack(&pins, command),
+        Command::Stats { json, watch } => stats(&pins, json, watch).await,
+        Command::Status { json } => status(&pins, json),
+        Command::Explain { proto, src, dst, iface, json } => {
+            explain(&pins, proto, src, dst, iface, json)
+        }
+        Command::ImportIptables { file, dry_run } => import_iptables(&pins, file, dry_run),
     }
 }
 
-fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+fn load_config(path: &Path) -> anyhow::Result<Config> {
     Config::from_file(path).with_context(|| format!("invalid configuration {}", path.display()))
 }
 
@@ -83,8 +177,26 @@ fn describe(config: &Config) -> String {
     )
 }
 
-async fn run(path: &std::path::Path, stats_interval: u64) -> anyhow::Result<()> {
-    let config = load_config(path)?;
+/// What `hairpin status` reads about the daemon, next to the pins.
+#[derive(Serialize, Deserialize)]
+struct DaemonState {
+    pid: u32,
+    config: PathBuf,
+    pin_dir: PathBuf,
+    conntrack_capacity: u32,
+    interfaces: Vec<Attachment>,
+}
+
+fn state_file(pins: &PinDir) -> PathBuf {
+    let name = pins
+        .0
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "hairpin".into());
+    PathBuf::from("/run/hairpin").join(format!("{name}.json"))
+}
+
+fn check_interfaces(config: &Config, path: &Path) -> anyhow::Result<()> {
     let lan = config
         .lan
         .interfaces
@@ -96,11 +208,25 @@ async fn run(path: &std::path::Path, stats_interval: u64) -> anyhow::Result<()> 
         if_index(name)
             .with_context(|| format!("invalid configuration {}: `{key}`", path.display()))?;
     }
+    Ok(())
+}
+
+async fn run(
+    path: &Path,
+    pins: &PinDir,
+    stats_interval: u64,
+    keep_attached: bool,
+) -> anyhow::Result<()> {
+    let mut config = load_config(path)?;
+    check_interfaces(&config, path)?;
     for name in &config.lan.interfaces {
         warn_if_not_forwarding(name);
     }
-
-    let mut datapath = Datapath::load(&config).context("loading the datapath")?;
+    let taking_over = pins.exists();
+    let mut datapath = Datapath::load(&config, Some(pins)).context("loading the datapath")?;
+    if taking_over {
+        info!("taking over the datapath pinned at {} (its flows go on)", pins.0.display());
+    }
     if let Some(logger) = datapath.take_logger() {
         // SAFETY: the AsyncFd owns the logger, so the fd outlives the registration.
         let mut logger = unsafe {
@@ -117,8 +243,9 @@ async fn run(path: &std::path::Path, stats_interval: u64) -> anyhow::Result<()> 
     datapath.configure(&config).context("configuring the datapath")?;
     let attachments = datapath.attach(&config).context("attaching the datapath")?;
     for a in &attachments {
-        info!("attached to {} (ifindex {}) in {} mode", a.interface, a.if_index, a.mode);
+        info!("attached to {} ({}, ifindex {}): {}", a.interface, a.role, a.if_index, a.mode);
     }
+    write_state(pins, path, &config, &attachments);
     info!("hairpin running: {}", describe(&config));
     for mapping in &config.mappings {
         info!("  {mapping}");
@@ -127,62 +254,131 @@ async fn run(path: &std::path::Path, stats_interval: u64) -> anyhow::Result<()> 
         warn!("{warning}");
     }
 
-    let settings = hairpin::datapath::settings(&config);
-    let mut reclaimed = [0u64; 2];
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let period =
         Duration::from_secs(if stats_interval == 0 { u64::MAX / 4 } else { stats_interval });
     let mut stats_ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    let reclaim_period = reclaim_interval(&config);
-    let mut reclaim_ticker =
-        tokio::time::interval_at(tokio::time::Instant::now() + reclaim_period, reclaim_period);
+    let mut reclaim_ticker = reclaim_ticker(&config);
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            _ = stats_ticker.tick() => print_counters(&datapath, &config, reclaimed, "counters"),
-            _ = reclaim_ticker.tick() => match datapath.reclaim_expired(&settings, monotonic_coarse_ns()) {
-                Ok([established, new]) => {
-                    reclaimed[0] += established as u64;
-                    reclaimed[1] += new as u64;
+            _ = sighup.recv() => match reload(path, &config, &mut datapath) {
+                Ok(new) => {
+                    config = new;
+                    reclaim_ticker = reclaim_ticker_for(&config);
+                    info!("configuration reloaded: {}", describe(&config));
                 }
-                Err(e) => warn!("reclaiming expired flows: {e}"),
+                Err(e) => error!("configuration not reloaded, the running one stays: {e:#}"),
             },
+            _ = stats_ticker.tick() => print_counters(&datapath.maps, &config, "counters"),
+            _ = reclaim_ticker.tick() => reclaim(&mut datapath.maps, &config),
         }
     }
-    print_counters(&datapath, &config, reclaimed, "counters at exit");
-    datapath.detach();
-    info!("detached");
+    print_counters(&datapath.maps, &config, "counters at exit");
+    if keep_attached {
+        datapath.keep();
+        info!("left attached with its state at {} (--keep-attached)", pins.0.display());
+    } else {
+        datapath.remove();
+        let _ = std::fs::remove_file(state_file(pins));
+        info!("detached");
+    }
     Ok(())
 }
 
+fn reclaim_ticker(config: &Config) -> tokio::time::Interval {
+    reclaim_ticker_for(config)
+}
+
 /// Often enough that expired flows do not linger much past their timeout.
-fn reclaim_interval(config: &Config) -> Duration {
+fn reclaim_ticker_for(config: &Config) -> tokio::time::Interval {
     let t = config.timeouts;
     let shortest = t.tcp_established.min(t.tcp_transitory).min(t.udp);
-    Duration::from_secs((shortest / 4).clamp(1, 10))
+    let period = Duration::from_secs((shortest / 4).clamp(1, 10));
+    tokio::time::interval_at(tokio::time::Instant::now() + period, period)
 }
 
-fn snapshot(datapath: &Datapath, config: &Config, reclaimed: [u64; 2]) -> anyhow::Result<Snapshot> {
-    Ok(Snapshot {
-        counters: datapath.counters()?,
-        established_entries: datapath.conntrack(Table::Established)?.len(),
-        new_entries: datapath.conntrack(Table::New)?.len(),
-        capacity: config.conntrack_capacity,
-        reclaimed_established: reclaimed[0],
-        reclaimed_new: reclaimed[1],
-    })
+fn reclaim(maps: &mut Maps, config: &Config) {
+    let settings = hairpin::datapath::settings(config);
+    match maps.reclaim_expired(&settings, monotonic_coarse_ns()) {
+        Ok([established, new]) => {
+            for (counter, amount) in
+                [(Counter::ReclaimedEstablished, established), (Counter::ReclaimedNew, new)]
+            {
+                if amount > 0
+                    && let Err(e) = maps.add_to_counter(counter, amount as u64)
+                {
+                    warn!("counting reclaimed entries: {e}");
+                }
+            }
+        }
+        Err(e) => warn!("reclaiming expired flows: {e}"),
+    }
 }
 
-fn print_counters(datapath: &Datapath, config: &Config, reclaimed: [u64; 2], title: &str) {
-    match snapshot(datapath, config, reclaimed) {
+/// Applies a changed configuration, or explains why it cannot be applied
+/// without a restart; nothing is written unless all of it is valid.
+fn reload(path: &Path, running: &Config, datapath: &mut Datapath) -> anyhow::Result<Config> {
+    let config = load_config(path)?;
+    check_interfaces(&config, path)?;
+    let interfaces =
+        |c: &Config| (c.lan.interfaces.clone(), c.wan.as_ref().map(|w| w.interface.clone()));
+    if interfaces(&config) != interfaces(running) {
+        bail!("the interfaces changed: restart hairpin to attach to new ones");
+    }
+    if config.conntrack_capacity != running.conntrack_capacity {
+        bail!("conntrack.capacity changed: restart hairpin to resize the tables");
+    }
+    if config.xdp_mode != running.xdp_mode {
+        bail!("xdp.mode changed: restart hairpin to attach in another mode");
+    }
+    datapath.configure(&config).context("applying the configuration")?;
+    Ok(config)
+}
+
+fn write_state(pins: &PinDir, config_path: &Path, config: &Config, attachments: &[Attachment]) {
+    let state = DaemonState {
+        pid: std::process::id(),
+        config: std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf()),
+        pin_dir: pins.0.clone(),
+        conntrack_capacity: config.conntrack_capacity,
+        interfaces: attachments.to_vec(),
+    };
+    let path = state_file(pins);
+    let written = std::fs::create_dir_all("/run/hairpin").and_then(|()| {
+        std::fs::write(&path, serde_json::to_vec_pretty(&state).unwrap_or_default())
+    });
+    if let Err(e) = written {
+        warn!("writing {}: {e}; `hairpin status` will know less", path.display());
+    }
+}
+
+fn read_state(pins: &PinDir) -> Option<DaemonState> {
+    serde_json::from_slice(&std::fs::read(state_file(pins)).ok()?).ok()
+}
+
+/// The running instance's maps.
+fn open(pins: &PinDir) -> anyhow::Result<Maps> {
+    if !pins.exists() {
+        bail!(
+            "no running hairpin instance at {} (start one with `hairpin run --config FILE`, or give --pin-dir)",
+            pins.0.display()
+        );
+    }
+    Maps::open_pinned(&pins.maps())
+        .with_context(|| format!("opening the instance at {}", pins.0.display()))
+}
+
+fn print_counters(maps: &Maps, config: &Config, title: &str) {
+    match Snapshot::read(maps, config.conntrack_capacity) {
         Ok(snapshot) => println!("{title}:\n{}", format_values(&snapshot.values(), false)),
         Err(e) => warn!("reading counters: {e}"),
     }
 }
 
-/// `bpf_fib_lookup` refuses to route for an interface without forwarding.
 fn warn_if_not_forwarding(interface: &str) {
     let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
     if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0") {
@@ -190,4 +386,366 @@ fn warn_if_not_forwarding(interface: &str) {
             "IPv4 forwarding is off on {interface} ({path}); hairpin will pass every packet to the kernel"
         );
     }
+}
+
+fn parse_mapping(proto: Proto, public: &str, server: &str) -> anyhow::Result<Mapping> {
+    let (public, public_ports) = parse_endpoint(public).map_err(|e| anyhow!("public: {e}"))?;
+    let (to, to_ports) = parse_endpoint(server).map_err(|e| anyhow!("server: {e}"))?;
+    if public_ports.len() != to_ports.len() {
+        bail!(
+            "{} public port(s) but {} server port(s): the ranges must have equal lengths",
+            public_ports.len(),
+            to_ports.len()
+        );
+    }
+    Ok(Mapping { proto, public, public_ports, to, to_ports })
+}
+
+#[derive(Serialize)]
+struct MappingJson {
+    id: u16,
+    proto: String,
+    public: String,
+    to: String,
+    flows: u64,
+    packets: u64,
+    bytes: u64,
+}
+
+fn mapping(pins: &PinDir, command: MappingCommand) -> anyhow::Result<()> {
+    match command {
+        MappingCommand::Add { proto, public, server } => {
+            let mapping = parse_mapping(proto, &public, &server)?;
+            let mut maps = open(pins)?;
+            maps.add_mapping(&mapping)?;
+            println!("published {mapping}");
+            Ok(())
+        }
+        MappingCommand::Del { proto, public } => {
+            let (public, ports) = parse_endpoint(&public).map_err(|e| anyhow!("public: {e}"))?;
+            let mut maps = open(pins)?;
+            let rule = maps.remove_mapping(proto, public, ports)?;
+            println!(
+                "withdrew {} (its established flows go on until they end or expire)",
+                rule.mapping
+            );
+            Ok(())
+        }
+        MappingCommand::List { json } => {
+            let maps = open(pins)?;
+            let mut rows = Vec::new();
+            for rule in maps.mapping_rules()? {
+                let stats = maps.mapping_stats(rule.id)?;
+                let m = &rule.mapping;
+                rows.push(MappingJson {
+                    id: rule.id,
+                    proto: m.proto.to_string(),
+                    public: format!("{}:{}", m.public, m.public_ports),
+                    to: format!("{}:{}", m.to, m.to_ports),
+                    flows: stats.flows,
+                    packets: stats.packets,
+                    bytes: stats.bytes,
+                });
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no mappings");
+            } else {
+                println!(
+                    "{:<5} {:<28} {:<28} {:>8} {:>10} {:>12}",
+                    "proto", "public", "server", "flows", "packets", "bytes"
+                );
+                for r in rows {
+                    println!(
+                        "{:<5} {:<28} {:<28} {:>8} {:>10} {:>12}",
+                        r.proto, r.public, r.to, r.flows, r.packets, r.bytes
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct FlowJson {
+    proto: &'static str,
+    kind: &'static str,
+    state: &'static str,
+    table: &'static str,
+    /// client → public, as the client sent it.
+    original: String,
+    /// as the server sees it.
+    translated: String,
+    /// The real client behind the translated source.
+    client: String,
+    age_s: u64,
+    timeout_left_s: u64,
+    packets: u64,
+    bytes: u64,
+}
+
+fn endpoint(addr: u32, port: u16) -> String {
+    format!("{}:{}", hairpin::maps::host_addr(addr), u16::from_be(port))
+}
+
+/// Both entries of each flow, from the entry of its original direction.
+fn flows(maps: &Maps) -> anyhow::Result<Vec<FlowJson>> {
+    let settings = maps.settings()?;
+    let now = monotonic_coarse_ns();
+    let mut rows = Vec::new();
+    for (table, table_name) in [(Table::Established, "established"), (Table::New, "new")] {
+        let entries = maps.conntrack(table)?;
+        let find = |key: &FlowKey| entries.iter().find(|(k, _)| k == key).map(|(_, e)| *e);
+        for (key, entry) in entries.iter().filter(|(_, e)| e.direction == DIRECTION_ORIGINAL) {
+            let reply: Option<FlowEntry> = find(&entry.translated.reversed());
+            let last_seen =
+                reply.map_or(entry.last_seen_ns, |r| r.last_seen_ns.max(entry.last_seen_ns));
+            let idle = now.saturating_sub(last_seen);
+            let timeout = settings.timeout_ns(entry.state);
+            let t = &entry.translated;
+            rows.push(FlowJson {
+                proto: if key.proto == 6 { "tcp" } else { "udp" },
+                kind: if entry.kind == hairpin_common::KIND_HAIRPIN {
+                    "hairpin"
+                } else {
+                    "forward"
+                },
+                state: state::name(entry.state),
+                table: table_name,
+                original: format!(
+                    "{} -> {}",
+                    endpoint(key.src_addr, key.src_port),
+                    endpoint(key.dst_addr, key.dst_port)
+                ),
+                translated: format!(
+                    "{} -> {}",
+                    endpoint(t.src_addr, t.src_port),
+                    endpoint(t.dst_addr, t.dst_port)
+                ),
+                client: endpoint(key.src_addr, key.src_port),
+                age_s: (now / 1_000_000_000).saturating_sub(entry.created_s as u64),
+                timeout_left_s: timeout.saturating_sub(idle) / 1_000_000_000,
+                packets: entry.packets as u64 + reply.map_or(0, |r| r.packets as u64),
+                bytes: entry.bytes + reply.map_or(0, |r| r.bytes),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+fn conntrack(pins: &PinDir, command: ConntrackCommand) -> anyhow::Result<()> {
+    match command {
+        ConntrackCommand::List { json } => {
+            let maps = open(pins)?;
+            let rows = flows(&maps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            for r in &rows {
+                println!(
+                    "{} {:<11} {} -> server sees {} (client {}, {}) age {}s timeout {}s packets {} bytes {}",
+                    r.proto,
+                    r.state,
+                    r.original,
+                    r.translated,
+                    r.client,
+                    r.kind,
+                    r.age_s,
+                    r.timeout_left_s,
+                    r.packets,
+                    r.bytes
+                );
+            }
+            println!("{} flow(s)", rows.len());
+            Ok(())
+        }
+        ConntrackCommand::Flush => {
+            let mut maps = open(pins)?;
+            let removed = maps.flush_conntrack()?;
+            println!("removed {removed} entries ({} flows)", removed / 2);
+            Ok(())
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct StatsJson {
+    counters: std::collections::BTreeMap<&'static str, u64>,
+    mappings: Vec<MappingJson>,
+    capacity: u32,
+}
+
+async fn stats(pins: &PinDir, json: bool, watch: Option<u64>) -> anyhow::Result<()> {
+    loop {
+        let maps = open(pins)?;
+        let capacity = read_state(pins).map_or(0, |s| s.conntrack_capacity);
+        let snapshot = Snapshot::read(&maps, capacity)?;
+        let mut mappings = Vec::new();
+        for rule in maps.mapping_rules()? {
+            let s = maps.mapping_stats(rule.id)?;
+            let m = &rule.mapping;
+            mappings.push(MappingJson {
+                id: rule.id,
+                proto: m.proto.to_string(),
+                public: format!("{}:{}", m.public, m.public_ports),
+                to: format!("{}:{}", m.to, m.to_ports),
+                flows: s.flows,
+                packets: s.packets,
+                bytes: s.bytes,
+            });
+        }
+        if json {
+            let stats =
+                StatsJson { counters: snapshot.values().into_iter().collect(), mappings, capacity };
+            println!("{}", serde_json::to_string(&stats)?);
+        } else {
+            println!("counters:\n{}", format_values(&snapshot.values(), false));
+            println!("per mapping:");
+            for m in &mappings {
+                println!(
+                    "  {} {} -> {}: {} flows, {} packets, {} bytes",
+                    m.proto, m.public, m.to, m.flows, m.packets, m.bytes
+                );
+            }
+            if capacity > 0 {
+                println!(
+                    "tables: established {}/{} entries, new {}/{} entries",
+                    snapshot.established_entries, capacity, snapshot.new_entries, capacity
+                );
+            }
+        }
+        match watch {
+            Some(seconds) => tokio::time::sleep(Duration::from_secs(seconds.max(1))).await,
+            None => return Ok(()),
+        }
+    }
+}
+
+fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
+    let maps = open(pins)?;
+    let state = read_state(pins);
+    let daemon_alive =
+        state.as_ref().is_some_and(|s| Path::new(&format!("/proc/{}", s.pid)).exists());
+    let established = maps.conntrack(Table::Established)?.len();
+    let new = maps.conntrack(Table::New)?.len();
+    let programs: Vec<(u32, String)> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| matches!(p.name_as_str(), Some("hairpin") | Some("hairpin_neigh_r")))
+        .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_string()))
+        .collect();
+    if json {
+        let value = serde_json::json!({
+            "pin_dir": pins.0,
+            "daemon": state.as_ref().map(|s| serde_json::json!({"pid": s.pid, "running": daemon_alive, "config": s.config})),
+            "interfaces": state.as_ref().map(|s| &s.interfaces),
+            "programs": programs.iter().map(|(id, name)| serde_json::json!({"id": id, "name": name})).collect::<Vec<_>>(),
+            "conntrack": {"established": established, "new": new, "capacity": state.as_ref().map(|s| s.conntrack_capacity)},
+            "mappings": maps.mapping_rules()?.len(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!("instance: {}", pins.0.display());
+    match &state {
+        Some(s) => {
+            println!(
+                "daemon:   pid {} ({})",
+                s.pid,
+                if daemon_alive {
+                    "running"
+                } else {
+                    "not running: the datapath goes on without it"
+                }
+            );
+            println!("config:   {}", s.config.display());
+            for a in &s.interfaces {
+                println!("  {:<12} {} ifindex {} XDP {}", a.interface, a.role, a.if_index, a.mode);
+            }
+        }
+        None => println!("daemon:   unknown (no state file {})", state_file(pins).display()),
+    }
+    for (id, name) in &programs {
+        println!("program:  {name} id {id}");
+    }
+    let capacity = state.as_ref().map_or(0, |s| s.conntrack_capacity);
+    println!(
+        "flows:    established {established}/{capacity} entries, new {new}/{capacity} entries"
+    );
+    println!("mappings: {}", maps.mapping_rules()?.len());
+    Ok(())
+}
+
+fn explain(
+    pins: &PinDir,
+    proto: Proto,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    iface: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    if !pins.exists() {
+        open(pins)?;
+    }
+    let iface = match iface {
+        Some(iface) => iface,
+        None => read_state(pins)
+            .and_then(|s| s.interfaces.into_iter().find(|a| a.role == "lan").map(|a| a.interface))
+            .ok_or_else(|| anyhow!("give the interface the packet arrives on with --iface"))?,
+    };
+    let index = if_index(&iface)?;
+    let explanation = hairpin::explain::explain(pins, proto, src, dst, index)?;
+    if json {
+        let value = serde_json::json!({
+            "action": explanation.action,
+            "counters": explanation.counters,
+            "input": explanation.input.to_string(),
+            "output": explanation.output.map(|o| o.to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!("packet:  {} (arriving on {iface})", explanation.input);
+    println!("verdict: {}", explanation.action);
+    println!("because: {}", explanation.counters.join(", "));
+    if let Some(output) = explanation.output {
+        println!("leaves:  {output}");
+    }
+    Ok(())
+}
+
+fn import_iptables(pins: &PinDir, file: Option<PathBuf>, dry_run: bool) -> anyhow::Result<()> {
+    let text = match file.as_deref() {
+        None => read_stdin()?,
+        Some(path) if path == Path::new("-") => read_stdin()?,
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+    };
+    let imported = hairpin::import::import_iptables_save(&text);
+    for skipped in &imported.skipped {
+        println!("skipped line {}: {} ({})", skipped.line, skipped.rule, skipped.reason);
+    }
+    if dry_run {
+        for mapping in &imported.mappings {
+            println!("would publish {mapping}");
+        }
+        return Ok(());
+    }
+    let mut maps = open(pins)?;
+    for mapping in &imported.mappings {
+        match maps.add_mapping(mapping) {
+            Ok(_) => println!("published {mapping}"),
+            Err(e) => println!("not published {mapping}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn read_stdin() -> anyhow::Result<String> {
+    let mut text = String::new();
+    std::io::stdin().read_to_string(&mut text).context("reading standard input")?;
+    Ok(text)
 }

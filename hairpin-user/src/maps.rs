@@ -1,0 +1,420 @@
+//! Typed access to the datapath's maps, whether this process loaded them or
+//! opened them from a running instance's pins.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::Path,
+};
+
+use aya::{
+    Ebpf,
+    maps::{
+        Array, DevMapHash, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key,
+    },
+};
+use hairpin_common::{
+    Counter, FlowEntry, FlowKey, LAYOUT_VERSION, MAX_MAPPING_RULES, MappingKey, MappingStats,
+    MappingValue, Settings, maps::names,
+};
+use thiserror::Error;
+
+use crate::config::{Ipv4Net, Mapping, PortRange, Proto};
+
+#[derive(Debug, Error)]
+pub enum MapsError {
+    #[error("eBPF map `{name}` is missing")]
+    Missing { name: &'static str },
+    #[error("eBPF map `{name}`: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error(
+        "the pinned maps at {dir} have layout {found:#x}, this hairpin expects {expected:#x}: \
+         they belong to another version; stop that instance (hairpin stop, or remove {dir}) first"
+    )]
+    Layout { dir: String, found: u64, expected: u64 },
+    #[error("{0}")]
+    Mapping(String),
+}
+
+fn map_error(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// Addresses and ports as the maps store them: bytes in wire order.
+pub fn wire_addr(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+pub fn host_addr(wire: u32) -> Ipv4Addr {
+    Ipv4Addr::from(wire.to_ne_bytes())
+}
+
+/// The two conntrack tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// Established flows (TCP ESTABLISHED and later, UDP replied): never evicted.
+    Established,
+    /// Flows not established yet: LRU.
+    New,
+}
+
+/// A mapping rule as the table holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappingRule {
+    pub id: u16,
+    pub mapping: Mapping,
+}
+
+pub struct Maps {
+    layout: Array<MapData, u64>,
+    settings: Array<MapData, Settings>,
+    lan_networks: LpmTrie<MapData, u32, u8>,
+    interfaces: HashMap<MapData, u32, u8>,
+    egress: DevMapHash<MapData>,
+    mappings: HashMap<MapData, MappingKey, MappingValue>,
+    established: HashMap<MapData, FlowKey, FlowEntry>,
+    new: HashMap<MapData, FlowKey, FlowEntry>,
+    counters: PerCpuArray<MapData, u64>,
+    mapping_stats: PerCpuArray<MapData, MappingStats>,
+}
+
+impl Maps {
+    /// Takes the maps out of a freshly loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Self::build(|name| ebpf.take_map(name).ok_or(MapsError::Missing { name }))
+    }
+
+    /// Opens a running instance's maps from their pins in `dir`, refusing
+    /// another layout than this build's.
+    pub fn open_pinned(dir: &Path) -> Result<Self, MapsError> {
+        check_layout(dir)?;
+        Self::build(|name| {
+            let data = MapData::from_pin(dir.join(name)).map_err(map_error(name))?;
+            Map::from_map_data(data).map_err(map_error(name))
+        })
+    }
+
+    fn build(
+        mut map: impl FnMut(&'static str) -> Result<Map, MapsError>,
+    ) -> Result<Self, MapsError> {
+        macro_rules! typed {
+            ($name:expr) => {
+                map($name)?.try_into().map_err(map_error($name))?
+            };
+        }
+        Ok(Self {
+            layout: typed!(names::LAYOUT),
+            settings: typed!(names::SETTINGS),
+            lan_networks: typed!(names::LAN_NETWORKS),
+            interfaces: typed!(names::INTERFACES),
+            egress: typed!(names::EGRESS_DEVICES),
+            mappings: typed!(names::MAPPINGS),
+            established: typed!(names::CONNTRACK),
+            new: typed!(names::CONNTRACK_NEW),
+            counters: typed!(names::COUNTERS),
+            mapping_stats: typed!(names::MAPPING_STATS),
+        })
+    }
+
+    pub fn stamp_layout(&mut self) -> Result<(), MapsError> {
+        self.layout.set(0, LAYOUT_VERSION, 0).map_err(map_error(names::LAYOUT))
+    }
+
+    pub fn settings(&self) -> Result<Settings, MapsError> {
+        self.settings.get(&0, 0).map_err(map_error(names::SETTINGS))
+    }
+
+    pub fn set_settings(&mut self, settings: Settings) -> Result<(), MapsError> {
+        self.settings.set(0, settings, 0).map_err(map_error(names::SETTINGS))
+    }
+
+    /// Makes the LAN networks exactly `networks`.
+    pub fn set_lan_networks(&mut self, networks: &[Ipv4Net]) -> Result<(), MapsError> {
+        let wanted: Vec<Key<u32>> =
+            networks.iter().map(|n| Key::new(n.prefix_len.into(), wire_addr(n.addr))).collect();
+        for key in &wanted {
+            self.lan_networks.insert(key, 1, 0).map_err(map_error(names::LAN_NETWORKS))?;
+        }
+        let present: Vec<Key<u32>> = self.lan_networks.keys().filter_map(Result::ok).collect();
+        for key in present {
+            let keep =
+                wanted.iter().any(|w| w.prefix_len() == key.prefix_len() && w.data() == key.data());
+            if !keep {
+                let _ = self.lan_networks.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the managed interfaces exactly `interfaces` (index, role), each
+    /// also a possible egress device.
+    pub fn set_interfaces(&mut self, interfaces: &[(u32, u8)]) -> Result<(), MapsError> {
+        for &(index, role) in interfaces {
+            self.interfaces.insert(index, role, 0).map_err(map_error(names::INTERFACES))?;
+            self.egress.insert(index, index, None, 0).map_err(|e| match e {
+                aya::maps::xdp::XdpMapError::MapError(source) => {
+                    MapsError::Map { name: names::EGRESS_DEVICES, source }
+                }
+                other => MapsError::Mapping(format!("eBPF map `EGRESS_DEVICES`: {other}")),
+            })?;
+        }
+        let wanted: BTreeSet<u32> = interfaces.iter().map(|(index, _)| *index).collect();
+        let stale: Vec<u32> =
+            self.interfaces.keys().filter_map(Result::ok).filter(|i| !wanted.contains(i)).collect();
+        for index in stale {
+            let _ = self.interfaces.remove(&index);
+            let _ = self.egress.remove(index);
+        }
+        Ok(())
+    }
+
+    /// The mapping rules, in order of their public address and ports.
+    pub fn mapping_rules(&self) -> Result<Vec<MappingRule>, MapsError> {
+        let mut by_id: BTreeMap<u16, Vec<(MappingKey, MappingValue)>> = BTreeMap::new();
+        for entry in self.mappings.iter() {
+            let (key, value) = entry.map_err(map_error(names::MAPPINGS))?;
+            by_id.entry(value.id).or_default().push((key, value));
+        }
+        let mut rules: Vec<MappingRule> = by_id
+            .into_iter()
+            .filter_map(|(id, mut ports)| {
+                ports.sort_by_key(|(k, _)| u16::from_be(k.public_port));
+                let (first_key, first_value) = *ports.first()?;
+                let (last_key, last_value) = *ports.last()?;
+                let proto = match first_key.proto {
+                    hairpin_common::IPPROTO_TCP => Proto::Tcp,
+                    _ => Proto::Udp,
+                };
+                let mapping = Mapping {
+                    proto,
+                    public: host_addr(first_key.public_addr),
+                    public_ports: PortRange {
+                        first: u16::from_be(first_key.public_port),
+                        last: u16::from_be(last_key.public_port),
+                    },
+                    to: host_addr(first_value.server_addr),
+                    to_ports: PortRange {
+                        first: u16::from_be(first_value.server_port),
+                        last: u16::from_be(last_value.server_port),
+                    },
+                };
+                Some(MappingRule { id, mapping })
+            })
+            .collect();
+        rules.sort_by_key(|r| {
+            (r.mapping.public, r.mapping.public_ports.first, r.mapping.proto.number())
+        });
+        Ok(rules)
+    }
+
+    /// Publishes `mapping` under a free rule id, all ports or none. Refused
+    /// when it overlaps a rule already published.
+    pub fn add_mapping(&mut self, mapping: &Mapping) -> Result<u16, MapsError> {
+        let rules = self.mapping_rules()?;
+        if let Some(other) = rules.iter().find(|r| r.mapping.overlaps(mapping)) {
+            return Err(MapsError::Mapping(format!(
+                "{} {}:{} is already published ({})",
+                mapping.proto, mapping.public, mapping.public_ports, other.mapping
+            )));
+        }
+        let used: BTreeSet<u16> = rules.iter().map(|r| r.id).collect();
+        let id = (0..MAX_MAPPING_RULES as u16).find(|id| !used.contains(id)).ok_or_else(|| {
+            MapsError::Mapping(format!("no room for more than {MAX_MAPPING_RULES} mapping rules"))
+        })?;
+        let stats_zero = aya::maps::PerCpuValues::try_from(vec![
+            MappingStats::default();
+            aya::util::nr_cpus().map_err(
+                |(_, e)| MapsError::Mapping(format!("counting CPUs: {e}"))
+            )?
+        ])
+        .map_err(|e| MapsError::Mapping(format!("per-CPU values: {e}")))?;
+        self.mapping_stats
+            .set(id as u32, stats_zero, 0)
+            .map_err(map_error(names::MAPPING_STATS))?;
+
+        let mut inserted = Vec::new();
+        for (public_port, server_port) in mapping.port_pairs() {
+            let key = mapping_key(mapping.proto, mapping.public, public_port);
+            let value = MappingValue {
+                server_addr: wire_addr(mapping.to),
+                server_port: server_port.to_be(),
+                id,
+            };
+            if let Err(source) = self.mappings.insert(key, value, BPF_NOEXIST) {
+                for key in inserted {
+                    let _ = self.mappings.remove(&key);
+                }
+                return Err(MapsError::Map { name: names::MAPPINGS, source });
+            }
+            inserted.push(key);
+        }
+        Ok(id)
+    }
+
+    /// Withdraws the rule publishing exactly `proto public:ports`.
+    pub fn remove_mapping(
+        &mut self,
+        proto: Proto,
+        public: Ipv4Addr,
+        ports: PortRange,
+    ) -> Result<MappingRule, MapsError> {
+        let rules = self.mapping_rules()?;
+        let rule = rules
+            .into_iter()
+            .find(|r| {
+                r.mapping.proto == proto
+                    && r.mapping.public == public
+                    && r.mapping.public_ports == ports
+            })
+            .ok_or_else(|| {
+                MapsError::Mapping(format!("no mapping publishes {proto} {public}:{ports}"))
+            })?;
+        for (public_port, _) in rule.mapping.port_pairs() {
+            let key = mapping_key(proto, public, public_port);
+            self.mappings.remove(&key).map_err(map_error(names::MAPPINGS))?;
+        }
+        Ok(rule)
+    }
+
+    /// Makes the published rules exactly `wanted`: rules already published
+    /// as wanted keep their id (and statistics), others are withdrawn, new
+    /// ones added. Returns (added, removed).
+    pub fn replace_mappings(
+        &mut self,
+        wanted: &[Mapping],
+    ) -> Result<(Vec<Mapping>, Vec<Mapping>), MapsError> {
+        let present = self.mapping_rules()?;
+        let mut removed = Vec::new();
+        for rule in &present {
+            if !wanted.contains(&rule.mapping) {
+                let m = &rule.mapping;
+                self.remove_mapping(m.proto, m.public, m.public_ports)?;
+                removed.push(rule.mapping.clone());
+            }
+        }
+        let mut added = Vec::new();
+        for mapping in wanted {
+            if !present.iter().any(|r| &r.mapping == mapping) {
+                self.add_mapping(mapping)?;
+                added.push(mapping.clone());
+            }
+        }
+        Ok((added, removed))
+    }
+
+    pub fn conntrack(&self, table: Table) -> Result<Vec<(FlowKey, FlowEntry)>, MapsError> {
+        let (map, name) = match table {
+            Table::Established => (&self.established, names::CONNTRACK),
+            Table::New => (&self.new, names::CONNTRACK_NEW),
+        };
+        map.iter().collect::<Result<_, _>>().map_err(map_error(name))
+    }
+
+    /// Removes `keys` from `table`; how many were there.
+    pub fn remove_flows(&mut self, table: Table, keys: &[FlowKey]) -> usize {
+        let map = match table {
+            Table::Established => &mut self.established,
+            Table::New => &mut self.new,
+        };
+        keys.iter().filter(|key| map.remove(key).is_ok()).count()
+    }
+
+    /// Puts an entry back as it was (best effort: the datapath may race).
+    pub fn put_flow(&mut self, table: Table, key: &FlowKey, entry: &FlowEntry) {
+        let map = match table {
+            Table::Established => &mut self.established,
+            Table::New => &mut self.new,
+        };
+        let _ = map.insert(key, entry, 0);
+    }
+
+    /// Empties both conntrack tables; how many entries there were.
+    pub fn flush_conntrack(&mut self) -> Result<usize, MapsError> {
+        let mut removed = 0;
+        for table in [Table::Established, Table::New] {
+            let keys: Vec<FlowKey> = self.conntrack(table)?.into_iter().map(|(k, _)| k).collect();
+            removed += self.remove_flows(table, &keys);
+        }
+        Ok(removed)
+    }
+
+    /// Removes the flows idle past their timeout (both entries of a flow, once
+    /// both are idle); how many entries each table lost.
+    pub fn reclaim_expired(
+        &mut self,
+        settings: &Settings,
+        now_ns: u64,
+    ) -> Result<[usize; 2], MapsError> {
+        let mut reclaimed = [0; 2];
+        for (slot, table) in [Table::Established, Table::New].into_iter().enumerate() {
+            let entries = self.conntrack(table)?;
+            let expired = crate::conntrack::expired_flows(&entries, settings, now_ns);
+            reclaimed[slot] = self.remove_flows(table, &expired);
+        }
+        Ok(reclaimed)
+    }
+
+    /// Every counter summed over the CPUs, in [`Counter::ALL`] order.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, MapsError> {
+        Counter::ALL
+            .iter()
+            .map(|&counter| {
+                let values =
+                    self.counters.get(&(counter as u32), 0).map_err(map_error(names::COUNTERS))?;
+                Ok((counter, values.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Adds to a counter kept by user space (the first CPU's slot; only one
+    /// process writes it).
+    pub fn add_to_counter(&mut self, counter: Counter, amount: u64) -> Result<(), MapsError> {
+        let name = names::COUNTERS;
+        let values = self.counters.get(&(counter as u32), 0).map_err(map_error(name))?;
+        let mut values: Vec<u64> = values.iter().copied().collect();
+        values[0] += amount;
+        let values = aya::maps::PerCpuValues::try_from(values)
+            .map_err(|e| MapsError::Mapping(format!("per-CPU values: {e}")))?;
+        self.counters.set(counter as u32, values, 0).map_err(map_error(name))
+    }
+
+    /// A mapping rule's traffic summed over the CPUs.
+    pub fn mapping_stats(&self, id: u16) -> Result<MappingStats, MapsError> {
+        let values =
+            self.mapping_stats.get(&(id as u32), 0).map_err(map_error(names::MAPPING_STATS))?;
+        Ok(values.iter().fold(MappingStats::default(), |sum, v| MappingStats {
+            flows: sum.flows + v.flows,
+            packets: sum.packets + v.packets,
+            bytes: sum.bytes + v.bytes,
+        }))
+    }
+}
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
+fn mapping_key(proto: Proto, public: Ipv4Addr, port: u16) -> MappingKey {
+    MappingKey {
+        public_addr: wire_addr(public),
+        public_port: port.to_be(),
+        proto: proto.number(),
+        _pad: 0,
+    }
+}
+
+/// Refuses pinned maps stamped with another layout than this build's.
+pub fn check_layout(dir: &Path) -> Result<(), MapsError> {
+    let name = names::LAYOUT;
+    let data = MapData::from_pin(dir.join(name)).map_err(map_error(name))?;
+    let layout: Array<MapData, u64> =
+        Map::from_map_data(data).map_err(map_error(name))?.try_into().map_err(map_error(name))?;
+    let found = layout.get(&0, 0).map_err(map_error(name))?;
+    if found != LAYOUT_VERSION {
+        return Err(MapsError::Layout {
+            dir: dir.display().to_string(),
+            found,
+            expected: LAYOUT_VERSION,
+        });
+    }
+    Ok(())
+}
