@@ -10,6 +10,11 @@ macro_rules! counters {
             pub const ALL: &[Counter] = &[$(Counter::$variant,)*];
             pub const COUNT: u32 = Self::ALL.len() as u32;
 
+            /// Counted by the datapath (as opposed to kept by user space).
+            pub const fn is_datapath(self) -> bool {
+                !matches!(self, Counter::ReclaimedEstablished | Counter::ReclaimedNew)
+            }
+
             /// Stable name, used in logs, stats output and metrics.
             pub const fn name(self) -> &'static str {
                 match self { $(Counter::$variant => $name,)* }

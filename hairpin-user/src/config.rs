@@ -213,6 +213,8 @@ pub struct Config {
     pub xdp_mode: XdpMode,
     pub conntrack_capacity: u32,
     pub timeouts: Timeouts,
+    /// Where the Prometheus endpoint listens; off when `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub mappings: Vec<Mapping>,
 }
 
@@ -247,8 +249,15 @@ struct RawConfig {
     xdp: Option<RawXdp>,
     conntrack: Option<RawConntrack>,
     timeouts: Option<RawTimeouts>,
+    metrics: Option<RawMetrics>,
     #[serde(default)]
     mapping: Vec<RawMapping>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -335,6 +344,15 @@ impl FromStr for Config {
             }
         };
         let timeouts = parse_timeouts(raw.timeouts)?;
+        let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|_| {
+                invalid(
+                    "metrics.listen",
+                    format!("`{text}` is not an address and port (like 127.0.0.1:9654)"),
+                )
+            })?),
+        };
         let mut mappings: Vec<Mapping> = Vec::new();
         let mut published_ports = 0u32;
         for (index, raw) in raw.mapping.into_iter().enumerate() {
@@ -357,7 +375,7 @@ impl FromStr for Config {
             }
             mappings.push(mapping);
         }
-        Ok(Config { lan, wan, xdp_mode, conntrack_capacity, timeouts, mappings })
+        Ok(Config { lan, wan, xdp_mode, conntrack_capacity, timeouts, metrics_listen, mappings })
     }
 }
 
@@ -671,6 +689,11 @@ to = "192.168.0.5:70-85"
     )]
     #[case::zero_timeout("[xdp]", "[timeouts]\nudp = 0\n\n[xdp]", "timeouts.udp")]
     #[case::unknown_timeout("[xdp]", "[timeouts]\nicmp = 30\n\n[xdp]", "icmp")]
+    #[case::bad_metrics_listen(
+        "[xdp]",
+        "[metrics]\nlisten = \"localhost\"\n\n[xdp]",
+        "metrics.listen"
+    )]
     #[case::reversed_snat_ports(
         r#"address = "192.168.0.1""#,
         r#"address = "192.168.0.1"

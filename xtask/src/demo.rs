@@ -66,6 +66,20 @@ pub fn demo(_: &Options) -> anyhow::Result<()> {
     step("The server reaches its own public address");
     let server_self = curl(&bed.server);
 
+    step("Looking at the running instance");
+    let client_port = format!("{CLIENT}:40000");
+    let public_http = format!("{PUBLIC}:80");
+    for args in [
+        &["status"][..],
+        &["mapping", "list"],
+        &["conntrack", "list"],
+        &["explain", "tcp", &client_port, &public_http],
+        &["explain", "udp", &client_port, "203.0.113.1:5000"],
+        &["stats"],
+    ] {
+        hairpin_command(&bed.gateway, &daemon, args);
+    }
+
     step("Stopping hairpin; its counters");
     let counters = daemon.stop();
     for (name, value) in &counters {
@@ -160,4 +174,25 @@ fn clean_up_on_signal() -> anyhow::Result<()> {
         std::process::exit(130);
     });
     Ok(())
+}
+
+/// Runs a `hairpin` command against the demo's instance and shows it.
+fn hairpin_command(gateway: &Netns, daemon: &Daemon, args: &[&str]) {
+    println!("  $ hairpin {}", args.join(" "));
+    let binary = std::env::var_os("HAIRPIN_BIN").unwrap_or_default();
+    let output = gateway
+        .command(&binary.to_string_lossy())
+        .env("HAIRPIN_PIN_DIR", &daemon.pin_dir)
+        .args(args)
+        .output();
+    match output {
+        Ok(output) => {
+            let text = String::from_utf8_lossy(&output.stdout).to_string()
+                + &String::from_utf8_lossy(&output.stderr);
+            for line in text.lines() {
+                println!("  {line}");
+            }
+        }
+        Err(e) => println!("  (cannot run hairpin: {e})"),
+    }
 }

@@ -222,6 +222,14 @@ async fn run(
     for name in &config.lan.interfaces {
         warn_if_not_forwarding(name);
     }
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("`metrics.listen`: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
     let taking_over = pins.exists();
     let mut datapath = Datapath::load(&config, Some(pins)).context("loading the datapath")?;
     if taking_over {
@@ -246,6 +254,19 @@ async fn run(
         info!("attached to {} ({}, ifindex {}): {}", a.interface, a.role, a.if_index, a.mode);
     }
     write_state(pins, path, &config, &attachments);
+    if let Some(listener) = metrics_listener {
+        let (scrape_pins, capacity) = (pins.clone(), config.conntrack_capacity);
+        if let Ok(addr) = listener.local_addr() {
+            info!("metrics at http://{addr}/metrics");
+        }
+        tokio::spawn(async move {
+            let served =
+                hairpin::metrics::serve(listener, move || scrape(&scrape_pins, capacity)).await;
+            if let Err(e) = served {
+                error!("the metrics endpoint stopped: {e}");
+            }
+        });
+    }
     info!("hairpin running: {}", describe(&config));
     for mapping in &config.mappings {
         info!("  {mapping}");
@@ -287,6 +308,44 @@ async fn run(
         info!("detached");
     }
     Ok(())
+}
+
+/// The Prometheus exposition, read from the pinned maps.
+fn scrape(pins: &PinDir, capacity: u32) -> Result<String, String> {
+    let maps = Maps::open_pinned(&pins.maps()).map_err(|e| e.to_string())?;
+    let snapshot = Snapshot::read(&maps, capacity).map_err(|e| e.to_string())?;
+    let traffic = mapping_rows(&maps).map_err(|e| e.to_string())?;
+    let mappings: Vec<hairpin::metrics::MappingTraffic> = traffic
+        .into_iter()
+        .map(|m| hairpin::metrics::MappingTraffic {
+            proto: m.proto,
+            public: m.public,
+            to: m.to,
+            flows: m.flows,
+            packets: m.packets,
+            bytes: m.bytes,
+        })
+        .collect();
+    Ok(hairpin::metrics::render(&snapshot, &mappings))
+}
+
+/// Every mapping rule with its traffic.
+fn mapping_rows(maps: &Maps) -> anyhow::Result<Vec<MappingJson>> {
+    let mut rows = Vec::new();
+    for rule in maps.mapping_rules()? {
+        let stats = maps.mapping_stats(rule.id)?;
+        let m = &rule.mapping;
+        rows.push(MappingJson {
+            id: rule.id,
+            proto: m.proto.to_string(),
+            public: format!("{}:{}", m.public, m.public_ports),
+            to: format!("{}:{}", m.to, m.to_ports),
+            flows: stats.flows,
+            packets: stats.packets,
+            bytes: stats.bytes,
+        });
+    }
+    Ok(rows)
 }
 
 fn reclaim_ticker(config: &Config) -> tokio::time::Interval {
@@ -334,6 +393,9 @@ fn reload(path: &Path, running: &Config, datapath: &mut Datapath) -> anyhow::Res
     }
     if config.xdp_mode != running.xdp_mode {
         bail!("xdp.mode changed: restart hairpin to attach in another mode");
+    }
+    if config.metrics_listen != running.metrics_listen {
+        bail!("metrics.listen changed: restart hairpin to move the endpoint");
     }
     datapath.configure(&config).context("applying the configuration")?;
     Ok(config)
@@ -432,21 +494,7 @@ fn mapping(pins: &PinDir, command: MappingCommand) -> anyhow::Result<()> {
             Ok(())
         }
         MappingCommand::List { json } => {
-            let maps = open(pins)?;
-            let mut rows = Vec::new();
-            for rule in maps.mapping_rules()? {
-                let stats = maps.mapping_stats(rule.id)?;
-                let m = &rule.mapping;
-                rows.push(MappingJson {
-                    id: rule.id,
-                    proto: m.proto.to_string(),
-                    public: format!("{}:{}", m.public, m.public_ports),
-                    to: format!("{}:{}", m.to, m.to_ports),
-                    flows: stats.flows,
-                    packets: stats.packets,
-                    bytes: stats.bytes,
-                });
-            }
+            let rows = mapping_rows(&open(pins)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else if rows.is_empty() {
@@ -583,20 +631,7 @@ async fn stats(pins: &PinDir, json: bool, watch: Option<u64>) -> anyhow::Result<
         let maps = open(pins)?;
         let capacity = read_state(pins).map_or(0, |s| s.conntrack_capacity);
         let snapshot = Snapshot::read(&maps, capacity)?;
-        let mut mappings = Vec::new();
-        for rule in maps.mapping_rules()? {
-            let s = maps.mapping_stats(rule.id)?;
-            let m = &rule.mapping;
-            mappings.push(MappingJson {
-                id: rule.id,
-                proto: m.proto.to_string(),
-                public: format!("{}:{}", m.public, m.public_ports),
-                to: format!("{}:{}", m.to, m.to_ports),
-                flows: s.flows,
-                packets: s.packets,
-                bytes: s.bytes,
-            });
-        }
+        let mappings = mapping_rows(&maps)?;
         if json {
             let stats =
                 StatsJson { counters: snapshot.values().into_iter().collect(), mappings, capacity };
