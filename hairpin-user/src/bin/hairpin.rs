@@ -666,17 +666,13 @@ fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
         state.as_ref().is_some_and(|s| Path::new(&format!("/proc/{}", s.pid)).exists());
     let established = maps.conntrack(Table::Established)?.len();
     let new = maps.conntrack(Table::New)?.len();
-    let programs: Vec<(u32, String)> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| matches!(p.name_as_str(), Some("hairpin") | Some("hairpin_neigh_r")))
-        .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_string()))
-        .collect();
+    let links = pinned_links(pins);
     if json {
         let value = serde_json::json!({
             "pin_dir": pins.0,
             "daemon": state.as_ref().map(|s| serde_json::json!({"pid": s.pid, "running": daemon_alive, "config": s.config})),
             "interfaces": state.as_ref().map(|s| &s.interfaces),
-            "programs": programs.iter().map(|(id, name)| serde_json::json!({"id": id, "name": name})).collect::<Vec<_>>(),
+            "links": links.iter().map(|l| serde_json::json!({"name": l.name, "link_id": l.link_id, "program_id": l.program_id})).collect::<Vec<_>>(),
             "conntrack": {"established": established, "new": new, "capacity": state.as_ref().map(|s| s.conntrack_capacity)},
             "mappings": maps.mapping_rules()?.len(),
         });
@@ -702,8 +698,11 @@ fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
         }
         None => println!("daemon:   unknown (no state file {})", state_file(pins).display()),
     }
-    for (id, name) in &programs {
-        println!("program:  {name} id {id}");
+    for link in &links {
+        println!(
+            "link:     {:<16} link id {} program id {}",
+            link.name, link.link_id, link.program_id
+        );
     }
     let capacity = state.as_ref().map_or(0, |s| s.conntrack_capacity);
     println!(
@@ -711,6 +710,34 @@ fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
     );
     println!("mappings: {}", maps.mapping_rules()?.len());
     Ok(())
+}
+
+struct LinkState {
+    /// `xdp_<interface>` or `tc_<interface>`.
+    name: String,
+    link_id: u32,
+    program_id: u32,
+}
+
+/// The instance's pinned links and the programs they run.
+fn pinned_links(pins: &PinDir) -> Vec<LinkState> {
+    let Ok(dir) = std::fs::read_dir(pins.0.join("links")) else {
+        return Vec::new();
+    };
+    let mut links: Vec<LinkState> = dir
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let pinned = aya::programs::links::PinnedLink::from_pin(entry.path()).ok()?;
+            let info = aya::programs::links::FdLink::from(pinned).info().ok()?;
+            Some(LinkState {
+                name: entry.file_name().to_string_lossy().to_string(),
+                link_id: info.id(),
+                program_id: info.program_id(),
+            })
+        })
+        .collect();
+    links.sort_by(|a, b| a.name.cmp(&b.name));
+    links
 }
 
 fn explain(
