@@ -230,6 +230,17 @@ async fn run(
         ),
         None => None,
     };
+    if let Some(state) = read_state(pins)
+        && state.pid != std::process::id()
+        && Path::new(&format!("/proc/{}", state.pid)).exists()
+        && pins.exists()
+    {
+        bail!(
+            "hairpin is already running for {} (pid {}); stop it first, or give another --pin-dir",
+            pins.0.display(),
+            state.pid
+        );
+    }
     let taking_over = pins.exists();
     let mut datapath = Datapath::load(&config, Some(pins)).context("loading the datapath")?;
     if taking_over {
