@@ -232,7 +232,7 @@ async fn run(
     };
     if let Some(state) = read_state(pins)
         && state.pid != std::process::id()
-        && Path::new(&format!("/proc/{}", state.pid)).exists()
+        && daemon_alive(state.pid)
         && pins.exists()
     {
         bail!(
@@ -427,6 +427,11 @@ fn write_state(pins: &PinDir, config_path: &Path, config: &Config, attachments: 
     if let Err(e) = written {
         warn!("writing {}: {e}; `hairpin status` will know less", path.display());
     }
+}
+
+/// Whether `pid` is a hairpin process (not another that got the number).
+fn daemon_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "hairpin")
 }
 
 fn read_state(pins: &PinDir) -> Option<DaemonState> {
@@ -673,8 +678,7 @@ async fn stats(pins: &PinDir, json: bool, watch: Option<u64>) -> anyhow::Result<
 fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
     let maps = open(pins)?;
     let state = read_state(pins);
-    let daemon_alive =
-        state.as_ref().is_some_and(|s| Path::new(&format!("/proc/{}", s.pid)).exists());
+    let daemon_alive = state.as_ref().is_some_and(|s| daemon_alive(s.pid));
     let established = maps.conntrack(Table::Established)?.len();
     let new = maps.conntrack(Table::New)?.len();
     let links = pinned_links(pins);
