@@ -318,8 +318,8 @@ impl FromStr for Config {
     type Err = ConfigError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Syntax(e.to_string().trim().to_string()))?;
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(syntax_error(text, &e)))?;
         let lan = parse_lan(raw.lan)?;
         let wan = raw.wan.map(parse_wan).transpose()?;
         let xdp_mode = match raw.xdp.and_then(|x| x.mode).as_deref() {
@@ -376,6 +376,20 @@ impl FromStr for Config {
             mappings.push(mapping);
         }
         Ok(Config { lan, wan, xdp_mode, conntrack_capacity, timeouts, metrics_listen, mappings })
+    }
+}
+
+/// A TOML error on one line: where, and what.
+fn syntax_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', "; ");
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
     }
 }
 
@@ -709,6 +723,16 @@ snat_ports = "30000-20000""#,
         let text = SEED.replacen(from, to, 1);
         let error = text.parse::<Config>().expect_err("invalid config accepted").to_string();
         assert!(error.contains(key), "error does not name `{key}`: {error}");
+    }
+
+    #[rstest]
+    #[case::bad_table_header("[lan\ninterfaces = []", "line 1")]
+    #[case::unterminated_string("[lan]\naddress = \"192.168.0.1\n", "line 2")]
+    #[case::unknown_top_level_key("colour = 1\n[lan]", "colour")]
+    fn syntax_errors_are_one_line_saying_where(#[case] text: &str, #[case] expected: &str) {
+        let error = text.parse::<Config>().expect_err("invalid TOML accepted").to_string();
+        assert!(!error.contains('\n'), "not one line: {error:?}");
+        assert!(error.contains(expected), "{error:?} does not say {expected:?}");
     }
 
     #[test]

@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use hairpin_common::{
-    Counter, FlowEntry, FlowKey, LAYOUT_VERSION, MAX_MAPPING_RULES, MappingKey, MappingStats,
-    MappingValue, Settings, maps::names,
+    Counter, FlowEntry, FlowKey, LAYOUT_VERSION, MAX_MAPPING_RULES, MAX_MAPPINGS, MappingKey,
+    MappingStats, MappingValue, Settings, maps::names,
 };
 use thiserror::Error;
 
@@ -217,7 +217,19 @@ impl Maps {
                 mapping.proto, mapping.public, mapping.public_ports, other.mapping
             )));
         }
-        let used: BTreeSet<u16> = rules.iter().map(|r| r.id).collect();
+        let published: u32 = rules.iter().map(|r| r.mapping.public_ports.len()).sum();
+        if published + mapping.public_ports.len() > MAX_MAPPINGS {
+            return Err(MapsError::Mapping(format!(
+                "{published} ports are published: {} more would pass the limit of {MAX_MAPPINGS}",
+                mapping.public_ports.len()
+            )));
+        }
+        // An id still counted by live flows of a withdrawn mapping is not
+        // given out again: their traffic would show under the new mapping.
+        let mut used: BTreeSet<u16> = rules.iter().map(|r| r.id).collect();
+        for table in [Table::Established, Table::New] {
+            used.extend(self.conntrack(table)?.iter().map(|(_, entry)| entry.mapping_id));
+        }
         let id = (0..MAX_MAPPING_RULES as u16).find(|id| !used.contains(id)).ok_or_else(|| {
             MapsError::Mapping(format!("no room for more than {MAX_MAPPING_RULES} mapping rules"))
         })?;

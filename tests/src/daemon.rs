@@ -3,7 +3,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::mpsc,
     time::Duration,
@@ -32,13 +32,19 @@ pub struct Daemon {
     log: Vec<String>,
     /// Where this daemon pins its maps and links (`--pin-dir`).
     pub pin_dir: PathBuf,
-    _config: tempfile_path::TempPath,
+    config: tempfile_path::TempPath,
 }
 
 /// The pin directory of the bed whose gateway is `netns`: its own, so that
 /// beds never share state.
 pub fn pin_dir(netns: &Netns) -> PathBuf {
     PathBuf::from("/sys/fs/bpf").join(netns.name())
+}
+
+/// Where `hairpin run` for the bed whose gateway is `netns` keeps what
+/// `hairpin status` reads about the daemon (named after the pin directory).
+pub fn state_file(netns: &Netns) -> PathBuf {
+    PathBuf::from("/run/hairpin").join(format!("{}.json", netns.name()))
 }
 
 mod tempfile_path {
@@ -87,7 +93,7 @@ impl Daemon {
             stderr: rx,
             log: Vec::new(),
             pin_dir,
-            _config: tempfile_path::TempPath(path),
+            config: tempfile_path::TempPath(path),
         };
         daemon.wait_for_log("hairpin running", Duration::from_secs(30));
         daemon
@@ -123,10 +129,53 @@ impl Daemon {
         &self.log
     }
 
+    /// The configuration file it runs with (written by [`Daemon::start`]);
+    /// edit it and [`Daemon::reload`] to change the configuration.
+    pub fn config_path(&self) -> &Path {
+        &self.config.0
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGHUP: re-read the configuration file.
+    pub fn reload(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: signalling our own child, which has not been waited for.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({}, {signal}): {}",
+            self.child.id(),
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// SIGKILL, as a crash would: the daemon gets no chance to detach, and
+    /// its pins (maps and links, so the datapath too) stay for the next
+    /// `hairpin run` to take over. The pins are not removed here either.
+    pub fn kill(mut self) {
+        self.signal(libc::SIGKILL);
+        let status = self.child.wait().expect("wait for hairpin");
+        crate::untrack_process(self.child.id());
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "hairpin should have been killed by SIGKILL: {status}"
+        );
+    }
+
     /// Sends SIGTERM, waits for the exit and returns the counters it printed.
+    /// The pins are left as the daemon left them (none, unless it runs with
+    /// `--keep-attached`).
     pub fn stop(mut self) -> BTreeMap<String, u64> {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         let mut stdout = String::new();
         self.child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read stdout");
         let status = self.child.wait().expect("wait for hairpin");
@@ -138,13 +187,14 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Still running: the test failed before stopping it. A killed daemon
+        // leaves its pins; nothing else may use this bed's.
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
         crate::untrack_process(self.child.id());
-        // A killed daemon leaves its pins; nothing else may use this bed's.
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
 

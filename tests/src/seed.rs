@@ -89,6 +89,9 @@ impl SeedBed {
         text.push_str(&format!(
             "\n[wan]\ninterface = \"{GATEWAY_WAN_IF}\"\naddresses = [\"{PUBLIC}\"]\n\n[xdp]\nmode = \"native\"\n"
         ));
+        if let Some(listen) = &options.metrics_listen {
+            text.push_str(&format!("\n[metrics]\nlisten = \"{listen}\"\n"));
+        }
         if let Some(capacity) = options.conntrack_capacity {
             text.push_str(&format!("\n[conntrack]\ncapacity = {capacity}\n"));
         }
@@ -156,6 +159,15 @@ impl SeedBed {
     }
 }
 
+impl Drop for SeedBed {
+    /// Whatever hairpin left pinned for this bed's gateway (after a kill, or
+    /// `--keep-attached`) goes with the bed: nothing else may use its pins.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(crate::daemon::pin_dir(&self.gateway));
+        let _ = std::fs::remove_file(crate::daemon::state_file(&self.gateway));
+    }
+}
+
 /// Optional settings of a hairpin configuration, beyond the bed's
 /// interfaces and the mappings.
 #[derive(Clone, Debug, Default)]
@@ -167,4 +179,7 @@ pub struct ConfigOptions {
     /// `[timeouts]`: key (`tcp_established`, `tcp_transitory`, `udp`) and
     /// seconds.
     pub timeouts: Vec<(&'static str, u64)>,
+    /// `[metrics] listen`, e.g. `"127.0.0.1:9654"` (inside the gateway's
+    /// namespace).
+    pub metrics_listen: Option<String>,
 }

@@ -135,10 +135,27 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever RUST_BACKTRACE says.
-            eprintln!("hairpin: {e:#}");
+            eprintln!("hairpin: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, without the repetitions of causes
+/// that already print their own cause.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string().replace('\n', "; ");
+        if line.contains(text.trim()) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text.trim());
+    }
+    line
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<()> {
@@ -303,7 +320,7 @@ async fn run(
                     reclaim_ticker = reclaim_ticker_for(&config);
                     info!("configuration reloaded: {}", describe(&config));
                 }
-                Err(e) => error!("configuration not reloaded, the running one stays: {e:#}"),
+                Err(e) => error!("configuration not reloaded, the running one stays: {}", one_line(&e)),
             },
             _ = stats_ticker.tick() => print_counters(&datapath.maps, &config, "counters"),
             _ = reclaim_ticker.tick() => reclaim(&mut datapath.maps, &config),
@@ -812,11 +829,18 @@ fn import_iptables(pins: &PinDir, file: Option<PathBuf>, dry_run: bool) -> anyho
         return Ok(());
     }
     let mut maps = open(pins)?;
+    let mut refused = 0;
     for mapping in &imported.mappings {
         match maps.add_mapping(mapping) {
             Ok(_) => println!("published {mapping}"),
-            Err(e) => println!("not published {mapping}: {e}"),
+            Err(e) => {
+                refused += 1;
+                println!("not published {mapping}: {e}");
+            }
         }
+    }
+    if refused > 0 {
+        bail!("{refused} of {} mapping(s) not published", imported.mappings.len());
     }
     Ok(())
 }
