@@ -65,11 +65,26 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with more arguments for `hairpin run`.
     pub fn start_with(netns: &Netns, config: &str, args: &[&str]) -> Self {
+        Self::start_wrapped(netns, config, args, &[])
+    }
+
+    /// Like [`Daemon::start_with`], run through `wrapper` (a program and its
+    /// arguments, e.g. `setpriv` to drop capabilities).
+    pub fn start_wrapped(netns: &Netns, config: &str, args: &[&str], wrapper: &[&str]) -> Self {
         let path = std::env::temp_dir().join(format!("{}.toml", netns.name()));
         std::fs::write(&path, config).expect("write config");
         let pin_dir = pin_dir(netns);
+        let binary = hairpin_binary();
+        let binary = binary.to_str().expect("utf-8 path");
+        let (program, wrapper_args) = match wrapper {
+            [program, rest @ ..] => {
+                (*program, rest.iter().copied().chain([binary]).collect::<Vec<_>>())
+            }
+            [] => (binary, Vec::new()),
+        };
         let mut child = netns
-            .command(hairpin_binary().to_str().expect("utf-8 path"))
+            .command(program)
+            .args(wrapper_args)
             .args(["run", "--config", path.to_str().expect("utf-8 path")])
             .args(args)
             .env("HAIRPIN_PIN_DIR", &pin_dir)
