@@ -234,6 +234,11 @@ async fn run(
     stats_interval: u64,
     keep_attached: bool,
 ) -> anyhow::Result<()> {
+    // Installed first: a signal during start-up then stops hairpin cleanly
+    // once it is up, instead of killing it half attached.
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut config = load_config(path)?;
     check_interfaces(&config, path)?;
     for name in &config.lan.interfaces {
@@ -303,9 +308,6 @@ async fn run(
         warn!("{warning}");
     }
 
-    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let period =
         Duration::from_secs(if stats_interval == 0 { u64::MAX / 4 } else { stats_interval });
     let mut stats_ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
