@@ -9,7 +9,8 @@ const REQUIRE_EBPF: &str = "HAIRPIN_REQUIRE_EBPF";
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed={REQUIRE_EBPF}");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
-    let object = out_dir.join("hairpin");
+    // One object per binary of hairpin-ebpf, named after it by aya-build.
+    let objects = ["hairpin", "hairpin-bench"].map(|name| out_dir.join(name));
     let required = env::var(REQUIRE_EBPF).is_ok_and(|v| v == "1");
 
     if let Some(missing) = missing_toolchain() {
@@ -25,7 +26,9 @@ fn main() -> anyhow::Result<()> {
         // build, so the program is built as soon as the toolchain is there.
         println!("cargo:rerun-if-changed={}", rust_src_marker().display());
         println!("cargo:rerun-if-changed={}", bpf_linker_path().display());
-        fs::write(&object, []).context("writing the empty eBPF object")?;
+        for object in &objects {
+            fs::write(object, []).context("writing an empty eBPF object")?;
+        }
         return Ok(());
     }
 

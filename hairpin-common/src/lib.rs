@@ -3,6 +3,7 @@
 //! that it can be tested on the host.
 #![cfg_attr(not(test), no_std)]
 
+pub mod bench;
 pub mod checksum;
 pub mod counters;
 pub mod icmp;

@@ -13,3 +13,8 @@ pub mod stats;
 /// The eBPF object built by `build.rs`; empty when the eBPF toolchain was
 /// missing at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hairpin"));
+
+/// The benchmark's programs (`cargo xtask bench`): generator, sink, empty
+/// program and forwarder; empty like [`EBPF_OBJECT`] without the toolchain.
+pub static BENCH_EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hairpin-bench"));

@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask <setup|run|test|demo>`.
+//! Project tasks: `cargo xtask <setup|run|test|demo|bench>`.
 
+mod bench;
 mod demo;
 mod run;
 mod setup;
@@ -23,6 +24,9 @@ enum Task {
     Test(test::Options),
     /// Show the seed's problem and hairpin fixing it, in network namespaces.
     Demo(demo::Options),
+    /// Measure hairpin against the kernel, iptables, nftables and an XDP
+    /// forwarder in network namespaces; writes bench/results/ (needs root).
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +35,7 @@ fn main() -> anyhow::Result<()> {
         Task::Run(options) => run::run(&options),
         Task::Test(options) => test::test(&options),
         Task::Demo(options) => demo::demo(&options),
+        Task::Bench(options) => bench::bench(&options),
     }
 }
 

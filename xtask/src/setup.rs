@@ -181,6 +181,34 @@ fn test_tools() -> anyhow::Result<Option<String>> {
     Ok(Some(format!("installed with apt: {}", missing.join(" "))))
 }
 
+/// Installs with apt the packages of `tools` (package, a binary it ships)
+/// whose binary is not found; returns the packages it installed.
+pub fn ensure_tools(tools: &[(&'static str, &'static str)]) -> anyhow::Result<Vec<&'static str>> {
+    let missing: Vec<&'static str> = tools
+        .iter()
+        .filter(|(_, binary)| find_program(binary).is_none())
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(missing);
+    }
+    if !crate::is_root() {
+        bail!("{} missing and installing needs root", missing.join(", "));
+    }
+    run_command(Command::new("apt-get").arg("update"))?;
+    run_command(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y"])
+            .args(&missing),
+    )?;
+    if let Some((package, binary)) = tools.iter().find(|(_, binary)| find_program(binary).is_none())
+    {
+        bail!("apt installed {package} but {binary} is still not found");
+    }
+    Ok(missing)
+}
+
 /// The packages of the test tools that are not found.
 fn missing_test_tools() -> Vec<&'static str> {
     TEST_TOOLS
