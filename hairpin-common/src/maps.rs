@@ -99,7 +99,10 @@ pod! {
         /// big-endian
         pub dst_port: u16,
         pub proto: u8,
-        pub _pad: [u8; 3],
+        /// Padding as two aligned fields: zeroing `[u8; 3]` made LLVM call memset
+        /// on the fast path.
+        pub _pad0: u8,
+        pub _pad1: u16,
     }
 }
 
@@ -133,7 +136,7 @@ pod! {
         pub fin_seen: u8,
         /// `KIND_HAIRPIN` or `KIND_PORT_FORWARD`.
         pub kind: u8,
-        pub _pad: [u8; 2],
+        pub _pad: u16,
     }
 }
 
@@ -235,7 +238,7 @@ impl FlowKey {
         dst_port: u16,
         proto: u8,
     ) -> Self {
-        Self { src_addr, dst_addr, src_port, dst_port, proto, _pad: [0; 3] }
+        Self { src_addr, dst_addr, src_port, dst_port, proto, _pad0: 0, _pad1: 0 }
     }
 }
 

@@ -95,7 +95,7 @@ const fn entry(
         state: initial_state(translated.proto),
         fin_seen: 0,
         kind,
-        _pad: [0; 2],
+        _pad: 0,
     }
 }
 

@@ -199,44 +199,51 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
         }
     };
 
-    if let Route::Unresolved { ifindex } = route
-        && let Err(counter) = hand_to_kernel(ctx, ifindex)
-    {
-        if let Some((original_key, reply_key)) = created {
-            let _ = CONNTRACK_NEW.remove(&original_key);
-            let _ = CONNTRACK_NEW.remove(&reply_key);
+    if let Route::Unresolved { ifindex } = route {
+        if let Err(counter) = hand_to_kernel(ctx, ifindex) {
+            if let Some((original_key, reply_key)) = created {
+                let _ = CONNTRACK_NEW.remove(&original_key);
+                let _ = CONNTRACK_NEW.remove(&reply_key);
+            }
+            return Err(counter);
         }
-        return Err(counter);
+        // Adding metadata invalidates packet pointers: look the headers up again.
+        let eth: *mut EthHeader = ptr_at(ctx, 0)?;
+        let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+        let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
+        let l4 = l4_header(ctx, ip.proto)?;
+        rewrite(ip, &l4, &packet, &to);
+        return send(eth, &route, counter);
     }
-    // hand_to_kernel moved the packet start: look the headers up again.
-    let eth: *mut EthHeader = ptr_at(ctx, 0)?;
-    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
-    let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
-    let l4 = l4_header(ctx, ip.proto)?;
     rewrite(ip, &l4, &packet, &to);
+    // SAFETY: bounds checked at the start; no helper has moved the packet.
+    send(unsafe { &mut *eth }, &route, counter)
+}
 
-    send(ctx, eth, &route, counter)
+/// Copies a MAC address as a 32-bit and a 16-bit word: a `[u8; 6]`
+/// assignment became a memmove call on the fast path.
+#[inline(always)]
+fn set_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
+    // SAFETY: both are 6 bytes; unaligned accesses are fine for BPF on
+    // packet and stack memory.
+    unsafe {
+        let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
+        core::ptr::write_unaligned(d.cast::<u32>(), core::ptr::read_unaligned(s.cast::<u32>()));
+        core::ptr::write_unaligned(
+            d.add(4).cast::<u16>(),
+            core::ptr::read_unaligned(s.add(4).cast::<u16>()),
+        );
+    }
 }
 
 /// Sets the MAC addresses and picks the action for a translated packet.
 #[inline(always)]
-fn send(
-    ctx: &XdpContext,
-    eth: &mut EthHeader,
-    route: &Route,
-    counter: Counter,
-) -> Result<(u32, Counter), Counter> {
+fn send(eth: &mut EthHeader, route: &Route, counter: Counter) -> Result<(u32, Counter), Counter> {
     match *route {
-        Route::Resolved { ifindex, smac, dmac } => {
-            eth.src = smac;
-            eth.dst = dmac;
-            if ifindex == ctx.ingress_ifindex() as u32 {
-                Ok((xdp_action::XDP_TX, counter))
-            } else {
-                // Present in the map (checked by fib_lookup), so this succeeds.
-                let action = EGRESS_DEVICES.redirect(ifindex, 0).unwrap_or(xdp_action::XDP_DROP);
-                Ok((action, counter))
-            }
+        Route::Resolved { action, smac, dmac } => {
+            set_mac(&mut eth.src, &smac);
+            set_mac(&mut eth.dst, &dmac);
+            Ok((action, counter))
         }
         Route::Unresolved { .. } => {
             count(Counter::NeighRedirected);
@@ -332,7 +339,7 @@ fn try_icmp_error(
         *ports = [to.src_port, to.dst_port];
         let outer_from = FlowKey::new((*ip).src_addr, (*ip).dst_addr, 0, 0, IPPROTO_ICMP);
         rewrite_ipv4(&mut *ip, &outer_from, &outer_to);
-        send(ctx, &mut *eth, &route, Counter::IcmpTranslated)
+        send(&mut *eth, &route, Counter::IcmpTranslated)
     }
 }
 
@@ -569,24 +576,30 @@ fn create_flow(
 }
 
 enum Route {
-    Resolved {
-        ifindex: u32,
-        smac: [u8; 6],
-        dmac: [u8; 6],
-    },
+    /// Sent on with `action`: XDP_TX back out of the ingress interface, or
+    /// XDP_REDIRECT with the egress device already chosen.
+    Resolved { action: u32, smac: [u8; 6], dmac: [u8; 6] },
     /// Routed out of `ifindex`, but the next hop's MAC is not known yet.
-    Unresolved {
-        ifindex: u32,
-    },
+    Unresolved { ifindex: u32 },
     /// Larger than the egress MTU.
-    TooBig {
-        mtu: u16,
-    },
+    TooBig { mtu: u16 },
 }
 
 #[inline(always)]
 fn fib_lookup(ctx: &XdpContext, to: &FlowKey, tot_len: u16) -> Result<Route, Counter> {
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    const WORDS: usize = size_of::<FibParams>() / 8;
+    const _: () = assert!(size_of::<FibParams>() == WORDS * 8);
+    // Zeroed word by word with volatile stores: any plain zeroing of the
+    // struct became a call to memset on the fast path.
+    let mut storage = core::mem::MaybeUninit::<[u64; WORDS]>::uninit();
+    let words = storage.as_mut_ptr().cast::<u64>();
+    for word in 0..WORDS {
+        // SAFETY: within the array.
+        unsafe { words.add(word).write_volatile(0) };
+    }
+    // SAFETY: every byte was written, all zeros is a valid FibParams, and it
+    // is used in place (moving it out would be zeroed again, by memset).
+    let params = unsafe { &mut *storage.as_mut_ptr().cast::<FibParams>() };
     params.family = AF_INET;
     params.l4_protocol = to.proto;
     params.sport = to.src_port;
@@ -595,26 +608,32 @@ fn fib_lookup(ctx: &XdpContext, to: &FlowKey, tot_len: u16) -> Result<Route, Cou
     params.ifindex = ctx.ingress_ifindex() as u32;
     params.__bindgen_anon_3.ipv4_src = to.src_addr;
     params.__bindgen_anon_4.ipv4_dst = to.dst_addr;
-    let ret =
-        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibParams>() as i32, 0) };
+    let ret = unsafe { bpf_fib_lookup(ctx.as_ptr(), params, size_of::<FibParams>() as i32, 0) };
+    let same_interface = params.ifindex == ctx.ingress_ifindex() as u32;
     match ret as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            Ok(Route::Resolved { ifindex: params.ifindex, smac: params.smac, dmac: params.dmac })
+            // Choosing the devmap target now, before anything is rewritten,
+            // is also the check that hairpin manages the egress interface.
+            let action = if same_interface {
+                xdp_action::XDP_TX
+            } else {
+                EGRESS_DEVICES
+                    .redirect(params.ifindex, 0)
+                    .map_err(|_| Counter::PassEgressNotManaged)?
+            };
+            Ok(Route::Resolved { action, smac: params.smac, dmac: params.dmac })
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Route::Unresolved { ifindex: params.ifindex }),
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            if !same_interface && EGRESS_DEVICES.get(params.ifindex).is_none() {
+                return Err(Counter::PassEgressNotManaged);
+            }
+            Ok(Route::Unresolved { ifindex: params.ifindex })
+        }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             Ok(Route::TooBig { mtu: unsafe { params.__bindgen_anon_1.mtu_result } })
         }
-        _ => return Err(Counter::FibFailed),
+        _ => Err(Counter::FibFailed),
     }
-    .and_then(|route| match route {
-        Route::Resolved { ifindex, .. } | Route::Unresolved { ifindex }
-            if ifindex != ctx.ingress_ifindex() as u32 && EGRESS_DEVICES.get(ifindex).is_none() =>
-        {
-            Err(Counter::PassEgressNotManaged)
-        }
-        route => Ok(route),
-    })
 }
 
 /// A packet too big for the egress link. Sent towards a server or a WAN
@@ -682,8 +701,8 @@ fn answer_unreachable(
     let icmp_words: *mut [u16; ICMP_LEN / 2] = ptr_at(ctx, ICMP_OFFSET)?;
     let ip_words: *mut [u16; IPV4_HEADER_LEN / 2] = ptr_at(ctx, ETH_HEADER_LEN)?;
     unsafe {
-        (*new_eth).dst = (*old_eth).src;
-        (*new_eth).src = (*old_eth).dst;
+        set_mac(&mut (*new_eth).dst, &(*old_eth).src);
+        set_mac(&mut (*new_eth).src, &(*old_eth).dst);
         (*new_eth).ether_type = ETH_P_IPV4.to_be();
         let sender = (*quoted).src_addr;
         *ip = Ipv4Header {
