@@ -13,10 +13,8 @@ mod tcp;
 
 use std::{
     fs,
-    os::fd::{FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicI32, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -130,7 +128,8 @@ fn main() -> anyhow::Result<()> {
     if hairpin::EBPF_OBJECT.is_empty() || hairpin::BENCH_EBPF_OBJECT.is_empty() {
         bail!("built without the eBPF programs: run `cargo xtask bench`");
     }
-    clean_up_on_signal()?;
+    hairpin_tests::clean_up_on_signal("the benchmark's namespaces", tcp::kill_children)
+        .context("handling SIGINT and SIGTERM")?;
     let started = Instant::now();
     let plan = Plan::new(options.quick);
     let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -489,42 +488,4 @@ fn update_readme(readme: &Path, results: &Results, file: &Path) -> anyhow::Resul
     block.push_str(&results.targets_table());
     let updated = format!("{}{block}{}", &text[..begin], &text[end..]);
     fs::write(readme, updated).with_context(|| format!("writing {}", readme.display()))
-}
-
-static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
-    // SAFETY: write(2) is async-signal-safe.
-    unsafe { libc::write(fd, b"!".as_ptr().cast(), 1) };
-}
-
-/// On SIGINT or SIGTERM, stop what this run started and delete its
-/// namespaces, then exit: destructors do not run when a signal ends the
-/// process.
-fn clean_up_on_signal() -> anyhow::Result<()> {
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for two descriptors.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe");
-    }
-    // SAFETY: fresh descriptors we own.
-    let reader = unsafe { OwnedFd::from_raw_fd(fds[0]) };
-    SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only calls write(2).
-        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
-    }
-    thread::spawn(move || {
-        let mut byte = [0u8; 1];
-        // SAFETY: reading one byte into a one-byte buffer.
-        unsafe {
-            libc::read(std::os::fd::AsRawFd::as_raw_fd(&reader), byte.as_mut_ptr().cast(), 1)
-        };
-        eprintln!("\ninterrupted: removing the benchmark's namespaces");
-        tcp::kill_children();
-        hairpin_tests::emergency_cleanup();
-        std::process::exit(130);
-    });
-    Ok(())
 }

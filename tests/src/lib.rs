@@ -16,7 +16,7 @@ use std::{
     process::{Command, Output},
     sync::{
         Mutex,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicI32, AtomicU32, Ordering},
     },
     thread,
 };
@@ -90,6 +90,42 @@ pub fn emergency_cleanup() {
             }
         }
     }
+}
+
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    // SAFETY: write(2) is async-signal-safe.
+    unsafe { libc::write(fd, b"!".as_ptr().cast(), 1) };
+}
+
+/// On SIGINT or SIGTERM: runs `first` (to stop what the caller started on
+/// its own), then [`emergency_cleanup`], and exits with 130. Destructors do
+/// not run when a signal ends a process; `what` says what is being removed.
+pub fn clean_up_on_signal(what: &'static str, first: fn()) -> std::io::Result<()> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for two descriptors.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors we own.
+    let reader = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only calls write(2).
+        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+    }
+    thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        // SAFETY: reading one byte into a one-byte buffer.
+        unsafe { libc::read(reader.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        eprintln!("\ninterrupted: removing {what}");
+        first();
+        emergency_cleanup();
+        std::process::exit(130);
+    });
+    Ok(())
 }
 
 pub(crate) fn track_process(pid: u32) {

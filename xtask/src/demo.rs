@@ -3,8 +3,6 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    os::fd::{FromRawFd, OwnedFd},
-    sync::atomic::{AtomicI32, Ordering},
     time::Duration,
 };
 
@@ -13,7 +11,6 @@ use hairpin_tests::{
     Netns,
     apps::{Servers, udp_echo},
     daemon::Daemon,
-    emergency_cleanup,
     seed::{CLIENT, GATEWAY_LAN, PUBLIC, SERVER, SeedBed, WAN_HOST},
 };
 
@@ -31,7 +28,8 @@ pub fn demo(_: &Options) -> anyhow::Result<()> {
     let binary = crate::build_hairpin(false)?;
     // SAFETY: set before any thread that reads the environment is started.
     unsafe { std::env::set_var("HAIRPIN_BIN", &binary) };
-    clean_up_on_signal()?;
+    hairpin_tests::clean_up_on_signal("hairpin and the demo's namespaces", || {})
+        .context("handling SIGINT and SIGTERM")?;
 
     step("Building the seed's network in namespaces");
     let bed = SeedBed::new();
@@ -138,42 +136,6 @@ fn udp(host: &Netns) -> bool {
         Err(e) => println!("  UDP {server}: no answer ({e})"),
     }
     result.is_ok()
-}
-
-static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
-    // SAFETY: write(2) is async-signal-safe.
-    unsafe { libc::write(fd, b"!".as_ptr().cast(), 1) };
-}
-
-/// On SIGINT or SIGTERM, stop hairpin and delete the namespaces, then exit:
-/// destructors do not run when a signal ends the process.
-fn clean_up_on_signal() -> anyhow::Result<()> {
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for two descriptors.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe");
-    }
-    // SAFETY: fresh descriptors we own.
-    let reader = unsafe { OwnedFd::from_raw_fd(fds[0]) };
-    SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only calls write(2).
-        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
-    }
-    std::thread::spawn(move || {
-        let mut byte = [0u8; 1];
-        // SAFETY: reading one byte into a one-byte buffer.
-        unsafe {
-            libc::read(std::os::fd::AsRawFd::as_raw_fd(&reader), byte.as_mut_ptr().cast(), 1)
-        };
-        eprintln!("\ninterrupted: stopping hairpin and removing the demo's namespaces");
-        emergency_cleanup();
-        std::process::exit(130);
-    });
-    Ok(())
 }
 
 /// Runs a `hairpin` command against the demo's instance and shows it.
