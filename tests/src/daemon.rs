@@ -38,13 +38,23 @@ pub struct Daemon {
 /// The pin directory of the bed whose gateway is `netns`: its own, so that
 /// beds never share state.
 pub fn pin_dir(netns: &Netns) -> PathBuf {
-    PathBuf::from("/sys/fs/bpf").join(netns.name())
+    pin_dir_for(netns.name())
+}
+
+/// [`pin_dir`] by the gateway namespace's name.
+pub fn pin_dir_for(netns_name: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf").join(netns_name)
 }
 
 /// Where `hairpin run` for the bed whose gateway is `netns` keeps what
 /// `hairpin status` reads about the daemon (named after the pin directory).
 pub fn state_file(netns: &Netns) -> PathBuf {
-    PathBuf::from("/run/hairpin").join(format!("{}.json", netns.name()))
+    state_file_for(netns.name())
+}
+
+/// [`state_file`] by the gateway namespace's name.
+pub fn state_file_for(netns_name: &str) -> PathBuf {
+    PathBuf::from("/run/hairpin").join(format!("{netns_name}.json"))
 }
 
 mod tempfile_path {

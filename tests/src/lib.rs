@@ -87,6 +87,9 @@ pub fn emergency_cleanup() {
             },
             Live::Netns(name) => {
                 let _ = Command::new("ip").args(["netns", "delete", name]).status();
+                // What a daemon of a bed whose gateway this was left behind.
+                let _ = std::fs::remove_dir_all(daemon::pin_dir_for(name));
+                let _ = std::fs::remove_file(daemon::state_file_for(name));
             }
         }
     }
