@@ -93,7 +93,9 @@ pub fn setup(options: &Options) -> anyhow::Result<()> {
 /// Returns at once when everything is present, else runs the whole setup.
 pub fn ensure() -> anyhow::Result<()> {
     let toolchain = Toolchain::query()?;
-    if missing_test_tools().is_empty() && toolchain.has_rust_src() && working_bpf_linker().is_some()
+    if missing_packages(TEST_TOOLS).is_empty()
+        && toolchain.has_rust_src()
+        && working_bpf_linker().is_some()
     {
         return Ok(());
     }
@@ -156,44 +158,22 @@ impl Toolchain {
 
 /// Installs the missing test tools with apt; `None` when none was missing.
 fn test_tools() -> anyhow::Result<Option<String>> {
-    let missing = missing_test_tools();
-    if missing.is_empty() {
-        return Ok(None);
-    }
-    if !crate::is_root() {
-        bail!(
-            "the test tools from {} are missing and installing them needs root: \
-             run `cargo xtask setup` as root",
-            missing.join(", ")
-        );
-    }
-    run_command(Command::new("apt-get").arg("update"))?;
-    run_command(
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y"])
-            .args(&missing),
-    )?;
-    let still_missing = missing_test_tools();
-    if !still_missing.is_empty() {
-        bail!("apt installed {} but their tools are still not found", still_missing.join(", "));
-    }
-    Ok(Some(format!("installed with apt: {}", missing.join(" "))))
+    let installed = ensure_tools(TEST_TOOLS)?;
+    Ok((!installed.is_empty()).then(|| format!("installed with apt: {}", installed.join(" "))))
 }
 
 /// Installs with apt the packages of `tools` (package, a binary it ships)
 /// whose binary is not found; returns the packages it installed.
 pub fn ensure_tools(tools: &[(&'static str, &'static str)]) -> anyhow::Result<Vec<&'static str>> {
-    let missing: Vec<&'static str> = tools
-        .iter()
-        .filter(|(_, binary)| find_program(binary).is_none())
-        .map(|(package, _)| *package)
-        .collect();
+    let missing = missing_packages(tools);
     if missing.is_empty() {
         return Ok(missing);
     }
     if !crate::is_root() {
-        bail!("{} missing and installing needs root", missing.join(", "));
+        bail!(
+            "{} missing, and installing needs root: run `cargo xtask setup` as root",
+            missing.join(", ")
+        );
     }
     run_command(Command::new("apt-get").arg("update"))?;
     run_command(
@@ -209,9 +189,9 @@ pub fn ensure_tools(tools: &[(&'static str, &'static str)]) -> anyhow::Result<Ve
     Ok(missing)
 }
 
-/// The packages of the test tools that are not found.
-fn missing_test_tools() -> Vec<&'static str> {
-    TEST_TOOLS
+/// The packages of `tools` (package, a binary it ships) whose binary is not found.
+fn missing_packages(tools: &[(&'static str, &'static str)]) -> Vec<&'static str> {
+    tools
         .iter()
         .filter(|(_, binary)| find_program(binary).is_none())
         .map(|(package, _)| *package)
