@@ -83,6 +83,13 @@ impl<'a> Cli<'a> {
     }
 
     /// `hairpin ARGS`, whatever its exit status.
+    /// `hairpin ARGS` inside the namespace, aimed at this instance.
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = self.netns.command(hairpin_binary().to_str().expect("utf-8 path"));
+        command.args(args).env("HAIRPIN_PIN_DIR", &self.pin_dir).env_remove("RUST_LOG");
+        command
+    }
+
     pub fn run(&self, args: &[&str]) -> CliOutput {
         self.run_with_stdin(args, b"")
     }
@@ -91,11 +98,7 @@ impl<'a> Cli<'a> {
     pub fn run_with_stdin(&self, args: &[&str], stdin: &[u8]) -> CliOutput {
         let command = format!("hairpin {}", args.join(" "));
         let mut child = self
-            .netns
-            .command(hairpin_binary().to_str().expect("utf-8 path"))
-            .args(args)
-            .env("HAIRPIN_PIN_DIR", &self.pin_dir)
-            .env_remove("RUST_LOG")
+            .command(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -178,11 +181,7 @@ impl Cli<'_> {
     pub fn spawn(&self, args: &[&str]) -> Running {
         let command = format!("hairpin {}", args.join(" "));
         let mut child = self
-            .netns
-            .command(hairpin_binary().to_str().expect("utf-8 path"))
-            .args(args)
-            .env("HAIRPIN_PIN_DIR", &self.pin_dir)
-            .env_remove("RUST_LOG")
+            .command(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
