@@ -119,33 +119,15 @@ fn accept_loop(listener: TcpListener, stop: &AtomicBool, per_connection_thread: 
         match listener.accept() {
             Ok((stream, _)) => {
                 if per_connection_thread {
-                    thread::spawn(move || echo(stream));
+                    thread::spawn(move || hairpin_tests::apps::echo(stream));
                 } else {
-                    echo(stream);
+                    hairpin_tests::apps::echo(stream);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 thread::sleep(Duration::from_millis(1))
             }
             Err(_) => thread::sleep(Duration::from_millis(1)),
-        }
-    }
-}
-
-/// Answers every byte received with one byte, until the peer closes.
-fn echo(mut stream: TcpStream) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut buf = [0u8; 64];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if stream.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
         }
     }
 }

@@ -200,8 +200,11 @@ impl Drop for TcpEcho {
     }
 }
 
-fn echo(mut stream: TcpStream) {
+/// Sends back every byte received, at once, until the peer closes or is
+/// silent for a minute.
+pub fn echo(mut stream: TcpStream) {
     let _ = stream.set_nonblocking(false);
+    let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
     let mut buf = [0u8; 4096];
     loop {
