@@ -51,6 +51,9 @@ counters! {
     /// Forwarded packet whose next hop had no resolved MAC yet: handed to
     /// the kernel (TC, `bpf_redirect_neigh`) already translated.
     NeighRedirected => "neigh_redirected",
+    /// A route looked up with `bpf_fib_lookup` and cached in the flow's
+    /// entry, for its next packets (counted besides the packet's verdict).
+    RouteCached => "route_cached",
     PassNotIpv4 => "pass_not_ipv4",
     PassIpOptions => "pass_ip_options",
     PassFragment => "pass_fragment",

@@ -10,6 +10,7 @@ pub mod icmp;
 pub mod maps;
 pub mod nat;
 pub mod packet;
+pub mod route;
 
 pub use counters::Counter;
 pub use maps::*;

@@ -20,11 +20,13 @@ pub mod names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const MAPPING_STATS: &str = "MAPPING_STATS";
     pub const LAYOUT: &str = "LAYOUT";
+    pub const ROUTE_CACHE: &str = "ROUTE_CACHE";
 
     /// The maps a running instance keeps (pinned) and its tools share.
-    pub const SHARED: [&str; 10] = [
+    pub const SHARED: [&str; 11] = [
         LAYOUT,
         SETTINGS,
+        ROUTE_CACHE,
         LAN_NETWORKS,
         INTERFACES,
         EGRESS_DEVICES,
@@ -118,6 +120,9 @@ pod! {
     pub struct FlowEntry {
         /// The tuple the packet leaves with.
         pub translated: FlowKey,
+        /// Where the last packet of this direction was sent, for the next
+        /// (8-byte aligned: zeroing it then takes three stores, not memset).
+        pub route: CachedRoute,
         /// When this direction last saw a packet (CLOCK_MONOTONIC_COARSE, ns;
         /// refreshed at most once a second).
         pub last_seen_ns: u64,
@@ -137,6 +142,41 @@ pod! {
         /// `KIND_HAIRPIN` or `KIND_PORT_FORWARD`.
         pub kind: u8,
         pub _pad: u16,
+    }
+}
+
+pod! {
+    /// A `bpf_fib_lookup` result kept in a conntrack entry, so that the
+    /// packets after it need none (see `crate::route`).
+    pub struct CachedRoute {
+        /// `RouteCache::generation` at the lookup; 0: nothing cached.
+        pub generation: u16,
+        /// The largest IPv4 total length the lookup allowed.
+        pub mtu: u16,
+        /// The lookup's input interface (routing may depend on it).
+        pub ingress: u32,
+        pub egress: u32,
+        /// The Ethernet header's first 12 bytes, destination then source
+        /// MAC address, as 32-bit words: byte arrays made LLVM call memset
+        /// and memmove.
+        pub eth_addrs: [u32; 3],
+    }
+}
+
+pod! {
+    /// The only element of `ROUTE_CACHE`: whether the forwarding results
+    /// cached in conntrack entries may be used.
+    pub struct RouteCache {
+        /// Moved on by the daemon whenever a route, rule, neighbour, address
+        /// or link changes, which makes every cached result stale. Never 0.
+        pub generation: u16,
+        pub _pad0: u16,
+        pub _pad1: u32,
+        /// Cached results are used only before this time
+        /// (CLOCK_MONOTONIC_COARSE, ns). The daemon keeps moving it ahead;
+        /// without a daemon to watch for changes, it passes and every packet
+        /// is looked up again.
+        pub valid_until_ns: u64,
     }
 }
 
@@ -253,7 +293,7 @@ pod! {
 
 /// Changes whenever a map's layout or meaning changes, so that a running
 /// instance's pinned maps are never used with another layout.
-pub const LAYOUT_VERSION: u64 = 3 << 48
+pub const LAYOUT_VERSION: u64 = 4 << 48
     | (core::mem::size_of::<FlowKey>() as u64) << 40
     | (core::mem::size_of::<FlowEntry>() as u64) << 32
     | (core::mem::size_of::<MappingKey>() as u64) << 24

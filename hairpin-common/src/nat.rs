@@ -1,8 +1,8 @@
 //! The NAT decisions, as pure functions of header fields and map values.
 
 use crate::{
-    Counter, DIRECTION_ORIGINAL, DIRECTION_REPLY, FIN_SEEN_ORIGINAL, FIN_SEEN_REPLY, FlowEntry,
-    FlowKey, IPPROTO_TCP, IPPROTO_UDP, KIND_HAIRPIN, KIND_PORT_FORWARD, MappingValue,
+    CachedRoute, Counter, DIRECTION_ORIGINAL, DIRECTION_REPLY, FIN_SEEN_ORIGINAL, FIN_SEEN_REPLY,
+    FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, KIND_HAIRPIN, KIND_PORT_FORWARD, MappingValue,
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     state,
 };
@@ -96,6 +96,7 @@ const fn entry(
         fin_seen: 0,
         kind,
         _pad: 0,
+        route: CachedRoute { generation: 0, mtu: 0, ingress: 0, egress: 0, eth_addrs: [0; 3] },
     }
 }
 

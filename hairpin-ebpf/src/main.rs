@@ -19,16 +19,17 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use hairpin_common::{
-    Counter, DEFAULT_CONNTRACK_CAPACITY, DIRECTION_ORIGINAL, FlowEntry, FlowKey, IPPROTO_TCP,
-    IPPROTO_UDP, KIND_HAIRPIN, MAX_EGRESS_DEVICES, MAX_INTERFACES, MAX_LAN_NETWORKS,
+    CachedRoute, Counter, DEFAULT_CONNTRACK_CAPACITY, DIRECTION_ORIGINAL, FlowEntry, FlowKey,
+    IPPROTO_TCP, IPPROTO_UDP, KIND_HAIRPIN, MAX_EGRESS_DEVICES, MAX_INTERFACES, MAX_LAN_NETWORKS,
     MAX_MAPPING_RULES, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue, NEIGH_REDIRECT_MAGIC,
-    NeighRedirect, ROLE_LAN, ROLE_WAN, Settings, checksum,
+    NeighRedirect, ROLE_LAN, ROLE_WAN, RouteCache, Settings, checksum,
     icmp::{self, ICMP_HEADER_LEN, IPPROTO_ICMP},
     nat::{self, FlowPair, SNAT_PORT_ATTEMPTS},
     packet::{
         ETH_HEADER_LEN, ETH_P_IPV4, EthHeader, IPV4_HEADER_LEN, IcmpHeader, Ipv4Header, L4_OFFSET,
         TcpHeader, UdpHeader,
     },
+    route,
 };
 
 #[map]
@@ -65,6 +66,14 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 #[map]
 static MAPPING_STATS: PerCpuArray<MappingStats> =
     PerCpuArray::with_max_entries(MAX_MAPPING_RULES, 0);
+
+/// Whether the routes cached in conntrack entries may be used.
+#[map]
+static ROUTE_CACHE: Array<RouteCache> = Array::with_max_entries(1, 0);
+
+/// Where a new flow's two entries are built: they do not fit the stack.
+#[map]
+static NEW_FLOW_SCRATCH: PerCpuArray<FlowPair> = PerCpuArray::with_max_entries(1, 0);
 
 /// `LAYOUT_VERSION` of the user space that created the maps.
 #[map]
@@ -150,31 +159,35 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
 
     let (to, route, counter, created) = match find_flow(&packet, &settings, now) {
         Some(flow) => {
-            // SAFETY: a map value; see find_flow.
-            let entry = unsafe { *flow.entry };
-            let route = fib_lookup(ctx, &entry.translated, tot_len)?;
+            // SAFETY: a map value; see find_flow. Fields are read one by
+            // one: a copy of the whole entry does not fit the stack.
+            let (translated, direction, kind) =
+                unsafe { ((*flow.entry).translated, (*flow.entry).direction, (*flow.entry).kind) };
+            let route = flow_route(ctx, &flow, &translated, tot_len, now)?;
             if let Route::TooBig { mtu } = route {
-                return too_big(ctx, mtu, entry.direction == DIRECTION_ORIGINAL);
+                return too_big(ctx, mtu, direction == DIRECTION_ORIGINAL);
             }
-            track(&flow, &entry, &packet, l4.tcp_flags, now, tot_len);
-            let counter = if entry.direction != DIRECTION_ORIGINAL {
+            track(&flow, &packet, l4.tcp_flags, now, tot_len);
+            let counter = if direction != DIRECTION_ORIGINAL {
                 Counter::TranslatedBack
-            } else if entry.kind == KIND_HAIRPIN {
+            } else if kind == KIND_HAIRPIN {
                 Counter::Hairpinned
             } else {
                 Counter::PortForwarded
             };
-            (entry.translated, route, counter, None)
+            (translated, route, counter, None)
         }
         None => {
             let admitted = admit_new_flow(ctx, &packet, l4.tcp_flags, &settings)?;
             // The route does not depend on the SNAT port: look it up before
             // any state is created, so a routing failure leaves none behind.
-            let route = fib_lookup(ctx, &admitted.provisional, tot_len)?;
+            let (route, _) = fib_lookup(ctx, &admitted.provisional, tot_len)?;
             if let Route::TooBig { mtu } = route {
                 return too_big(ctx, mtu, true);
             }
-            let flow = match create_flow(&packet, &admitted, &settings, now, tot_len) {
+            let new_flow =
+                NewFlow { packet: &packet, admitted: &admitted, settings: &settings, now, tot_len };
+            let flow = match create_flow(&new_flow) {
                 Ok(flow) => flow,
                 // Refused cleanly: handed to the kernel, the packet could
                 // reach a service of the gateway's own on the public address.
@@ -195,7 +208,7 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
             account(admitted.server.id, tot_len, true);
             let counter =
                 if admitted.hairpin { Counter::Hairpinned } else { Counter::PortForwarded };
-            (flow.original.translated, route, counter, Some((flow.original_key, flow.reply_key)))
+            (flow.translated, route, counter, Some((flow.original_key, flow.reply_key)))
         }
     };
 
@@ -236,13 +249,30 @@ fn set_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
     }
 }
 
+/// The Ethernet header's destination and source MAC addresses as the
+/// three words `CachedRoute` keeps.
+#[inline(always)]
+fn eth_addrs(dmac: &[u8; 6], smac: &[u8; 6]) -> [u32; 3] {
+    let (d, s) = (dmac, smac);
+    [
+        u32::from_ne_bytes([d[0], d[1], d[2], d[3]]),
+        u32::from_ne_bytes([d[4], d[5], s[0], s[1]]),
+        u32::from_ne_bytes([s[2], s[3], s[4], s[5]]),
+    ]
+}
+
 /// Sets the MAC addresses and picks the action for a translated packet.
 #[inline(always)]
 fn send(eth: &mut EthHeader, route: &Route, counter: Counter) -> Result<(u32, Counter), Counter> {
     match *route {
-        Route::Resolved { action, smac, dmac } => {
-            set_mac(&mut eth.src, &smac);
-            set_mac(&mut eth.dst, &dmac);
+        Route::Resolved { action, eth_addrs } => {
+            let addrs = eth.dst.as_mut_ptr().cast::<u32>();
+            // SAFETY: the 12 bytes of both addresses, in the packet.
+            unsafe {
+                addrs.write_unaligned(eth_addrs[0]);
+                addrs.add(1).write_unaligned(eth_addrs[1]);
+                addrs.add(2).write_unaligned(eth_addrs[2]);
+            }
             Ok((action, counter))
         }
         Route::Unresolved { .. } => {
@@ -287,7 +317,7 @@ fn try_icmp_error(
     let translated = unsafe { (*flow.entry).translated };
     let rewrite = icmp::error_rewrite(outer_src, &embedded, &translated);
     let outer_to = FlowKey::new(rewrite.outer_src, rewrite.outer_dst, 0, 0, IPPROTO_ICMP);
-    let route = fib_lookup(ctx, &outer_to, tot_len)?;
+    let (route, _) = fib_lookup(ctx, &outer_to, tot_len)?;
     if let Route::TooBig { .. } = route {
         return Err(Counter::PassTooBig);
     }
@@ -406,24 +436,25 @@ fn expired(
 /// Refreshes the entry and moves the flow's state on; a flow that becomes
 /// established moves to the established table.
 #[inline(always)]
-fn track(flow: &Flow, entry: &FlowEntry, packet: &FlowKey, tcp_flags: u8, now: u64, len: u16) {
+fn track(flow: &Flow, packet: &FlowKey, tcp_flags: u8, now: u64, len: u16) {
     const REFRESH_NS: u64 = 1_000_000_000;
+    let entry = flow.entry;
     // SAFETY: a map value. Concurrent updates from another CPU may lose an
     // increment; these are statistics.
-    unsafe {
-        (*flow.entry).packets = entry.packets.wrapping_add(1);
-        (*flow.entry).bytes = entry.bytes.wrapping_add(len as u64);
-        if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
-            (*flow.entry).last_seen_ns = now;
+    let (mapping_id, old_state, old_fin_seen, direction) = unsafe {
+        (*entry).packets = (*entry).packets.wrapping_add(1);
+        (*entry).bytes = (*entry).bytes.wrapping_add(len as u64);
+        if now.wrapping_sub((*entry).last_seen_ns) > REFRESH_NS {
+            (*entry).last_seen_ns = now;
         }
-    }
-    account(entry.mapping_id, len, false);
-    let (state, fin_seen) =
-        nat::next_state(entry.state, entry.fin_seen, entry.direction, tcp_flags);
-    if state == entry.state && fin_seen == entry.fin_seen {
+        ((*entry).mapping_id, (*entry).state, (*entry).fin_seen, (*entry).direction)
+    };
+    account(mapping_id, len, false);
+    let (state, fin_seen) = nat::next_state(old_state, old_fin_seen, direction, tcp_flags);
+    if state == old_state && fin_seen == old_fin_seen {
         return;
     }
-    let partner_key = entry.translated.reversed();
+    let partner_key = unsafe { (*entry).translated.reversed() };
     let partner = if flow.established {
         CONNTRACK.get_ptr_mut(&partner_key)
     } else {
@@ -526,23 +557,37 @@ fn admit_new_flow(
     Ok(Admitted { server, hairpin, provisional })
 }
 
+/// A flow to enter: the packet that opens it and what let it in.
+struct NewFlow<'a> {
+    packet: &'a FlowKey,
+    admitted: &'a Admitted,
+    settings: &'a Settings,
+    now: u64,
+    tot_len: u16,
+}
+
+/// The keys of an entered flow, and where its first packet goes.
+struct Created {
+    original_key: FlowKey,
+    reply_key: FlowKey,
+    translated: FlowKey,
+}
+
 /// Enters both directions of a new flow into the table of new flows, the
 /// reply entry first with BPF_NOEXIST: that insert is what makes the
 /// translated tuple unique. A hairpin flow tries the client's port and then
 /// random ones of the SNAT range, a bounded number of times.
 #[inline(always)]
-fn create_flow(
-    packet: &FlowKey,
-    admitted: &Admitted,
-    settings: &Settings,
-    now: u64,
-    tot_len: u16,
-) -> Result<FlowPair, Counter> {
+fn create_flow(new_flow: &NewFlow) -> Result<Created, Counter> {
+    let NewFlow { packet, admitted, settings, now, tot_len } = *new_flow;
     let client_port = u16::from_be(packet.src_port);
     let attempts = if admitted.hairpin { SNAT_PORT_ATTEMPTS } else { 1 };
     let start = unsafe { bpf_get_prandom_u32() };
+    let flow = NEW_FLOW_SCRATCH.get_ptr_mut(0).ok_or(Counter::PassFlowRace)?;
+    // SAFETY: this CPU's scratch slot; XDP runs to completion on a CPU.
+    let flow = unsafe { &mut *flow };
     for attempt in 0..attempts {
-        let mut flow = if admitted.hairpin {
+        *flow = if admitted.hairpin {
             let port = nat::snat_port_candidate(
                 client_port,
                 attempt,
@@ -565,7 +610,11 @@ fn create_flow(
         flow.original.packets = 1;
         flow.original.bytes = tot_len as u64;
         if CONNTRACK_NEW.insert(&flow.original_key, &flow.original, BPF_NOEXIST as u64).is_ok() {
-            return Ok(flow);
+            return Ok(Created {
+                original_key: flow.original_key,
+                reply_key: flow.reply_key,
+                translated: flow.original.translated,
+            });
         }
         // Another CPU entered this flow in the meantime; the client's
         // retransmission will find that entry.
@@ -578,15 +627,64 @@ fn create_flow(
 enum Route {
     /// Sent on with `action`: XDP_TX back out of the ingress interface, or
     /// XDP_REDIRECT with the egress device already chosen.
-    Resolved { action: u32, smac: [u8; 6], dmac: [u8; 6] },
+    Resolved { action: u32, eth_addrs: [u32; 3] },
     /// Routed out of `ifindex`, but the next hop's MAC is not known yet.
     Unresolved { ifindex: u32 },
     /// Larger than the egress MTU.
     TooBig { mtu: u16 },
 }
 
+/// The route of a tracked flow's packet: the one cached in its entry while
+/// that is valid, else looked up (and cached, while caching is on).
 #[inline(always)]
-fn fib_lookup(ctx: &XdpContext, to: &FlowKey, tot_len: u16) -> Result<Route, Counter> {
+fn flow_route(
+    ctx: &XdpContext,
+    flow: &Flow,
+    translated: &FlowKey,
+    tot_len: u16,
+    now: u64,
+) -> Result<Route, Counter> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    // Read before the lookup: a change the lookup misses has moved the
+    // generation on after this read, so the result is cached as stale.
+    let cache = ROUTE_CACHE.get(0).copied().unwrap_or_default();
+    // SAFETY: a map value, only read here.
+    let (cached, last_seen_ns) = unsafe { ((*flow.entry).route, (*flow.entry).last_seen_ns) };
+    if route::cached_route_valid(&cache, &cached, last_seen_ns, ingress, tot_len, now) {
+        let action = forward_action(ingress, cached.egress)?;
+        return Ok(Route::Resolved { action, eth_addrs: cached.eth_addrs });
+    }
+    let (route, found) = fib_lookup(ctx, translated, tot_len)?;
+    if let Some(found) = found
+        && cache.usable(now)
+    {
+        // SAFETY: a map value. Another CPU writing the same flow's entry
+        // writes the same result, unless a change races with both, and then
+        // the generation has moved on.
+        unsafe { (*flow.entry).route = CachedRoute { generation: cache.generation, ..found } };
+        count(Counter::RouteCached);
+    }
+    Ok(route)
+}
+
+/// XDP_TX back out of the ingress interface, or a redirect to a managed one.
+#[inline(always)]
+fn forward_action(ingress: u32, egress: u32) -> Result<u32, Counter> {
+    if egress == ingress {
+        return Ok(xdp_action::XDP_TX);
+    }
+    // Choosing the devmap target now, before anything is rewritten, is also
+    // the check that hairpin manages the egress interface.
+    EGRESS_DEVICES.redirect(egress, 0).map_err(|_| Counter::PassEgressNotManaged)
+}
+
+/// Looks the route up, and gives the result to cache when it is one.
+#[inline(always)]
+fn fib_lookup(
+    ctx: &XdpContext,
+    to: &FlowKey,
+    tot_len: u16,
+) -> Result<(Route, Option<CachedRoute>), Counter> {
     const WORDS: usize = size_of::<FibParams>() / 8;
     const _: () = assert!(size_of::<FibParams>() == WORDS * 8);
     // Zeroed word by word with volatile stores: any plain zeroing of the
@@ -609,28 +707,26 @@ fn fib_lookup(ctx: &XdpContext, to: &FlowKey, tot_len: u16) -> Result<Route, Cou
     params.__bindgen_anon_3.ipv4_src = to.src_addr;
     params.__bindgen_anon_4.ipv4_dst = to.dst_addr;
     let ret = unsafe { bpf_fib_lookup(ctx.as_ptr(), params, size_of::<FibParams>() as i32, 0) };
-    let same_interface = params.ifindex == ctx.ingress_ifindex() as u32;
+    let ingress = ctx.ingress_ifindex() as u32;
     match ret as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            // Choosing the devmap target now, before anything is rewritten,
-            // is also the check that hairpin manages the egress interface.
-            let action = if same_interface {
-                xdp_action::XDP_TX
-            } else {
-                EGRESS_DEVICES
-                    .redirect(params.ifindex, 0)
-                    .map_err(|_| Counter::PassEgressNotManaged)?
-            };
-            Ok(Route::Resolved { action, smac: params.smac, dmac: params.dmac })
+            let action = forward_action(ingress, params.ifindex)?;
+            let eth_addrs = eth_addrs(&params.dmac, &params.smac);
+            // The kernel returns the egress MTU on success too (since 5.12);
+            // before, the field still held tot_len, which is as safe a bound.
+            let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+            let found =
+                CachedRoute { generation: 0, mtu, ingress, egress: params.ifindex, eth_addrs };
+            Ok((Route::Resolved { action, eth_addrs }, Some(found)))
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => {
-            if !same_interface && EGRESS_DEVICES.get(params.ifindex).is_none() {
+            if params.ifindex != ingress && EGRESS_DEVICES.get(params.ifindex).is_none() {
                 return Err(Counter::PassEgressNotManaged);
             }
-            Ok(Route::Unresolved { ifindex: params.ifindex })
+            Ok((Route::Unresolved { ifindex: params.ifindex }, None))
         }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
-            Ok(Route::TooBig { mtu: unsafe { params.__bindgen_anon_1.mtu_result } })
+            Ok((Route::TooBig { mtu: unsafe { params.__bindgen_anon_1.mtu_result } }, None))
         }
         _ => Err(Counter::FibFailed),
     }

@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    os::fd::{AsFd as _, OwnedFd},
     path::Path,
 };
 
@@ -15,7 +16,7 @@ use aya::{
 };
 use hairpin_common::{
     Counter, FlowEntry, FlowKey, LAYOUT_VERSION, MAX_MAPPING_RULES, MAX_MAPPINGS, MappingKey,
-    MappingStats, MappingValue, Settings, maps::names,
+    MappingStats, MappingValue, RouteCache, Settings, maps::names,
 };
 use thiserror::Error;
 
@@ -68,6 +69,9 @@ pub struct MappingRule {
 pub struct Maps {
     layout: Array<MapData, u64>,
     settings: Array<MapData, Settings>,
+    route_cache: Array<MapData, RouteCache>,
+    /// Another descriptor of `route_cache`, for [`Maps::route_cache_handle`].
+    route_cache_fd: OwnedFd,
     lan_networks: LpmTrie<MapData, u32, u8>,
     interfaces: HashMap<MapData, u32, u8>,
     egress: DevMapHash<MapData>,
@@ -102,7 +106,18 @@ impl Maps {
                 map($name)?.try_into().map_err(map_error($name))?
             };
         }
+        let route_cache = map(names::ROUTE_CACHE)?;
+        let Map::Array(data) = &route_cache else {
+            return Err(MapsError::Missing { name: names::ROUTE_CACHE });
+        };
+        let route_cache_fd =
+            data.fd().as_fd().try_clone_to_owned().map_err(|e| MapsError::Map {
+                name: names::ROUTE_CACHE,
+                source: MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error: e }),
+            })?;
         Ok(Self {
+            route_cache: route_cache.try_into().map_err(map_error(names::ROUTE_CACHE))?,
+            route_cache_fd,
             layout: typed!(names::LAYOUT),
             settings: typed!(names::SETTINGS),
             lan_networks: typed!(names::LAN_NETWORKS),
@@ -126,6 +141,25 @@ impl Maps {
 
     pub fn set_settings(&mut self, settings: Settings) -> Result<(), MapsError> {
         self.settings.set(0, settings, 0).map_err(map_error(names::SETTINGS))
+    }
+
+    pub fn route_cache(&self) -> Result<RouteCache, MapsError> {
+        self.route_cache.get(&0, 0).map_err(map_error(names::ROUTE_CACHE))
+    }
+
+    pub fn set_route_cache(&mut self, cache: RouteCache) -> Result<(), MapsError> {
+        self.route_cache.set(0, cache, 0).map_err(map_error(names::ROUTE_CACHE))
+    }
+
+    /// The route cache's map on its own, for a task that keeps it.
+    pub fn route_cache_handle(&self) -> Result<Array<MapData, RouteCache>, MapsError> {
+        let name = names::ROUTE_CACHE;
+        let fd = self.route_cache_fd.try_clone().map_err(|e| MapsError::Map {
+            name,
+            source: MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error: e }),
+        })?;
+        let data = MapData::from_fd(fd).map_err(map_error(name))?;
+        Map::from_map_data(data).and_then(TryInto::try_into).map_err(map_error(name))
     }
 
     /// Makes the LAN networks exactly `networks`.
