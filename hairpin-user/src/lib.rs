@@ -8,6 +8,7 @@ pub mod explain;
 pub mod import;
 pub mod maps;
 pub mod metrics;
+pub mod routes;
 pub mod stats;
 
 /// The eBPF object built by `build.rs`; empty when the eBPF toolchain was

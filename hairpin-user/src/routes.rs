@@ -1,0 +1,266 @@
+//! Keeping the routes cached in conntrack entries honest.
+//!
+//! The datapath caches each flow's `bpf_fib_lookup` result in its entry.
+//! [`RouteCacheKeeper`] listens to rtnetlink for every change of routes,
+//! rules, nexthops, neighbours, addresses and links in its network namespace
+//! and moves the cache's generation on, which makes every cached result
+//! stale; and it keeps the cache usable for only a few seconds at a time, so
+//! that when nobody listens any more (the daemon was killed), the datapath
+//! soon looks every packet up again.
+
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, MapData};
+use hairpin_common::{RouteCache, route::LIFETIME_NS};
+use thiserror::Error;
+
+use crate::{
+    datapath::monotonic_coarse_ns,
+    maps::{Maps, MapsError},
+};
+
+/// How often the keeper moves the cache's deadline ahead: well inside
+/// `LIFETIME_NS`, so that a busy moment cannot let it lapse.
+pub const KEEP_ALIVE_PERIOD: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Error)]
+pub enum RouteCacheError {
+    #[error("subscribing to routing changes (rtnetlink): {0}")]
+    Subscribe(io::Error),
+    #[error("reading routing changes (rtnetlink): {0}")]
+    Read(io::Error),
+    #[error("route cache map: {0}")]
+    Map(aya::maps::MapError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+}
+
+// rtnetlink multicast groups (linux/rtnetlink.h).
+const RTMGRP_LINK: u32 = 0x1;
+const RTMGRP_NEIGH: u32 = 0x4;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV4_RULE: u32 = 0x80;
+const RTNLGRP_NEXTHOP: u32 = 32;
+const SOL_NETLINK: i32 = 270;
+const NETLINK_ADD_MEMBERSHIP: i32 = 1;
+
+/// A non-blocking rtnetlink socket subscribed to everything that can change
+/// where `bpf_fib_lookup` sends a packet.
+pub struct RouteChanges {
+    socket: OwnedFd,
+}
+
+impl RouteChanges {
+    /// Subscribes in the calling thread's network namespace.
+    pub fn subscribe() -> io::Result<Self> {
+        // SAFETY: plain socket(2); the descriptor is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: all zeros is a valid sockaddr_nl.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups =
+            RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE;
+        // SAFETY: a valid address of the size given.
+        let bound = unsafe {
+            libc::bind(
+                fd,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if bound != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Nexthop objects (`ip nexthop`) only have a group above 31.
+        // Kernels without them refuse; routes then carry their next hops.
+        let group = RTNLGRP_NEXTHOP;
+        // SAFETY: a valid option value of the size given.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                SOL_NETLINK,
+                NETLINK_ADD_MEMBERSHIP,
+                (&raw const group).cast(),
+                size_of::<u32>() as libc::socklen_t,
+            )
+        };
+        Ok(Self { socket })
+    }
+
+    /// Reads every pending notification; whether there was any. Notifications
+    /// lost to a full socket buffer count as a change too.
+    pub fn drain(&self) -> io::Result<bool> {
+        let mut buffer = [0u8; 16 * 1024];
+        let mut changed = false;
+        loop {
+            // SAFETY: a valid buffer of the length given.
+            let read = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if read > 0 {
+                changed = true;
+                continue;
+            }
+            if read == 0 {
+                return Ok(changed);
+            }
+            let error = io::Error::last_os_error();
+            match error.raw_os_error() {
+                Some(libc::EAGAIN) => return Ok(changed),
+                Some(libc::EINTR) => continue,
+                Some(libc::ENOBUFS) => changed = true,
+                _ => return Err(error),
+            }
+        }
+    }
+}
+
+impl AsRawFd for RouteChanges {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+impl AsFd for RouteChanges {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+/// Owns the datapath's route cache while it may be used.
+pub struct RouteCacheKeeper {
+    changes: RouteChanges,
+    cache: Array<MapData, RouteCache>,
+}
+
+impl RouteCacheKeeper {
+    /// Starts watching the calling thread's network namespace, and turns
+    /// the cache on with a new generation: whatever an earlier keeper left
+    /// cached is stale.
+    pub fn start(maps: &Maps) -> Result<Self, RouteCacheError> {
+        let changes = RouteChanges::subscribe().map_err(RouteCacheError::Subscribe)?;
+        let mut keeper = Self { changes, cache: maps.route_cache_handle()? };
+        keeper.invalidate()?;
+        Ok(keeper)
+    }
+
+    fn read(&self) -> Result<RouteCache, RouteCacheError> {
+        self.cache.get(&0, 0).map_err(RouteCacheError::Map)
+    }
+
+    fn write(&mut self, cache: RouteCache) -> Result<(), RouteCacheError> {
+        self.cache.set(0, cache, 0).map_err(RouteCacheError::Map)
+    }
+
+    /// Makes everything cached so far stale, and the cache usable for
+    /// another `LIFETIME_NS`.
+    pub fn invalidate(&mut self) -> Result<(), RouteCacheError> {
+        let generation = RouteCache::next_generation(self.read()?.generation);
+        self.write(RouteCache {
+            generation,
+            valid_until_ns: monotonic_coarse_ns() + LIFETIME_NS,
+            ..Default::default()
+        })
+    }
+
+    /// Keeps the cache usable for another `LIFETIME_NS`.
+    pub fn keep_alive(&mut self) -> Result<(), RouteCacheError> {
+        let cache = self.read()?;
+        self.write(RouteCache { valid_until_ns: monotonic_coarse_ns() + LIFETIME_NS, ..cache })
+    }
+
+    /// Reads the pending change notifications, and invalidates the cache if
+    /// there were any. Call it when the keeper's descriptor is readable.
+    pub fn on_changes(&mut self) -> Result<bool, RouteCacheError> {
+        let changed = self.changes.drain().map_err(RouteCacheError::Read)?;
+        if changed {
+            self.invalidate()?;
+        }
+        Ok(changed)
+    }
+
+    /// Turns the cache off: every packet is looked up again.
+    pub fn stop(mut self) -> Result<(), RouteCacheError> {
+        let cache = self.read()?;
+        self.write(RouteCache { valid_until_ns: 0, ..cache })
+    }
+
+    /// Keeps the cache on a thread of its own, for tools without an event
+    /// loop; dropping the handle turns the cache off.
+    pub fn spawn(self) -> KeeperThread {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            thread::spawn(move || self.run_until(&stop))
+        };
+        KeeperThread { stop, thread: Some(thread) }
+    }
+
+    fn run_until(mut self, stop: &AtomicBool) -> Result<(), RouteCacheError> {
+        let mut next_keep_alive = Instant::now() + KEEP_ALIVE_PERIOD;
+        while !stop.load(Ordering::Relaxed) {
+            let mut poll =
+                libc::pollfd { fd: self.changes.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // Short, so that `stop` is noticed soon.
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut poll, 1, 100) };
+            self.on_changes()?;
+            if Instant::now() >= next_keep_alive {
+                self.keep_alive()?;
+                next_keep_alive += KEEP_ALIVE_PERIOD;
+            }
+        }
+        self.stop()
+    }
+}
+
+/// A [`RouteCacheKeeper`] running on its own thread.
+pub struct KeeperThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<(), RouteCacheError>>>,
+}
+
+impl Drop for KeeperThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::warn!("the route cache keeper stopped: {e}"),
+                Err(_) => log::warn!("the route cache keeper panicked"),
+            }
+        }
+    }
+}
+
+impl AsRawFd for RouteCacheKeeper {
+    fn as_raw_fd(&self) -> RawFd {
+        self.changes.as_raw_fd()
+    }
+}
