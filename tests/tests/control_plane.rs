@@ -1081,3 +1081,46 @@ fn prometheus_metrics_grow_with_the_traffic() {
         "the metrics and `stats --json` should agree: {after}\n{stats}"
     );
 }
+
+/// Gives the server a new MAC address, announced with gratuitous ARP as a
+/// host does (`arp_notify`); the gateway's kernel updates its neighbour
+/// entry from it.
+fn move_server_to_new_mac(seed: &SeedBed) {
+    seed.server.sysctl("net.ipv4.conf.eth0.arp_notify=1");
+    seed.server.ip(&["link", "set", "eth0", "address", "02:00:00:00:aa:02"]);
+}
+
+#[test]
+fn a_running_daemon_follows_a_server_that_changes_its_mac_address() {
+    if !have_root("a_running_daemon_follows_a_server_that_changes_its_mac_address") {
+        return;
+    }
+    let bed = Bed::new();
+    let _daemon = bed.start(&[ECHO]);
+    let stream =
+        tcp_connect(&bed.seed.client, public(ECHO_PORT), TIMEOUT).expect("connect to the echo");
+    let mut pump = EchoPump::start(stream);
+    pump.advance(20, "before the change");
+    move_server_to_new_mac(&bed.seed);
+    pump.advance(20, "after the server's MAC address changed");
+}
+
+/// A killed daemon hears no more changes: its cached routes must lapse.
+#[test]
+fn after_kill_9_cached_routes_lapse_and_changes_apply() {
+    if !have_root("after_kill_9_cached_routes_lapse_and_changes_apply") {
+        return;
+    }
+    let bed = Bed::new();
+    let daemon = bed.start(&[ECHO]);
+    let stream =
+        tcp_connect(&bed.seed.client, public(ECHO_PORT), TIMEOUT).expect("connect to the echo");
+    let mut pump = EchoPump::start(stream);
+    pump.advance(20, "with the daemon");
+    daemon.kill();
+    let lifetime = Duration::from_nanos(hairpin_common::route::LIFETIME_NS);
+    thread::sleep(lifetime + Duration::from_millis(500));
+    pump.advance(10, "once the cache has lapsed");
+    move_server_to_new_mac(&bed.seed);
+    pump.advance(20, "after the server's MAC address changed, with no daemon");
+}

@@ -10,9 +10,10 @@ use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{Ipv4HeaderSlice, PacketBuilder, TcpHeaderSlice, UdpHeaderSlice};
 use hairpin::{
     config::Config,
-    datapath::{Datapath, Table},
+    datapath::{Datapath, Table, monotonic_coarse_ns},
+    routes::RouteCacheKeeper,
 };
-use hairpin_common::{Counter, FlowKey, state};
+use hairpin_common::{Counter, FlowKey, RouteCache, state};
 use hairpin_tests::{Netns, have_root, veth};
 use rstest::rstest;
 
@@ -978,5 +979,128 @@ fn mappings_by_address_protocol_and_port(
         let (verdict, out) = gw.run_on(wan0, &from_wan);
         assert_eq!(verdict, XDP_REDIRECT, "port forward");
         assert_eq!(inspect(&out).dst, (SERVER, server_port));
+    });
+}
+
+/// The server's MAC address after it "moved".
+const SERVER_NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x22];
+
+/// Changes the server's neighbour entry in the calling thread's namespace.
+fn move_server_to(new_mac: [u8; 6]) {
+    let addr = Ipv4Addr::from(SERVER).to_string();
+    let status = std::process::Command::new("ip")
+        .args(["neigh", "replace", &addr, "lladdr", &mac(new_mac), "dev", "lan0"])
+        .args(["nud", "permanent"])
+        .status();
+    assert!(status.expect("ip neigh").success(), "changing the server's neighbour entry");
+}
+
+/// An established UDP flow client → public address → server; its next
+/// client packet.
+fn established_udp_flow(gw: &mut Gateway, client_port: u16) -> Vec<u8> {
+    let first = udp((CLIENT, client_port), (PUBLIC, 53), b"query");
+    assert_eq!(gw.run(&first).0, XDP_TX, "the flow's first packet");
+    let reply = udp((SERVER, 5353), (GATEWAY, client_port), b"answer");
+    assert_eq!(gw.run(&reply).0, XDP_TX, "the server's reply");
+    first
+}
+
+#[test]
+fn a_flows_route_is_cached_until_a_change_is_announced() {
+    if skip_unless_root("a_flows_route_is_cached_until_a_change_is_announced") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let mut keeper = RouteCacheKeeper::start(&gw.datapath.maps).expect("route cache keeper");
+        let packet = established_udp_flow(gw, 41000);
+        let lookups_before = gw.counter(Counter::RouteCached);
+        for n in 0..10 {
+            let (verdict, out) = gw.run(&packet);
+            assert_eq!(verdict, XDP_TX, "packet {n}");
+            assert_eq!(inspect(&out).dst_mac, SERVER_MAC, "packet {n}");
+        }
+        assert_eq!(
+            gw.counter(Counter::RouteCached) - lookups_before,
+            1,
+            "ten packets of one flow: looked up and cached once"
+        );
+
+        move_server_to(SERVER_NEW_MAC);
+        assert!(
+            keeper.on_changes().expect("read the change notifications"),
+            "the neighbour change is announced on rtnetlink"
+        );
+        let (verdict, out) = gw.run(&packet);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            inspect(&out).dst_mac,
+            SERVER_NEW_MAC,
+            "after a change, the flow's next packet goes where the kernel now says"
+        );
+        assert_eq!(gw.counter(Counter::RouteCached) - lookups_before, 2, "looked up again");
+    });
+}
+
+/// Without a keeper watching for changes (stopped, or a killed daemon's
+/// deadline passed), every packet is looked up: changes apply at once.
+#[rstest]
+#[case::stopped(false)]
+#[case::lapsed(true)]
+fn without_a_keeper_every_packet_is_looked_up(#[case] lapse: bool) {
+    if skip_unless_root("without_a_keeper_every_packet_is_looked_up") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let keeper = RouteCacheKeeper::start(&gw.datapath.maps).expect("route cache keeper");
+        let packet = established_udp_flow(gw, 41001);
+        let (_, out) = gw.run(&packet);
+        assert_eq!(inspect(&out).dst_mac, SERVER_MAC);
+        if lapse {
+            // What a killed keeper leaves: the deadline it last set.
+            let cache = gw.datapath.maps.route_cache().expect("route cache");
+            let soon = monotonic_coarse_ns() + 50_000_000;
+            let lapsing = RouteCache { valid_until_ns: soon, ..cache };
+            gw.datapath.maps.set_route_cache(lapsing).expect("set the deadline");
+            std::mem::forget(keeper);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        } else {
+            keeper.stop().expect("stop the keeper");
+        }
+        let lookups_before = gw.counter(Counter::RouteCached);
+
+        move_server_to(SERVER_NEW_MAC);
+        let (verdict, out) = gw.run(&packet);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(inspect(&out).dst_mac, SERVER_NEW_MAC, "the change applies at once");
+        assert_eq!(gw.counter(Counter::RouteCached), lookups_before, "nothing more is cached");
+    });
+}
+
+#[test]
+fn a_packet_larger_than_the_cached_route_allows_is_looked_up() {
+    if skip_unless_root("a_packet_larger_than_the_cached_route_allows_is_looked_up") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let status =
+            std::process::Command::new("ip").args(["link", "set", "lan0", "mtu", "1400"]).status();
+        assert!(status.expect("ip").success());
+        let _keeper = RouteCacheKeeper::start(&gw.datapath.maps).expect("route cache keeper");
+        let client = (WAN_CLIENT, 50600);
+        assert_eq!(gw.run_on(gw.wan0, &syn(client, (PUBLIC, 80))).0, XDP_REDIRECT);
+        let reply = tcp((SERVER, 8080), client, true, true, 64);
+        assert_eq!(gw.run(&reply).0, XDP_REDIRECT, "the server's SYN-ACK");
+        let ack = tcp(client, (PUBLIC, 80), false, true, 64);
+        for _ in 0..2 {
+            assert_eq!(gw.run_on(gw.wan0, &ack).0, XDP_REDIRECT, "small packets are forwarded");
+        }
+        assert!(gw.counter(Counter::RouteCached) >= 1, "the flow's route is cached");
+
+        let big = big_tcp(client, (PUBLIC, 80), 1420, true);
+        let (verdict, out) = gw.run_on(gw.wan0, &big);
+        assert_eq!(verdict, XDP_TX, "answered, not forwarded over the cached route");
+        assert_eq!((out[34], out[35]), (3, 4), "destination unreachable, fragmentation needed");
+        assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1400, "the next-hop MTU");
+        assert_eq!(gw.counter(Counter::FragNeededSent), 1);
     });
 }
