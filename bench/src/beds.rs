@@ -14,7 +14,11 @@
 use std::{any::Any, fmt, net::Ipv4Addr, os::fd::OwnedFd};
 
 use anyhow::Context as _;
-use hairpin::{config::Config, datapath::Datapath};
+use hairpin::{
+    config::Config,
+    datapath::Datapath,
+    routes::{KeeperThread, RouteCacheKeeper},
+};
 use hairpin_tests::{Netns, attach_xdp_pass, seed::SeedBed, veth};
 
 use crate::programs::Forwarder;
@@ -329,7 +333,11 @@ impl Bed {
             Gateway::KernelRouting => {}
             Gateway::Iptables => self.iptables(),
             Gateway::Nftables => self.nftables()?,
-            Gateway::Hairpin => kept.push(Box::new(self.hairpin(conntrack_capacity)?)),
+            Gateway::Hairpin => {
+                let (datapath, keeper) = self.hairpin(conntrack_capacity)?;
+                kept.push(Box::new(datapath));
+                kept.push(Box::new(keeper));
+            }
             Gateway::XdpForwarder => {
                 let (client_if, server_if) = self.gateway_sides();
                 kept.push(Box::new(Forwarder::attach(self.gateway(), client_if, &[server_if])?));
@@ -449,15 +457,17 @@ impl Bed {
         )
     }
 
-    /// Loads, configures and attaches hairpin on the gateway (no pins).
-    pub fn hairpin(&self, conntrack_capacity: u32) -> anyhow::Result<Datapath> {
+    /// Loads, configures and attaches hairpin on the gateway (no pins),
+    /// with the route cache kept as `hairpin run` keeps it.
+    pub fn hairpin(&self, conntrack_capacity: u32) -> anyhow::Result<(Datapath, KeeperThread)> {
         let config: Config =
             self.hairpin_config(conntrack_capacity).parse().context("hairpin's configuration")?;
         self.gateway().run_in(move || {
             let mut datapath = Datapath::load(&config, None).context("loading hairpin")?;
             datapath.configure(&config).context("configuring hairpin")?;
             datapath.attach(&config).context("attaching hairpin")?;
-            Ok(datapath)
+            let keeper = RouteCacheKeeper::start(&datapath.maps).context("the route cache")?;
+            Ok((datapath, keeper.spawn()))
         })
     }
 }

@@ -8,7 +8,7 @@ use anyhow::{Context as _, ensure};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use etherparse::PacketBuilder;
 use hairpin::{config::Config, datapath::Datapath};
-use hairpin_common::bench::programs;
+use hairpin_common::{RouteCache, bench::programs};
 use hairpin_tests::{Netns, veth};
 
 use crate::{
@@ -47,6 +47,7 @@ pub struct PathCost {
 
 pub const EMPTY: &str = "empty program";
 pub const HIT: &str = "hairpin hit (UDP, established)";
+pub const HIT_UNCACHED: &str = "hairpin hit, route cache off";
 pub const REPLY: &str = "hairpin reply (UDP, established)";
 pub const NEW_FLOW: &str = "hairpin new flow (UDP)";
 pub const TCP_HIT: &str = "hairpin hit (TCP ACK, established)";
@@ -218,11 +219,20 @@ pub fn measure(runs_per_round: usize, rounds: usize, cpu: usize) -> anyhow::Resu
             udp((NEW_FLOW_CLIENT, sport), (PUBLIC, dport), false)
         };
 
-        let names = [EMPTY, FORWARDER, HIT, REPLY, TCP_HIT, NEW_FLOW, NO_MAPPING];
+        // The route cache as a running daemon keeps it (no routing changes
+        // happen here), or off for the uncached hit path.
+        let route_cache = |on: bool| RouteCache {
+            generation: 1,
+            valid_until_ns: if on { u64::MAX } else { 0 },
+            ..Default::default()
+        };
+        let names = [EMPTY, FORWARDER, HIT, HIT_UNCACHED, REPLY, TCP_HIT, NEW_FLOW, NO_MAPPING];
         let mut durations: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
         let mut round_medians: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
         for _ in 0..rounds {
             for (slot, name) in names.iter().enumerate() {
+                let cache = route_cache(*name != HIT_UNCACHED);
+                datapath.maps.set_route_cache(cache).context("setting the route cache")?;
                 let mut round = Vec::with_capacity(runs_per_round);
                 for _ in 0..runs_per_round {
                     let (verdict, ns, expected) = match *name {
@@ -239,7 +249,7 @@ pub fn measure(runs_per_round: usize, rounds: usize, cpu: usize) -> anyhow::Resu
                             )?;
                             (v, ns, XDP_REDIRECT)
                         }
-                        HIT => {
+                        HIT | HIT_UNCACHED => {
                             let (v, ns) = run_once(datapath.xdp()?, &client_udp, lan1)?;
                             (v, ns, XDP_REDIRECT)
                         }
@@ -301,7 +311,10 @@ fn describe(name: &str) -> &'static str {
     match name {
         EMPTY => "`return XDP_PASS`: the test-run harness and the program call",
         FORWARDER => "bpf_fib_lookup, MAC and TTL rewrite, devmap redirect",
-        HIT => "client → public address, flow established: lookup, rewrite, redirect",
+        HIT => {
+            "client → public address, flow established: conntrack lookup, cached route, rewrite, redirect"
+        }
+        HIT_UNCACHED => "the same with the route cache off: bpf_fib_lookup on every packet",
         REPLY => "server → gateway, translated back to the client",
         TCP_HIT => "client ACK of an established connection",
         NEW_FLOW => "a new source port every run: mapping, SNAT port, two inserts",
