@@ -1117,9 +1117,12 @@ fn after_kill_9_cached_routes_lapse_and_changes_apply() {
         tcp_connect(&bed.seed.client, public(ECHO_PORT), TIMEOUT).expect("connect to the echo");
     let mut pump = EchoPump::start(stream);
     pump.advance(20, "with the daemon");
+    let route_cache_on = || bed.cli().json(&["status", "--json"])["route_cache"]["on"].clone();
+    assert_eq!(route_cache_on(), json!(true), "the running daemon keeps the route cache");
     daemon.kill();
     let lifetime = Duration::from_nanos(hairpin_common::route::LIFETIME_NS);
     thread::sleep(lifetime + Duration::from_millis(500));
+    assert_eq!(route_cache_on(), json!(false), "`status` tells the cache lapsed");
     pump.advance(10, "once the cache has lapsed");
     move_server_to_new_mac(&bed.seed);
     pump.advance(20, "after the server's MAC address changed, with no daemon");

@@ -767,6 +767,8 @@ fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
     let established = maps.conntrack(Table::Established)?.len();
     let new = maps.conntrack(Table::New)?.len();
     let links = pinned_links(pins);
+    let route_cache = maps.route_cache()?;
+    let route_cache_on = route_cache.usable(monotonic_coarse_ns());
     if json {
         let value = serde_json::json!({
             "pin_dir": pins.0,
@@ -775,6 +777,7 @@ fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
             "links": links.iter().map(|l| serde_json::json!({"name": l.name, "link_id": l.link_id, "program_id": l.program_id})).collect::<Vec<_>>(),
             "conntrack": {"established": established, "new": new, "capacity": state.as_ref().map(|s| s.conntrack_capacity)},
             "mappings": maps.mapping_rules()?.len(),
+            "route_cache": {"on": route_cache_on, "generation": route_cache.generation},
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -809,6 +812,11 @@ fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
         "flows:    established {established}/{capacity} entries, new {new}/{capacity} entries"
     );
     println!("mappings: {}", maps.mapping_rules()?.len());
+    if route_cache_on {
+        println!("routes:   cached per flow (generation {})", route_cache.generation);
+    } else {
+        println!("routes:   looked up for every packet (no daemon keeps the route cache)");
+    }
     Ok(())
 }
 
