@@ -46,6 +46,12 @@ fn hairpin_runs_with_the_units_capabilities_only() {
     assert_eq!(status, "HTTP/1.0 200 OK");
     let body = String::from_utf8_lossy(&body);
     assert!(body.starts_with(&format!("hello {GATEWAY_LAN}:")), "{body}");
+    let route_cache_off = daemon.log().iter().any(|line| line.contains("route cache off"));
+    assert!(!route_cache_off, "the route cache needs no more capabilities:\n{:#?}", daemon.log());
     let counters = daemon.stop();
     assert!(counters.get("hairpinned").copied().unwrap_or(0) > 0, "{counters:?}");
+    assert!(
+        counters.get("route_cached").copied().unwrap_or(0) > 0,
+        "the flow's route was cached under the unit's capabilities: {counters:?}"
+    );
 }
