@@ -207,12 +207,17 @@ impl RouteCacheKeeper {
 
     /// Turns the cache off: every packet is looked up again.
     pub fn stop(mut self) -> Result<(), RouteCacheError> {
+        self.turn_off()
+    }
+
+    fn turn_off(&mut self) -> Result<(), RouteCacheError> {
         let cache = self.read()?;
         self.write(RouteCache { valid_until_ns: 0, ..cache })
     }
 
-    /// Keeps the cache on a thread of its own, for tools without an event
-    /// loop; dropping the handle turns the cache off.
+    /// Keeps the cache on a thread of its own, so that nothing else a
+    /// program does (a long reclaim, a reload) delays an invalidation or
+    /// lets the cache lapse; dropping the handle turns the cache off.
     pub fn spawn(self) -> KeeperThread {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -222,7 +227,23 @@ impl RouteCacheKeeper {
         KeeperThread { stop, thread: Some(thread) }
     }
 
-    fn run_until(mut self, stop: &AtomicBool) -> Result<(), RouteCacheError> {
+    fn run_until(mut self, stop: &AtomicBool) {
+        let kept = self.keep_until(stop);
+        // Whatever ended the loop, nobody watches for changes any more.
+        match kept.and_then(|()| self.turn_off()) {
+            Ok(()) => {}
+            Err(e) => {
+                log::error!("route cache off, every packet is looked up: {e}");
+                if let Err(e) = self.turn_off() {
+                    log::warn!(
+                        "turning the route cache off: {e} (it lapses within seconds anyway)"
+                    );
+                }
+            }
+        }
+    }
+
+    fn keep_until(&mut self, stop: &AtomicBool) -> Result<(), RouteCacheError> {
         let mut next_keep_alive = Instant::now() + KEEP_ALIVE_PERIOD;
         while !stop.load(Ordering::Relaxed) {
             let mut poll =
@@ -233,28 +254,26 @@ impl RouteCacheKeeper {
             self.on_changes()?;
             if Instant::now() >= next_keep_alive {
                 self.keep_alive()?;
-                next_keep_alive += KEEP_ALIVE_PERIOD;
+                next_keep_alive = Instant::now() + KEEP_ALIVE_PERIOD;
             }
         }
-        self.stop()
+        Ok(())
     }
 }
 
-/// A [`RouteCacheKeeper`] running on its own thread.
+/// A [`RouteCacheKeeper`] running on its own thread; it logs its errors.
 pub struct KeeperThread {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<(), RouteCacheError>>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Drop for KeeperThread {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            match thread.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => log::warn!("the route cache keeper stopped: {e}"),
-                Err(_) => log::warn!("the route cache keeper panicked"),
-            }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            log::error!("the route cache keeper panicked (the cache lapses within seconds)");
         }
     }
 }

@@ -12,16 +12,13 @@ use hairpin::{
     config::{Config, Mapping, Proto, parse_endpoint},
     datapath::{Attachment, Datapath, PinDir, if_index, monotonic_coarse_ns},
     maps::{Maps, Table},
-    routes::{self, RouteCacheKeeper},
+    routes::RouteCacheKeeper,
     stats::{Snapshot, format_values},
 };
 use hairpin_common::{Counter, DIRECTION_ORIGINAL, FlowEntry, FlowKey, state};
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    signal::unix::{SignalKind, signal},
-};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// hairpin: hairpin NAT and port forwards for Linux gateways, in XDP.
 #[derive(Parser)]
@@ -291,19 +288,13 @@ async fn run(
         info!("attached to {} ({}, ifindex {}): {}", a.interface, a.role, a.if_index, a.mode);
     }
     write_state(pins, path, &config, &attachments);
-    let mut route_cache = match RouteCacheKeeper::start(&datapath.maps)
-        .map_err(anyhow::Error::from)
-        .and_then(|keeper| {
-            // SAFETY: the AsyncFd owns the keeper, so the fd outlives the registration.
-            Ok(unsafe { AsyncFd::register_with_interest(keeper, Interest::READABLE) }?)
-        }) {
-        Ok(keeper) => Some(keeper),
+    let route_cache = match RouteCacheKeeper::start(&datapath.maps) {
+        Ok(keeper) => Some(keeper.spawn()),
         Err(e) => {
-            warn!("route cache off, every packet is looked up: {}", one_line(&e));
+            warn!("route cache off, every packet is looked up: {e}");
             None
         }
     };
-    let mut route_cache_keep_alive = tokio::time::interval(routes::KEEP_ALIVE_PERIOD);
     if let Some(listener) = metrics_listener {
         let (scrape_pins, capacity) = (pins.clone(), config.conntrack_capacity);
         if let Ok(addr) = listener.local_addr() {
@@ -336,12 +327,6 @@ async fn run(
             _ = sighup.recv() => match reload(path, &config, &mut datapath) {
                 Ok(new) => {
                     config = new;
-                    if let Some(keeper) = &mut route_cache
-                        && let Err(e) = keeper.get_mut().invalidate()
-                    {
-                        error!("route cache off, every packet is looked up: {e}");
-                        stop_route_cache(&mut route_cache);
-                    }
                     reclaim_ticker = reclaim_ticker_for(&config);
                     info!("configuration reloaded: {}", describe(&config));
                 }
@@ -349,31 +334,10 @@ async fn run(
             },
             _ = stats_ticker.tick() => print_counters(&datapath.maps, &config, "counters"),
             _ = reclaim_ticker.tick() => reclaim(&mut datapath.maps, &config),
-            changes = route_changes(&mut route_cache) => match changes {
-                Ok(mut guard) => {
-                    if let Err(e) = guard.get_inner_mut().on_changes() {
-                        error!("route cache off, every packet is looked up: {e}");
-                        stop_route_cache(&mut route_cache);
-                    } else {
-                        guard.clear_ready();
-                    }
-                }
-                Err(e) => {
-                    error!("route cache off, every packet is looked up: {e}");
-                    stop_route_cache(&mut route_cache);
-                }
-            },
-            _ = route_cache_keep_alive.tick() => {
-                if let Some(keeper) = &mut route_cache
-                    && let Err(e) = keeper.get_mut().keep_alive()
-                {
-                    error!("route cache off, every packet is looked up: {e}");
-                    stop_route_cache(&mut route_cache);
-                }
-            }
         }
     }
-    stop_route_cache(&mut route_cache);
+    // Turns the cache off: nobody watches for routing changes any more.
+    drop(route_cache);
     print_counters(&datapath.maps, &config, "counters at exit");
     if keep_attached {
         datapath.keep();
@@ -384,26 +348,6 @@ async fn run(
         info!("detached");
     }
     Ok(())
-}
-
-/// The route cache's next change notifications; never, without a cache.
-async fn route_changes(
-    keeper: &mut Option<AsyncFd<RouteCacheKeeper>>,
-) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RouteCacheKeeper>> {
-    match keeper {
-        Some(keeper) => keeper.readable_mut().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Turns the route cache off: the datapath looks every packet up from now
-/// on, as it must when nobody watches for routing changes.
-fn stop_route_cache(keeper: &mut Option<AsyncFd<RouteCacheKeeper>>) {
-    if let Some(keeper) = keeper.take()
-        && let Err(e) = keeper.into_inner().stop()
-    {
-        warn!("turning the route cache off: {e} (it lapses within seconds anyway)");
-    }
 }
 
 /// The Prometheus exposition, read from the pinned maps.
