@@ -1041,6 +1041,50 @@ fn a_flows_route_is_cached_until_a_change_is_announced() {
     });
 }
 
+#[test]
+fn a_route_change_moves_a_cached_flow_to_the_new_next_hop() {
+    if skip_unless_root("a_route_change_moves_a_cached_flow_to_the_new_next_hop") {
+        return;
+    }
+    const OTHER_ROUTER: &str = "203.0.113.253";
+    const OTHER_ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfd];
+    with_datapath(CONFIG, |gw| {
+        let mut keeper = RouteCacheKeeper::start(&gw.datapath.maps).expect("route cache keeper");
+        let client = (WAN_CLIENT, 50700);
+        assert_eq!(gw.run_on(gw.wan0, &syn(client, (PUBLIC, 80))).0, XDP_REDIRECT);
+        let from_server = tcp((SERVER, 8080), client, false, true, 64);
+        for _ in 0..3 {
+            let (verdict, out) = gw.run(&from_server);
+            assert_eq!(verdict, XDP_REDIRECT, "the server's packets go out of wan0");
+            assert_eq!(inspect(&out).dst_mac, UPSTREAM_MAC, "through the upstream router");
+        }
+        let lookups_before = gw.counter(Counter::RouteCached);
+
+        let ip = |args: &[&str]| {
+            let status = std::process::Command::new("ip").args(args).status();
+            assert!(status.expect("ip").success(), "ip {}", args.join(" "));
+        };
+        ip(&["neigh", "replace", OTHER_ROUTER, "lladdr", &mac(OTHER_ROUTER_MAC), "dev", "wan0"]);
+        keeper.on_changes().expect("read the change notifications");
+        let (_, out) = gw.run(&from_server);
+        assert_eq!(inspect(&out).dst_mac, UPSTREAM_MAC, "a new neighbour alone changes no route");
+
+        ip(&["route", "replace", "198.51.100.0/24", "via", OTHER_ROUTER]);
+        assert!(
+            keeper.on_changes().expect("read the change notifications"),
+            "the route change is announced on rtnetlink"
+        );
+        let (verdict, out) = gw.run(&from_server);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(
+            inspect(&out).dst_mac,
+            OTHER_ROUTER_MAC,
+            "after the route changed, the flow's next packet goes to the new next hop"
+        );
+        assert!(gw.counter(Counter::RouteCached) > lookups_before, "looked up again");
+    });
+}
+
 /// Without a keeper watching for changes (stopped, or a killed daemon's
 /// deadline passed), every packet is looked up: changes apply at once.
 #[rstest]
