@@ -185,9 +185,7 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
             if let Route::TooBig { mtu } = route {
                 return too_big(ctx, mtu, true);
             }
-            let new_flow =
-                NewFlow { packet: &packet, admitted: &admitted, settings: &settings, now, tot_len };
-            let flow = match create_flow(&new_flow) {
+            let flow = match create_flow(&packet, &admitted, &settings, now, tot_len) {
                 Ok(flow) => flow,
                 // Refused cleanly: handed to the kernel, the packet could
                 // reach a service of the gateway's own on the public address.
@@ -557,15 +555,6 @@ fn admit_new_flow(
     Ok(Admitted { server, hairpin, provisional })
 }
 
-/// A flow to enter: the packet that opens it and what let it in.
-struct NewFlow<'a> {
-    packet: &'a FlowKey,
-    admitted: &'a Admitted,
-    settings: &'a Settings,
-    now: u64,
-    tot_len: u16,
-}
-
 /// The keys of an entered flow, and where its first packet goes.
 struct Created {
     original_key: FlowKey,
@@ -578,8 +567,13 @@ struct Created {
 /// translated tuple unique. A hairpin flow tries the client's port and then
 /// random ones of the SNAT range, a bounded number of times.
 #[inline(always)]
-fn create_flow(new_flow: &NewFlow) -> Result<Created, Counter> {
-    let NewFlow { packet, admitted, settings, now, tot_len } = *new_flow;
+fn create_flow(
+    packet: &FlowKey,
+    admitted: &Admitted,
+    settings: &Settings,
+    now: u64,
+    tot_len: u16,
+) -> Result<Created, Counter> {
     let client_port = u16::from_be(packet.src_port);
     let attempts = if admitted.hairpin { SNAT_PORT_ATTEMPTS } else { 1 };
     let start = unsafe { bpf_get_prandom_u32() };

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::Path,
 };
 
@@ -39,6 +39,14 @@ pub enum MapsError {
 
 fn map_error(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
     move |source| MapsError::Map { name, source }
+}
+
+/// Another descriptor of map `name`.
+fn dup(fd: BorrowedFd<'_>, name: &'static str) -> Result<OwnedFd, MapsError> {
+    fd.try_clone_to_owned().map_err(|io_error| MapsError::Map {
+        name,
+        source: MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error }),
+    })
 }
 
 /// Addresses and ports as the maps store them: bytes in wire order.
@@ -110,11 +118,7 @@ impl Maps {
         let Map::Array(data) = &route_cache else {
             return Err(MapsError::Missing { name: names::ROUTE_CACHE });
         };
-        let route_cache_fd =
-            data.fd().as_fd().try_clone_to_owned().map_err(|e| MapsError::Map {
-                name: names::ROUTE_CACHE,
-                source: MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error: e }),
-            })?;
+        let route_cache_fd = dup(data.fd().as_fd(), names::ROUTE_CACHE)?;
         Ok(Self {
             route_cache: route_cache.try_into().map_err(map_error(names::ROUTE_CACHE))?,
             route_cache_fd,
@@ -154,11 +158,8 @@ impl Maps {
     /// The route cache's map on its own, for a task that keeps it.
     pub fn route_cache_handle(&self) -> Result<Array<MapData, RouteCache>, MapsError> {
         let name = names::ROUTE_CACHE;
-        let fd = self.route_cache_fd.try_clone().map_err(|e| MapsError::Map {
-            name,
-            source: MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error: e }),
-        })?;
-        let data = MapData::from_fd(fd).map_err(map_error(name))?;
+        let data =
+            MapData::from_fd(dup(self.route_cache_fd.as_fd(), name)?).map_err(map_error(name))?;
         Map::from_map_data(data).and_then(TryInto::try_into).map_err(map_error(name))
     }
 

@@ -10,7 +10,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -30,7 +30,7 @@ use crate::{
 
 /// How often the keeper moves the cache's deadline ahead: well inside
 /// `LIFETIME_NS`, so that a busy moment cannot let it lapse.
-pub const KEEP_ALIVE_PERIOD: Duration = Duration::from_secs(1);
+const KEEP_ALIVE_PERIOD: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Error)]
 pub enum RouteCacheError {
@@ -141,18 +141,6 @@ impl RouteChanges {
     }
 }
 
-impl AsRawFd for RouteChanges {
-    fn as_raw_fd(&self) -> RawFd {
-        self.socket.as_raw_fd()
-    }
-}
-
-impl AsFd for RouteChanges {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.socket.as_fd()
-    }
-}
-
 /// Owns the datapath's route cache while it may be used.
 pub struct RouteCacheKeeper {
     changes: RouteChanges,
@@ -180,7 +168,7 @@ impl RouteCacheKeeper {
 
     /// Makes everything cached so far stale, and the cache usable for
     /// another `LIFETIME_NS`.
-    pub fn invalidate(&mut self) -> Result<(), RouteCacheError> {
+    fn invalidate(&mut self) -> Result<(), RouteCacheError> {
         let generation = RouteCache::next_generation(self.read()?.generation);
         self.write(RouteCache {
             generation,
@@ -190,13 +178,13 @@ impl RouteCacheKeeper {
     }
 
     /// Keeps the cache usable for another `LIFETIME_NS`.
-    pub fn keep_alive(&mut self) -> Result<(), RouteCacheError> {
+    fn keep_alive(&mut self) -> Result<(), RouteCacheError> {
         let cache = self.read()?;
         self.write(RouteCache { valid_until_ns: monotonic_coarse_ns() + LIFETIME_NS, ..cache })
     }
 
-    /// Reads the pending change notifications, and invalidates the cache if
-    /// there were any. Call it when the keeper's descriptor is readable.
+    /// Reads the pending change notifications without waiting, and
+    /// invalidates the cache if there were any.
     pub fn on_changes(&mut self) -> Result<bool, RouteCacheError> {
         let changed = self.changes.drain().map_err(RouteCacheError::Read)?;
         if changed {
@@ -246,8 +234,11 @@ impl RouteCacheKeeper {
     fn keep_until(&mut self, stop: &AtomicBool) -> Result<(), RouteCacheError> {
         let mut next_keep_alive = Instant::now() + KEEP_ALIVE_PERIOD;
         while !stop.load(Ordering::Relaxed) {
-            let mut poll =
-                libc::pollfd { fd: self.changes.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut poll = libc::pollfd {
+                fd: self.changes.socket.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // Short, so that `stop` is noticed soon.
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut poll, 1, 100) };
@@ -275,11 +266,5 @@ impl Drop for KeeperThread {
         {
             log::error!("the route cache keeper panicked (the cache lapses within seconds)");
         }
-    }
-}
-
-impl AsRawFd for RouteCacheKeeper {
-    fn as_raw_fd(&self) -> RawFd {
-        self.changes.as_raw_fd()
     }
 }
