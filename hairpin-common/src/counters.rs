@@ -87,6 +87,32 @@ counters! {
     ReclaimedNew => "reclaimed_new",
     /// Settings map empty: user space has not configured the program.
     PassNotConfigured => "pass_not_configured",
+    /// A packet with a tracked flow's tuple on another interface than that
+    /// direction's: treated as belonging to no flow, never translated.
+    WrongInterface => "wrong_interface",
+    /// An entry of the new-flow table whose partner was gone (evicted):
+    /// removed, and the packet treated as belonging to no flow.
+    FlowOrphaned => "flow_orphaned",
+    /// A TCP segment outside its receiver's window (or acknowledging data
+    /// never sent): dropped, the flow unchanged.
+    TcpOutOfWindow => "tcp_out_of_window",
+    /// A TCP segment that breaks the handshake (a SYN-ACK that does not
+    /// acknowledge the SYN, data before it): dropped, the flow unchanged.
+    TcpHandshakeInvalid => "tcp_handshake_invalid",
+    /// A RST inside the window but not at the expected sequence number:
+    /// sent on for the endpoint's challenge ACK, the flow unchanged.
+    TcpRstNotExact => "tcp_rst_not_exact",
+    /// A new WAN flow from a source in the deny set: dropped.
+    Denied => "denied",
+    /// A new flow from a source outside its mapping's allowlist: to the
+    /// kernel, as if the mapping did not exist.
+    PassNotAllowed => "pass_not_allowed",
+    /// A new flow on an interface its mapping is not bound to: to the
+    /// kernel, as if the mapping did not exist.
+    PassInterfaceNotAllowed => "pass_interface_not_allowed",
+    /// An ICMP message the datapath would generate, over the rate limit:
+    /// the packet that called for it is dropped.
+    IcmpRateLimited => "icmp_rate_limited",
 }
 
 #[cfg(test)]

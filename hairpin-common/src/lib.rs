@@ -10,7 +10,9 @@ pub mod icmp;
 pub mod maps;
 pub mod nat;
 pub mod packet;
+pub mod ratelimit;
 pub mod route;
+pub mod tcp;
 
 pub use counters::Counter;
 pub use maps::*;

@@ -21,9 +21,13 @@ pub mod names {
     pub const MAPPING_STATS: &str = "MAPPING_STATS";
     pub const LAYOUT: &str = "LAYOUT";
     pub const ROUTE_CACHE: &str = "ROUTE_CACHE";
+    pub const DENY_NETWORKS: &str = "DENY_NETWORKS";
+    pub const MAPPING_SOURCES: &str = "MAPPING_SOURCES";
+    pub const MAPPING_INTERFACES: &str = "MAPPING_INTERFACES";
+    pub const ICMP_RATE: &str = "ICMP_RATE";
 
     /// The maps a running instance keeps (pinned) and its tools share.
-    pub const SHARED: [&str; 11] = [
+    pub const SHARED: [&str; 15] = [
         LAYOUT,
         SETTINGS,
         ROUTE_CACHE,
@@ -35,6 +39,10 @@ pub mod names {
         CONNTRACK_NEW,
         COUNTERS,
         MAPPING_STATS,
+        DENY_NETWORKS,
+        MAPPING_SOURCES,
+        MAPPING_INTERFACES,
+        ICMP_RATE,
     ];
 }
 
@@ -50,6 +58,12 @@ pub const MAX_MAPPING_RULES: u32 = 4096;
 pub const MAX_INTERFACES: u32 = 64;
 pub const MAX_LAN_NETWORKS: u32 = 64;
 pub const MAX_EGRESS_DEVICES: u32 = 64;
+/// Networks in the global deny set (`DENY_NETWORKS`).
+pub const MAX_DENY_NETWORKS: u32 = 65536;
+/// Source networks over all mapping rules' allowlists (`MAPPING_SOURCES`).
+pub const MAX_MAPPING_SOURCES: u32 = 16384;
+/// (rule, interface) pairs over all interface-bound rules (`MAPPING_INTERFACES`).
+pub const MAX_MAPPING_INTERFACES: u32 = 4096;
 pub const DEFAULT_CONNTRACK_CAPACITY: u32 = 65536;
 
 macro_rules! pod {
@@ -86,6 +100,47 @@ pod! {
         pub server_port: u16,
         /// The mapping rule this port belongs to: its `MAPPING_STATS` slot.
         pub id: u16,
+        /// `MAPPING_*` bits: which restrictions new flows must pass.
+        pub flags: u8,
+        pub _pad0: u8,
+        pub _pad1: u16,
+    }
+}
+
+/// New flows of the rule need a source in its `MAPPING_SOURCES` allowlist.
+pub const MAPPING_ALLOWLIST: u8 = 1;
+/// New flows of the rule must arrive on one of its `MAPPING_INTERFACES`.
+pub const MAPPING_INTERFACE_BOUND: u8 = 2;
+
+pod! {
+    /// Key data of `MAPPING_SOURCES`, an LPM trie: a rule's allowed source
+    /// network, with prefix length 32 + the network's.
+    pub struct RuleSource {
+        /// `MappingValue::id`, big-endian (the trie matches bytes from the start).
+        pub rule: u32,
+        /// big-endian
+        pub addr: u32,
+    }
+}
+
+pod! {
+    /// Key of `MAPPING_INTERFACES`: a rule new flows may arrive for on an
+    /// interface.
+    pub struct RuleInterface {
+        pub ifindex: u32,
+        pub rule: u16,
+        pub _pad: u16,
+    }
+}
+
+pod! {
+    /// This CPU's token bucket for ICMP messages the datapath generates
+    /// (`ICMP_RATE`, per CPU); see `crate::ratelimit`.
+    pub struct IcmpBucket {
+        /// Tokens left, in nanoseconds of credit.
+        pub credit_ns: u64,
+        /// When the credit was last topped up (CLOCK_MONOTONIC_COARSE, ns).
+        pub updated_ns: u64,
     }
 }
 
@@ -131,6 +186,9 @@ pod! {
         pub packets: u32,
         /// When the flow was created (CLOCK_MONOTONIC_COARSE, seconds).
         pub created_s: u32,
+        /// The only interface this direction's packets are taken from: a
+        /// packet with this tuple arriving elsewhere belongs to no flow.
+        pub ingress: u32,
         /// The mapping rule of the flow (`MappingValue::id`).
         pub mapping_id: u16,
         /// `DIRECTION_ORIGINAL` or `DIRECTION_REPLY`.
@@ -141,6 +199,36 @@ pod! {
         pub fin_seen: u8,
         /// `KIND_HAIRPIN` or `KIND_PORT_FORWARD`.
         pub kind: u8,
+        pub _pad0: u16,
+        pub _pad1: u32,
+        /// TCP: both directions' sequence spaces, by `DIRECTION_*`. Kept in
+        /// the original entry only (a reply packet reads them there, which
+        /// is also the check that its partner still exists); zero in the
+        /// reply entry and for UDP.
+        pub tcp: [TcpWindow; 2],
+    }
+}
+
+pod! {
+    /// What one direction of a TCP connection has shown of its sequence
+    /// space, as netfilter's `ip_ct_tcp_state` (see `crate::tcp`). Host order.
+    pub struct TcpWindow {
+        /// The highest sequence number sent, plus one (`td_end`).
+        pub end: u32,
+        /// The highest sequence number the peer's window lets this side
+        /// send (`td_maxend`).
+        pub max_end: u32,
+        /// The largest window this side advertised, scaled (`td_maxwin`);
+        /// 0: nothing seen from this side yet.
+        pub max_win: u32,
+        /// The highest acknowledgment this side sent (`td_maxack`): the
+        /// next sequence number it expects, valid with `tcp::ACK_SEEN`.
+        pub max_ack: u32,
+        /// The window scale this side announced in its SYN, or
+        /// `tcp::NO_WINDOW_SCALE`; after the handshake, the one in use.
+        pub scale: u8,
+        /// `tcp::ACK_SEEN`.
+        pub flags: u8,
         pub _pad: u16,
     }
 }
@@ -181,7 +269,8 @@ pod! {
 }
 
 /// Flow states. TCP follows the connection; UDP becomes `UDP_REPLIED` with
-/// the server's first answer.
+/// the server's first answer (and is promoted to the established table only
+/// once it is a stream, see `nat::should_promote`).
 pub mod state {
     pub const TCP_SYN_SENT: u8 = 1;
     pub const TCP_SYN_RECV: u8 = 2;
@@ -230,10 +319,12 @@ pod! {
         pub snat_port_first: u16,
         /// Last port of the SNAT source-port range, inclusive (host order).
         pub snat_port_last: u16,
-        /// Idle timeouts in nanoseconds.
+        /// Idle timeouts in nanoseconds: established TCP, closing TCP
+        /// (FIN_WAIT to CLOSE), UDP, and opening TCP (SYN_SENT, SYN_RECV).
         pub tcp_established_ns: u64,
         pub tcp_transitory_ns: u64,
         pub udp_ns: u64,
+        pub tcp_opening_ns: u64,
     }
 }
 
@@ -243,6 +334,7 @@ impl Settings {
         match flow_state {
             state::TCP_ESTABLISHED => self.tcp_established_ns,
             state::UDP_UNREPLIED | state::UDP_REPLIED => self.udp_ns,
+            state::TCP_SYN_SENT | state::TCP_SYN_RECV => self.tcp_opening_ns,
             _ => self.tcp_transitory_ns,
         }
     }
@@ -293,7 +385,7 @@ pod! {
 
 /// Changes whenever a map's layout or meaning changes, so that a running
 /// instance's pinned maps are never used with another layout.
-pub const LAYOUT_VERSION: u64 = 4 << 48
+pub const LAYOUT_VERSION: u64 = 5 << 48
     | (core::mem::size_of::<FlowKey>() as u64) << 40
     | (core::mem::size_of::<FlowEntry>() as u64) << 32
     | (core::mem::size_of::<MappingKey>() as u64) << 24

@@ -1,8 +1,8 @@
 //! The NAT decisions, as pure functions of header fields and map values.
 
 use crate::{
-    CachedRoute, Counter, DIRECTION_ORIGINAL, DIRECTION_REPLY, FIN_SEEN_ORIGINAL, FIN_SEEN_REPLY,
-    FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, KIND_HAIRPIN, KIND_PORT_FORWARD, MappingValue,
+    CachedRoute, Counter, DIRECTION_ORIGINAL, DIRECTION_REPLY, FlowEntry, FlowKey, IPPROTO_TCP,
+    IPPROTO_UDP, KIND_HAIRPIN, KIND_PORT_FORWARD, MappingValue, ROLE_LAN, ROLE_WAN, TcpWindow,
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     state,
 };
@@ -77,10 +77,20 @@ pub struct FlowPair {
     pub reply: FlowEntry,
 }
 
+/// The interfaces a flow's packets must arrive on, by direction: the
+/// client's packets where its first one came in, the server's where the
+/// route to the server leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sides {
+    pub original: u32,
+    pub reply: u32,
+}
+
 const fn entry(
     translated: FlowKey,
     direction: u8,
     kind: u8,
+    ingress: u32,
     now_ns: u64,
     server: &MappingValue,
 ) -> FlowEntry {
@@ -90,15 +100,21 @@ const fn entry(
         bytes: 0,
         packets: 0,
         created_s: (now_ns / 1_000_000_000) as u32,
+        ingress,
         mapping_id: server.id,
         direction,
         state: initial_state(translated.proto),
         fin_seen: 0,
         kind,
-        _pad: 0,
+        _pad0: 0,
+        _pad1: 0,
         route: CachedRoute { generation: 0, mtu: 0, ingress: 0, egress: 0, eth_addrs: [0; 3] },
+        tcp: [NO_WINDOW; 2],
     }
 }
+
+const NO_WINDOW: TcpWindow =
+    TcpWindow { end: 0, max_end: 0, max_win: 0, max_ack: 0, scale: 0, flags: 0, _pad: 0 };
 
 /// The state a new flow starts in.
 pub const fn initial_state(proto: u8) -> u8 {
@@ -109,14 +125,15 @@ const fn pair(
     packet: &FlowKey,
     to_server: FlowKey,
     kind: u8,
+    sides: &Sides,
     now_ns: u64,
     server: &MappingValue,
 ) -> FlowPair {
     FlowPair {
         original_key: *packet,
-        original: entry(to_server, DIRECTION_ORIGINAL, kind, now_ns, server),
+        original: entry(to_server, DIRECTION_ORIGINAL, kind, sides.original, now_ns, server),
         reply_key: to_server.reversed(),
-        reply: entry(packet.reversed(), DIRECTION_REPLY, kind, now_ns, server),
+        reply: entry(packet.reversed(), DIRECTION_REPLY, kind, sides.reply, now_ns, server),
     }
 }
 
@@ -127,15 +144,21 @@ pub const fn hairpin_flow(
     server: &MappingValue,
     lan_addr: u32,
     snat_port: u16,
+    sides: &Sides,
     now_ns: u64,
 ) -> FlowPair {
     let to_server =
         FlowKey::new(lan_addr, server.server_addr, snat_port, server.server_port, packet.proto);
-    pair(packet, to_server, KIND_HAIRPIN, now_ns, server)
+    pair(packet, to_server, KIND_HAIRPIN, sides, now_ns, server)
 }
 
 /// A WAN client to a published port: DNAT only, as a port forward does.
-pub const fn port_forward_flow(packet: &FlowKey, server: &MappingValue, now_ns: u64) -> FlowPair {
+pub const fn port_forward_flow(
+    packet: &FlowKey,
+    server: &MappingValue,
+    sides: &Sides,
+    now_ns: u64,
+) -> FlowPair {
     let to_server = FlowKey::new(
         packet.src_addr,
         server.server_addr,
@@ -143,56 +166,66 @@ pub const fn port_forward_flow(packet: &FlowKey, server: &MappingValue, now_ns: 
         server.server_port,
         packet.proto,
     );
-    pair(packet, to_server, KIND_PORT_FORWARD, now_ns, server)
+    pair(packet, to_server, KIND_PORT_FORWARD, sides, now_ns, server)
 }
 
-/// The flow's state after a packet in `direction` (TCP `flags` ignored for
-/// UDP), with the updated `FIN_SEEN_*` bits.
-pub const fn next_state(flow_state: u8, fin_seen: u8, direction: u8, flags: u8) -> (u8, u8) {
-    if flow_state == state::UDP_UNREPLIED || flow_state == state::UDP_REPLIED {
-        let replied = flow_state == state::UDP_REPLIED || direction == DIRECTION_REPLY;
-        return (if replied { state::UDP_REPLIED } else { state::UDP_UNREPLIED }, fin_seen);
+/// A UDP flow's state after a packet in `direction`.
+pub const fn udp_next_state(flow_state: u8, direction: u8) -> u8 {
+    if flow_state == state::UDP_REPLIED || direction == DIRECTION_REPLY {
+        state::UDP_REPLIED
+    } else {
+        state::UDP_UNREPLIED
     }
-    let original = direction == DIRECTION_ORIGINAL;
-    if flags & TCP_RST != 0 {
-        return (state::TCP_CLOSE, fin_seen);
-    }
-    if flags & TCP_SYN != 0 {
-        return match (flow_state, original, flags & TCP_ACK != 0) {
-            // A closed connection's tuple reused for a new one.
-            (state::TCP_TIME_WAIT | state::TCP_CLOSE, true, false) => (state::TCP_SYN_SENT, 0),
-            (state::TCP_SYN_SENT, false, true) => (state::TCP_SYN_RECV, fin_seen),
-            _ => (flow_state, fin_seen),
-        };
-    }
-    if flags & TCP_FIN != 0 {
-        let fin_seen = fin_seen | if original { FIN_SEEN_ORIGINAL } else { FIN_SEEN_REPLY };
-        if fin_seen == FIN_SEEN_ORIGINAL | FIN_SEEN_REPLY {
-            return (state::TCP_TIME_WAIT, fin_seen);
+}
+
+/// How long a replied UDP flow must have lasted before it counts as a
+/// stream (netfilter's "assured"): a query and its answer never do.
+pub const UDP_STREAM_AFTER_S: u32 = 2;
+
+/// Whether a flow of the new-flow table, in `flow_state` after a packet at
+/// `now_ns`, moves to the established table, where a flood of new flows
+/// cannot evict it: TCP once its handshake was validated, UDP once it has
+/// seen traffic both ways for more than `UDP_STREAM_AFTER_S`.
+pub const fn should_promote(flow_state: u8, created_s: u32, now_ns: u64) -> bool {
+    match flow_state {
+        state::TCP_ESTABLISHED => true,
+        state::UDP_REPLIED => {
+            let now_s = (now_ns / 1_000_000_000) as u32;
+            now_s.wrapping_sub(created_s) as i32 > UDP_STREAM_AFTER_S as i32
         }
-        return match flow_state {
-            state::TCP_SYN_RECV | state::TCP_ESTABLISHED => (state::TCP_FIN_WAIT, fin_seen),
-            _ => (flow_state, fin_seen),
-        };
+        _ => false,
     }
-    if flags & TCP_ACK != 0 {
-        let first_fin_by_original = fin_seen & FIN_SEEN_ORIGINAL != 0;
-        return match flow_state {
-            state::TCP_SYN_RECV if original => (state::TCP_ESTABLISHED, fin_seen),
-            // The other side acknowledges the first FIN: half closed.
-            state::TCP_FIN_WAIT if original != first_fin_by_original => {
-                (state::TCP_CLOSE_WAIT, fin_seen)
-            }
-            _ => (flow_state, fin_seen),
-        };
-    }
-    (flow_state, fin_seen)
 }
 
-/// Whether a flow in this state belongs in the established table, where a
-/// flood of new flows cannot evict it.
-pub const fn is_established(flow_state: u8) -> bool {
-    flow_state == state::TCP_ESTABLISHED || flow_state == state::UDP_REPLIED
+/// Whether an entry found for a packet is one of its flow's: the packet
+/// must have come in on the interface of its direction.
+#[inline(always)]
+pub const fn on_its_side(entry_ingress: u32, packet_ingress: u32) -> bool {
+    entry_ingress == packet_ingress
+}
+
+/// Whether an entry of the new-flow table still has its partner: the entry
+/// found at the reverse of its translated tuple must translate back to the
+/// entry's own key. The table evicts entries one by one; a flow whose other
+/// half is gone is dead, and its SNAT port may already be another flow's.
+#[inline(always)]
+pub fn partner_matches(key: &FlowKey, partner_translated: &FlowKey) -> bool {
+    partner_translated.reversed() == *key
+}
+
+/// Which kind of flow a new packet may open, from the role of the interface
+/// it came in on and whether its source is in a LAN network: a LAN client's
+/// on a LAN interface (hairpin, `Ok(true)`), anyone else's on a WAN
+/// interface (port forward, `Ok(false)`).
+#[inline(always)]
+pub const fn new_flow_kind(role: u8, lan_source: bool) -> Result<bool, Counter> {
+    match role {
+        ROLE_LAN if lan_source => Ok(true),
+        ROLE_LAN => Err(Counter::PassSourceNotLan),
+        ROLE_WAN if lan_source => Err(Counter::PassLanSourceOnWan),
+        ROLE_WAN => Ok(false),
+        _ => Err(Counter::PassUnknownInterface),
+    }
 }
 
 #[cfg(test)]
@@ -294,9 +327,17 @@ mod tests {
         let server = addr([192, 168, 0, 2]);
         let gateway = addr([192, 168, 0, 1]);
         let packet = FlowKey::new(client, public, be(40000), be(80), IPPROTO_TCP);
-        let mapping = MappingValue { server_addr: server, server_port: be(8080), id: 0 };
+        let mapping =
+            MappingValue { server_addr: server, server_port: be(8080), ..Default::default() };
 
-        let flow = hairpin_flow(&packet, &mapping, gateway, be(41000), 5);
+        let flow = hairpin_flow(
+            &packet,
+            &mapping,
+            gateway,
+            be(41000),
+            &Sides { original: 4, reply: 4 },
+            5,
+        );
 
         assert_eq!(flow.original_key, packet);
         assert_eq!(
@@ -321,9 +362,10 @@ mod tests {
         let public = addr([203, 0, 113, 1]);
         let server = addr([192, 168, 0, 2]);
         let packet = FlowKey::new(wan_client, public, be(50000), be(53), IPPROTO_UDP);
-        let mapping = MappingValue { server_addr: server, server_port: be(5353), id: 0 };
+        let mapping =
+            MappingValue { server_addr: server, server_port: be(5353), ..Default::default() };
 
-        let flow = port_forward_flow(&packet, &mapping, 9);
+        let flow = port_forward_flow(&packet, &mapping, &Sides { original: 3, reply: 4 }, 9);
 
         assert_eq!(
             flow.original.translated,
@@ -345,23 +387,6 @@ mod tests {
 
     const O: u8 = DIRECTION_ORIGINAL;
     const R: u8 = DIRECTION_REPLY;
-    const SYN: u8 = TCP_SYN;
-    const SYN_ACK: u8 = TCP_SYN | TCP_ACK;
-    const ACK: u8 = TCP_ACK;
-    const FIN_ACK: u8 = TCP_FIN | TCP_ACK;
-    const RST: u8 = TCP_RST;
-
-    /// Replays packets from the start of a connection; the states after each.
-    fn replay(packets: &[(u8, u8)]) -> std::vec::Vec<u8> {
-        let (mut flow_state, mut fin_seen) = (state::TCP_SYN_SENT, 0);
-        packets
-            .iter()
-            .map(|&(direction, flags)| {
-                (flow_state, fin_seen) = next_state(flow_state, fin_seen, direction, flags);
-                flow_state
-            })
-            .collect()
-    }
 
     use state::{
         TCP_CLOSE as CLOSE, TCP_CLOSE_WAIT as CLOSE_WAIT, TCP_ESTABLISHED as EST,
@@ -370,42 +395,99 @@ mod tests {
     };
 
     #[rstest]
-    #[case::handshake(&[(R, SYN_ACK), (O, ACK)], &[SYN_RECV, EST])]
-    #[case::syn_retransmitted(&[(O, SYN), (R, SYN_ACK), (O, SYN), (O, ACK)], &[SYN_SENT, SYN_RECV, SYN_RECV, EST])]
-    #[case::data_keeps_established(&[(R, SYN_ACK), (O, ACK), (O, ACK), (R, ACK)], &[SYN_RECV, EST, EST, EST])]
-    #[case::client_closes_first(
-        &[(R, SYN_ACK), (O, ACK), (O, FIN_ACK), (R, ACK), (R, FIN_ACK), (O, ACK)],
-        &[SYN_RECV, EST, FIN_WAIT, CLOSE_WAIT, TIME_WAIT, TIME_WAIT]
-    )]
-    #[case::server_closes_first(
-        &[(R, SYN_ACK), (O, ACK), (R, FIN_ACK), (R, ACK), (O, ACK), (O, FIN_ACK)],
-        &[SYN_RECV, EST, FIN_WAIT, FIN_WAIT, CLOSE_WAIT, TIME_WAIT]
-    )]
-    #[case::reset_by_server(&[(R, SYN_ACK), (O, ACK), (R, RST)], &[SYN_RECV, EST, CLOSE])]
-    #[case::refused(&[(R, RST | ACK)], &[CLOSE])]
-    #[case::reopened_after_close(&[(R, RST), (O, SYN), (R, SYN_ACK)], &[CLOSE, SYN_SENT, SYN_RECV])]
-    #[case::syn_ack_from_client_ignored(&[(O, SYN_ACK)], &[SYN_SENT])]
-    fn tcp_state_machine(#[case] packets: &[(u8, u8)], #[case] expected: &[u8]) {
-        let names =
-            |states: &[u8]| states.iter().map(|s| state::name(*s)).collect::<std::vec::Vec<_>>();
-        assert_eq!(names(&replay(packets)), names(expected));
-    }
-
-    #[rstest]
     #[case(state::UDP_UNREPLIED, O, state::UDP_UNREPLIED)]
     #[case(state::UDP_UNREPLIED, R, state::UDP_REPLIED)]
     #[case(state::UDP_REPLIED, O, state::UDP_REPLIED)]
     fn udp_states(#[case] from: u8, #[case] direction: u8, #[case] to: u8) {
-        assert_eq!(next_state(from, 0, direction, 0).0, to);
+        assert_eq!(udp_next_state(from, direction), to);
+    }
+
+    const SECOND: u64 = 1_000_000_000;
+
+    #[rstest]
+    #[case::validated_handshake(EST, 100, 100 * SECOND, true)]
+    #[case::udp_answered_at_once(state::UDP_REPLIED, 100, 100 * SECOND, false)]
+    #[case::udp_answered_for_two_seconds(state::UDP_REPLIED, 100, 102 * SECOND, false)]
+    #[case::udp_stream(state::UDP_REPLIED, 100, 103 * SECOND, true)]
+    #[case::udp_one_way_for_long(state::UDP_UNREPLIED, 100, 1000 * SECOND, false)]
+    #[case::opening(SYN_RECV, 100, 1000 * SECOND, false)]
+    #[case::closing(FIN_WAIT, 100, 1000 * SECOND, false)]
+    fn promotion(
+        #[case] flow_state: u8,
+        #[case] created_s: u32,
+        #[case] now_ns: u64,
+        #[case] promoted: bool,
+    ) {
+        assert_eq!(
+            should_promote(flow_state, created_s, now_ns),
+            promoted,
+            "{} created at {created_s} s, now {} s",
+            state::name(flow_state),
+            now_ns / SECOND
+        );
+    }
+
+    #[rstest]
+    #[case::lan_client(ROLE_LAN, true, Ok(true))]
+    #[case::outsider_on_the_lan(ROLE_LAN, false, Err(Counter::PassSourceNotLan))]
+    #[case::wan_client(ROLE_WAN, false, Ok(false))]
+    #[case::lan_source_spoofed_on_the_wan(ROLE_WAN, true, Err(Counter::PassLanSourceOnWan))]
+    #[case::unknown_role(0, false, Err(Counter::PassUnknownInterface))]
+    fn new_flow_kinds(
+        #[case] role: u8,
+        #[case] lan_source: bool,
+        #[case] kind: Result<bool, Counter>,
+    ) {
+        assert_eq!(new_flow_kind(role, lan_source), kind);
     }
 
     #[test]
-    fn only_established_and_replied_flows_are_protected() {
-        assert!(is_established(EST) && is_established(state::UDP_REPLIED));
-        for s in [SYN_SENT, SYN_RECV, FIN_WAIT, CLOSE_WAIT, TIME_WAIT, CLOSE, state::UDP_UNREPLIED]
-        {
-            assert!(!is_established(s), "{}", state::name(s));
-        }
+    fn partners_are_matched_by_their_translations() {
+        let sides = Sides { original: 4, reply: 4 };
+        let server = MappingValue {
+            server_addr: addr([192, 168, 0, 2]),
+            server_port: be(80),
+            ..Default::default()
+        };
+        let packet = |client: u8| {
+            FlowKey::new(
+                addr([192, 168, 0, client]),
+                addr([203, 0, 113, 1]),
+                be(40000),
+                be(80),
+                IPPROTO_TCP,
+            )
+        };
+        let gateway = addr([192, 168, 0, 1]);
+        let first = hairpin_flow(&packet(3), &server, gateway, be(41000), &sides, 0);
+        let second = hairpin_flow(&packet(4), &server, gateway, be(41000), &sides, 0);
+        assert!(partner_matches(&first.original_key, &first.reply.translated));
+        assert!(partner_matches(&first.reply_key, &first.original.translated));
+        assert_eq!(first.reply_key, second.reply_key, "the same SNAT port");
+        assert!(
+            !partner_matches(&first.original_key, &second.reply.translated),
+            "an orphan original entry must not take a second client's reply entry for its own"
+        );
+    }
+
+    #[test]
+    fn flows_record_the_interface_of_each_direction() {
+        let sides = Sides { original: 3, reply: 2 };
+        let server = MappingValue {
+            server_addr: addr([192, 168, 0, 2]),
+            server_port: be(80),
+            ..Default::default()
+        };
+        let packet = FlowKey::new(
+            addr([198, 51, 100, 7]),
+            addr([203, 0, 113, 1]),
+            be(5),
+            be(80),
+            IPPROTO_TCP,
+        );
+        let flow = port_forward_flow(&packet, &server, &sides, 0);
+        assert_eq!((flow.original.ingress, flow.reply.ingress), (3, 2));
+        assert!(on_its_side(flow.original.ingress, 3) && !on_its_side(flow.original.ingress, 2));
     }
 
     #[test]
@@ -414,11 +496,15 @@ mod tests {
             tcp_established_ns: 7440,
             tcp_transitory_ns: 240,
             udp_ns: 300,
+            tcp_opening_ns: 60,
             ..Default::default()
         };
         assert_eq!(settings.timeout_ns(EST), 7440);
         assert_eq!(settings.timeout_ns(TIME_WAIT), 240);
-        assert_eq!(settings.timeout_ns(SYN_SENT), 240);
+        assert_eq!(settings.timeout_ns(CLOSE_WAIT), 240);
+        assert_eq!(settings.timeout_ns(CLOSE), 240);
+        assert_eq!(settings.timeout_ns(SYN_SENT), 60, "opening has its own, shorter timeout");
+        assert_eq!(settings.timeout_ns(SYN_RECV), 60);
         assert_eq!(settings.timeout_ns(state::UDP_REPLIED), 300);
         assert!(!settings.expired(EST, 1000, 1000 + 7440));
         assert!(settings.expired(EST, 1000, 1000 + 7441));
