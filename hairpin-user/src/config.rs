@@ -54,46 +54,24 @@ impl fmt::Display for Proto {
     }
 }
 
-/// An IPv4 network such as `192.168.0.0/24`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ipv4Net {
-    pub addr: Ipv4Addr,
-    pub prefix_len: u8,
-}
+pub use ipnet::Ipv4Net;
 
-impl Ipv4Net {
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        let mask = u32::MAX.checked_shl(32 - self.prefix_len as u32).unwrap_or(0);
-        u32::from(addr) & mask == u32::from(self.addr)
+/// An IPv4 network such as `192.168.0.0/24`; a bare address is a /32.
+/// Refused with host bits set, which is almost always a typo.
+pub fn parse_network(text: &str) -> Result<Ipv4Net, String> {
+    let net: Ipv4Net = match text.parse::<Ipv4Addr>() {
+        Ok(addr) => Ipv4Net::from(addr),
+        Err(_) => text.parse().map_err(|_| {
+            match text.split_once('/').map(|(a, len)| (a.parse::<Ipv4Addr>(), len.parse::<u8>())) {
+                Some((Ok(_), _)) => format!("`{text}`: the prefix length must be 0 to 32"),
+                _ => format!("`{text}` is not an IPv4 network (like 192.168.0.0/24)"),
+            }
+        })?,
+    };
+    if net.trunc() != net {
+        return Err(format!("`{text}` has host bits set; did you mean {}?", net.trunc()));
     }
-}
-
-impl FromStr for Ipv4Net {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, prefix_len) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IPv4 network (like 192.168.0.0/24)"))?;
-        let prefix_len: u8 = prefix_len
-            .parse()
-            .ok()
-            .filter(|len| *len <= 32)
-            .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to 32"))?;
-        let net = Ipv4Net { addr, prefix_len };
-        let mask = u32::MAX.checked_shl(32 - prefix_len as u32).unwrap_or(0);
-        if u32::from(addr) & !mask != 0 {
-            let network = Ipv4Addr::from(u32::from(addr) & mask);
-            return Err(format!("`{s}` has host bits set; did you mean {network}/{prefix_len}?"));
-        }
-        Ok(net)
-    }
-}
-
-impl fmt::Display for Ipv4Net {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
+    Ok(net)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -149,9 +127,31 @@ pub struct Mapping {
     pub public_ports: PortRange,
     pub to: Ipv4Addr,
     pub to_ports: PortRange,
+    /// New flows only from these source networks; empty: from anywhere.
+    pub allow: Vec<Ipv4Net>,
+    /// New flows only from these interfaces (configured LAN or WAN ones);
+    /// empty: from any.
+    pub interfaces: Vec<String>,
 }
 
 impl Mapping {
+    /// A mapping open to every source on every interface.
+    pub fn open(
+        proto: Proto,
+        (public, public_ports): (Ipv4Addr, PortRange),
+        (to, to_ports): (Ipv4Addr, PortRange),
+    ) -> Self {
+        Self {
+            proto,
+            public,
+            public_ports,
+            to,
+            to_ports,
+            allow: Vec::new(),
+            interfaces: Vec::new(),
+        }
+    }
+
     /// Every (public port, server port) pair of the mapping.
     pub fn port_pairs(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
         (self.public_ports.first..=self.public_ports.last)
@@ -172,7 +172,15 @@ impl fmt::Display for Mapping {
             f,
             "{} {}:{} -> {}:{}",
             self.proto, self.public, self.public_ports, self.to, self.to_ports
-        )
+        )?;
+        if !self.allow.is_empty() {
+            let allow: Vec<String> = self.allow.iter().map(ToString::to_string).collect();
+            write!(f, " from {}", allow.join(","))?;
+        }
+        if !self.interfaces.is_empty() {
+            write!(f, " on {}", self.interfaces.join(","))?;
+        }
+        Ok(())
     }
 }
 
@@ -180,16 +188,20 @@ impl fmt::Display for Mapping {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     pub tcp_established: u64,
+    /// Closing TCP: FIN_WAIT to CLOSE.
     pub tcp_transitory: u64,
     pub udp: u64,
+    /// Opening TCP: SYN_SENT and SYN_RECV (RFC 7857 §2.1 allows them shorter).
+    pub tcp_opening: u64,
 }
 
 /// RFC 5382 REQ-5: established at least 2 h 4 min, transitory 4 min;
-/// RFC 4787 REQ-5: UDP at least 2 min (5 min recommended).
+/// RFC 4787 REQ-5: UDP at least 2 min (5 min recommended); RFC 7857 §2.1: a
+/// shorter timeout for half-open connections.
 pub const DEFAULT_TIMEOUTS: Timeouts =
-    Timeouts { tcp_established: 7440, tcp_transitory: 240, udp: 300 };
+    Timeouts { tcp_established: 7440, tcp_transitory: 240, udp: 300, tcp_opening: 60 };
 pub const RFC_MINIMUM_TIMEOUTS: Timeouts =
-    Timeouts { tcp_established: 7440, tcp_transitory: 240, udp: 120 };
+    Timeouts { tcp_established: 7440, tcp_transitory: 240, udp: 120, tcp_opening: 1 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lan {
@@ -216,6 +228,8 @@ pub struct Config {
     /// Where the Prometheus endpoint listens; off when `None`.
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub mappings: Vec<Mapping>,
+    /// `[deny] networks`: sources no new WAN flow is accepted from.
+    pub deny: Vec<Ipv4Net>,
 }
 
 impl Config {
@@ -250,8 +264,16 @@ struct RawConfig {
     conntrack: Option<RawConntrack>,
     timeouts: Option<RawTimeouts>,
     metrics: Option<RawMetrics>,
+    deny: Option<RawDeny>,
     #[serde(default)]
     mapping: Vec<RawMapping>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeny {
+    #[serde(default)]
+    networks: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -266,6 +288,7 @@ struct RawTimeouts {
     tcp_established: Option<i64>,
     tcp_transitory: Option<i64>,
     udp: Option<i64>,
+    tcp_opening: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -304,6 +327,10 @@ struct RawMapping {
     proto: Option<String>,
     public: Option<String>,
     to: Option<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    interfaces: Vec<String>,
 }
 
 impl Config {
@@ -355,8 +382,14 @@ impl FromStr for Config {
         };
         let mut mappings: Vec<Mapping> = Vec::new();
         let mut published_ports = 0u32;
+        let managed: Vec<&str> = lan
+            .interfaces
+            .iter()
+            .chain(wan.as_ref().map(|w| &w.interface))
+            .map(String::as_str)
+            .collect();
         for (index, raw) in raw.mapping.into_iter().enumerate() {
-            let mapping = parse_mapping(index, raw)?;
+            let mapping = parse_mapping(index, raw, &managed)?;
             if let Some(other) = mappings.iter().position(|m| m.overlaps(&mapping)) {
                 return Err(invalid(
                     format!("mapping[{index}].public"),
@@ -375,7 +408,32 @@ impl FromStr for Config {
             }
             mappings.push(mapping);
         }
-        Ok(Config { lan, wan, xdp_mode, conntrack_capacity, timeouts, metrics_listen, mappings })
+        let deny = raw
+            .deny
+            .map(|d| d.networks)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(index, net)| {
+                parse_network(net).map_err(|e| invalid(format!("deny.networks[{index}]"), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if deny.len() > hairpin_common::MAX_DENY_NETWORKS as usize {
+            return Err(invalid(
+                "deny.networks",
+                format!("more than {} networks", hairpin_common::MAX_DENY_NETWORKS),
+            ));
+        }
+        Ok(Config {
+            lan,
+            wan,
+            xdp_mode,
+            conntrack_capacity,
+            timeouts,
+            metrics_listen,
+            mappings,
+            deny,
+        })
     }
 }
 
@@ -441,7 +499,9 @@ fn parse_lan(raw: RawLan) -> Result<Lan, ConfigError> {
     let networks = networks
         .iter()
         .enumerate()
-        .map(|(index, net)| net.parse().map_err(|e| invalid(format!("lan.networks[{index}]"), e)))
+        .map(|(index, net)| {
+            parse_network(net).map_err(|e| invalid(format!("lan.networks[{index}]"), e))
+        })
         .collect::<Result<Vec<Ipv4Net>, _>>()?;
     let address = raw.address.ok_or_else(|| {
         invalid("lan.address", "missing: the gateway's LAN address (the SNAT source)")
@@ -511,6 +571,7 @@ fn parse_timeouts(raw: Option<RawTimeouts>) -> Result<Timeouts, ConfigError> {
             DEFAULT_TIMEOUTS.tcp_transitory,
         )?,
         udp: seconds("udp", raw.udp, DEFAULT_TIMEOUTS.udp)?,
+        tcp_opening: seconds("tcp_opening", raw.tcp_opening, DEFAULT_TIMEOUTS.tcp_opening)?,
     })
 }
 
@@ -530,7 +591,7 @@ pub fn parse_endpoint(text: &str) -> Result<(Ipv4Addr, PortRange), String> {
     Ok((addr, PortRange { first, last }))
 }
 
-fn parse_mapping(index: usize, raw: RawMapping) -> Result<Mapping, ConfigError> {
+fn parse_mapping(index: usize, raw: RawMapping, managed: &[&str]) -> Result<Mapping, ConfigError> {
     let key = |field: &str| format!("mapping[{index}].{field}");
     let proto = raw
         .proto
@@ -551,7 +612,30 @@ fn parse_mapping(index: usize, raw: RawMapping) -> Result<Mapping, ConfigError> 
             ),
         ));
     }
-    Ok(Mapping { proto, public, public_ports, to, to_ports })
+    let allow = raw
+        .allow
+        .iter()
+        .enumerate()
+        .map(|(i, net)| parse_network(net).map_err(|e| invalid(key(&format!("allow[{i}]")), e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut interfaces: Vec<String> = Vec::new();
+    for (i, name) in raw.interfaces.iter().enumerate() {
+        let key = key(&format!("interfaces[{i}]"));
+        if !managed.contains(&name.as_str()) {
+            return Err(invalid(
+                key,
+                format!(
+                    "`{name}` is not a configured LAN or WAN interface (those are {})",
+                    managed.join(", ")
+                ),
+            ));
+        }
+        if interfaces.contains(name) {
+            return Err(invalid(key, format!("`{name}` is listed twice")));
+        }
+        interfaces.push(name.clone());
+    }
+    Ok(Mapping { proto, public, public_ports, to, to_ports, allow, interfaces })
 }
 
 #[cfg(test)]
@@ -596,9 +680,12 @@ to = "192.168.0.2:80"
                 public_ports: PortRange::single(80),
                 to: Ipv4Addr::new(192, 168, 0, 2),
                 to_ports: PortRange::single(80),
+                allow: vec![],
+                interfaces: vec![],
             }]
         );
         assert_eq!(config.timeouts, DEFAULT_TIMEOUTS);
+        assert!(config.deny.is_empty());
         assert!(config.warnings().is_empty());
     }
 
@@ -708,6 +795,31 @@ to = "192.168.0.5:70-85"
         "[metrics]\nlisten = \"localhost\"\n\n[xdp]",
         "metrics.listen"
     )]
+    #[case::bad_allow(
+        r#"to = "192.168.0.2:80""#,
+        r#"to = "192.168.0.2:80"
+allow = ["198.51.100.1/24"]"#,
+        "mapping[0].allow[0]"
+    )]
+    #[case::unconfigured_mapping_interface(
+        r#"to = "192.168.0.2:80""#,
+        r#"to = "192.168.0.2:80"
+interfaces = ["eth9"]"#,
+        "mapping[0].interfaces[0]"
+    )]
+    #[case::mapping_interface_twice(
+        r#"to = "192.168.0.2:80""#,
+        r#"to = "192.168.0.2:80"
+interfaces = ["gw-lan", "gw-lan"]"#,
+        "mapping[0].interfaces[1]"
+    )]
+    #[case::bad_deny("[xdp]", "[deny]\nnetworks = [\"10.0.0.0/40\"]\n\n[xdp]", "deny.networks[0]")]
+    #[case::unknown_deny_key("[xdp]", "[deny]\nbans = []\n\n[xdp]", "bans")]
+    #[case::zero_opening_timeout(
+        "[xdp]",
+        "[timeouts]\ntcp_opening = 0\n\n[xdp]",
+        "timeouts.tcp_opening"
+    )]
     #[case::reversed_snat_ports(
         r#"address = "192.168.0.1""#,
         r#"address = "192.168.0.1"
@@ -745,7 +857,7 @@ snat_ports = "30000-20000""#,
         assert_eq!(pairs, [(8000, 9000), (8001, 9001), (8002, 9002)]);
         assert_eq!(
             config.timeouts,
-            Timeouts { tcp_established: 600, tcp_transitory: 240, udp: 30 }
+            Timeouts { tcp_established: 600, tcp_transitory: 240, udp: 30, tcp_opening: 60 }
         );
         let warnings = config.warnings();
         assert_eq!(warnings.len(), 2, "{warnings:?}");
@@ -778,9 +890,53 @@ snat_ports = "30000-20000""#,
     #[test]
     fn network_contains() {
         let net: Ipv4Net = "192.168.0.0/24".parse().unwrap();
-        assert!(net.contains(Ipv4Addr::new(192, 168, 0, 200)));
-        assert!(!net.contains(Ipv4Addr::new(192, 168, 1, 1)));
+        assert!(net.contains(&Ipv4Addr::new(192, 168, 0, 200)));
+        assert!(!net.contains(&Ipv4Addr::new(192, 168, 1, 1)));
         let all: Ipv4Net = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains(Ipv4Addr::new(8, 8, 8, 8)));
+        assert!(all.contains(&Ipv4Addr::new(8, 8, 8, 8)));
+    }
+
+    #[rstest]
+    #[case("192.168.0.0/24", Ok("192.168.0.0/24"))]
+    #[case("198.51.100.7", Ok("198.51.100.7/32"))]
+    #[case("0.0.0.0/0", Ok("0.0.0.0/0"))]
+    #[case("192.168.0.7/24", Err("host bits set; did you mean 192.168.0.0/24?"))]
+    #[case("192.168.0.0/33", Err("the prefix length must be 0 to 32"))]
+    #[case("lan", Err("not an IPv4 network"))]
+    #[case("2001:db8::/32", Err("not an IPv4 network"))]
+    fn networks(#[case] text: &str, #[case] expected: Result<&str, &str>) {
+        match (parse_network(text), expected) {
+            (Ok(net), Ok(wanted)) => assert_eq!(net.to_string(), wanted, "`{text}`"),
+            (Err(e), Err(wanted)) => {
+                assert!(e.contains(wanted), "`{text}`: {e:?} lacks {wanted:?}")
+            }
+            (got, wanted) => panic!("`{text}`: got {got:?}, expected {wanted:?}"),
+        }
+    }
+
+    #[test]
+    fn allow_interfaces_deny_and_opening_timeout() {
+        let text = SEED
+            .replace(
+                r#"to = "192.168.0.2:80""#,
+                r#"to = "192.168.0.2:80"
+allow = ["198.51.100.0/24", "192.0.2.9"]
+interfaces = ["gw-wan"]"#,
+            )
+            .replace("[xdp]", "[deny]\nnetworks = [\"203.0.113.128/25\"]\n\n[timeouts]\ntcp_opening = 20\n\n[xdp]");
+        let config: Config = text.parse().expect("valid");
+        let mapping = &config.mappings[0];
+        assert_eq!(
+            mapping.allow,
+            [parse_network("198.51.100.0/24").unwrap(), parse_network("192.0.2.9/32").unwrap()]
+        );
+        assert_eq!(mapping.interfaces, ["gw-wan"]);
+        assert_eq!(config.deny, [parse_network("203.0.113.128/25").unwrap()]);
+        assert_eq!(config.timeouts.tcp_opening, 20);
+        assert_eq!(config.timeouts.tcp_transitory, DEFAULT_TIMEOUTS.tcp_transitory);
+        assert_eq!(
+            mapping.to_string(),
+            "tcp 203.0.113.1:80 -> 192.168.0.2:80 from 198.51.100.0/24,192.0.2.9/32 on gw-wan"
+        );
     }
 }

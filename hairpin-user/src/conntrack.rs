@@ -24,6 +24,29 @@ pub fn expired_flows(
         .collect()
 }
 
+/// Whether an entry found expired (`first`) may be deleted now that it
+/// reads `current` (and its partner `partner`): only if it is the same flow
+/// (created at the same time, translated the same way) and both directions
+/// are still idle. A flow recreated under the same key, or one that saw a
+/// packet since, stays.
+pub fn still_expired(
+    first: &FlowEntry,
+    current: Option<&FlowEntry>,
+    partner: Option<&FlowEntry>,
+    settings: &Settings,
+    now_ns: u64,
+) -> bool {
+    let Some(current) = current else {
+        return false;
+    };
+    let idle = |entry: &FlowEntry| settings.expired(entry.state, entry.last_seen_ns, now_ns);
+    current.created_s == first.created_s
+        && current.translated == first.translated
+        && current.direction == first.direction
+        && idle(current)
+        && partner.is_none_or(idle)
+}
+
 #[cfg(test)]
 mod tests {
     use hairpin_common::{FlowKey, MappingValue, nat, state};
@@ -41,6 +64,10 @@ mod tests {
         }
     }
 
+    fn sides() -> nat::Sides {
+        nat::Sides { original: 2, reply: 2 }
+    }
+
     fn flow(
         client_port: u16,
         flow_state: u8,
@@ -48,8 +75,9 @@ mod tests {
         reply_seen: u64,
     ) -> Vec<(FlowKey, FlowEntry)> {
         let packet = FlowKey::new(3, 100, client_port.to_be(), 80u16.to_be(), 6);
-        let server = MappingValue { server_addr: 2, server_port: 80u16.to_be(), id: 0 };
-        let mut pair = nat::hairpin_flow(&packet, &server, 1, client_port.to_be(), 0);
+        let server =
+            MappingValue { server_addr: 2, server_port: 80u16.to_be(), ..Default::default() };
+        let mut pair = nat::hairpin_flow(&packet, &server, 1, client_port.to_be(), &sides(), 0);
         pair.original.state = flow_state;
         pair.reply.state = flow_state;
         pair.original.last_seen_ns = original_seen;
@@ -74,6 +102,35 @@ mod tests {
             "idle established flow and old TIME_WAIT go; the others stay"
         );
         assert_eq!(expired.len(), 4, "both entries of each expired flow");
+    }
+
+    fn entry(created_s: u32, last_seen_ns: u64, snat_port: u16) -> FlowEntry {
+        let mut entry = flow(snat_port, state::UDP_REPLIED, last_seen_ns, last_seen_ns)[0].1;
+        entry.created_s = created_s;
+        entry
+    }
+
+    #[rstest::rstest]
+    #[case::unchanged(Some(entry(5, 0, 1000)), None, true)]
+    #[case::unchanged_with_idle_partner(Some(entry(5, 0, 1000)), Some(entry(5, 0, 1000)), true)]
+    #[case::gone(None, None, false)]
+    #[case::recreated_later(Some(entry(6, 0, 1000)), None, false)]
+    #[case::recreated_with_another_translation(Some(entry(5, 0, 1001)), None, false)]
+    #[case::seen_since(Some(entry(5, 40 * SECOND, 1000)), None, false)]
+    #[case::partner_seen_since(Some(entry(5, 0, 1000)), Some(entry(5, 40 * SECOND, 1000)), false)]
+    fn an_entry_is_deleted_only_if_still_the_expired_one(
+        #[case] current: Option<FlowEntry>,
+        #[case] partner: Option<FlowEntry>,
+        #[case] delete: bool,
+    ) {
+        let first = entry(5, 0, 1000);
+        let now = 45 * SECOND;
+        assert!(settings().expired(first.state, first.last_seen_ns, now), "test setup");
+        assert_eq!(
+            still_expired(&first, current.as_ref(), partner.as_ref(), &settings(), now),
+            delete,
+            "current {current:?}"
+        );
     }
 
     #[test]

@@ -64,6 +64,18 @@ pub fn if_index(name: &str) -> Result<u32, DatapathError> {
     }
 }
 
+/// The name of interface `index`, if it exists.
+pub fn if_name(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: a buffer of IF_NAMESIZE bytes, as if_indextoname needs.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+    Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
 /// An interface the XDP program is attached to.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {
@@ -94,6 +106,41 @@ impl PinDir {
     pub fn exists(&self) -> bool {
         self.maps().join(names::LAYOUT).exists()
     }
+
+    /// Refuses pins another user could have planted: the directory, its
+    /// `maps` and `links` and every path in them must be no symlink and
+    /// owned by root or this user. Paths that do not exist pass.
+    pub fn check_ownership(&self) -> Result<(), DatapathError> {
+        let euid = rustix::process::geteuid().as_raw();
+        let mut paths = vec![self.0.clone(), self.maps(), self.links()];
+        paths.extend(names::SHARED.iter().map(|name| self.maps().join(name)));
+        if let Ok(links) = fs::read_dir(self.links()) {
+            paths.extend(links.filter_map(Result::ok).map(|entry| entry.path()));
+        }
+        for path in paths {
+            if let Ok(metadata) = fs::symlink_metadata(&path) {
+                use std::os::unix::fs::MetadataExt as _;
+                pin_path_trusted(metadata.file_type().is_symlink(), metadata.uid(), euid).map_err(
+                    |message| DatapathError::Pin {
+                        path: path.display().to_string(),
+                        message: message.into(),
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a pin path with these properties is not to be used, if it is not.
+pub fn pin_path_trusted(is_symlink: bool, owner: u32, euid: u32) -> Result<(), &'static str> {
+    if is_symlink {
+        return Err("is a symbolic link; refusing to follow it (remove it)");
+    }
+    if owner != 0 && owner != euid {
+        return Err("is owned by another user; refusing to use it (remove it)");
+    }
+    Ok(())
 }
 
 /// The loaded datapath. Without pins, dropping it detaches everything;
@@ -158,6 +205,7 @@ impl Datapath {
         self.maps.set_settings(settings(config))?;
         self.maps.set_lan_networks(&config.lan.networks)?;
         self.maps.set_interfaces(&interfaces)?;
+        self.maps.set_config_deny(&config.deny)?;
         let (added, removed) = self.maps.replace_mappings(&config.mappings)?;
         for mapping in &removed {
             info!("mapping withdrawn: {mapping}");
@@ -335,23 +383,27 @@ fn pin_link(link: FdLink, path: &Path) -> Result<PinnedLink, DatapathError> {
     link.pin(path).map_err(|e| pin_error(&Some(path.to_path_buf()), e))
 }
 
-/// Mounts bpffs where the pins go if it is not there, and creates the
+/// Mounts bpffs where the pins go if it is not there (mode 0700), refuses
+/// pin paths that are symlinks or someone else's, and creates the
 /// directories, readable by root only.
 fn prepare_pin_dir(pins: &PinDir) -> Result<(), DatapathError> {
     let bpffs = Path::new("/sys/fs/bpf");
     if pins.0.starts_with(bpffs) && !is_bpffs(bpffs) {
-        let (source, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
-        // SAFETY: valid C strings; mounting bpffs as the notes describe.
-        let rc = unsafe {
-            libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
-        };
-        if rc != 0 {
-            return Err(DatapathError::Pin {
-                path: bpffs.display().to_string(),
-                message: format!("mounting bpffs: {}", std::io::Error::last_os_error()),
-            });
-        }
+        rustix::mount::mount(
+            "bpf",
+            bpffs,
+            "bpf",
+            rustix::mount::MountFlags::NOSUID
+                | rustix::mount::MountFlags::NODEV
+                | rustix::mount::MountFlags::NOEXEC,
+            BPFFS_MOUNT_OPTIONS,
+        )
+        .map_err(|e| DatapathError::Pin {
+            path: bpffs.display().to_string(),
+            message: format!("mounting bpffs: {e}"),
+        })?;
     }
+    pins.check_ownership()?;
     for dir in [pins.0.clone(), pins.maps(), pins.links()] {
         fs::create_dir_all(&dir)
             .and_then(|()| fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)))
@@ -360,8 +412,12 @@ fn prepare_pin_dir(pins: &PinDir) -> Result<(), DatapathError> {
                 message: e.to_string(),
             })?;
     }
-    Ok(())
+    // Created just now: checked again, in case one appeared meanwhile.
+    pins.check_ownership()
 }
+
+/// bpffs as hairpin mounts it: only root may look inside.
+pub const BPFFS_MOUNT_OPTIONS: &std::ffi::CStr = c"mode=0700";
 
 fn is_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -420,6 +476,7 @@ pub fn settings(config: &Config) -> Settings {
         tcp_established_ns: config.timeouts.tcp_established * NANOS,
         tcp_transitory_ns: config.timeouts.tcp_transitory * NANOS,
         udp_ns: config.timeouts.udp * NANOS,
+        tcp_opening_ns: config.timeouts.tcp_opening * NANOS,
     }
 }
 
@@ -431,4 +488,47 @@ where
         .program_mut(name)
         .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
     program.try_into().map_err(|source| DatapathError::Program { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use rstest::rstest;
+
+    use super::*;
+
+    #[rstest]
+    #[case::root_owned(false, 0, 0, true)]
+    #[case::own(false, 1000, 1000, true)]
+    #[case::root_owned_for_a_user(false, 0, 1000, true)]
+    #[case::symlink(true, 0, 0, false)]
+    #[case::another_users(false, 1000, 0, false)]
+    fn pin_paths_are_trusted_only_when_no_symlink_and_ours(
+        #[case] symlink: bool,
+        #[case] owner: u32,
+        #[case] euid: u32,
+        #[case] trusted: bool,
+    ) {
+        assert_eq!(pin_path_trusted(symlink, owner, euid).is_ok(), trusted);
+    }
+
+    #[test]
+    fn a_symlinked_pin_dir_is_refused() {
+        let dir = std::env::temp_dir().join(format!("hairpin-pins-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("target")).expect("test setup: a directory");
+        std::os::unix::fs::symlink(dir.join("target"), dir.join("pins"))
+            .expect("test setup: a symlink");
+        let own = PinDir(dir.join("target")).check_ownership();
+        let linked = PinDir(dir.join("pins")).check_ownership();
+        fs::create_dir_all(dir.join("target/maps")).expect("test setup: maps");
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("target/maps").join(names::SETTINGS))
+            .expect("test setup: a symlinked map");
+        let linked_map = PinDir(dir.join("target")).check_ownership();
+        let _ = fs::remove_dir_all(&dir);
+        assert!(own.is_ok(), "our own directory: {own:?}");
+        let error = linked.expect_err("a symlinked pin dir was accepted").to_string();
+        assert!(error.contains("symbolic link") && !error.contains('\n'), "{error}");
+        let error = linked_map.expect_err("a symlinked map pin was accepted").to_string();
+        assert!(error.contains(names::SETTINGS) && error.contains("symbolic link"), "{error}");
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::config::{Mapping, PortRange, Proto, parse_endpoint, parse_port_range};
+use crate::config::{Mapping, PortRange, Proto, parse_endpoint, parse_network, parse_port_range};
 
 /// What an import found: the DNAT rules turned into mappings, in the order of
 /// the input, and the rules left out.
@@ -32,22 +32,27 @@ const SNAT_REASON: &str = "SNAT/MASQUERADE: hairpin does the hairpin SNAT itself
 /// A rule becomes a mapping when it is a tcp or udp DNAT port forward of one
 /// public address (`-d A` or `-d A/32`) and a port or port range (`--dport P`
 /// or `--dport P1:P2`) to one server (`--to-destination S`, `S:P` or
-/// `S:P1-P2`, `--to` too). `-s`, `-i`, `-m tcp`, `-m udp` and `-m comment`
-/// are accepted and dropped: hairpin hairpins its own LAN networks anyway.
-/// Public port `P1 + i` goes to server port `first + i`, where `first` is the
+/// `S:P1-P2`, `--to` too). Its conditions are kept or the rule is refused,
+/// so that an import is never wider than its rule: `-s NET` becomes the
+/// mapping's `allow`, `-i IFACE` its `interfaces` (IFACE must be one of
+/// `interfaces`, the instance's LAN and WAN interfaces; without them, `-i`
+/// is refused); `-m tcp`, `-m udp` and `-m comment` change nothing. Any
+/// other match or option (`-o`, negations, `--sport`, other `-m` modules
+/// such as `iprange`, `multiport`, `conntrack` or `addrtype`, ...) refuses the
+/// rule with the reason. Public port `P1 + i` goes to server port `first + i`, where `first` is the
 /// first `--to-destination` port, or `P1` when it names no port. That is what
 /// a range-to-range DNAT is written for, and exactly what the kernel does
 /// with the `S:P1-P2/BASE` form when BASE is the first public port; without
 /// `/BASE` the kernel instead gives each connection the first free port of
 /// the server's range.
 ///
-/// DNAT rules of user chains are taken on their own, without the conditions
-/// of the rules that jump to them. Every other `-A` rule of the `nat` table
+/// DNAT rules of user chains are refused: the conditions of the rules that
+/// jump to them would be lost. Every other `-A` rule of the `nat` table
 /// is skipped with the reason, as is a mapping that overlaps one imported
 /// from an earlier line. Other tables, chain declarations, comments and empty
 /// lines are not rules and not reported.
 #[must_use]
-pub fn import_iptables_save(text: &str) -> Imported {
+pub fn import_iptables_save(text: &str, interfaces: Option<&[String]>) -> Imported {
     let mut imported = Imported::default();
     let mut mapping_lines: Vec<usize> = Vec::new();
     let mut table: Option<&str> = None;
@@ -75,7 +80,7 @@ pub fn import_iptables_save(text: &str) -> Imported {
             }
             continue;
         }
-        let reason = match import_rule(line, &user_chains) {
+        let reason = match import_rule(line, &user_chains, interfaces) {
             Err(reason) => reason,
             Ok(mapping) => {
                 let earlier = mapping_lines
@@ -106,6 +111,8 @@ struct RuleOptions<'a> {
     destination: Option<&'a str>,
     destination_ports: Option<&'a str>,
     target: Option<&'a str>,
+    sources: Vec<&'a str>,
+    in_interface: Option<&'a str>,
     to_destinations: Vec<&'a str>,
     random_ports: bool,
     /// The first condition or option hairpin cannot honour, as the reason to
@@ -126,7 +133,9 @@ impl<'a> RuleOptions<'a> {
                 "-p" | "--protocol" => rule.protocol = words.next(),
                 "-d" | "--destination" | "--dst" => rule.destination = words.next(),
                 "--dport" | "--destination-port" => rule.destination_ports = words.next(),
-                "-s" | "--source" | "--src" | "-i" | "--in-interface" | "--comment" => {
+                "-s" | "--source" | "--src" => rule.sources.extend(words.next()),
+                "-i" | "--in-interface" => rule.in_interface = words.next(),
+                "--comment" => {
                     words.next();
                 }
                 "-m" | "--match" => match words.next() {
@@ -159,7 +168,11 @@ impl<'a> RuleOptions<'a> {
 }
 
 /// The mapping of one rule line, or why it is not one.
-fn import_rule(line: &str, user_chains: &[&str]) -> Result<Mapping, String> {
+fn import_rule(
+    line: &str,
+    user_chains: &[&str],
+    interfaces: Option<&[String]>,
+) -> Result<Mapping, String> {
     let words = split_words(line)?;
     let mut words = words.as_slice();
     // `iptables-save -c` puts the counters first: `[packets:bytes] -A ...`.
@@ -198,6 +211,11 @@ fn import_rule(line: &str, user_chains: &[&str]) -> Result<Mapping, String> {
             );
         }
         "INPUT" | "POSTROUTING" => return Err(format!("DNAT is not valid in {chain}")),
+        _ if user_chains.contains(&chain) => {
+            return Err(format!(
+                "a DNAT in the user chain `{chain}`: the conditions of the rules that jump to it cannot be kept"
+            ));
+        }
         _ => {}
     }
     if let Some(reason) = rule.unsupported {
@@ -245,7 +263,35 @@ fn import_rule(line: &str, user_chains: &[&str]) -> Result<Mapping, String> {
             "`--random` picks a random server port: hairpin maps port ranges one to one".into()
         );
     }
-    Ok(Mapping { proto, public, public_ports, to, to_ports })
+    let allow = rule
+        .sources
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(|s| parse_network(s).map_err(|e| format!("`-s {s}`: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let interfaces = match rule.in_interface {
+        None => Vec::new(),
+        Some(name) if name.ends_with('+') => {
+            return Err(format!(
+                "`-i {name}` is a wildcard: hairpin binds a mapping to named interfaces"
+            ));
+        }
+        Some(name) => match interfaces {
+            None => {
+                return Err(format!(
+                    "`-i {name}`: no running instance to say whether it is a LAN or WAN interface of hairpin's"
+                ));
+            }
+            Some(managed) if !managed.iter().any(|m| m == name) => {
+                return Err(format!(
+                    "`-i {name}` is not an interface hairpin manages ({}): hairpin would never see the rule's packets",
+                    managed.join(", ")
+                ));
+            }
+            Some(_) => vec![name.to_string()],
+        },
+    };
+    Ok(Mapping { proto, public, public_ports, to, to_ports, allow, interfaces })
 }
 
 /// The public address (`-d`, one address) and ports (`--dport P` or `P1:P2`).
@@ -339,6 +385,11 @@ fn split_words(line: &str) -> Result<Vec<String>, String> {
 
 #[cfg(test)]
 mod tests {
+    /// The interfaces of the instance the tests import into.
+    fn import(text: &str) -> Imported {
+        import_iptables_save(text, Some(&["eth0".to_string(), "br-lan".to_string()]))
+    }
+
     use rstest::rstest;
 
     use super::*;
@@ -347,7 +398,15 @@ mod tests {
     fn mapping(proto: Proto, public: &str, to: &str) -> Mapping {
         let (public, public_ports) = parse_endpoint(public).expect("test setup: public endpoint");
         let (to, to_ports) = parse_endpoint(to).expect("test setup: server endpoint");
-        Mapping { proto, public, public_ports, to, to_ports }
+        Mapping::open(proto, (public, public_ports), (to, to_ports))
+    }
+
+    fn restricted(mapping: Mapping, allow: &[&str], interfaces: &[&str]) -> Mapping {
+        Mapping {
+            allow: allow.iter().map(|net| parse_network(net).expect("test setup: net")).collect(),
+            interfaces: interfaces.iter().map(ToString::to_string).collect(),
+            ..mapping
+        }
     }
 
     /// One rule in a nat section: the rule is on line 4.
@@ -370,9 +429,13 @@ COMMIT
     #[test]
     fn seed_rules() {
         assert_eq!(
-            import_iptables_save(SEED),
+            import(SEED),
             Imported {
-                mappings: vec![mapping(Proto::Tcp, "203.0.113.1:80", "192.168.0.2:80")],
+                mappings: vec![restricted(
+                    mapping(Proto::Tcp, "203.0.113.1:80", "192.168.0.2:80"),
+                    &["192.168.0.0/24"],
+                    &[]
+                )],
                 skipped: vec![Skipped {
                     line: 8,
                     rule: "-A POSTROUTING -s 192.168.0.0/24 -d 192.168.0.0/24 -j SNAT --to-source 192.168.0.1".into(),
@@ -385,13 +448,21 @@ COMMIT
     #[test]
     fn crlf_line_endings_and_indentation() {
         let text = SEED.replace('\n', "\r\n  ");
-        assert_eq!(import_iptables_save(&text), import_iptables_save(SEED));
+        assert_eq!(import(&text), import(SEED));
     }
 
     #[rstest]
     #[case::wan_forward_with_interface(
         "-A PREROUTING -d 203.0.113.1/32 -i eth0 -p tcp -m tcp --dport 443 -j DNAT --to-destination 192.168.0.2:8443",
-        mapping(Proto::Tcp, "203.0.113.1:443", "192.168.0.2:8443")
+        restricted(mapping(Proto::Tcp, "203.0.113.1:443", "192.168.0.2:8443"), &[], &["eth0"])
+    )]
+    #[case::source_kept_as_allow(
+        "-A PREROUTING -s 198.51.100.0/24 -d 203.0.113.1/32 -p tcp -m tcp --dport 22 -j DNAT --to-destination 192.168.0.5",
+        restricted(mapping(Proto::Tcp, "203.0.113.1:22", "192.168.0.5:22"), &["198.51.100.0/24"], &[])
+    )]
+    #[case::source_address_and_lan_interface(
+        "-A PREROUTING -s 192.168.0.9/32 -i br-lan -d 203.0.113.1/32 -p udp -m udp --dport 53 -j DNAT --to-destination 192.168.0.2",
+        restricted(mapping(Proto::Udp, "203.0.113.1:53", "192.168.0.2:53"), &["192.168.0.9/32"], &["br-lan"])
     )]
     #[case::udp_range(
         "-A PREROUTING -d 203.0.113.1/32 -p udp -m udp --dport 8000:8099 -j DNAT --to-destination 192.168.0.2:9000-9099",
@@ -418,11 +489,11 @@ COMMIT
         mapping(Proto::Tcp, "203.0.113.1:80", "192.168.0.2:80")
     )]
     #[case::long_options(
-        "--append PREROUTING --source 192.168.0.0/24 --destination 203.0.113.1/32 --protocol tcp --match tcp --destination-port 80 --jump DNAT --to-destination 192.168.0.2:80",
-        mapping(Proto::Tcp, "203.0.113.1:80", "192.168.0.2:80")
+        "--append PREROUTING --source 192.168.0.0/24 --in-interface eth0 --destination 203.0.113.1/32 --protocol tcp --match tcp --destination-port 80 --jump DNAT --to-destination 192.168.0.2:80",
+        restricted(mapping(Proto::Tcp, "203.0.113.1:80", "192.168.0.2:80"), &["192.168.0.0/24"], &["eth0"])
     )]
     #[case::quoted_comment(
-        r#"-A PREROUTING -d 203.0.113.1/32 -i eth0 -p tcp -m tcp --dport 443 -m comment --comment "web server" -j DNAT --to-destination 192.168.0.2:8443"#,
+        r#"-A PREROUTING -d 203.0.113.1/32 -p tcp -m tcp --dport 443 -m comment --comment "web server" -j DNAT --to-destination 192.168.0.2:8443"#,
         mapping(Proto::Tcp, "203.0.113.1:443", "192.168.0.2:8443")
     )]
     #[case::quoted_comment_with_escapes_and_options(
@@ -437,10 +508,6 @@ COMMIT
         "[12:720] -A PREROUTING -d 203.0.113.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 192.168.0.2:80",
         mapping(Proto::Tcp, "203.0.113.1:80", "192.168.0.2:80")
     )]
-    #[case::user_chain(
-        "-A FWD -d 203.0.113.1/32 -p tcp -m tcp --dport 3389 -j DNAT --to-destination 192.168.0.8",
-        mapping(Proto::Tcp, "203.0.113.1:3389", "192.168.0.8:3389")
-    )]
     #[case::random_and_persistent_with_one_port(
         "-A PREROUTING -d 203.0.113.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 192.168.0.2 --random --persistent",
         mapping(Proto::Tcp, "203.0.113.1:80", "192.168.0.2:80")
@@ -450,7 +517,7 @@ COMMIT
         mapping(Proto::Udp, "203.0.113.1:1-65535", "192.168.0.2:1-65535")
     )]
     fn dnat_port_forwards_become_mappings(#[case] rule: &str, #[case] expected: Mapping) {
-        let imported = import_iptables_save(&nat_section(rule));
+        let imported = import(&nat_section(rule));
         assert_eq!(imported.skipped, []);
         assert_eq!(imported.mappings, [expected]);
     }
@@ -578,6 +645,46 @@ COMMIT
         "-A OUTPUT -d 203.0.113.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 192.168.0.2",
         "DNAT in OUTPUT is for the gateway's own connections"
     )]
+    #[case::dnat_in_user_chain(
+        "-A FWD -d 203.0.113.1/32 -p tcp -m tcp --dport 3389 -j DNAT --to-destination 192.168.0.8",
+        "the conditions of the rules that jump to it cannot be kept"
+    )]
+    #[case::negated_interface(
+        "-A PREROUTING ! -i eth0 -d 203.0.113.1/32 -p tcp --dport 80 -j DNAT --to-destination 192.168.0.2",
+        "the negated match `! -i`"
+    )]
+    #[case::unmanaged_interface(
+        "-A PREROUTING -i eth7 -d 203.0.113.1/32 -p tcp --dport 80 -j DNAT --to-destination 192.168.0.2",
+        "`-i eth7` is not an interface hairpin manages (eth0, br-lan)"
+    )]
+    #[case::interface_wildcard(
+        "-A PREROUTING -i eth+ -d 203.0.113.1/32 -p tcp --dport 80 -j DNAT --to-destination 192.168.0.2",
+        "`-i eth+` is a wildcard"
+    )]
+    #[case::out_interface(
+        "-A PREROUTING -o eth0 -d 203.0.113.1/32 -p tcp --dport 80 -j DNAT --to-destination 192.168.0.2",
+        "the option `-o` is not supported"
+    )]
+    #[case::source_range(
+        "-A PREROUTING -m iprange --src-range 198.51.100.1-198.51.100.9 -d 203.0.113.1/32 -p tcp --dport 80 -j DNAT --to-destination 192.168.0.2",
+        "the match `-m iprange` is not supported"
+    )]
+    #[case::local_destinations(
+        "-A PREROUTING -m addrtype --dst-type LOCAL -p tcp --dport 80 -j DNAT --to-destination 192.168.0.2",
+        "the match `-m addrtype` is not supported"
+    )]
+    #[case::conntrack_state(
+        "-A PREROUTING -d 203.0.113.1/32 -p tcp -m conntrack --ctstate NEW --dport 80 -j DNAT --to-destination 192.168.0.2",
+        "the match `-m conntrack` is not supported"
+    )]
+    #[case::tcp_flags(
+        "-A PREROUTING -d 203.0.113.1/32 -p tcp -m tcp --dport 80 --syn -j DNAT --to-destination 192.168.0.2",
+        "the option `--syn` is not supported"
+    )]
+    #[case::bad_source(
+        "-A PREROUTING -s 198.51.100.0/40 -d 203.0.113.1/32 -p tcp --dport 80 -j DNAT --to-destination 192.168.0.2",
+        "`-s 198.51.100.0/40`"
+    )]
     #[case::jump_to_user_chain("-A PREROUTING -i eth0 -j FWD", "a jump to the user chain `FWD`")]
     #[case::goto_user_chain("-A PREROUTING -g FWD", "a jump to the user chain `FWD`")]
     #[case::redirect(
@@ -595,7 +702,7 @@ COMMIT
     #[case::append_without_chain("-A", "not an `-A CHAIN` rule")]
     #[case::chain_without_options("-A PREROUTING", "no target (`-j`)")]
     fn other_rules_are_skipped_with_the_reason(#[case] rule: &str, #[case] reason: &str) {
-        let imported = import_iptables_save(&nat_section(rule));
+        let imported = import(&nat_section(rule));
         assert_eq!(imported.mappings, []);
         assert_eq!(imported.skipped.len(), 1, "{:?}", imported.skipped);
         let skipped = &imported.skipped[0];
@@ -623,7 +730,7 @@ COMMIT
 -A PREROUTING -d 203.0.113.1/32 -p tcp -m tcp --dport 81 -j DNAT --to-destination 192.168.0.2:81
 ";
         assert_eq!(
-            import_iptables_save(text),
+            import(text),
             Imported {
                 mappings: vec![mapping(Proto::Tcp, "203.0.113.1:80", "192.168.0.2:80")],
                 skipped: vec![],
@@ -638,7 +745,7 @@ COMMIT
     )]
     #[case::nat_table_without_commit("*nat\n:PREROUTING ACCEPT [0:0]\n")]
     fn lines_that_are_not_rules_are_not_reported(#[case] text: &str) {
-        assert_eq!(import_iptables_save(text), Imported::default());
+        assert_eq!(import(text), Imported::default());
     }
 
     #[test]
@@ -653,7 +760,7 @@ COMMIT
 -A PREROUTING -d 198.51.100.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 192.168.0.4
 COMMIT
 ";
-        let imported = import_iptables_save(text);
+        let imported = import(text);
         assert_eq!(
             imported.mappings,
             [
@@ -670,7 +777,7 @@ COMMIT
             [
                 (
                     4,
-                    "tcp 203.0.113.1:80 -> 192.168.0.2:80 overlaps tcp 203.0.113.1:80 -> 192.168.0.2:80, imported from line 2"
+                    "tcp 203.0.113.1:80 -> 192.168.0.2:80 on eth0 overlaps tcp 203.0.113.1:80 -> 192.168.0.2:80, imported from line 2"
                 ),
                 (
                     5,
@@ -719,15 +826,22 @@ COMMIT
 
     #[test]
     fn real_iptables_save_output() {
-        let imported = import_iptables_save(REAL_IPTABLES_SAVE);
+        let imported = import(REAL_IPTABLES_SAVE);
         assert_eq!(
             imported.mappings,
             [
-                mapping(Proto::Tcp, "203.0.113.1:80", "192.168.0.2:80"),
-                mapping(Proto::Tcp, "203.0.113.1:443", "192.168.0.2:8443"),
+                restricted(
+                    mapping(Proto::Tcp, "203.0.113.1:80", "192.168.0.2:80"),
+                    &["192.168.0.0/24"],
+                    &[]
+                ),
+                restricted(
+                    mapping(Proto::Tcp, "203.0.113.1:443", "192.168.0.2:8443"),
+                    &[],
+                    &["eth0"]
+                ),
                 mapping(Proto::Udp, "203.0.113.1:8000-8099", "192.168.0.2:9000-9099"),
                 mapping(Proto::Udp, "203.0.113.1:5000-5009", "192.168.0.3:5000-5009"),
-                mapping(Proto::Tcp, "203.0.113.1:3389", "192.168.0.8:3389"),
             ]
         );
         let expected_skips = [
@@ -741,6 +855,7 @@ COMMIT
             (27, "source port match (`--sport`)"),
             (28, SNAT_REASON),
             (29, SNAT_REASON),
+            (30, "the conditions of the rules that jump to it cannot be kept"),
         ];
         assert_eq!(imported.skipped.len(), expected_skips.len(), "{:#?}", imported.skipped);
         let lines: Vec<&str> = REAL_IPTABLES_SAVE.lines().collect();
@@ -752,15 +867,36 @@ COMMIT
     }
 
     #[test]
+    fn without_an_instance_interface_rules_are_refused() {
+        let rule = "-A PREROUTING -i eth0 -d 203.0.113.1/32 -p tcp --dport 80 -j DNAT --to-destination 192.168.0.2";
+        let imported = import_iptables_save(&nat_section(rule), None);
+        assert_eq!(imported.mappings, []);
+        assert!(
+            imported.skipped[0].reason.contains("no running instance"),
+            "{:?}",
+            imported.skipped
+        );
+    }
+
+    #[test]
     fn imported_mappings_pass_the_config_validation() {
         let mut text = String::from(
-            "[lan]\ninterface = \"gw-lan\"\nnetworks = [\"192.168.0.0/24\"]\naddress = \"192.168.0.1\"\n",
+            "[lan]\ninterface = \"br-lan\"\nnetworks = [\"192.168.0.0/24\"]\naddress = \"192.168.0.1\"\n\n[wan]\ninterface = \"eth0\"\n",
         );
-        let imported = import_iptables_save(REAL_IPTABLES_SAVE);
+        let imported = import(REAL_IPTABLES_SAVE);
+        let quoted = |items: Vec<String>| {
+            items.iter().map(|i| format!("\"{i}\"")).collect::<Vec<_>>().join(", ")
+        };
         for m in &imported.mappings {
             text += &format!(
-                "\n[[mapping]]\nproto = \"{}\"\npublic = \"{}:{}\"\nto = \"{}:{}\"\n",
-                m.proto, m.public, m.public_ports, m.to, m.to_ports
+                "\n[[mapping]]\nproto = \"{}\"\npublic = \"{}:{}\"\nto = \"{}:{}\"\nallow = [{}]\ninterfaces = [{}]\n",
+                m.proto,
+                m.public,
+                m.public_ports,
+                m.to,
+                m.to_ports,
+                quoted(m.allow.iter().map(ToString::to_string).collect()),
+                quoted(m.interfaces.clone()),
             );
         }
         let config: Config = text.parse().expect("the imported mappings are a valid config");

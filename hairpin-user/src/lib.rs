@@ -6,6 +6,7 @@ pub mod conntrack;
 pub mod datapath;
 pub mod explain;
 pub mod import;
+pub mod lock;
 pub mod maps;
 pub mod metrics;
 pub mod routes;

@@ -15,8 +15,10 @@ use aya::{
     },
 };
 use hairpin_common::{
-    Counter, FlowEntry, FlowKey, LAYOUT_VERSION, MAX_MAPPING_RULES, MAX_MAPPINGS, MappingKey,
-    MappingStats, MappingValue, RouteCache, Settings, maps::names,
+    Counter, DIRECTION_ORIGINAL, FlowEntry, FlowKey, KIND_PORT_FORWARD, LAYOUT_VERSION,
+    MAPPING_ALLOWLIST, MAPPING_INTERFACE_BOUND, MAX_DENY_NETWORKS, MAX_MAPPING_INTERFACES,
+    MAX_MAPPING_RULES, MAX_MAPPING_SOURCES, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue,
+    RouteCache, RuleInterface, RuleSource, Settings, maps::names,
 };
 use thiserror::Error;
 
@@ -88,6 +90,55 @@ pub struct Maps {
     new: HashMap<MapData, FlowKey, FlowEntry>,
     counters: PerCpuArray<MapData, u64>,
     mapping_stats: PerCpuArray<MapData, MappingStats>,
+    deny: LpmTrie<MapData, u32, u8>,
+    mapping_sources: LpmTrie<MapData, RuleSource, u8>,
+    mapping_interfaces: HashMap<MapData, RuleInterface, u8>,
+}
+
+/// Why a network is in the deny set (the `DENY_NETWORKS` value; the datapath
+/// denies whatever the value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DenyOrigin {
+    /// `[deny] networks`: follows the file at every reload.
+    Config,
+    /// `hairpin deny add`: kept across reloads until `hairpin deny del`.
+    Cli,
+}
+
+impl DenyOrigin {
+    const fn value(self) -> u8 {
+        match self {
+            DenyOrigin::Config => 1,
+            DenyOrigin::Cli => 2,
+        }
+    }
+
+    const fn from_value(value: u8) -> Self {
+        if value == 1 { DenyOrigin::Config } else { DenyOrigin::Cli }
+    }
+}
+
+fn net_key(net: &Ipv4Net) -> Key<u32> {
+    Key::new(net.prefix_len().into(), wire_addr(net.network()))
+}
+
+fn key_net(key: &Key<u32>) -> Option<Ipv4Net> {
+    Ipv4Net::new(host_addr(key.data()), key.prefix_len().try_into().ok()?).ok()
+}
+
+/// The `MAPPING_SOURCES` key of `net` in the allowlist of rule `id`.
+fn source_key(id: u16, net: &Ipv4Net) -> Key<RuleSource> {
+    Key::new(
+        32 + u32::from(net.prefix_len()),
+        RuleSource { rule: u32::from(id).to_be(), addr: wire_addr(net.network()) },
+    )
+}
+
+/// Whether `entry` (at `key`) is a port forward from a client inside `net`.
+pub fn forward_from(net: &Ipv4Net, key: &FlowKey, entry: &FlowEntry) -> bool {
+    let client = if entry.direction == DIRECTION_ORIGINAL { key.src_addr } else { key.dst_addr };
+    entry.kind == KIND_PORT_FORWARD && net.contains(&host_addr(client))
 }
 
 impl Maps {
@@ -132,6 +183,9 @@ impl Maps {
             new: typed!(names::CONNTRACK_NEW),
             counters: typed!(names::COUNTERS),
             mapping_stats: typed!(names::MAPPING_STATS),
+            deny: typed!(names::DENY_NETWORKS),
+            mapping_sources: typed!(names::MAPPING_SOURCES),
+            mapping_interfaces: typed!(names::MAPPING_INTERFACES),
         })
     }
 
@@ -165,8 +219,7 @@ impl Maps {
 
     /// Makes the LAN networks exactly `networks`.
     pub fn set_lan_networks(&mut self, networks: &[Ipv4Net]) -> Result<(), MapsError> {
-        let wanted: Vec<Key<u32>> =
-            networks.iter().map(|n| Key::new(n.prefix_len.into(), wire_addr(n.addr))).collect();
+        let wanted: Vec<Key<u32>> = networks.iter().map(net_key).collect();
         for key in &wanted {
             self.lan_networks.insert(key, 1, 0).map_err(map_error(names::LAN_NETWORKS))?;
         }
@@ -203,8 +256,36 @@ impl Maps {
         Ok(())
     }
 
+    /// The names of the managed interfaces (LAN and WAN).
+    pub fn managed_interfaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .interfaces
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(crate::datapath::if_name)
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The mapping rules, in order of their public address and ports.
     pub fn mapping_rules(&self) -> Result<Vec<MappingRule>, MapsError> {
+        let mut allow: BTreeMap<u16, Vec<Ipv4Net>> = BTreeMap::new();
+        for key in self.mapping_sources.keys() {
+            let key = key.map_err(map_error(names::MAPPING_SOURCES))?;
+            let data = key.data();
+            let prefix = key.prefix_len().saturating_sub(32);
+            if let Ok(net) = Ipv4Net::new(host_addr(data.addr), prefix as u8) {
+                allow.entry(u32::from_be(data.rule) as u16).or_default().push(net);
+            }
+        }
+        let mut interfaces: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        for key in self.mapping_interfaces.keys() {
+            let key = key.map_err(map_error(names::MAPPING_INTERFACES))?;
+            let name = crate::datapath::if_name(key.ifindex)
+                .unwrap_or_else(|| format!("ifindex {}", key.ifindex));
+            interfaces.entry(key.rule).or_default().push(name);
+        }
         let mut by_id: BTreeMap<u16, Vec<(MappingKey, MappingValue)>> = BTreeMap::new();
         for entry in self.mappings.iter() {
             let (key, value) = entry.map_err(map_error(names::MAPPINGS))?;
@@ -232,6 +313,20 @@ impl Maps {
                         first: u16::from_be(first_value.server_port),
                         last: u16::from_be(last_value.server_port),
                     },
+                    allow: if first_value.flags & MAPPING_ALLOWLIST != 0 {
+                        let mut nets = allow.remove(&id).unwrap_or_default();
+                        nets.sort();
+                        nets
+                    } else {
+                        Vec::new()
+                    },
+                    interfaces: if first_value.flags & MAPPING_INTERFACE_BOUND != 0 {
+                        let mut names = interfaces.remove(&id).unwrap_or_default();
+                        names.sort();
+                        names
+                    } else {
+                        Vec::new()
+                    },
                 };
                 Some(MappingRule { id, mapping })
             })
@@ -243,8 +338,22 @@ impl Maps {
     }
 
     /// Publishes `mapping` under a free rule id, all ports or none. Refused
-    /// when it overlaps a rule already published.
+    /// when it overlaps a rule already published, or when it names an
+    /// interface that is not a managed one (looked up in the calling thread's
+    /// namespace).
     pub fn add_mapping(&mut self, mapping: &Mapping) -> Result<u16, MapsError> {
+        let mut if_indexes = Vec::new();
+        for name in &mapping.interfaces {
+            let index = crate::datapath::if_index(name)
+                .ok()
+                .filter(|index| self.interfaces.get(index, 0).is_ok())
+                .ok_or_else(|| {
+                    MapsError::Mapping(format!(
+                        "`{name}` is not an interface this instance manages (its LAN and WAN interfaces)"
+                    ))
+                })?;
+            if_indexes.push(index);
+        }
         let rules = self.mapping_rules()?;
         if let Some(other) = rules.iter().find(|r| r.mapping.overlaps(mapping)) {
             return Err(MapsError::Mapping(format!(
@@ -279,6 +388,16 @@ impl Maps {
             .set(id as u32, stats_zero, 0)
             .map_err(map_error(names::MAPPING_STATS))?;
 
+        // The restrictions go in before the ports that need them, so that no
+        // packet sees a flag without its entries; and whatever a rule with
+        // this id left behind (a crash between two writes) goes first.
+        self.remove_restrictions(id)?;
+        if let Err(error) = self.add_restrictions(id, mapping, &if_indexes) {
+            let _ = self.remove_restrictions(id);
+            return Err(error);
+        }
+        let flags = if mapping.allow.is_empty() { 0 } else { MAPPING_ALLOWLIST }
+            | if mapping.interfaces.is_empty() { 0 } else { MAPPING_INTERFACE_BOUND };
         let mut inserted = Vec::new();
         for (public_port, server_port) in mapping.port_pairs() {
             let key = mapping_key(mapping.proto, mapping.public, public_port);
@@ -286,16 +405,149 @@ impl Maps {
                 server_addr: wire_addr(mapping.to),
                 server_port: server_port.to_be(),
                 id,
+                flags,
+                _pad0: 0,
+                _pad1: 0,
             };
             if let Err(source) = self.mappings.insert(key, value, BPF_NOEXIST) {
                 for key in inserted {
                     let _ = self.mappings.remove(&key);
                 }
+                let _ = self.remove_restrictions(id);
                 return Err(MapsError::Map { name: names::MAPPINGS, source });
             }
             inserted.push(key);
         }
         Ok(id)
+    }
+
+    fn add_restrictions(
+        &mut self,
+        id: u16,
+        mapping: &Mapping,
+        if_indexes: &[u32],
+    ) -> Result<(), MapsError> {
+        let sources = self.mapping_sources.keys().count();
+        if sources + mapping.allow.len() > MAX_MAPPING_SOURCES as usize {
+            return Err(MapsError::Mapping(format!(
+                "{sources} allowed networks are in use: {} more would pass the limit of {MAX_MAPPING_SOURCES}",
+                mapping.allow.len()
+            )));
+        }
+        let bound = self.mapping_interfaces.keys().count();
+        if bound + if_indexes.len() > MAX_MAPPING_INTERFACES as usize {
+            return Err(MapsError::Mapping(format!(
+                "{bound} mapping interfaces are in use: {} more would pass the limit of {MAX_MAPPING_INTERFACES}",
+                if_indexes.len()
+            )));
+        }
+        for net in &mapping.allow {
+            self.mapping_sources
+                .insert(&source_key(id, net), 1, 0)
+                .map_err(map_error(names::MAPPING_SOURCES))?;
+        }
+        for &ifindex in if_indexes {
+            let key = RuleInterface { ifindex, rule: id, _pad: 0 };
+            self.mapping_interfaces
+                .insert(key, 1, 0)
+                .map_err(map_error(names::MAPPING_INTERFACES))?;
+        }
+        Ok(())
+    }
+
+    /// Removes rule `id`'s allowlist and interfaces.
+    fn remove_restrictions(&mut self, id: u16) -> Result<(), MapsError> {
+        let rule = u32::from(id).to_be();
+        let sources: Vec<Key<RuleSource>> = self
+            .mapping_sources
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.data().rule == rule)
+            .collect();
+        for key in sources {
+            self.mapping_sources.remove(&key).map_err(map_error(names::MAPPING_SOURCES))?;
+        }
+        let bound: Vec<RuleInterface> = self
+            .mapping_interfaces
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.rule == id)
+            .collect();
+        for key in bound {
+            self.mapping_interfaces.remove(&key).map_err(map_error(names::MAPPING_INTERFACES))?;
+        }
+        Ok(())
+    }
+
+    /// The deny set, with where each network came from.
+    pub fn deny_networks(&self) -> Result<Vec<(Ipv4Net, DenyOrigin)>, MapsError> {
+        let mut networks = Vec::new();
+        for entry in self.deny.iter() {
+            let (key, value) = entry.map_err(map_error(names::DENY_NETWORKS))?;
+            networks.extend(key_net(&key).map(|net| (net, DenyOrigin::from_value(value))));
+        }
+        networks.sort();
+        Ok(networks)
+    }
+
+    /// Adds `net` to the deny set; false if it was there already (an entry
+    /// of the configuration becomes one of the command line's, so that a
+    /// reload keeps it).
+    pub fn add_deny(&mut self, net: &Ipv4Net, origin: DenyOrigin) -> Result<bool, MapsError> {
+        let key = net_key(net);
+        let present = self.deny.get(&key, 0).ok();
+        if present.is_none() && self.deny.keys().count() >= MAX_DENY_NETWORKS as usize {
+            return Err(MapsError::Mapping(format!(
+                "the deny set is full ({MAX_DENY_NETWORKS} networks)"
+            )));
+        }
+        if present.map(DenyOrigin::from_value) != Some(DenyOrigin::Cli) {
+            self.deny.insert(&key, origin.value(), 0).map_err(map_error(names::DENY_NETWORKS))?;
+        }
+        Ok(present.is_none())
+    }
+
+    /// Removes exactly `net` from the deny set; false if it was not there.
+    pub fn remove_deny(&mut self, net: &Ipv4Net) -> Result<bool, MapsError> {
+        let key = net_key(net);
+        if self.deny.get(&key, 0).is_err() {
+            return Ok(false);
+        }
+        self.deny.remove(&key).map_err(map_error(names::DENY_NETWORKS))?;
+        Ok(true)
+    }
+
+    /// Makes the configuration's part of the deny set exactly `networks`;
+    /// the command line's entries stay.
+    pub fn set_config_deny(&mut self, networks: &[Ipv4Net]) -> Result<(), MapsError> {
+        for net in networks {
+            self.add_deny(net, DenyOrigin::Config)?;
+        }
+        for (net, origin) in self.deny_networks()? {
+            if origin == DenyOrigin::Config && !networks.contains(&net) {
+                self.remove_deny(&net)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the port-forward flows of clients inside `net` (both entries
+    /// of each); how many flows.
+    pub fn remove_forwards_from(&mut self, net: &Ipv4Net) -> Result<usize, MapsError> {
+        let mut flows = 0;
+        for table in [Table::Established, Table::New] {
+            let mut keys = Vec::new();
+            for (key, entry) in self.conntrack(table)? {
+                if forward_from(net, &key, &entry) {
+                    keys.push(key);
+                    if entry.direction == DIRECTION_ORIGINAL {
+                        flows += 1;
+                    }
+                }
+            }
+            self.remove_flows(table, &keys);
+        }
+        Ok(flows)
     }
 
     /// Withdraws the rule publishing exactly `proto public:ports`.
@@ -320,6 +572,7 @@ impl Maps {
             let key = mapping_key(proto, public, public_port);
             self.mappings.remove(&key).map_err(map_error(names::MAPPINGS))?;
         }
+        self.remove_restrictions(rule.id)?;
         Ok(rule)
     }
 
@@ -386,7 +639,11 @@ impl Maps {
     }
 
     /// Removes the flows idle past their timeout (both entries of a flow, once
-    /// both are idle); how many entries each table lost.
+    /// both are idle); how many entries each table lost. Each entry is read
+    /// again just before it is deleted, and kept unless it is still the
+    /// expired entry first read (BPF has no compare-and-delete; this leaves
+    /// the window of two system calls, where a scan-then-delete left one of
+    /// the whole table).
     pub fn reclaim_expired(
         &mut self,
         settings: &Settings,
@@ -395,8 +652,28 @@ impl Maps {
         let mut reclaimed = [0; 2];
         for (slot, table) in [Table::Established, Table::New].into_iter().enumerate() {
             let entries = self.conntrack(table)?;
+            let read: std::collections::HashMap<FlowKey, FlowEntry> =
+                entries.iter().copied().collect();
             let expired = crate::conntrack::expired_flows(&entries, settings, now_ns);
-            reclaimed[slot] = self.remove_flows(table, &expired);
+            let map = match table {
+                Table::Established => &mut self.established,
+                Table::New => &mut self.new,
+            };
+            for key in expired {
+                let Some(first) = read.get(&key) else { continue };
+                let current = map.get(&key, 0).ok();
+                let partner = current.and_then(|c| map.get(&c.translated.reversed(), 0).ok());
+                let still = crate::conntrack::still_expired(
+                    first,
+                    current.as_ref(),
+                    partner.as_ref(),
+                    settings,
+                    now_ns,
+                );
+                if still && map.remove(&key).is_ok() {
+                    reclaimed[slot] += 1;
+                }
+            }
         }
         Ok(reclaimed)
     }

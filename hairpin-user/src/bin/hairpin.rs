@@ -9,9 +9,10 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, Subcommand};
 use hairpin::{
-    config::{Config, Mapping, Proto, parse_endpoint},
+    config::{Config, Mapping, Proto, parse_endpoint, parse_network},
     datapath::{Attachment, Datapath, PinDir, if_index, monotonic_coarse_ns},
-    maps::{Maps, Table},
+    lock::WriteLock,
+    maps::{DenyOrigin, Maps, Table},
     routes::RouteCacheKeeper,
     stats::{Snapshot, format_values},
 };
@@ -60,6 +61,9 @@ enum Command {
     /// List or flush the running instance's flows.
     #[command(subcommand)]
     Conntrack(ConntrackCommand),
+    /// Refuse new WAN flows from networks (for ban tools such as fail2ban).
+    #[command(subcommand)]
+    Deny(DenyCommand),
     /// Counters per verdict and per mapping, table fill.
     Stats {
         #[arg(long)]
@@ -100,11 +104,36 @@ enum Command {
 #[derive(Subcommand)]
 enum MappingCommand {
     /// Publish PUBLIC (ADDRESS:PORT[-PORT]) at SERVER (ADDRESS:PORT[-PORT]).
-    Add { proto: Proto, public: String, server: String },
+    Add {
+        proto: Proto,
+        public: String,
+        server: String,
+        /// Accept new flows only from this source network (repeatable).
+        #[arg(long = "allow", value_name = "CIDR")]
+        allow: Vec<String>,
+        /// Accept new flows only arriving on this LAN or WAN interface
+        /// (repeatable).
+        #[arg(long = "interface", value_name = "NAME")]
+        interfaces: Vec<String>,
+    },
     /// Withdraw the mapping publishing PUBLIC (ADDRESS:PORT[-PORT]). Its
     /// established flows go on until they end or expire.
     Del { proto: Proto, public: String },
     /// List the published mappings.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DenyCommand {
+    /// Deny new WAN flows from CIDR, and end its open port-forward flows.
+    /// Kept across reloads until `deny del`.
+    Add { cidr: String },
+    /// Remove exactly CIDR from the deny set.
+    Del { cidr: String },
+    /// The deny set, with where each network came from.
     List {
         #[arg(long)]
         json: bool,
@@ -172,6 +201,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Mapping(command) => mapping(&pins, command),
         Command::Conntrack(command) => conntrack(&pins, command),
+        Command::Deny(command) => deny(&pins, command),
         Command::Stats { json, watch } => stats(&pins, json, watch).await,
         Command::Status { json } => status(&pins, json),
         Command::Explain { proto, src, dst, iface, json } => {
@@ -282,7 +312,10 @@ async fn run(
             }
         });
     }
-    datapath.configure(&config).context("configuring the datapath")?;
+    {
+        let _lock = write_lock(pins)?;
+        datapath.configure(&config).context("configuring the datapath")?;
+    }
     let attachments = datapath.attach(&config).context("attaching the datapath")?;
     for a in &attachments {
         info!("attached to {} ({}, ifindex {}): {}", a.interface, a.role, a.if_index, a.mode);
@@ -324,7 +357,7 @@ async fn run(
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            _ = sighup.recv() => match reload(path, &config, &mut datapath) {
+            _ = sighup.recv() => match reload(path, pins, &config, &mut datapath) {
                 Ok(new) => {
                     config = new;
                     reclaim_ticker = reclaim_ticker_for(&config);
@@ -333,7 +366,7 @@ async fn run(
                 Err(e) => error!("configuration not reloaded, the running one stays: {}", one_line(&e)),
             },
             _ = stats_ticker.tick() => print_counters(&datapath.maps, &config, "counters"),
-            _ = reclaim_ticker.tick() => reclaim(&mut datapath.maps, &config),
+            _ = reclaim_ticker.tick() => reclaim(pins, &mut datapath.maps, &config),
         }
     }
     // Turns the cache off: nobody watches for routing changes any more.
@@ -380,6 +413,8 @@ fn mapping_rows(maps: &Maps) -> anyhow::Result<Vec<MappingJson>> {
             proto: m.proto.to_string(),
             public: format!("{}:{}", m.public, m.public_ports),
             to: format!("{}:{}", m.to, m.to_ports),
+            allow: m.allow.iter().map(ToString::to_string).collect(),
+            interfaces: m.interfaces.clone(),
             flows: stats.flows,
             packets: stats.packets,
             bytes: stats.bytes,
@@ -400,8 +435,12 @@ fn reclaim_ticker_for(config: &Config) -> tokio::time::Interval {
     tokio::time::interval_at(tokio::time::Instant::now() + period, period)
 }
 
-fn reclaim(maps: &mut Maps, config: &Config) {
+fn reclaim(pins: &PinDir, maps: &mut Maps, config: &Config) {
     let settings = hairpin::datapath::settings(config);
+    let _lock = match write_lock(pins) {
+        Ok(lock) => lock,
+        Err(e) => return warn!("reclaiming expired flows: {}", one_line(&e)),
+    };
     match maps.reclaim_expired(&settings, monotonic_coarse_ns()) {
         Ok([established, new]) => {
             for (counter, amount) in
@@ -420,7 +459,12 @@ fn reclaim(maps: &mut Maps, config: &Config) {
 
 /// Applies a changed configuration, or explains why it cannot be applied
 /// without a restart; nothing is written unless all of it is valid.
-fn reload(path: &Path, running: &Config, datapath: &mut Datapath) -> anyhow::Result<Config> {
+fn reload(
+    path: &Path,
+    pins: &PinDir,
+    running: &Config,
+    datapath: &mut Datapath,
+) -> anyhow::Result<Config> {
     let config = load_config(path)?;
     check_interfaces(&config, path)?;
     let interfaces =
@@ -437,6 +481,7 @@ fn reload(path: &Path, running: &Config, datapath: &mut Datapath) -> anyhow::Res
     if config.metrics_listen != running.metrics_listen {
         bail!("metrics.listen changed: restart hairpin to move the endpoint");
     }
+    let _lock = write_lock(pins)?;
     datapath.configure(&config).context("applying the configuration")?;
     Ok(config)
 }
@@ -475,8 +520,14 @@ fn open(pins: &PinDir) -> anyhow::Result<Maps> {
             pins.0.display()
         );
     }
+    pins.check_ownership()?;
     Maps::open_pinned(&pins.maps())
         .with_context(|| format!("opening the instance at {}", pins.0.display()))
+}
+
+/// The writers' lock of the instance at `pins`, held until dropped.
+fn write_lock(pins: &PinDir) -> anyhow::Result<WriteLock> {
+    Ok(WriteLock::acquire(&pins.0)?)
 }
 
 fn print_counters(maps: &Maps, config: &Config, title: &str) {
@@ -495,7 +546,13 @@ fn warn_if_not_forwarding(interface: &str) {
     }
 }
 
-fn parse_mapping(proto: Proto, public: &str, server: &str) -> anyhow::Result<Mapping> {
+fn parse_mapping(
+    proto: Proto,
+    public: &str,
+    server: &str,
+    allow: &[String],
+    interfaces: Vec<String>,
+) -> anyhow::Result<Mapping> {
     let (public, public_ports) = parse_endpoint(public).map_err(|e| anyhow!("public: {e}"))?;
     let (to, to_ports) = parse_endpoint(server).map_err(|e| anyhow!("server: {e}"))?;
     if public_ports.len() != to_ports.len() {
@@ -505,7 +562,11 @@ fn parse_mapping(proto: Proto, public: &str, server: &str) -> anyhow::Result<Map
             to_ports.len()
         );
     }
-    Ok(Mapping { proto, public, public_ports, to, to_ports })
+    let allow = allow
+        .iter()
+        .map(|net| parse_network(net).map_err(|e| anyhow!("--allow: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Mapping { proto, public, public_ports, to, to_ports, allow, interfaces })
 }
 
 #[derive(Serialize)]
@@ -514,6 +575,10 @@ struct MappingJson {
     proto: String,
     public: String,
     to: String,
+    /// Source networks new flows may come from; empty: any.
+    allow: Vec<String>,
+    /// Interfaces new flows may arrive on; empty: any managed one.
+    interfaces: Vec<String>,
     flows: u64,
     packets: u64,
     bytes: u64,
@@ -521,9 +586,10 @@ struct MappingJson {
 
 fn mapping(pins: &PinDir, command: MappingCommand) -> anyhow::Result<()> {
     match command {
-        MappingCommand::Add { proto, public, server } => {
-            let mapping = parse_mapping(proto, &public, &server)?;
+        MappingCommand::Add { proto, public, server, allow, interfaces } => {
+            let mapping = parse_mapping(proto, &public, &server, &allow, interfaces)?;
             let mut maps = open(pins)?;
+            let _lock = write_lock(pins)?;
             maps.add_mapping(&mapping)?;
             println!("published {mapping}");
             Ok(())
@@ -531,6 +597,7 @@ fn mapping(pins: &PinDir, command: MappingCommand) -> anyhow::Result<()> {
         MappingCommand::Del { proto, public } => {
             let (public, ports) = parse_endpoint(&public).map_err(|e| anyhow!("public: {e}"))?;
             let mut maps = open(pins)?;
+            let _lock = write_lock(pins)?;
             let rule = maps.remove_mapping(proto, public, ports)?;
             println!(
                 "withdrew {} (its established flows go on until they end or expire)",
@@ -546,13 +613,26 @@ fn mapping(pins: &PinDir, command: MappingCommand) -> anyhow::Result<()> {
                 println!("no mappings");
             } else {
                 println!(
-                    "{:<5} {:<28} {:<28} {:>8} {:>10} {:>12}",
+                    "{:<5} {:<28} {:<28} {:>8} {:>10} {:>12}  restrictions",
                     "proto", "public", "server", "flows", "packets", "bytes"
                 );
                 for r in rows {
+                    let mut restrictions = Vec::new();
+                    if !r.allow.is_empty() {
+                        restrictions.push(format!("from {}", r.allow.join(",")));
+                    }
+                    if !r.interfaces.is_empty() {
+                        restrictions.push(format!("on {}", r.interfaces.join(",")));
+                    }
                     println!(
-                        "{:<5} {:<28} {:<28} {:>8} {:>10} {:>12}",
-                        r.proto, r.public, r.to, r.flows, r.packets, r.bytes
+                        "{:<5} {:<28} {:<28} {:>8} {:>10} {:>12}  {}",
+                        r.proto,
+                        r.public,
+                        r.to,
+                        r.flows,
+                        r.packets,
+                        r.bytes,
+                        if restrictions.is_empty() { "-".into() } else { restrictions.join(" ") }
                     );
                 }
             }
@@ -657,8 +737,64 @@ fn conntrack(pins: &PinDir, command: ConntrackCommand) -> anyhow::Result<()> {
         }
         ConntrackCommand::Flush => {
             let mut maps = open(pins)?;
+            let _lock = write_lock(pins)?;
             let removed = maps.flush_conntrack()?;
             println!("removed {removed} entries ({} flows)", removed / 2);
+            Ok(())
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct DenyJson {
+    network: String,
+    origin: DenyOrigin,
+}
+
+fn deny(pins: &PinDir, command: DenyCommand) -> anyhow::Result<()> {
+    let parse = |cidr: &str| parse_network(cidr).map_err(|e| anyhow!("{e}"));
+    match command {
+        DenyCommand::Add { cidr } => {
+            let net = parse(&cidr)?;
+            let mut maps = open(pins)?;
+            let _lock = write_lock(pins)?;
+            let added = maps.add_deny(&net, DenyOrigin::Cli)?;
+            let ended = maps.remove_forwards_from(&net)?;
+            println!(
+                "{} {net}; ended {ended} open port-forward flow(s) from it",
+                if added { "denied" } else { "already denied" }
+            );
+            Ok(())
+        }
+        DenyCommand::Del { cidr } => {
+            let net = parse(&cidr)?;
+            let mut maps = open(pins)?;
+            let _lock = write_lock(pins)?;
+            if !maps.remove_deny(&net)? {
+                bail!("{net} is not in the deny set (`hairpin deny list` shows it)");
+            }
+            println!("no longer denied: {net}");
+            Ok(())
+        }
+        DenyCommand::List { json } => {
+            let networks = open(pins)?.deny_networks()?;
+            if json {
+                let rows: Vec<DenyJson> = networks
+                    .iter()
+                    .map(|(net, origin)| DenyJson { network: net.to_string(), origin: *origin })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if networks.is_empty() {
+                println!("no denied networks");
+            } else {
+                for (net, origin) in &networks {
+                    let origin = match origin {
+                        DenyOrigin::Config => "config",
+                        DenyOrigin::Cli => "cli",
+                    };
+                    println!("{net:<18} {origin}");
+                }
+            }
             Ok(())
         }
     }
@@ -838,7 +974,10 @@ fn import_iptables(pins: &PinDir, file: Option<PathBuf>, dry_run: bool) -> anyho
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
         }
     };
-    let imported = hairpin::import::import_iptables_save(&text);
+    // The instance's interfaces, for `-i`; without an instance, `-i` rules
+    // are refused rather than guessed.
+    let interfaces = if pins.exists() { Some(open(pins)?.managed_interfaces()) } else { None };
+    let imported = hairpin::import::import_iptables_save(&text, interfaces.as_deref());
     for skipped in &imported.skipped {
         println!("skipped line {}: {} ({})", skipped.line, skipped.rule, skipped.reason);
     }
@@ -849,6 +988,7 @@ fn import_iptables(pins: &PinDir, file: Option<PathBuf>, dry_run: bool) -> anyho
         return Ok(());
     }
     let mut maps = open(pins)?;
+    let _lock = write_lock(pins)?;
     let mut refused = 0;
     for mapping in &imported.mappings {
         match maps.add_mapping(mapping) {
