@@ -1,6 +1,8 @@
 //! `hairpin explain`: one packet through the running instance's program
 //! (BPF_PROG_TEST_RUN), with its verdict and rewritten headers, leaving no
-//! state behind.
+//! state behind: the copy of the program it runs writes only to tables of
+//! its own (conntrack copied from the instance's, counters, ICMP rate), so
+//! nothing the instance's flows do meanwhile is ever overwritten.
 
 use std::{fmt, net::SocketAddrV4};
 
@@ -9,14 +11,14 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use hairpin_common::{
-    Counter, FlowEntry, FlowKey,
+    Counter,
     maps::{names, programs},
 };
 
 use crate::{
     config::Proto,
     datapath::{DatapathError, PinDir},
-    maps::{Maps, Table, host_addr, wire_addr},
+    maps::{Maps, Table, host_addr},
 };
 
 /// What the datapath does with a packet.
@@ -58,10 +60,21 @@ const XDP_ACTIONS: [&str; 5] = [
     "redirect to another interface (XDP_REDIRECT)",
 ];
 
+/// The maps the datapath writes: explain's copy of the program gets its
+/// own, so that its packet changes nothing of the instance's.
+pub const PRIVATE_MAPS: [&str; 5] = [
+    names::COUNTERS,
+    names::MAPPING_STATS,
+    names::CONNTRACK,
+    names::CONNTRACK_NEW,
+    names::ICMP_RATE,
+];
+
 /// Builds a TCP SYN or a UDP datagram from `src` to `dst` as received on
-/// `if_index`, runs it through a copy of the program that shares the
-/// instance's tables (but has its own counters), and undoes any conntrack
-/// change it made.
+/// `if_index` and runs it through a copy of the program that reads the
+/// instance's configuration tables, and has its own counters and its own
+/// copy of the conntrack tables (so the SNAT port it picks is the one the
+/// instance would pick now).
 pub fn explain(
     pins: &PinDir,
     proto: Proto,
@@ -73,11 +86,20 @@ pub fn explain(
         return Err(DatapathError::NoEbpfObject);
     }
     crate::maps::check_layout(&pins.maps())?;
+    let instance = Maps::open_pinned(&pins.maps())?;
+    let capacity = aya::maps::MapData::from_pin(pins.maps().join(names::CONNTRACK))
+        .and_then(|data| data.info().map(|info| info.max_entries()))
+        .map_err(|e| DatapathError::Pin {
+            path: pins.maps().display().to_string(),
+            message: e.to_string(),
+        })?;
     let mut loader = EbpfLoader::new();
-    let private = [names::COUNTERS, names::MAPPING_STATS];
+    loader
+        .map_max_entries(names::CONNTRACK, capacity)
+        .map_max_entries(names::CONNTRACK_NEW, capacity);
     let shared: Vec<(&str, std::path::PathBuf)> = names::SHARED
         .iter()
-        .filter(|n| !private.contains(n))
+        .filter(|n| !PRIVATE_MAPS.contains(n))
         .map(|n| (*n, pins.maps().join(n)))
         .collect();
     for (name, path) in &shared {
@@ -85,6 +107,11 @@ pub fn explain(
     }
     let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
     let mut maps = Maps::take(&mut ebpf)?;
+    for table in [Table::Established, Table::New] {
+        for (key, entry) in instance.conntrack(table)? {
+            maps.put_flow(table, &key, &entry);
+        }
+    }
     let xdp: &mut Xdp = ebpf
         .program_mut(programs::XDP)
         .ok_or(DatapathError::Program {
@@ -96,15 +123,6 @@ pub fn explain(
     xdp.load().map_err(|source| DatapathError::Program { name: programs::XDP, source })?;
 
     let packet = build_packet(proto, src, dst);
-    let key = FlowKey::new(
-        wire_addr(*src.ip()),
-        wire_addr(*dst.ip()),
-        src.port().to_be(),
-        dst.port().to_be(),
-        proto.number(),
-    );
-    let before = snapshot(&maps, &key)?;
-
     let ctx: Vec<u8> =
         [0, packet.len() as u32, 0, if_index, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
     let mut out = vec![0u8; packet.len() + 256];
@@ -129,8 +147,6 @@ pub fn explain(
     let start =
         if result.return_value == XDP_PASS { out.len().saturating_sub(packet.len()) } else { 0 };
     let output = if sent { parse(&out[start..]) } else { None };
-    let created = counters.iter().any(|(c, v)| *c == Counter::FlowCreated && *v > 0);
-    restore(&mut maps, &before, created.then(|| output.map(|h| reply_key(&h))).flatten(), &key);
 
     let action = XDP_ACTIONS.get(result.return_value as usize).copied().unwrap_or("unknown");
     let action = if result.return_value == XDP_PASS && handed_on {
@@ -146,51 +162,27 @@ pub fn explain(
     })
 }
 
-fn reply_key(out: &Headers) -> FlowKey {
-    FlowKey::new(
-        wire_addr(*out.dst.ip()),
-        wire_addr(*out.src.ip()),
-        out.dst.port().to_be(),
-        out.src.port().to_be(),
-        out.proto,
-    )
-}
-
-/// A packet's entry and its partner, in both tables, as they were.
-struct Before {
-    entries: Vec<(Table, FlowKey, Option<FlowEntry>)>,
-}
-
-fn snapshot(maps: &Maps, key: &FlowKey) -> Result<Before, DatapathError> {
-    let mut keys = vec![*key];
-    let mut entries = Vec::new();
-    for table in [Table::Established, Table::New] {
-        let all = maps.conntrack(table)?;
-        if let Some((_, entry)) = all.iter().find(|(k, _)| k == key) {
-            keys.push(entry.translated.reversed());
+/// What a counter says about the packet, for `because:`.
+pub fn because(counter: &str) -> String {
+    let why = match counter {
+        "wrong_interface" => {
+            "a tracked flow's tuple on another interface than that direction's: no flow"
         }
-    }
-    for table in [Table::Established, Table::New] {
-        let all = maps.conntrack(table)?;
-        for k in &keys {
-            entries.push((table, *k, all.iter().find(|(key, _)| key == k).map(|(_, e)| *e)));
+        "flow_orphaned" => "a new-flow entry whose partner was evicted: removed, no flow",
+        "tcp_out_of_window" => "outside the receiver's TCP window: dropped",
+        "tcp_handshake_invalid" => "breaks the TCP handshake: dropped",
+        "tcp_rst_not_exact" => {
+            "a RST in the window but not at the expected sequence number: sent on, flow unchanged"
         }
-    }
-    Ok(Before { entries })
-}
-
-fn restore(maps: &mut Maps, before: &Before, created_reply: Option<FlowKey>, key: &FlowKey) {
-    if let Some(reply) = created_reply {
-        maps.remove_flows(Table::New, &[*key, reply]);
-    }
-    for (table, k, entry) in &before.entries {
-        match entry {
-            Some(entry) => maps.put_flow(*table, k, entry),
-            None => {
-                maps.remove_flows(*table, &[*k]);
-            }
+        "denied" => "the source is in the deny set (`hairpin deny list`): dropped",
+        "pass_not_allowed" => "the source is not in the mapping's allow list: as if unmapped",
+        "pass_interface_not_allowed" => {
+            "the mapping is not bound to this interface: as if unmapped"
         }
-    }
+        "icmp_rate_limited" => "the ICMP answer is over the rate limit: dropped",
+        _ => return counter.to_string(),
+    };
+    format!("{counter} ({why})")
 }
 
 fn build_packet(proto: Proto, src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
@@ -248,4 +240,40 @@ fn parse(frame: &[u8]) -> Option<Headers> {
         dst: SocketAddrV4::new(addr(&ip[16..20]), port(&l4[2..4])),
         ttl: ip[8],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use hairpin_common::Counter;
+
+    use super::*;
+
+    #[test]
+    fn the_tables_the_datapath_writes_are_private() {
+        for name in PRIVATE_MAPS {
+            assert!(names::SHARED.contains(&name), "{name} is not a map of the instance");
+        }
+        for name in [names::CONNTRACK, names::CONNTRACK_NEW, names::COUNTERS, names::ICMP_RATE] {
+            assert!(PRIVATE_MAPS.contains(&name), "explain would write the instance's {name}");
+        }
+    }
+
+    #[test]
+    fn every_restriction_counter_is_explained() {
+        for counter in [
+            Counter::WrongInterface,
+            Counter::FlowOrphaned,
+            Counter::TcpOutOfWindow,
+            Counter::TcpHandshakeInvalid,
+            Counter::TcpRstNotExact,
+            Counter::Denied,
+            Counter::PassNotAllowed,
+            Counter::PassInterfaceNotAllowed,
+            Counter::IcmpRateLimited,
+        ] {
+            let text = because(counter.name());
+            assert!(text.len() > counter.name().len() + 10, "{} is not explained", counter.name());
+        }
+        assert_eq!(because("hairpinned"), "hairpinned");
+    }
 }

@@ -959,7 +959,9 @@ fn explain(
     }
     println!("packet:  {} (arriving on {iface})", explanation.input);
     println!("verdict: {}", explanation.action);
-    println!("because: {}", explanation.counters.join(", "));
+    let because: Vec<String> =
+        explanation.counters.iter().map(|c| hairpin::explain::because(c)).collect();
+    println!("because: {}", because.join(", "));
     if let Some(output) = explanation.output {
         println!("leaves:  {output}");
     }
