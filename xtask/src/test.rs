@@ -28,7 +28,7 @@ pub fn test(options: &Options) -> anyhow::Result<()> {
         .current_dir(crate::workspace_root())
         .env("HAIRPIN_REQUIRE_EBPF", "1")
         .env("HAIRPIN_BIN", &binary)
-        .args(["test", "--lib", "--bins", "--tests", "--", "--test-threads=1"])
+        .args(["test", "--lib", "--bins", "--tests", "--", "--test-threads=1", "--include-ignored"])
         .args(&options.args)
         .stdout(Stdio::piped());
     let mut child = cargo.spawn().context("failed to start cargo test")?;
