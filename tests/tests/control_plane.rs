@@ -1127,3 +1127,190 @@ fn after_kill_9_cached_routes_lapse_and_changes_apply() {
     move_server_to_new_mac(&bed.seed);
     pump.advance(20, "after the server's MAC address changed, with no daemon");
 }
+
+/// The body of `GET /` from the WAN host through public `port`, naming the
+/// peer the server saw (the WAN host's own address: a port forward).
+fn get_forwarded(seed: &SeedBed, port: u16) -> io::Result<String> {
+    get_hello(&seed.wan, port)
+}
+
+/// The row of `mapping list --json` publishing `public`.
+fn mapping_row(cli: &Cli, public: &str) -> Value {
+    let listed = cli.json(&["mapping", "list", "--json"]);
+    listed
+        .as_array()
+        .and_then(|rows| rows.iter().find(|row| row["public"] == public))
+        .unwrap_or_else(|| panic!("no mapping {public} in mapping list --json: {listed}"))
+        .clone()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn allow_and_interface_restrictions_admit_only_their_flows_and_never_outlive_their_rule() {
+    if !have_root("allow_and_interface_restrictions_admit_only_their_flows") {
+        return;
+    }
+    let bed = Bed::new();
+    let (seed, cli) = (&bed.seed, bed.cli());
+    let _daemon = bed.start(&[]);
+    let wan_host = hairpin_tests::seed::WAN_HOST;
+    let add = |extra: &[&str]| {
+        let mut args = vec!["mapping", "add", HTTP.0, HTTP.1, HTTP.2];
+        args.extend_from_slice(extra);
+        cli.ok(&args)
+    };
+    // Each step withdraws the rule and flushes its flows, so that the next
+    // rule gets the same id: what the last one left must not count.
+    let withdraw = || {
+        cli.ok(&["mapping", "del", HTTP.0, HTTP.1]);
+        cli.ok(&["conntrack", "flush"]);
+    };
+
+    let added = add(&["--allow", &format!("{wan_host}/32")]);
+    assert!(added.contains(&format!("from {wan_host}/32")), "{added}");
+    let row = mapping_row(&cli, HTTP.1);
+    assert_eq!(row["allow"], json!([format!("{wan_host}/32")]), "{row}");
+    assert_eq!(row["interfaces"], json!([]), "{row}");
+    let first_id = row["id"].clone();
+    let hello = get_forwarded(seed, HTTP_PORT).expect("the allowed WAN host is forwarded");
+    assert!(hello.starts_with(&format!("hello {wan_host}:")), "{hello}");
+    assert_refused(&seed.client, HTTP_PORT, "a LAN client outside the allowlist");
+
+    withdraw();
+    add(&["--allow", &format!("{CLIENT}/32")]);
+    assert_eq!(mapping_row(&cli, HTTP.1)["id"], first_id, "test setup: the id is reused");
+    assert_hairpinned(&seed.client, HTTP_PORT, "the LAN client now allowed");
+    assert!(
+        get_forwarded(seed, HTTP_PORT).is_err(),
+        "the WAN host was allowed by the withdrawn rule of the same id only"
+    );
+
+    withdraw();
+    add(&["--interface", "gw-wan"]);
+    let row = mapping_row(&cli, HTTP.1);
+    assert_eq!((row["allow"].clone(), row["interfaces"].clone()), (json!([]), json!(["gw-wan"])));
+    assert!(get_forwarded(seed, HTTP_PORT).is_ok(), "from the WAN, the bound interface");
+    assert_refused(&seed.client, HTTP_PORT, "from the LAN, on an interface it is not bound to");
+    let text = cli.ok(&["mapping", "list"]);
+    assert!(text.contains("on gw-wan"), "mapping list shows the binding: {text}");
+    let stats = stats_without_chatter(&cli);
+    assert!(counter(&stats, "pass_interface_not_allowed") >= 1, "{stats}");
+
+    withdraw();
+    for bad in [&["--interface", "eth9"][..], &["--allow", "192.168.0.7/24"][..]] {
+        let mut args = vec!["mapping", "add", HTTP.0, HTTP.1, HTTP.2];
+        args.extend_from_slice(bad);
+        assert_refused_input(&cli.run(&args), 1);
+    }
+    assert_eq!(cli.json(&["mapping", "list", "--json"]), json!([]), "nothing half-written");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn deny_add_bans_new_and_open_port_forwards_and_only_cli_entries_survive_a_reload() {
+    if !have_root("deny_add_bans_new_and_open_port_forwards") {
+        return;
+    }
+    let bed = Bed::new();
+    let (seed, cli) = (&bed.seed, bed.cli());
+    let config_deny = "\n[deny]\nnetworks = [\"198.51.100.0/24\"]\n";
+    let mut daemon =
+        Daemon::start(&seed.gateway, &format!("{}{config_deny}", seed.config(&[HTTP, ECHO])));
+    let wan_host = hairpin_tests::seed::WAN_HOST;
+    let listed = cli.json(&["deny", "list", "--json"]);
+    assert_eq!(listed, json!([{"network": "198.51.100.0/24", "origin": "config"}]));
+
+    let stream = tcp_connect(&seed.wan, public(ECHO_PORT), TIMEOUT).expect("WAN echo");
+    let mut pump = EchoPump::start(stream);
+    pump.advance(10, "before the ban");
+    let mut lan_stream = tcp_connect(&seed.client, public(ECHO_PORT), TIMEOUT).expect("LAN echo");
+
+    let banned = cli.ok(&["deny", "add", &format!("{wan_host}/32")]);
+    assert!(banned.contains("ended 1 open port-forward flow"), "{banned}");
+    let mut stream = pump.stop("the ban's flow removal");
+    assert!(
+        echo_roundtrip(&mut stream, b"after the ban\n").is_err(),
+        "an open connection of a banned client should end"
+    );
+    assert!(get_forwarded(seed, HTTP_PORT).is_err(), "a new flow of a banned client");
+    echo_roundtrip(&mut lan_stream, b"LAN flows are not port forwards\n")
+        .expect("the ban ends no LAN flow");
+    assert_hairpinned(&seed.client, HTTP_PORT, "the ban is for WAN flows");
+    assert!(counter(&stats_without_chatter(&cli), "denied") >= 1);
+
+    // The file loses its entry: it goes; the command line's stays.
+    std::fs::write(daemon.config_path(), seed.config(&[HTTP, ECHO])).expect("edit the config");
+    daemon.reload();
+    daemon.wait_for_log("configuration reloaded", TIMEOUT);
+    let listed = cli.json(&["deny", "list", "--json"]);
+    assert_eq!(listed, json!([{"network": format!("{wan_host}/32"), "origin": "cli"}]));
+
+    cli.ok(&["deny", "del", &format!("{wan_host}/32")]);
+    assert!(get_forwarded(seed, HTTP_PORT).is_ok(), "after `deny del`");
+    assert_refused_input(&cli.run(&["deny", "del", &format!("{wan_host}/32")]), 1);
+    assert_refused_input(&cli.run(&["deny", "add", "203.0.113.9/24"]), 1);
+}
+
+/// `mapping list --json`'s rule ids, panicking when two rules share one.
+#[track_caller]
+fn unique_rule_ids(cli: &Cli) -> Vec<u64> {
+    let listed = cli.json(&["mapping", "list", "--json"]);
+    let mut ids: Vec<u64> = listed
+        .as_array()
+        .expect("an array of mappings")
+        .iter()
+        .map(|row| row["id"].as_u64().unwrap_or_else(|| panic!("no id in {row}")))
+        .collect();
+    ids.sort_unstable();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), before, "two mapping rules share an id: {listed}");
+    ids
+}
+
+#[test]
+#[ignore = "needs root"]
+fn concurrent_writers_never_pick_the_same_rule_id_or_lose_a_mapping() {
+    if !have_root("concurrent_writers_never_pick_the_same_rule_id") {
+        return;
+    }
+    let bed = Bed::new();
+    let (seed, cli) = (&bed.seed, bed.cli());
+    let mut daemon = bed.start(&[HTTP]);
+    let per_writer = 25u16;
+    let add_all = |first: u16| {
+        for port in first..first + per_writer {
+            let public = format!("203.0.113.1:{port}");
+            cli.ok(&["mapping", "add", "tcp", &public, "192.168.0.2:80"]);
+        }
+    };
+    thread::scope(|scope| {
+        scope.spawn(|| add_all(10000));
+        scope.spawn(|| add_all(20000));
+    });
+    let ids = unique_rule_ids(&cli);
+    assert_eq!(ids.len(), 1 + 2 * per_writer as usize, "a mapping was lost");
+    assert_hairpinned(&seed.client, 10000 + per_writer - 1, "a concurrently added mapping");
+
+    // `mapping add` racing reloads: each reload makes the mappings the
+    // file's again, but no two rules ever share an id.
+    let stop = AtomicBool::new(false);
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            for port in 30000..30000 + per_writer {
+                let public = format!("203.0.113.1:{port}");
+                cli.ok(&["mapping", "add", "tcp", &public, "192.168.0.2:80"]);
+                unique_rule_ids(&cli);
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        while !stop.load(Ordering::Relaxed) {
+            daemon.reload();
+            thread::sleep(Duration::from_millis(20));
+        }
+    });
+    daemon.reload();
+    daemon.wait_for_log("configuration reloaded", TIMEOUT);
+    unique_rule_ids(&cli);
+    assert_hairpinned(&seed.client, HTTP_PORT, "the file's mapping after the reloads");
+}
