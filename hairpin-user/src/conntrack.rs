@@ -48,8 +48,11 @@ mod tests {
         reply_seen: u64,
     ) -> Vec<(FlowKey, FlowEntry)> {
         let packet = FlowKey::new(3, 100, client_port.to_be(), 80u16.to_be(), 6);
-        let server = MappingValue { server_addr: 2, server_port: 80u16.to_be(), id: 0 };
-        let mut pair = nat::hairpin_flow(&packet, &server, 1, client_port.to_be(), 0);
+        let server =
+            MappingValue { server_addr: 2, server_port: 80u16.to_be(), ..Default::default() };
+        let mut pair = nat::FlowPair::default();
+        let sides = nat::Sides { original: 1, reply: 1 };
+        nat::hairpin_flow(&mut pair, &packet, &server, 1, client_port.to_be(), &sides, 0);
         pair.original.state = flow_state;
         pair.reply.state = flow_state;
         pair.original.last_seen_ns = original_seen;

@@ -286,6 +286,7 @@ impl Maps {
                 server_addr: wire_addr(mapping.to),
                 server_port: server_port.to_be(),
                 id,
+                ..Default::default()
             };
             if let Err(source) = self.mappings.insert(key, value, BPF_NOEXIST) {
                 for key in inserted {
