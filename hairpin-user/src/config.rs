@@ -180,16 +180,19 @@ impl fmt::Display for Mapping {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     pub tcp_established: u64,
+    /// The closing states, FIN_WAIT to CLOSE.
     pub tcp_transitory: u64,
     pub udp: u64,
+    /// The opening states, SYN_SENT and SYN_RECV (RFC 7857 §2.1).
+    pub tcp_opening: u64,
 }
 
 /// RFC 5382 REQ-5: established at least 2 h 4 min, transitory 4 min;
 /// RFC 4787 REQ-5: UDP at least 2 min (5 min recommended).
 pub const DEFAULT_TIMEOUTS: Timeouts =
-    Timeouts { tcp_established: 7440, tcp_transitory: 240, udp: 300 };
+    Timeouts { tcp_established: 7440, tcp_transitory: 240, udp: 300, tcp_opening: 60 };
 pub const RFC_MINIMUM_TIMEOUTS: Timeouts =
-    Timeouts { tcp_established: 7440, tcp_transitory: 240, udp: 120 };
+    Timeouts { tcp_established: 7440, tcp_transitory: 240, udp: 120, tcp_opening: 1 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lan {
@@ -265,6 +268,7 @@ struct RawMetrics {
 struct RawTimeouts {
     tcp_established: Option<i64>,
     tcp_transitory: Option<i64>,
+    tcp_opening: Option<i64>,
     udp: Option<i64>,
 }
 
@@ -511,6 +515,7 @@ fn parse_timeouts(raw: Option<RawTimeouts>) -> Result<Timeouts, ConfigError> {
             DEFAULT_TIMEOUTS.tcp_transitory,
         )?,
         udp: seconds("udp", raw.udp, DEFAULT_TIMEOUTS.udp)?,
+        tcp_opening: seconds("tcp_opening", raw.tcp_opening, DEFAULT_TIMEOUTS.tcp_opening)?,
     })
 }
 
@@ -745,7 +750,7 @@ snat_ports = "30000-20000""#,
         assert_eq!(pairs, [(8000, 9000), (8001, 9001), (8002, 9002)]);
         assert_eq!(
             config.timeouts,
-            Timeouts { tcp_established: 600, tcp_transitory: 240, udp: 30 }
+            Timeouts { tcp_established: 600, tcp_transitory: 240, udp: 30, tcp_opening: 60 }
         );
         let warnings = config.warnings();
         assert_eq!(warnings.len(), 2, "{warnings:?}");

@@ -420,6 +420,7 @@ pub fn settings(config: &Config) -> Settings {
         tcp_established_ns: config.timeouts.tcp_established * NANOS,
         tcp_transitory_ns: config.timeouts.tcp_transitory * NANOS,
         udp_ns: config.timeouts.udp * NANOS,
+        tcp_opening_ns: config.timeouts.tcp_opening * NANOS,
     }
 }
 
