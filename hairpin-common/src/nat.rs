@@ -1,8 +1,9 @@
 //! The NAT decisions, as pure functions of header fields and map values.
 
 use crate::{
-    CachedRoute, Counter, DIRECTION_ORIGINAL, DIRECTION_REPLY, FlowEntry, FlowKey, IPPROTO_TCP,
-    IPPROTO_UDP, KIND_HAIRPIN, KIND_PORT_FORWARD, MappingValue, ROLE_LAN, ROLE_WAN, TcpWindow,
+    CachedRoute, Counter, DIRECTION_ORIGINAL, DIRECTION_REPLY, FIN_SEEN_ORIGINAL, FIN_SEEN_REPLY,
+    FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, KIND_HAIRPIN, KIND_PORT_FORWARD, MappingValue,
+    ROLE_LAN, ROLE_WAN,
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     state,
 };
@@ -65,7 +66,7 @@ pub const fn snat_port_candidate(
 }
 
 /// The two conntrack entries of a new flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowPair {
     /// Key: the client's packet as received. Value: client → server as the
     /// gateway sends it.
@@ -86,79 +87,98 @@ pub struct Sides {
     pub reply: u32,
 }
 
-const fn entry(
+/// Writes a new flow's entry for `direction` in place: the datapath builds
+/// entries in map memory, as they do not fit its stack.
+#[inline(always)]
+fn fill_entry(
+    entry: &mut FlowEntry,
     translated: FlowKey,
     direction: u8,
     kind: u8,
     ingress: u32,
     now_ns: u64,
     server: &MappingValue,
-) -> FlowEntry {
-    FlowEntry {
-        translated,
-        last_seen_ns: now_ns,
-        bytes: 0,
-        packets: 0,
-        created_s: (now_ns / 1_000_000_000) as u32,
-        ingress,
-        mapping_id: server.id,
-        direction,
-        state: initial_state(translated.proto),
-        fin_seen: 0,
-        kind,
-        _pad0: 0,
-        _pad1: 0,
-        route: CachedRoute { generation: 0, mtu: 0, ingress: 0, egress: 0, eth_addrs: [0; 3] },
-        tcp: [NO_WINDOW; 2],
-    }
+) {
+    entry.translated = translated;
+    entry.route = CachedRoute { generation: 0, mtu: 0, ingress: 0, egress: 0, eth_addrs: [0; 3] };
+    entry.last_seen_ns = now_ns;
+    entry.bytes = 0;
+    entry.packets = 0;
+    entry.created_s = (now_ns / 1_000_000_000) as u32;
+    entry.ingress = ingress;
+    entry.mapping_id = server.id;
+    entry.direction = direction;
+    entry.state = initial_state(translated.proto);
+    entry.fin_seen = 0;
+    entry.kind = kind;
+    entry._pad0 = 0;
+    entry._pad1 = 0;
 }
-
-const NO_WINDOW: TcpWindow =
-    TcpWindow { end: 0, max_end: 0, max_win: 0, max_ack: 0, scale: 0, flags: 0, _pad: 0 };
 
 /// The state a new flow starts in.
 pub const fn initial_state(proto: u8) -> u8 {
     if proto == IPPROTO_UDP { state::UDP_UNREPLIED } else { state::TCP_SYN_SENT }
 }
 
-const fn pair(
+#[inline(always)]
+fn fill_pair(
+    flow: &mut FlowPair,
     packet: &FlowKey,
     to_server: FlowKey,
     kind: u8,
     sides: &Sides,
     now_ns: u64,
     server: &MappingValue,
-) -> FlowPair {
-    FlowPair {
-        original_key: *packet,
-        original: entry(to_server, DIRECTION_ORIGINAL, kind, sides.original, now_ns, server),
-        reply_key: to_server.reversed(),
-        reply: entry(packet.reversed(), DIRECTION_REPLY, kind, sides.reply, now_ns, server),
-    }
+) {
+    flow.original_key = *packet;
+    fill_entry(
+        &mut flow.original,
+        to_server,
+        DIRECTION_ORIGINAL,
+        kind,
+        sides.original,
+        now_ns,
+        server,
+    );
+    flow.reply_key = to_server.reversed();
+    fill_entry(
+        &mut flow.reply,
+        packet.reversed(),
+        DIRECTION_REPLY,
+        kind,
+        sides.reply,
+        now_ns,
+        server,
+    );
 }
 
 /// A LAN client through the public address: DNAT to the server and SNAT to
-/// `lan_addr:snat_port` (big-endian port).
-pub const fn hairpin_flow(
+/// `lan_addr:snat_port` (big-endian port), written into `flow`.
+#[inline(always)]
+pub fn hairpin_flow(
+    flow: &mut FlowPair,
     packet: &FlowKey,
     server: &MappingValue,
     lan_addr: u32,
     snat_port: u16,
     sides: &Sides,
     now_ns: u64,
-) -> FlowPair {
+) {
     let to_server =
         FlowKey::new(lan_addr, server.server_addr, snat_port, server.server_port, packet.proto);
-    pair(packet, to_server, KIND_HAIRPIN, sides, now_ns, server)
+    fill_pair(flow, packet, to_server, KIND_HAIRPIN, sides, now_ns, server);
 }
 
-/// A WAN client to a published port: DNAT only, as a port forward does.
-pub const fn port_forward_flow(
+/// A WAN client to a published port: DNAT only, as a port forward does;
+/// written into `flow`.
+#[inline(always)]
+pub fn port_forward_flow(
+    flow: &mut FlowPair,
     packet: &FlowKey,
     server: &MappingValue,
     sides: &Sides,
     now_ns: u64,
-) -> FlowPair {
+) {
     let to_server = FlowKey::new(
         packet.src_addr,
         server.server_addr,
@@ -166,7 +186,51 @@ pub const fn port_forward_flow(
         server.server_port,
         packet.proto,
     );
-    pair(packet, to_server, KIND_PORT_FORWARD, sides, now_ns, server)
+    fill_pair(flow, packet, to_server, KIND_PORT_FORWARD, sides, now_ns, server);
+}
+
+/// The flow's state after a packet in `direction`, from the TCP `flags`
+/// alone (ignored for UDP), with the updated `FIN_SEEN_*` bits. Until the
+/// datapath tracks sequence numbers (`crate::tcp`), this is what it uses.
+pub const fn next_state(flow_state: u8, fin_seen: u8, direction: u8, flags: u8) -> (u8, u8) {
+    if flow_state == state::UDP_UNREPLIED || flow_state == state::UDP_REPLIED {
+        let replied = flow_state == state::UDP_REPLIED || direction == DIRECTION_REPLY;
+        return (if replied { state::UDP_REPLIED } else { state::UDP_UNREPLIED }, fin_seen);
+    }
+    let original = direction == DIRECTION_ORIGINAL;
+    if flags & TCP_RST != 0 {
+        return (state::TCP_CLOSE, fin_seen);
+    }
+    if flags & TCP_SYN != 0 {
+        return match (flow_state, original, flags & TCP_ACK != 0) {
+            // A closed connection's tuple reused for a new one.
+            (state::TCP_TIME_WAIT | state::TCP_CLOSE, true, false) => (state::TCP_SYN_SENT, 0),
+            (state::TCP_SYN_SENT, false, true) => (state::TCP_SYN_RECV, fin_seen),
+            _ => (flow_state, fin_seen),
+        };
+    }
+    if flags & TCP_FIN != 0 {
+        let fin_seen = fin_seen | if original { FIN_SEEN_ORIGINAL } else { FIN_SEEN_REPLY };
+        if fin_seen == FIN_SEEN_ORIGINAL | FIN_SEEN_REPLY {
+            return (state::TCP_TIME_WAIT, fin_seen);
+        }
+        return match flow_state {
+            state::TCP_SYN_RECV | state::TCP_ESTABLISHED => (state::TCP_FIN_WAIT, fin_seen),
+            _ => (flow_state, fin_seen),
+        };
+    }
+    if flags & TCP_ACK != 0 {
+        let first_fin_by_original = fin_seen & FIN_SEEN_ORIGINAL != 0;
+        return match flow_state {
+            state::TCP_SYN_RECV if original => (state::TCP_ESTABLISHED, fin_seen),
+            // The other side acknowledges the first FIN: half closed.
+            state::TCP_FIN_WAIT if original != first_fin_by_original => {
+                (state::TCP_CLOSE_WAIT, fin_seen)
+            }
+            _ => (flow_state, fin_seen),
+        };
+    }
+    (flow_state, fin_seen)
 }
 
 /// A UDP flow's state after a packet in `direction`.
@@ -330,7 +394,9 @@ mod tests {
         let mapping =
             MappingValue { server_addr: server, server_port: be(8080), ..Default::default() };
 
-        let flow = hairpin_flow(
+        let mut flow = FlowPair::default();
+        hairpin_flow(
+            &mut flow,
             &packet,
             &mapping,
             gateway,
@@ -365,7 +431,8 @@ mod tests {
         let mapping =
             MappingValue { server_addr: server, server_port: be(5353), ..Default::default() };
 
-        let flow = port_forward_flow(&packet, &mapping, &Sides { original: 3, reply: 4 }, 9);
+        let mut flow = FlowPair::default();
+        port_forward_flow(&mut flow, &packet, &mapping, &Sides { original: 3, reply: 4 }, 9);
 
         assert_eq!(
             flow.original.translated,
@@ -393,6 +460,41 @@ mod tests {
         TCP_FIN_WAIT as FIN_WAIT, TCP_SYN_RECV as SYN_RECV, TCP_SYN_SENT as SYN_SENT,
         TCP_TIME_WAIT as TIME_WAIT,
     };
+
+    const SYN: u8 = TCP_SYN;
+    const SYN_ACK: u8 = TCP_SYN | TCP_ACK;
+    const ACK: u8 = TCP_ACK;
+    const FIN_ACK: u8 = TCP_FIN | TCP_ACK;
+    const RST: u8 = TCP_RST;
+
+    /// Replays packets from the start of a connection; the states after each.
+    fn replay(packets: &[(u8, u8)]) -> std::vec::Vec<u8> {
+        let (mut flow_state, mut fin_seen) = (state::TCP_SYN_SENT, 0);
+        packets
+            .iter()
+            .map(|&(direction, flags)| {
+                (flow_state, fin_seen) = next_state(flow_state, fin_seen, direction, flags);
+                flow_state
+            })
+            .collect()
+    }
+
+    #[rstest]
+    #[case::handshake(&[(R, SYN_ACK), (O, ACK)], &[SYN_RECV, EST])]
+    #[case::syn_retransmitted(&[(O, SYN), (R, SYN_ACK), (O, SYN), (O, ACK)], &[SYN_SENT, SYN_RECV, SYN_RECV, EST])]
+    #[case::client_closes_first(
+        &[(R, SYN_ACK), (O, ACK), (O, FIN_ACK), (R, ACK), (R, FIN_ACK), (O, ACK)],
+        &[SYN_RECV, EST, FIN_WAIT, CLOSE_WAIT, TIME_WAIT, TIME_WAIT]
+    )]
+    #[case::reset_by_server(&[(R, SYN_ACK), (O, ACK), (R, RST)], &[SYN_RECV, EST, CLOSE])]
+    #[case::refused(&[(R, RST | ACK)], &[CLOSE])]
+    #[case::reopened_after_close(&[(R, RST), (O, SYN), (R, SYN_ACK)], &[CLOSE, SYN_SENT, SYN_RECV])]
+    #[case::syn_ack_from_client_ignored(&[(O, SYN_ACK)], &[SYN_SENT])]
+    fn tcp_state_machine(#[case] packets: &[(u8, u8)], #[case] expected: &[u8]) {
+        let names =
+            |states: &[u8]| states.iter().map(|s| state::name(*s)).collect::<std::vec::Vec<_>>();
+        assert_eq!(names(&replay(packets)), names(expected));
+    }
 
     #[rstest]
     #[case(state::UDP_UNREPLIED, O, state::UDP_UNREPLIED)]
@@ -459,8 +561,9 @@ mod tests {
             )
         };
         let gateway = addr([192, 168, 0, 1]);
-        let first = hairpin_flow(&packet(3), &server, gateway, be(41000), &sides, 0);
-        let second = hairpin_flow(&packet(4), &server, gateway, be(41000), &sides, 0);
+        let (mut first, mut second) = (FlowPair::default(), FlowPair::default());
+        hairpin_flow(&mut first, &packet(3), &server, gateway, be(41000), &sides, 0);
+        hairpin_flow(&mut second, &packet(4), &server, gateway, be(41000), &sides, 0);
         assert!(partner_matches(&first.original_key, &first.reply.translated));
         assert!(partner_matches(&first.reply_key, &first.original.translated));
         assert_eq!(first.reply_key, second.reply_key, "the same SNAT port");
@@ -485,7 +588,8 @@ mod tests {
             be(80),
             IPPROTO_TCP,
         );
-        let flow = port_forward_flow(&packet, &server, &sides, 0);
+        let mut flow = FlowPair::default();
+        port_forward_flow(&mut flow, &packet, &server, &sides, 0);
         assert_eq!((flow.original.ingress, flow.reply.ingress), (3, 2));
         assert!(on_its_side(flow.original.ingress, 3) && !on_its_side(flow.original.ingress, 2));
     }

@@ -1,7 +1,15 @@
 #![no_std]
 #![no_main]
+// The BPF target's `core` has no atomic read-modify-write types; the
+// intrinsic compiles to BPF's atomic add (the crate is built with
+// RUSTC_BOOTSTRAP=1 for build-std already).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
-use core::mem::size_of;
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    mem::size_of,
+};
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -20,16 +28,18 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use hairpin_common::{
     CachedRoute, Counter, DEFAULT_CONNTRACK_CAPACITY, DIRECTION_ORIGINAL, FlowEntry, FlowKey,
-    IPPROTO_TCP, IPPROTO_UDP, KIND_HAIRPIN, MAX_EGRESS_DEVICES, MAX_INTERFACES, MAX_LAN_NETWORKS,
-    MAX_MAPPING_RULES, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue, NEIGH_REDIRECT_MAGIC,
-    NeighRedirect, ROLE_LAN, ROLE_WAN, RouteCache, Settings, checksum,
+    IPPROTO_TCP, IPPROTO_UDP, IcmpBucket, KIND_HAIRPIN, MAPPING_ALLOWLIST, MAPPING_INTERFACE_BOUND,
+    MAX_DENY_NETWORKS, MAX_EGRESS_DEVICES, MAX_INTERFACES, MAX_LAN_NETWORKS,
+    MAX_MAPPING_INTERFACES, MAX_MAPPING_RULES, MAX_MAPPING_SOURCES, MAX_MAPPINGS, MappingKey,
+    MappingStats, MappingValue, NEIGH_REDIRECT_MAGIC, NeighRedirect, RouteCache, RuleInterface,
+    RuleSource, Settings, checksum,
     icmp::{self, ICMP_HEADER_LEN, IPPROTO_ICMP},
-    nat::{self, FlowPair, SNAT_PORT_ATTEMPTS},
+    nat::{self, FlowPair, SNAT_PORT_ATTEMPTS, Sides},
     packet::{
         ETH_HEADER_LEN, ETH_P_IPV4, EthHeader, IPV4_HEADER_LEN, IcmpHeader, Ipv4Header, L4_OFFSET,
         TcpHeader, UdpHeader,
     },
-    route,
+    ratelimit, route,
 };
 
 #[map]
@@ -74,6 +84,23 @@ static ROUTE_CACHE: Array<RouteCache> = Array::with_max_entries(1, 0);
 /// Where a new flow's two entries are built: they do not fit the stack.
 #[map]
 static NEW_FLOW_SCRATCH: PerCpuArray<FlowPair> = PerCpuArray::with_max_entries(1, 0);
+
+/// Sources from which no new WAN flow is taken (ban tools fill it).
+#[map]
+static DENY_NETWORKS: LpmTrie<u32, u8> = LpmTrie::with_max_entries(MAX_DENY_NETWORKS, 0);
+
+/// Allowlisted source networks of the mapping rules that have one.
+#[map]
+static MAPPING_SOURCES: LpmTrie<RuleSource, u8> = LpmTrie::with_max_entries(MAX_MAPPING_SOURCES, 0);
+
+/// The interfaces an interface-bound mapping rule takes new flows from.
+#[map]
+static MAPPING_INTERFACES: HashMap<RuleInterface, u8> =
+    HashMap::with_max_entries(MAX_MAPPING_INTERFACES, 0);
+
+/// Token buckets for the ICMP messages the datapath generates.
+#[map]
+static ICMP_RATE: PerCpuArray<IcmpBucket> = PerCpuArray::with_max_entries(1, 0);
 
 /// `LAYOUT_VERSION` of the user space that created the maps.
 #[map]
@@ -122,11 +149,10 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Counter> {
     Ok((start + offset) as *mut T)
 }
 
-/// Where the checksum and flags of the packet's L4 header are.
+/// Where the checksum and ports of the packet's L4 header are.
 struct L4 {
     check: *mut u16,
     ports: *mut [u16; 2],
-    tcp_flags: u8,
 }
 
 /// Translates a packet of a tracked or new flow and sends it on (`Ok`), or
@@ -144,77 +170,36 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     if nat::ttl_expires(ip.ttl) {
         return Err(Counter::PassTtlExpired);
     }
-    let settings = *SETTINGS.get(0).ok_or(Counter::PassNotConfigured)?;
+    let settings = SETTINGS.get(0).ok_or(Counter::PassNotConfigured)?;
     if settings.lan_addr == 0 {
         return Err(Counter::PassNotConfigured);
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let ingress = ctx.ingress_ifindex() as u32;
     let tot_len = u16::from_be(ip.tot_len);
     if ip.proto == IPPROTO_ICMP {
-        return try_icmp_error(ctx, ip.src_addr, tot_len, &settings, now);
+        return try_icmp_error(ctx, ip.src_addr, tot_len, settings, now);
     }
     let l4 = l4_header(ctx, ip.proto)?;
+    let flags = tcp_flags(ctx, ip.proto)?;
     let [src_port, dst_port] = unsafe { *l4.ports };
     let packet = FlowKey::new(ip.src_addr, ip.dst_addr, src_port, dst_port, ip.proto);
 
-    let (to, route, counter, created) = match find_flow(&packet, &settings, now) {
-        Some(flow) => {
-            // SAFETY: a map value; see find_flow. Fields are read one by
-            // one: a copy of the whole entry does not fit the stack.
-            let (translated, direction, kind) =
-                unsafe { ((*flow.entry).translated, (*flow.entry).direction, (*flow.entry).kind) };
-            let route = flow_route(ctx, &flow, &translated, tot_len, now)?;
-            if let Route::TooBig { mtu } = route {
-                return too_big(ctx, mtu, direction == DIRECTION_ORIGINAL);
-            }
-            track(&flow, &packet, l4.tcp_flags, now, tot_len);
-            let counter = if direction != DIRECTION_ORIGINAL {
-                Counter::TranslatedBack
-            } else if kind == KIND_HAIRPIN {
-                Counter::Hairpinned
-            } else {
-                Counter::PortForwarded
-            };
-            (translated, route, counter, None)
-        }
-        None => {
-            let admitted = admit_new_flow(ctx, &packet, l4.tcp_flags, &settings)?;
-            // The route does not depend on the SNAT port: look it up before
-            // any state is created, so a routing failure leaves none behind.
-            let (route, _) = fib_lookup(ctx, &admitted.provisional, tot_len)?;
-            if let Route::TooBig { mtu } = route {
-                return too_big(ctx, mtu, true);
-            }
-            let flow = match create_flow(&packet, &admitted, &settings, now, tot_len) {
-                Ok(flow) => flow,
-                // Refused cleanly: handed to the kernel, the packet could
-                // reach a service of the gateway's own on the public address.
-                Err(Counter::PortAllocFailed) => {
-                    count(Counter::PortAllocFailed);
-                    return answer_unreachable(
-                        ctx,
-                        icmp::ICMP_ADMIN_PROHIBITED,
-                        0,
-                        packet.dst_addr,
-                        tot_len,
-                        Counter::FlowRefused,
-                    );
-                }
-                Err(other) => return Err(other),
-            };
-            count(Counter::FlowCreated);
-            account(admitted.server.id, tot_len, true);
-            let counter =
-                if admitted.hairpin { Counter::Hairpinned } else { Counter::PortForwarded };
-            (flow.translated, route, counter, Some((flow.original_key, flow.reply_key)))
-        }
+    let arrival = Arrival { packet, flags, now, tot_len };
+    let (outcome, created) = match find_flow(&packet, ingress, settings, now)? {
+        Some(flow) => (forward_tracked(ctx, &flow, &arrival)?, false),
+        None => (open_flow(ctx, settings, &arrival)?, true),
+    };
+    let (to, route, counter) = match outcome {
+        Outcome::Translate { to, route, counter } => (to, route, counter),
+        Outcome::Answered(verdict) => return Ok(verdict),
     };
 
     if let Route::Unresolved { ifindex } = route {
         if let Err(counter) = hand_to_kernel(ctx, ifindex) {
-            if let Some((original_key, reply_key)) = created {
-                let _ = CONNTRACK_NEW.remove(&original_key);
-                let _ = CONNTRACK_NEW.remove(&reply_key);
+            if created {
+                let _ = CONNTRACK_NEW.remove(&packet);
+                let _ = CONNTRACK_NEW.remove(&to.reversed());
             }
             return Err(counter);
         }
@@ -229,6 +214,89 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     rewrite(ip, &l4, &packet, &to);
     // SAFETY: bounds checked at the start; no helper has moved the packet.
     send(unsafe { &mut *eth }, &route, counter)
+}
+
+/// A packet of a flow: its tuple, TCP flags, when it arrived and how long
+/// it is (IPv4 total length).
+struct Arrival {
+    packet: FlowKey,
+    flags: u8,
+    now: u64,
+    tot_len: u16,
+}
+
+/// What becomes of a packet of a flow, tracked or new.
+enum Outcome {
+    /// Translate the packet to `to` and send it along `route`.
+    Translate { to: FlowKey, route: Route, counter: Counter },
+    /// Answered or dropped instead (deny set, window check, ICMP).
+    Answered((u32, Counter)),
+}
+
+/// A packet of a tracked flow: its route, and the flow moved on by it. Not
+/// inlined: the entry point's stack frame stays small, so that it and
+/// either path's frame fit the 512 bytes BPF allows a call chain.
+#[inline(always)]
+fn forward_tracked(ctx: &XdpContext, flow: &Flow, arrival: &Arrival) -> Result<Outcome, Counter> {
+    let Arrival { ref packet, flags, now, tot_len } = *arrival;
+    // SAFETY: a map value; see find_flow. Fields are read one by one: a
+    // copy of the whole entry does not fit the stack.
+    let (translated, direction, kind) =
+        unsafe { ((*flow.entry).translated, (*flow.entry).direction, (*flow.entry).kind) };
+    let route = flow_route(ctx, flow, &translated, tot_len, now)?;
+    if let Route::TooBig { mtu } = route {
+        return too_big(ctx, mtu, direction == DIRECTION_ORIGINAL, now).map(Outcome::Answered);
+    }
+    if let Err(refused) = track(flow, packet, flags, now, tot_len) {
+        return Ok(Outcome::Answered((xdp_action::XDP_DROP, refused)));
+    }
+    let counter = if direction != DIRECTION_ORIGINAL {
+        Counter::TranslatedBack
+    } else if kind == KIND_HAIRPIN {
+        Counter::Hairpinned
+    } else {
+        Counter::PortForwarded
+    };
+    Ok(Outcome::Translate { to: translated, route, counter })
+}
+
+/// A packet of no tracked flow: admitted, routed and entered as a new flow,
+/// or refused. Not inlined, as `forward_tracked`.
+#[inline(always)]
+fn open_flow(ctx: &XdpContext, settings: &Settings, arrival: &Arrival) -> Result<Outcome, Counter> {
+    let Arrival { ref packet, flags, now, tot_len } = *arrival;
+    let admitted = match admit_new_flow(ctx, packet, flags, settings)? {
+        Admission::Admitted(admitted) => admitted,
+        Admission::Denied => return Ok(Outcome::Answered((xdp_action::XDP_DROP, Counter::Denied))),
+    };
+    // The route does not depend on the SNAT port: look it up before any
+    // state is created, so a routing failure leaves none behind.
+    let (route, _) = fib_lookup(ctx, &admitted.provisional, tot_len)?;
+    if let Route::TooBig { mtu } = route {
+        return too_big(ctx, mtu, true, now).map(Outcome::Answered);
+    }
+    let sides = Sides { original: ctx.ingress_ifindex() as u32, reply: route.egress() };
+    let flow = match create_flow(packet, &admitted, &sides, settings, now, tot_len) {
+        Ok(flow) => flow,
+        // Refused cleanly: handed to the kernel, the packet could reach a
+        // service of the gateway's own on the public address.
+        Err(Counter::PortAllocFailed) => {
+            count(Counter::PortAllocFailed);
+            let refusal = Unreachable {
+                code: icmp::ICMP_ADMIN_PROHIBITED,
+                mtu: 0,
+                from_addr: packet.dst_addr,
+                tot_len,
+                counter: Counter::FlowRefused,
+            };
+            return answer_unreachable(ctx, &refusal, now).map(Outcome::Answered);
+        }
+        Err(other) => return Err(other),
+    };
+    count(Counter::FlowCreated);
+    account(admitted.server.id, tot_len, true);
+    let counter = if admitted.hairpin { Counter::Hairpinned } else { Counter::PortForwarded };
+    Ok(Outcome::Translate { to: flow.translated, route, counter })
 }
 
 /// Copies a MAC address as a 32-bit and a 16-bit word: a `[u8; 6]`
@@ -263,7 +331,7 @@ fn eth_addrs(dmac: &[u8; 6], smac: &[u8; 6]) -> [u32; 3] {
 #[inline(always)]
 fn send(eth: &mut EthHeader, route: &Route, counter: Counter) -> Result<(u32, Counter), Counter> {
     match *route {
-        Route::Resolved { action, eth_addrs } => {
+        Route::Resolved { action, eth_addrs, .. } => {
             let addrs = eth.dst.as_mut_ptr().cast::<u32>();
             // SAFETY: the 12 bytes of both addresses, in the packet.
             unsafe {
@@ -287,7 +355,7 @@ const EMBEDDED_L4_OFFSET: usize = EMBEDDED_IP_OFFSET + IPV4_HEADER_LEN;
 
 /// An ICMP error about a packet of a tracked flow goes to that packet's
 /// sender, its outer and embedded headers translated back (RFC 5508).
-/// Errors do not refresh the flow.
+/// Errors do not refresh the flow. Not inlined: a stack frame of its own.
 #[inline(always)]
 fn try_icmp_error(
     ctx: &XdpContext,
@@ -311,7 +379,11 @@ fn try_icmp_error(
         ptr_at(ctx, EMBEDDED_L4_OFFSET).map_err(|_| Counter::PassIcmpNoFlow)?;
     let [src_port, dst_port] = unsafe { *ports };
     let embedded = FlowKey::new(inner_src, inner_dst, src_port, dst_port, inner_proto);
-    let flow = find_flow(&embedded.reversed(), settings, now).ok_or(Counter::PassIcmpNoFlow)?;
+    // The error comes from where the flow's packets in the other direction
+    // come from: the same interface binding applies.
+    let ingress = ctx.ingress_ifindex() as u32;
+    let flow =
+        find_flow(&embedded.reversed(), ingress, settings, now)?.ok_or(Counter::PassIcmpNoFlow)?;
     let translated = unsafe { (*flow.entry).translated };
     let rewrite = icmp::error_rewrite(outer_src, &embedded, &translated);
     let outer_to = FlowKey::new(rewrite.outer_src, rewrite.outer_dst, 0, 0, IPPROTO_ICMP);
@@ -371,27 +443,60 @@ fn try_icmp_error(
     }
 }
 
-/// A live conntrack entry and the table it is in.
+/// A live conntrack entry, the table it is in, and its partner (the other
+/// direction's entry) where the lookup needed it: for entries of the
+/// new-flow table. Null otherwise (the established table has no evictions).
 struct Flow {
     entry: *mut FlowEntry,
+    partner: *mut FlowEntry,
     established: bool,
 }
 
-/// The live entry for `key`: established flows first, then new ones. An
-/// entry idle past its timeout counts as live while its partner (the other
-/// direction) is not; once both are, the flow is removed and absent.
+/// The live entry for `key` arriving on `ingress`: established flows first,
+/// then new ones. An entry idle past its timeout counts as live while its
+/// partner is not; once both are, the flow is removed and absent. A tuple
+/// that arrives on another interface than its direction's is no flow's
+/// (`Err`): a WAN host cannot steer a LAN flow by sending its tuple. Not
+/// inlined: its keys get a stack frame of their own.
 #[inline(always)]
-fn find_flow(key: &FlowKey, settings: &Settings, now: u64) -> Option<Flow> {
+fn find_flow(
+    key: &FlowKey,
+    ingress: u32,
+    settings: &Settings,
+    now: u64,
+) -> Result<Option<Flow>, Counter> {
     if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
         if !expired(key, entry, settings, now, true) {
-            return Some(Flow { entry, established: true });
+            // SAFETY: a map value.
+            if !nat::on_its_side(unsafe { (*entry).ingress }, ingress) {
+                return Err(Counter::WrongInterface);
+            }
+            let partner = core::ptr::null_mut();
+            return Ok(Some(Flow { entry, partner, established: true }));
         }
     }
-    let entry = CONNTRACK_NEW.get_ptr_mut(key)?;
+    let Some(entry) = CONNTRACK_NEW.get_ptr_mut(key) else {
+        return Ok(None);
+    };
     if expired(key, entry, settings, now, false) {
-        return None;
+        return Ok(None);
     }
-    Some(Flow { entry, established: false })
+    let entry_ingress = unsafe { (*entry).ingress };
+    if !nat::on_its_side(entry_ingress, ingress) {
+        return Err(Counter::WrongInterface);
+    }
+    // The new-flow table evicts entries one by one: an entry without its
+    // partner is half a dead flow, whose SNAT port may be another's by now.
+    let partner_key = unsafe { (*entry).translated.reversed() };
+    let partner = match CONNTRACK_NEW.get_ptr_mut(&partner_key) {
+        Some(partner) if nat::partner_matches(key, unsafe { &(*partner).translated }) => partner,
+        _ => {
+            let _ = CONNTRACK_NEW.remove(key);
+            count(Counter::FlowOrphaned);
+            return Ok(None);
+        }
+    };
+    Ok(Some(Flow { entry, partner, established: false }))
 }
 
 /// Whether the flow of `entry` has expired; if so, removes both its entries.
@@ -431,49 +536,59 @@ fn expired(
     true
 }
 
-/// Refreshes the entry and moves the flow's state on; a flow that becomes
-/// established moves to the established table.
+/// Moves the flow on with a packet: counters, last seen, state, and the
+/// established table once the flow has earned it.
 #[inline(always)]
-fn track(flow: &Flow, packet: &FlowKey, tcp_flags: u8, now: u64, len: u16) {
+fn track(flow: &Flow, packet: &FlowKey, tcp_flags: u8, now: u64, len: u16) -> Result<(), Counter> {
     const REFRESH_NS: u64 = 1_000_000_000;
     let entry = flow.entry;
-    // SAFETY: a map value. Concurrent updates from another CPU may lose an
-    // increment; these are statistics.
-    let (mapping_id, old_state, old_fin_seen, direction) = unsafe {
-        (*entry).packets = (*entry).packets.wrapping_add(1);
-        (*entry).bytes = (*entry).bytes.wrapping_add(len as u64);
+    // SAFETY: a map value; fields are copied out.
+    let (mapping_id, old_state, old_fin_seen, direction, created_s) = unsafe {
+        (
+            (*entry).mapping_id,
+            (*entry).state,
+            (*entry).fin_seen,
+            (*entry).direction,
+            (*entry).created_s,
+        )
+    };
+    let (state, fin_seen) = nat::next_state(old_state, old_fin_seen, direction, tcp_flags);
+    // SAFETY: map values shared between CPUs: the counters are added
+    // atomically.
+    unsafe {
+        atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(&raw mut (*entry).packets, 1);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).bytes, len as u64);
         if now.wrapping_sub((*entry).last_seen_ns) > REFRESH_NS {
             (*entry).last_seen_ns = now;
         }
-        ((*entry).mapping_id, (*entry).state, (*entry).fin_seen, (*entry).direction)
-    };
+    }
     account(mapping_id, len, false);
-    let (state, fin_seen) = nat::next_state(old_state, old_fin_seen, direction, tcp_flags);
-    if state == old_state && fin_seen == old_fin_seen {
-        return;
+    let promote_now = !flow.established && nat::should_promote(state, created_s, now);
+    if state == old_state && fin_seen == old_fin_seen && !promote_now {
+        return Ok(());
     }
-    let partner_key = unsafe { (*entry).translated.reversed() };
-    let partner = if flow.established {
-        CONNTRACK.get_ptr_mut(&partner_key)
+    let partner = if !flow.partner.is_null() {
+        flow.partner
     } else {
-        CONNTRACK_NEW.get_ptr_mut(&partner_key)
+        let partner_key = unsafe { (*entry).translated.reversed() };
+        match CONNTRACK.get_ptr_mut(&partner_key) {
+            Some(partner) => partner,
+            None => return Ok(()),
+        }
     };
     unsafe {
-        (*flow.entry).state = state;
-        (*flow.entry).fin_seen = fin_seen;
-        (*flow.entry).last_seen_ns = now;
-    }
-    let Some(partner) = partner else {
-        return;
-    };
-    unsafe {
+        (*entry).state = state;
+        (*entry).fin_seen = fin_seen;
+        (*entry).last_seen_ns = now;
         (*partner).state = state;
         (*partner).fin_seen = fin_seen;
     }
-    if !flow.established && nat::is_established(state) {
+    if promote_now {
+        let partner_key = unsafe { (*entry).translated.reversed() };
         // SAFETY: map values; the helpers copy them into the other table.
-        promote(packet, unsafe { &*flow.entry }, &partner_key, unsafe { &*partner });
+        promote(packet, unsafe { &*entry }, &partner_key, unsafe { &*partner });
     }
+    Ok(())
 }
 
 /// Moves a flow's two entries from the new to the established table.
@@ -497,13 +612,21 @@ fn promote(key: &FlowKey, entry: &FlowEntry, partner_key: &FlowKey, partner: &Fl
 fn l4_header(ctx: &XdpContext, proto: u8) -> Result<L4, Counter> {
     if proto == IPPROTO_UDP {
         let udp: *mut UdpHeader = ptr_at(ctx, L4_OFFSET)?;
-        unsafe { Ok(L4 { check: &raw mut (*udp).check, ports: udp.cast(), tcp_flags: 0 }) }
-    } else {
-        let tcp: *mut TcpHeader = ptr_at(ctx, L4_OFFSET)?;
-        unsafe {
-            Ok(L4 { check: &raw mut (*tcp).check, ports: tcp.cast(), tcp_flags: (*tcp).flags })
-        }
+        return unsafe { Ok(L4 { check: &raw mut (*udp).check, ports: udp.cast() }) };
     }
+    let tcp: *mut TcpHeader = ptr_at(ctx, L4_OFFSET)?;
+    unsafe { Ok(L4 { check: &raw mut (*tcp).check, ports: tcp.cast() }) }
+}
+
+/// The packet's TCP flags (0 for UDP).
+#[inline(always)]
+fn tcp_flags(ctx: &XdpContext, proto: u8) -> Result<u8, Counter> {
+    if proto != IPPROTO_TCP {
+        return Ok(0);
+    }
+    let tcp: *mut TcpHeader = ptr_at(ctx, L4_OFFSET)?;
+    // SAFETY: bounds checked by ptr_at.
+    Ok(unsafe { (*tcp).flags })
 }
 
 /// A new flow the mapping table and the interface's role let in.
@@ -515,16 +638,23 @@ struct Admitted {
     provisional: FlowKey,
 }
 
+enum Admission {
+    Admitted(Admitted),
+    /// From a source in the deny set: dropped.
+    Denied,
+}
+
 /// A packet without a conntrack entry may open a flow if it is a client's
 /// first packet to a mapped public address and port: a LAN client's on a LAN
-/// interface (hairpin), anyone else's on a WAN interface (port forward).
+/// interface (hairpin), anyone else's on a WAN interface (port forward), and
+/// only as the mapping rule's restrictions and the deny set allow.
 #[inline(always)]
 fn admit_new_flow(
     ctx: &XdpContext,
     packet: &FlowKey,
     tcp_flags: u8,
     settings: &Settings,
-) -> Result<Admitted, Counter> {
+) -> Result<Admission, Counter> {
     let mapping_key = MappingKey {
         public_addr: packet.dst_addr,
         public_port: packet.dst_port,
@@ -532,15 +662,25 @@ fn admit_new_flow(
         _pad: 0,
     };
     let server = *unsafe { MAPPINGS.get(&mapping_key) }.ok_or(Counter::PassNoMapping)?;
-    let role = *unsafe { INTERFACES.get(&(ctx.ingress_ifindex() as u32)) }
-        .ok_or(Counter::PassUnknownInterface)?;
+    let ingress = ctx.ingress_ifindex() as u32;
+    let role = *unsafe { INTERFACES.get(&ingress) }.ok_or(Counter::PassUnknownInterface)?;
     let lan_source = LAN_NETWORKS.get(Key::new(32, packet.src_addr)).is_some();
-    let hairpin = match role {
-        ROLE_LAN if lan_source => true,
-        ROLE_LAN => return Err(Counter::PassSourceNotLan),
-        ROLE_WAN if lan_source => return Err(Counter::PassLanSourceOnWan),
-        _ => false,
-    };
+    let hairpin = nat::new_flow_kind(role, lan_source)?;
+    if !hairpin && DENY_NETWORKS.get(Key::new(32, packet.src_addr)).is_some() {
+        return Ok(Admission::Denied);
+    }
+    if server.flags & MAPPING_ALLOWLIST != 0 {
+        let source = RuleSource { rule: (server.id as u32).to_be(), addr: packet.src_addr };
+        if MAPPING_SOURCES.get(Key::new(64, source)).is_none() {
+            return Err(Counter::PassNotAllowed);
+        }
+    }
+    if server.flags & MAPPING_INTERFACE_BOUND != 0 {
+        let bound = RuleInterface { ifindex: ingress, rule: server.id, _pad: 0 };
+        if unsafe { MAPPING_INTERFACES.get(&bound) }.is_none() {
+            return Err(Counter::PassInterfaceNotAllowed);
+        }
+    }
     if packet.proto != IPPROTO_UDP && !nat::tcp_opens_flow(tcp_flags) {
         return Err(Counter::PassTcpNotSyn);
     }
@@ -552,13 +692,11 @@ fn admit_new_flow(
         server.server_port,
         packet.proto,
     );
-    Ok(Admitted { server, hairpin, provisional })
+    Ok(Admission::Admitted(Admitted { server, hairpin, provisional }))
 }
 
-/// The keys of an entered flow, and where its first packet goes.
+/// Where an entered flow's first packet goes.
 struct Created {
-    original_key: FlowKey,
-    reply_key: FlowKey,
     translated: FlowKey,
 }
 
@@ -570,6 +708,7 @@ struct Created {
 fn create_flow(
     packet: &FlowKey,
     admitted: &Admitted,
+    sides: &Sides,
     settings: &Settings,
     now: u64,
     tot_len: u16,
@@ -580,19 +719,28 @@ fn create_flow(
     let flow = NEW_FLOW_SCRATCH.get_ptr_mut(0).ok_or(Counter::PassFlowRace)?;
     // SAFETY: this CPU's scratch slot; XDP runs to completion on a CPU.
     let flow = unsafe { &mut *flow };
+    // Built once; the retries change only the SNAT port.
+    if admitted.hairpin {
+        let lan_addr = settings.lan_addr;
+        nat::hairpin_flow(flow, packet, &admitted.server, lan_addr, packet.src_port, sides, now);
+    } else {
+        nat::port_forward_flow(flow, packet, &admitted.server, sides, now);
+    }
+    flow.original.packets = 1;
+    flow.original.bytes = tot_len as u64;
     for attempt in 0..attempts {
-        *flow = if admitted.hairpin {
+        if admitted.hairpin {
             let port = nat::snat_port_candidate(
                 client_port,
                 attempt,
                 start,
                 settings.snat_port_first,
                 settings.snat_port_last,
-            );
-            nat::hairpin_flow(packet, &admitted.server, settings.lan_addr, port.to_be(), now)
-        } else {
-            nat::port_forward_flow(packet, &admitted.server, now)
-        };
+            )
+            .to_be();
+            flow.original.translated.src_port = port;
+            flow.reply_key.dst_port = port;
+        }
         // An established flow's port stays taken until user space reclaims
         // it, even once idle: checking expiry here would multiply the
         // verifier's paths by the retries.
@@ -601,14 +749,8 @@ fn create_flow(
         {
             continue;
         }
-        flow.original.packets = 1;
-        flow.original.bytes = tot_len as u64;
         if CONNTRACK_NEW.insert(&flow.original_key, &flow.original, BPF_NOEXIST as u64).is_ok() {
-            return Ok(Created {
-                original_key: flow.original_key,
-                reply_key: flow.reply_key,
-                translated: flow.original.translated,
-            });
+            return Ok(Created { translated: flow.original.translated });
         }
         // Another CPU entered this flow in the meantime; the client's
         // retransmission will find that entry.
@@ -621,11 +763,23 @@ fn create_flow(
 enum Route {
     /// Sent on with `action`: XDP_TX back out of the ingress interface, or
     /// XDP_REDIRECT with the egress device already chosen.
-    Resolved { action: u32, eth_addrs: [u32; 3] },
+    Resolved { action: u32, egress: u32, eth_addrs: [u32; 3] },
     /// Routed out of `ifindex`, but the next hop's MAC is not known yet.
     Unresolved { ifindex: u32 },
     /// Larger than the egress MTU.
     TooBig { mtu: u16 },
+}
+
+impl Route {
+    /// The interface the packet leaves through (0 when it does not leave).
+    #[inline(always)]
+    fn egress(&self) -> u32 {
+        match *self {
+            Route::Resolved { egress, .. } => egress,
+            Route::Unresolved { ifindex } => ifindex,
+            Route::TooBig { .. } => 0,
+        }
+    }
 }
 
 /// The route of a tracked flow's packet: the one cached in its entry while
@@ -646,7 +800,7 @@ fn flow_route(
     let (cached, last_seen_ns) = unsafe { ((*flow.entry).route, (*flow.entry).last_seen_ns) };
     if route::cached_route_valid(&cache, &cached, last_seen_ns, ingress, tot_len, now) {
         let action = forward_action(ingress, cached.egress)?;
-        return Ok(Route::Resolved { action, eth_addrs: cached.eth_addrs });
+        return Ok(Route::Resolved { action, egress: cached.egress, eth_addrs: cached.eth_addrs });
     }
     let (route, found) = fib_lookup(ctx, translated, tot_len)?;
     if let Some(found) = found
@@ -672,7 +826,9 @@ fn forward_action(ingress: u32, egress: u32) -> Result<u32, Counter> {
     EGRESS_DEVICES.redirect(egress, 0).map_err(|_| Counter::PassEgressNotManaged)
 }
 
-/// Looks the route up, and gives the result to cache when it is one.
+/// Looks the route up, and gives the result to cache when it is one. Not
+/// inlined: each caller would get its own copy of the parameters on the
+/// stack.
 #[inline(always)]
 fn fib_lookup(
     ctx: &XdpContext,
@@ -711,7 +867,7 @@ fn fib_lookup(
             let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
             let found =
                 CachedRoute { generation: 0, mtu, ingress, egress: params.ifindex, eth_addrs };
-            Ok((Route::Resolved { action, eth_addrs }, Some(found)))
+            Ok((Route::Resolved { action, egress: params.ifindex, eth_addrs }, Some(found)))
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => {
             if params.ifindex != ingress && EGRESS_DEVICES.get(params.ifindex).is_none() {
@@ -733,7 +889,12 @@ fn fib_lookup(
 /// it as its own, so hairpin answers itself (when DF is set; without DF the
 /// kernel gets it, as it would fragment it).
 #[inline(always)]
-fn too_big(ctx: &XdpContext, mtu: u16, to_public_address: bool) -> Result<(u32, Counter), Counter> {
+fn too_big(
+    ctx: &XdpContext,
+    mtu: u16,
+    to_public_address: bool,
+    now: u64,
+) -> Result<(u32, Counter), Counter> {
     if !to_public_address {
         return Err(Counter::PassTooBig);
     }
@@ -744,29 +905,46 @@ fn too_big(ctx: &XdpContext, mtu: u16, to_public_address: bool) -> Result<(u32, 
     if u16::from_be(frag_off) & IP_DONT_FRAGMENT == 0 {
         return Err(Counter::PassTooBig);
     }
-    answer_unreachable(
-        ctx,
-        icmp::ICMP_FRAG_NEEDED,
+    let answer = Unreachable {
+        code: icmp::ICMP_FRAG_NEEDED,
         mtu,
-        public_addr,
-        u16::from_be(tot_len),
-        Counter::FragNeededSent,
-    )
+        from_addr: public_addr,
+        tot_len: u16::from_be(tot_len),
+        counter: Counter::FragNeededSent,
+    };
+    answer_unreachable(ctx, &answer, now)
 }
 
-/// Turns the packet into an ICMP "destination unreachable" (`code`, with the
-/// next-hop `mtu` for "fragmentation needed") to its sender, from
-/// `from_addr`: the received IPv4 header and 8 bytes after it are quoted, the
-/// rest cut off, and it goes back out where it came from.
+/// An ICMP "destination unreachable" to send in answer to a packet.
+#[derive(Clone, Copy)]
+struct Unreachable {
+    code: u8,
+    /// The next-hop MTU, for "fragmentation needed".
+    mtu: u16,
+    from_addr: u32,
+    /// The answered packet's IPv4 total length.
+    tot_len: u16,
+    /// The verdict counted when the answer goes out.
+    counter: Counter,
+}
+
+/// Turns the packet into the ICMP "destination unreachable" `answer` to its
+/// sender: the received IPv4 header and 8 bytes after it are quoted, the
+/// rest cut off, and it goes back out where it came from. Over the ICMP
+/// rate limit, the packet is dropped instead. Not inlined: a stack frame of
+/// its own.
 #[inline(always)]
 fn answer_unreachable(
     ctx: &XdpContext,
-    code: u8,
-    mtu: u16,
-    from_addr: u32,
-    tot_len: u16,
-    counter: Counter,
+    answer: &Unreachable,
+    now: u64,
 ) -> Result<(u32, Counter), Counter> {
+    let Unreachable { code, mtu, from_addr, tot_len, counter } = *answer;
+    let bucket = ICMP_RATE.get_ptr_mut(0).ok_or(Counter::IcmpRateLimited)?;
+    // SAFETY: this CPU's bucket; XDP runs to completion on a CPU.
+    if !ratelimit::take(unsafe { &mut *bucket }, now) {
+        return Ok((xdp_action::XDP_DROP, Counter::IcmpRateLimited));
+    }
     const QUOTE_LEN: usize = IPV4_HEADER_LEN + 8;
     const ICMP_LEN: usize = ICMP_HEADER_LEN + QUOTE_LEN;
     const PREPENDED: usize = IPV4_HEADER_LEN + ICMP_HEADER_LEN;

@@ -188,10 +188,10 @@ impl fmt::Display for Mapping {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     pub tcp_established: u64,
-    /// Closing TCP: FIN_WAIT to CLOSE.
+    /// The closing states, FIN_WAIT to CLOSE.
     pub tcp_transitory: u64,
     pub udp: u64,
-    /// Opening TCP: SYN_SENT and SYN_RECV (RFC 7857 §2.1 allows them shorter).
+    /// The opening states, SYN_SENT and SYN_RECV (RFC 7857 §2.1).
     pub tcp_opening: u64,
 }
 
@@ -287,8 +287,8 @@ struct RawMetrics {
 struct RawTimeouts {
     tcp_established: Option<i64>,
     tcp_transitory: Option<i64>,
-    udp: Option<i64>,
     tcp_opening: Option<i64>,
+    udp: Option<i64>,
 }
 
 #[derive(Deserialize)]

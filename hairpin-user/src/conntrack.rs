@@ -64,10 +64,6 @@ mod tests {
         }
     }
 
-    fn sides() -> nat::Sides {
-        nat::Sides { original: 2, reply: 2 }
-    }
-
     fn flow(
         client_port: u16,
         flow_state: u8,
@@ -77,7 +73,9 @@ mod tests {
         let packet = FlowKey::new(3, 100, client_port.to_be(), 80u16.to_be(), 6);
         let server =
             MappingValue { server_addr: 2, server_port: 80u16.to_be(), ..Default::default() };
-        let mut pair = nat::hairpin_flow(&packet, &server, 1, client_port.to_be(), &sides(), 0);
+        let mut pair = nat::FlowPair::default();
+        let sides = nat::Sides { original: 1, reply: 1 };
+        nat::hairpin_flow(&mut pair, &packet, &server, 1, client_port.to_be(), &sides, 0);
         pair.original.state = flow_state;
         pair.reply.state = flow_state;
         pair.original.last_seen_ns = original_seen;

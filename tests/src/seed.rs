@@ -176,7 +176,7 @@ pub struct ConfigOptions {
     pub snat_ports: Option<String>,
     /// `[conntrack] capacity`.
     pub conntrack_capacity: Option<u32>,
-    /// `[timeouts]`: key (`tcp_established`, `tcp_transitory`, `udp`) and
+    /// `[timeouts]`: key (`tcp_established`, `tcp_transitory`, `tcp_opening`, `udp`) and
     /// seconds.
     pub timeouts: Vec<(&'static str, u64)>,
     /// `[metrics] listen`, e.g. `"127.0.0.1:9654"` (inside the gateway's

@@ -556,6 +556,14 @@ fn packet_on_an_unmanaged_interface_is_passed() {
 }
 
 impl Gateway {
+    /// The entry keyed by `key`, and its table.
+    fn entry(&self, key: FlowKey) -> Option<(Table, hairpin_common::FlowEntry)> {
+        [Table::Established, Table::New].into_iter().find_map(|table| {
+            let entries = self.datapath.maps.conntrack(table).expect("conntrack");
+            entries.into_iter().find(|(k, _)| *k == key).map(|(_, e)| (table, e))
+        })
+    }
+
     /// The flow state and table of the entry keyed by `packet`'s tuple.
     fn flow_state(&self, key: FlowKey) -> Option<(Table, &'static str)> {
         [Table::Established, Table::New].into_iter().find_map(|table| {
@@ -707,7 +715,119 @@ fn udp_flow_is_established_by_the_reply() {
         gw.run(&udp((CLIENT, 33400), (PUBLIC, 53), b"q"));
         assert_eq!(gw.flow_state(original), Some((Table::New, "UNREPLIED")));
         gw.run(&udp((SERVER, 5353), (GATEWAY, 33400), b"a"));
+        assert_eq!(
+            gw.flow_state(original),
+            Some((Table::New, "REPLIED")),
+            "a query and its answer are not a stream: they stay evictable"
+        );
+        // The flow has lasted 3 s: backdate its entries, as a clock would.
+        for table_key in [original, key((SERVER, 5353), (GATEWAY, 33400), 17)] {
+            let (_, mut entry) = gw.entry(table_key).expect("flow entry");
+            entry.created_s -= 3;
+            gw.datapath.maps.put_flow(Table::New, &table_key, &entry);
+        }
+        gw.run(&udp((CLIENT, 33400), (PUBLIC, 53), b"q2"));
         assert_eq!(gw.flow_state(original), Some((Table::Established, "REPLIED")));
+        assert_eq!(gw.counter(Counter::FlowEstablished), 1);
+    });
+}
+
+#[test]
+fn a_flows_tuple_from_the_wrong_interface_is_no_flows() {
+    if skip_unless_root("a_flows_tuple_from_the_wrong_interface_is_no_flows") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let wan0 = gw.wan0;
+        let (verdict, _) = gw.run(&udp((CLIENT, 33500), (PUBLIC, 53), b"q"));
+        assert_eq!(verdict, XDP_TX);
+        // A WAN host sends the LAN client's tuple, then the server's reply tuple.
+        for packet in [
+            udp((CLIENT, 33500), (PUBLIC, 53), b"injected to the server"),
+            udp((SERVER, 5353), (GATEWAY, 33500), b"injected to the client"),
+        ] {
+            let (verdict, out) = gw.run_on(wan0, &packet);
+            assert_eq!((verdict, out), (XDP_PASS, packet), "passed untouched, never translated");
+        }
+        assert_eq!(gw.counter(Counter::WrongInterface), 2);
+        let (verdict, out) = gw.run(&udp((SERVER, 5353), (GATEWAY, 33500), b"a"));
+        assert_eq!(verdict, XDP_TX, "the flow still works from its own side");
+        assert_eq!(inspect(&out).dst, (CLIENT, 33500));
+        assert_eq!(gw.counter(Counter::FlowCreated), 1);
+    });
+}
+
+#[test]
+fn a_wan_tuple_arriving_on_the_lan_is_not_translated() {
+    if skip_unless_root("a_wan_tuple_arriving_on_the_lan_is_not_translated") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let wan0 = gw.wan0;
+        let (verdict, _) = gw.run_on(wan0, &syn((WAN_CLIENT, 50100), (PUBLIC, 80)));
+        assert_eq!(verdict, XDP_REDIRECT);
+        // The same tuple from a LAN host: not the WAN client's flow.
+        let packet = flagged((WAN_CLIENT, 50100), (PUBLIC, 80), 0x10);
+        let (verdict, out) = gw.run(&packet);
+        assert_eq!((verdict, out), (XDP_PASS, packet));
+        assert_eq!(gw.counter(Counter::WrongInterface), 1);
+    });
+}
+
+#[test]
+fn a_half_evicted_flow_never_shares_its_port() {
+    if skip_unless_root("a_half_evicted_flow_never_shares_its_port") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let (_, out) = gw.run(&udp((CLIENT, 40300), (PUBLIC, 53), b"first"));
+        assert_eq!(inspect(&out).src, (GATEWAY, 40300));
+        // The table evicts the cold reply entry alone.
+        let reply = key((SERVER, 5353), (GATEWAY, 40300), 17);
+        assert_eq!(gw.datapath.maps.remove_flows(Table::New, &[reply]), 1);
+
+        let mut second = udp((CLIENT_B, 40300), (PUBLIC, 53), b"second");
+        second[6..12].copy_from_slice(&CLIENT_B_MAC);
+        let (_, out) = gw.run(&second);
+        let second_source = inspect(&out).src;
+        assert_eq!(second_source, (GATEWAY, 40300), "the port is free again");
+
+        let (verdict, out) = gw.run(&udp((CLIENT, 40300), (PUBLIC, 53), b"first again"));
+        assert_eq!(verdict, XDP_TX);
+        assert_ne!(
+            inspect(&out).src,
+            second_source,
+            "the first client's orphan entry must not send it from the second one's port"
+        );
+        assert_eq!(gw.counter(Counter::FlowOrphaned), 1);
+        let (_, out) = gw.run(&udp((SERVER, 5353), second_source, b"to the second"));
+        assert_eq!(inspect(&out).dst, (CLIENT_B, 40300), "replies reach the port's owner");
+    });
+}
+
+#[test]
+fn generated_icmp_is_rate_limited() {
+    if skip_unless_root("generated_icmp_is_rate_limited") {
+        return;
+    }
+    let config = CONFIG.replace(
+        "address = \"192.168.0.1\"",
+        "address = \"192.168.0.1\"\nsnat_ports = \"20000-20000\"",
+    );
+    with_datapath(&config, |gw| {
+        gw.run(&syn((CLIENT, 41000), (PUBLIC, 80)));
+        let mut answered = 0;
+        for client_port in 41001..41201 {
+            let (verdict, _) = gw.run(&syn((CLIENT, client_port), (PUBLIC, 80)));
+            answered += (verdict == XDP_TX) as u64;
+        }
+        let limited = gw.counter(Counter::IcmpRateLimited);
+        assert!(
+            (hairpin_common::ratelimit::ICMP_BURST..200).contains(&answered),
+            "{answered} of 200 refusals answered"
+        );
+        assert_eq!(answered + limited, 200, "every refusal is answered or dropped and counted");
+        assert!(limited >= 100, "a burst of 200 in well under a second is limited: {limited}");
     });
 }
 
@@ -716,7 +836,7 @@ fn expired_flows_are_absent_and_reclaimed() {
     if skip_unless_root("expired_flows_are_absent_and_reclaimed") {
         return;
     }
-    let config = format!("{CONFIG}\n[timeouts]\ntcp_transitory = 1\nudp = 1\n");
+    let config = format!("{CONFIG}\n[timeouts]\ntcp_opening = 1\ntcp_transitory = 1\nudp = 1\n");
     with_datapath(&config, |gw| {
         let client = (CLIENT, 40300);
         assert_eq!(gw.run(&syn(client, (PUBLIC, 80))).0, XDP_TX);
@@ -743,10 +863,10 @@ fn expired_flows_are_absent_and_reclaimed() {
             .expect("reclaim");
         assert_eq!(
             reclaimed,
-            [2, 0],
-            "the idle UDP flow's two entries, from the established table"
+            [0, 2],
+            "the idle UDP flow's two entries, from the new-flow table (an answered query is no stream)"
         );
-        assert!(gw.datapath.maps.conntrack(Table::Established).unwrap().is_empty());
+        assert!(gw.datapath.maps.conntrack(Table::New).unwrap().is_empty());
 
         assert_eq!(gw.run(&syn(client, (PUBLIC, 80))).0, XDP_TX, "the same tuple opens a new flow");
     });

@@ -430,7 +430,7 @@ fn reclaim_ticker(config: &Config) -> tokio::time::Interval {
 /// Often enough that expired flows do not linger much past their timeout.
 fn reclaim_ticker_for(config: &Config) -> tokio::time::Interval {
     let t = config.timeouts;
-    let shortest = t.tcp_established.min(t.tcp_transitory).min(t.udp);
+    let shortest = t.tcp_established.min(t.tcp_transitory).min(t.udp).min(t.tcp_opening);
     let period = Duration::from_secs((shortest / 4).clamp(1, 10));
     tokio::time::interval_at(tokio::time::Instant::now() + period, period)
 }
