@@ -787,7 +787,9 @@ fn import_iptables_takes_over_the_seed_rules() {
 
     let dry = cli.run_with_stdin(&["import-iptables", "--dry-run"], &saved).expect_success();
     assert!(
-        dry.stdout.lines().any(|l| l == "would publish tcp 203.0.113.1:80 -> 192.168.0.2:80"),
+        dry.stdout
+            .lines()
+            .any(|l| l == "would publish tcp 203.0.113.1:80 -> 192.168.0.2:80 from 192.168.0.0/24"),
         "the dry run should show the DNAT rule as a mapping: {dry}"
     );
     assert!(
@@ -808,17 +810,26 @@ fn import_iptables_takes_over_the_seed_rules() {
     let _ = std::fs::remove_file(&file);
     let imported = imported.expect_success();
     assert!(
-        imported.stdout.lines().any(|l| l == "published tcp 203.0.113.1:80 -> 192.168.0.2:80"),
+        imported
+            .stdout
+            .lines()
+            .any(|l| l == "published tcp 203.0.113.1:80 -> 192.168.0.2:80 from 192.168.0.0/24"),
         "{imported}"
     );
     let listed = cli.json(&["mapping", "list", "--json"]);
     assert_eq!(mapping_triples(&listed), triples(&[HTTP]), "after the import: {listed}");
+    assert_eq!(listed[0]["allow"], json!(["192.168.0.0/24"]), "the rule's `-s` is kept");
     assert_hairpinned(&seed.client, HTTP_PORT, "after the import");
+    // The seed's rule is for LAN sources only: so is the import.
+    assert!(
+        get_forwarded(seed, HTTP_PORT).is_err(),
+        "a WAN host outside the imported rule's `-s` was forwarded"
+    );
 
     // Importing again publishes nothing twice.
     let again = cli.run_with_stdin(&["import-iptables", "-"], &saved);
     assert!(
-        again.stdout.contains("not published tcp 203.0.113.1:80 -> 192.168.0.2:80"),
+        again.stdout.contains("not published tcp 203.0.113.1:80 -> 192.168.0.2:80 from"),
         "a second import should say the mapping is there already: {again}"
     );
     assert_eq!(mapping_triples(&cli.json(&["mapping", "list", "--json"])), triples(&[HTTP]));
@@ -1223,11 +1234,11 @@ fn deny_add_bans_new_and_open_port_forwards_and_only_cli_entries_survive_a_reloa
     let stream = tcp_connect(&seed.wan, public(ECHO_PORT), TIMEOUT).expect("WAN echo");
     let mut pump = EchoPump::start(stream);
     pump.advance(10, "before the ban");
+    let mut stream = pump.stop("before the ban");
     let mut lan_stream = tcp_connect(&seed.client, public(ECHO_PORT), TIMEOUT).expect("LAN echo");
 
     let banned = cli.ok(&["deny", "add", &format!("{wan_host}/32")]);
     assert!(banned.contains("ended 1 open port-forward flow"), "{banned}");
-    let mut stream = pump.stop("the ban's flow removal");
     assert!(
         echo_roundtrip(&mut stream, b"after the ban\n").is_err(),
         "an open connection of a banned client should end"
