@@ -1325,3 +1325,27 @@ fn concurrent_writers_never_pick_the_same_rule_id_or_lose_a_mapping() {
     unique_rule_ids(&cli);
     assert_hairpinned(&seed.client, HTTP_PORT, "the file's mapping after the reloads");
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_pin_dir_that_is_a_symlink_is_refused_not_followed() {
+    if !have_root("a_pin_dir_that_is_a_symlink_is_refused_not_followed") {
+        return;
+    }
+    let bed = Bed::new();
+    let _daemon = bed.start(&[HTTP]);
+    let real = pin_dir(&bed.seed.gateway);
+    let link = std::env::temp_dir().join(format!("{}-pins-link", bed.seed.gateway.name()));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&real, &link).expect("test setup: a symlink to the pins");
+    let cli = Cli::with_pin_dir(&bed.seed.gateway, &link);
+    let listed = cli.run(&["mapping", "list"]);
+    let added = cli.run(&["mapping", "add", ECHO.0, ECHO.1, ECHO.2]);
+    let _ = std::fs::remove_file(&link);
+    for output in [&listed, &added] {
+        assert_refused_input(output, 1);
+        assert!(output.stderr.contains("symbolic link"), "should say why: {output}");
+    }
+    let through_real = bed.cli().json(&["mapping", "list", "--json"]);
+    assert_eq!(mapping_triples(&through_real), triples(&[HTTP]), "nothing written: {through_real}");
+}
