@@ -47,6 +47,8 @@ pub enum DatapathError {
     AttachTc { interface: String, source: aya::programs::ProgramError },
     #[error("pinning under {path}: {message}")]
     Pin { path: String, message: String },
+    #[error("refusing the pin path {path}: it {reason}")]
+    UntrustedPin { path: String, reason: &'static str },
     #[error(
         "the pinned conntrack tables at {dir} hold {pinned} entries, the configuration asks for {configured}: \
          stop the running instance (which empties them) to change conntrack.capacity"
@@ -121,9 +123,9 @@ impl PinDir {
             if let Ok(metadata) = fs::symlink_metadata(&path) {
                 use std::os::unix::fs::MetadataExt as _;
                 pin_path_trusted(metadata.file_type().is_symlink(), metadata.uid(), euid).map_err(
-                    |message| DatapathError::Pin {
+                    |reason| DatapathError::UntrustedPin {
                         path: path.display().to_string(),
-                        message: message.into(),
+                        reason,
                     },
                 )?;
             }
@@ -135,10 +137,10 @@ impl PinDir {
 /// Why a pin path with these properties is not to be used, if it is not.
 pub fn pin_path_trusted(is_symlink: bool, owner: u32, euid: u32) -> Result<(), &'static str> {
     if is_symlink {
-        return Err("is a symbolic link; refusing to follow it (remove it)");
+        return Err("is a symbolic link, which hairpin does not follow (remove it)");
     }
     if owner != 0 && owner != euid {
-        return Err("is owned by another user; refusing to use it (remove it)");
+        return Err("is owned by another user than root (remove it)");
     }
     Ok(())
 }
