@@ -533,4 +533,37 @@ mod tests {
         let error = linked_map.expect_err("a symlinked map pin was accepted").to_string();
         assert!(error.contains(names::SETTINGS) && error.contains("symbolic link"), "{error}");
     }
+
+    #[test]
+    #[ignore = "needs root"]
+    fn hairpin_mounts_bpffs_for_root_only() {
+        use rustix::{fs::statfs, mount, thread};
+        // In a mount namespace of this thread's own, with /sys/fs/bpf
+        // hidden under a tmpfs, so that hairpin has to mount bpffs there.
+        let mode = std::thread::spawn(|| {
+            // SAFETY: CLONE_FILES is not unshared: descriptors stay shared.
+            unsafe {
+                thread::unshare_unsafe(thread::UnshareFlags::NEWNS | thread::UnshareFlags::FS)
+            }
+            .expect("a mount namespace of its own (needs root)");
+            mount::mount_change(
+                "/",
+                mount::MountPropagationFlags::REC | mount::MountPropagationFlags::PRIVATE,
+            )
+            .expect("private mounts, so nothing reaches the host");
+            mount::mount("tmpfs", "/sys/fs/bpf", "tmpfs", mount::MountFlags::empty(), c"")
+                .expect("hiding the host's bpffs");
+            let pins = PinDir(PathBuf::from("/sys/fs/bpf/hairpin-mount-test"));
+            prepare_pin_dir(&pins).expect("preparing the pin dir");
+            let magic = statfs("/sys/fs/bpf").expect("statfs").f_type as i64;
+            let mode = fs::metadata("/sys/fs/bpf").expect("stat").permissions().mode() & 0o7777;
+            (magic, mode, is_bpffs(Path::new("/sys/fs/bpf")))
+        })
+        .join()
+        .expect("the mount thread panicked");
+        assert!(mode.2, "hairpin did not mount bpffs (f_type {:#x})", mode.0);
+        // The kernel sets the sticky bit on every bpffs root; what matters is
+        // that only its owner may enter it.
+        assert_eq!(mode.1 & 0o777, 0o700, "bpffs mounted with mode {:o}", mode.1);
+    }
 }
