@@ -55,6 +55,8 @@ const SNAT_REASON: &str = "SNAT/MASQUERADE: hairpin does the hairpin SNAT itself
 pub fn import_iptables_save(text: &str, interfaces: Option<&[String]>) -> Imported {
     let mut imported = Imported::default();
     let mut mapping_lines: Vec<usize> = Vec::new();
+    // The mapping the last rule became, if it became one.
+    let mut previous: Option<usize> = None;
     let mut table: Option<&str> = None;
     let mut user_chains: Vec<&str> = Vec::new();
     for (index, line) in text.lines().enumerate() {
@@ -83,12 +85,24 @@ pub fn import_iptables_save(text: &str, interfaces: Option<&[String]>) -> Import
         let reason = match import_rule(line, &user_chains, interfaces) {
             Err(reason) => reason,
             Ok(mapping) => {
+                // The same forward as the rule just before, for other sources:
+                // one mapping allowing both. Only then: a rule in between could
+                // have sent some of those sources elsewhere.
+                if let Some(previous) = previous.and_then(|i| imported.mappings.get_mut(i))
+                    && same_but_sources(previous, &mapping)
+                {
+                    let new: Vec<_> =
+                        mapping.allow.into_iter().filter(|n| !previous.allow.contains(n)).collect();
+                    previous.allow.extend(new);
+                    continue;
+                }
                 let earlier = mapping_lines
                     .iter()
                     .zip(&imported.mappings)
                     .find(|(_, earlier)| earlier.overlaps(&mapping));
                 match earlier {
                     None => {
+                        previous = Some(imported.mappings.len());
                         imported.mappings.push(mapping);
                         mapping_lines.push(line_number);
                         continue;
@@ -99,9 +113,18 @@ pub fn import_iptables_save(text: &str, interfaces: Option<&[String]>) -> Import
                 }
             }
         };
+        previous = None;
         imported.skipped.push(Skipped { line: line_number, rule: line.to_string(), reason });
     }
     imported
+}
+
+/// Whether `a` and `b` are the same forward, both limited to sources, so
+/// that one mapping allowing the sources of both is exactly the two rules.
+fn same_but_sources(a: &Mapping, b: &Mapping) -> bool {
+    !a.allow.is_empty()
+        && !b.allow.is_empty()
+        && Mapping { allow: Vec::new(), ..a.clone() } == Mapping { allow: Vec::new(), ..b.clone() }
 }
 
 /// The options of one rule that decide whether it is a port forward.
@@ -864,6 +887,35 @@ COMMIT
             assert_eq!(skipped.rule, lines[line - 1]);
             assert!(skipped.reason.contains(reason), "line {line}: `{}`", skipped.reason);
         }
+    }
+
+    #[test]
+    fn one_forward_for_several_sources_is_one_mapping_allowing_them_all() {
+        let text = "\
+*nat
+-A PREROUTING -s 198.51.100.0/24 -d 203.0.113.1/32 -p tcp -m tcp --dport 22 -j DNAT --to-destination 192.168.0.5
+-A PREROUTING -s 192.0.2.7/32 -d 203.0.113.1/32 -p tcp -m tcp --dport 22 -j DNAT --to-destination 192.168.0.5
+-A PREROUTING -d 203.0.113.1/32 -p tcp -m tcp --dport 22 -j DNAT --to-destination 192.168.0.5
+-A PREROUTING -s 192.0.2.8/32 -d 203.0.113.1/32 -p tcp -m tcp --dport 22 -j DNAT --to-destination 192.168.0.6
+-A PREROUTING -s 192.0.2.9/32 -d 203.0.113.1/32 -p tcp -m tcp --dport 22 -j DNAT --to-destination 192.168.0.5
+COMMIT
+";
+        let imported = import(text);
+        assert_eq!(
+            imported.mappings,
+            [restricted(
+                mapping(Proto::Tcp, "203.0.113.1:22", "192.168.0.5:22"),
+                &["198.51.100.0/24", "192.0.2.7/32"],
+                &[]
+            )]
+        );
+        let skipped: Vec<usize> = imported.skipped.iter().map(|s| s.line).collect();
+        assert_eq!(
+            skipped,
+            [4, 5, 6],
+            "an open rule and another server overlap, and after them the same forward \
+             is not merged (the rules between sent its sources elsewhere): {imported:?}"
+        );
     }
 
     #[test]
