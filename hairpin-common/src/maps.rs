@@ -201,13 +201,17 @@ pod! {
         pub kind: u8,
         pub _pad0: u16,
         pub _pad1: u32,
+        /// TCP: both directions' sequence spaces, by `DIRECTION_*`. Kept in
+        /// the original entry only (a reply packet reads them there, which
+        /// is also the check that its partner still exists); zero in the
+        /// reply entry and for UDP.
+        pub tcp: [TcpWindow; 2],
     }
 }
 
 pod! {
     /// What one direction of a TCP connection has shown of its sequence
-    /// space, as netfilter's `ip_ct_tcp_state` (see `crate::tcp`; not in the
-    /// conntrack entries yet). Host order.
+    /// space, as netfilter's `ip_ct_tcp_state` (see `crate::tcp`). Host order.
     pub struct TcpWindow {
         /// The highest sequence number sent, plus one (`td_end`).
         pub end: u32,

@@ -15,12 +15,6 @@
 //!   nothing here.
 //!
 //! Sequence numbers compare modulo 2^32, as in `before()`/`after()`.
-//!
-//! Not used by the datapath yet: with it inlined, the XDP program's call
-//! chain needs more than the 512 bytes of stack BPF allows (measured: 456
-//! bytes for the entry point alone, 112 more for the tracking). Until the
-//! datapath is split so that it fits, TCP states follow the flags alone
-//! (`nat::next_state`), and the README's Security section says so.
 
 use crate::{
     Counter, DIRECTION_ORIGINAL, FIN_SEEN_ORIGINAL, FIN_SEEN_REPLY, TcpWindow,
@@ -140,6 +134,7 @@ pub struct Tracked {
 /// Tracks a segment sent in `direction` of a flow in `flow_state`: updates
 /// `windows` and gives the flow's next state, or the counter of why the
 /// segment must not be sent on (nothing is updated then).
+#[inline(always)]
 pub fn track(
     flow_state: u8,
     fin_seen: u8,

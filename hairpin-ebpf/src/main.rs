@@ -19,7 +19,7 @@ use aya_ebpf::{
     },
     helpers::generated::{
         bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect_neigh,
-        bpf_xdp_adjust_head, bpf_xdp_adjust_meta, bpf_xdp_adjust_tail,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_meta, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
     },
     macros::{classifier, map, xdp},
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
@@ -37,9 +37,10 @@ use hairpin_common::{
     nat::{self, FlowPair, SNAT_PORT_ATTEMPTS, Sides},
     packet::{
         ETH_HEADER_LEN, ETH_P_IPV4, EthHeader, IPV4_HEADER_LEN, IcmpHeader, Ipv4Header, L4_OFFSET,
-        TcpHeader, UdpHeader,
+        TCP_SYN, TcpHeader, UdpHeader,
     },
     ratelimit, route,
+    tcp::{self, MAX_OPTIONS_LEN, NO_WINDOW_SCALE, Segment},
 };
 
 #[map]
@@ -97,6 +98,11 @@ static MAPPING_SOURCES: LpmTrie<RuleSource, u8> = LpmTrie::with_max_entries(MAX_
 #[map]
 static MAPPING_INTERFACES: HashMap<RuleInterface, u8> =
     HashMap::with_max_entries(MAX_MAPPING_INTERFACES, 0);
+
+/// Where a SYN's TCP options are read to find its window scale.
+#[map]
+static TCP_OPTIONS_SCRATCH: PerCpuArray<[u8; MAX_OPTIONS_LEN]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// Token buckets for the ICMP messages the datapath generates.
 #[map]
@@ -181,11 +187,12 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
         return try_icmp_error(ctx, ip.src_addr, tot_len, settings, now);
     }
     let l4 = l4_header(ctx, ip.proto)?;
-    let flags = tcp_flags(ctx, ip.proto)?;
+    let segment =
+        if ip.proto == IPPROTO_TCP { tcp_segment(ctx, tot_len)? } else { Segment::default() };
     let [src_port, dst_port] = unsafe { *l4.ports };
     let packet = FlowKey::new(ip.src_addr, ip.dst_addr, src_port, dst_port, ip.proto);
 
-    let arrival = Arrival { packet, flags, now, tot_len };
+    let arrival = Arrival { packet, segment, now, tot_len };
     let (outcome, created) = match find_flow(&packet, ingress, settings, now)? {
         Some(flow) => (forward_tracked(ctx, &flow, &arrival)?, false),
         None => (open_flow(ctx, settings, &arrival)?, true),
@@ -216,11 +223,11 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     send(unsafe { &mut *eth }, &route, counter)
 }
 
-/// A packet of a flow: its tuple, TCP flags, when it arrived and how long
+/// A packet of a flow: its tuple, TCP header, when it arrived and how long
 /// it is (IPv4 total length).
 struct Arrival {
     packet: FlowKey,
-    flags: u8,
+    segment: Segment,
     now: u64,
     tot_len: u16,
 }
@@ -238,7 +245,7 @@ enum Outcome {
 /// either path's frame fit the 512 bytes BPF allows a call chain.
 #[inline(always)]
 fn forward_tracked(ctx: &XdpContext, flow: &Flow, arrival: &Arrival) -> Result<Outcome, Counter> {
-    let Arrival { ref packet, flags, now, tot_len } = *arrival;
+    let Arrival { ref packet, ref segment, now, tot_len } = *arrival;
     // SAFETY: a map value; see find_flow. Fields are read one by one: a
     // copy of the whole entry does not fit the stack.
     let (translated, direction, kind) =
@@ -247,7 +254,7 @@ fn forward_tracked(ctx: &XdpContext, flow: &Flow, arrival: &Arrival) -> Result<O
     if let Route::TooBig { mtu } = route {
         return too_big(ctx, mtu, direction == DIRECTION_ORIGINAL, now).map(Outcome::Answered);
     }
-    if let Err(refused) = track(flow, packet, flags, now, tot_len) {
+    if let Err(refused) = track(flow, packet, segment, now, tot_len) {
         return Ok(Outcome::Answered((xdp_action::XDP_DROP, refused)));
     }
     let counter = if direction != DIRECTION_ORIGINAL {
@@ -264,8 +271,8 @@ fn forward_tracked(ctx: &XdpContext, flow: &Flow, arrival: &Arrival) -> Result<O
 /// or refused. Not inlined, as `forward_tracked`.
 #[inline(always)]
 fn open_flow(ctx: &XdpContext, settings: &Settings, arrival: &Arrival) -> Result<Outcome, Counter> {
-    let Arrival { ref packet, flags, now, tot_len } = *arrival;
-    let admitted = match admit_new_flow(ctx, packet, flags, settings)? {
+    let Arrival { ref packet, ref segment, now, tot_len } = *arrival;
+    let admitted = match admit_new_flow(ctx, packet, segment.flags, settings)? {
         Admission::Admitted(admitted) => admitted,
         Admission::Denied => return Ok(Outcome::Answered((xdp_action::XDP_DROP, Counter::Denied))),
     };
@@ -276,7 +283,7 @@ fn open_flow(ctx: &XdpContext, settings: &Settings, arrival: &Arrival) -> Result
         return too_big(ctx, mtu, true, now).map(Outcome::Answered);
     }
     let sides = Sides { original: ctx.ingress_ifindex() as u32, reply: route.egress() };
-    let flow = match create_flow(packet, &admitted, &sides, settings, now, tot_len) {
+    let flow = match create_flow(packet, &admitted, &sides, segment, settings, now, tot_len) {
         Ok(flow) => flow,
         // Refused cleanly: handed to the kernel, the packet could reach a
         // service of the gateway's own on the public address.
@@ -445,7 +452,8 @@ fn try_icmp_error(
 
 /// A live conntrack entry, the table it is in, and its partner (the other
 /// direction's entry) where the lookup needed it: for entries of the
-/// new-flow table. Null otherwise (the established table has no evictions).
+/// new-flow table (to check it is still there), and for TCP replies (the
+/// original entry holds the windows). Null otherwise.
 struct Flow {
     entry: *mut FlowEntry,
     partner: *mut FlowEntry,
@@ -467,11 +475,19 @@ fn find_flow(
 ) -> Result<Option<Flow>, Counter> {
     if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
         if !expired(key, entry, settings, now, true) {
-            // SAFETY: a map value.
-            if !nat::on_its_side(unsafe { (*entry).ingress }, ingress) {
+            // SAFETY: a map value; fields are copied out.
+            let (entry_ingress, direction, proto) =
+                unsafe { ((*entry).ingress, (*entry).direction, (*entry).translated.proto) };
+            if !nat::on_its_side(entry_ingress, ingress) {
                 return Err(Counter::WrongInterface);
             }
-            let partner = core::ptr::null_mut();
+            let mut partner = core::ptr::null_mut();
+            if proto == IPPROTO_TCP && direction != DIRECTION_ORIGINAL {
+                // The original entry holds the windows; without it (being
+                // removed) the flow is gone.
+                let partner_key = unsafe { (*entry).translated.reversed() };
+                partner = CONNTRACK.get_ptr_mut(&partner_key).ok_or(Counter::FlowOrphaned)?;
+            }
             return Ok(Some(Flow { entry, partner, established: true }));
         }
     }
@@ -539,7 +555,13 @@ fn expired(
 /// Moves the flow on with a packet: counters, last seen, state, and the
 /// established table once the flow has earned it.
 #[inline(always)]
-fn track(flow: &Flow, packet: &FlowKey, tcp_flags: u8, now: u64, len: u16) -> Result<(), Counter> {
+fn track(
+    flow: &Flow,
+    packet: &FlowKey,
+    segment: &Segment,
+    now: u64,
+    len: u16,
+) -> Result<(), Counter> {
     const REFRESH_NS: u64 = 1_000_000_000;
     let entry = flow.entry;
     // SAFETY: a map value; fields are copied out.
@@ -552,7 +574,24 @@ fn track(flow: &Flow, packet: &FlowKey, tcp_flags: u8, now: u64, len: u16) -> Re
             (*entry).created_s,
         )
     };
-    let (state, fin_seen) = nat::next_state(old_state, old_fin_seen, direction, tcp_flags);
+    let (state, fin_seen) = if packet.proto == IPPROTO_TCP {
+        // The original entry holds both directions' windows.
+        let holder = if direction == DIRECTION_ORIGINAL { entry } else { flow.partner };
+        if holder.is_null() {
+            return Err(Counter::FlowOrphaned);
+        }
+        // SAFETY: a map value. Another CPU may track the other direction at
+        // the same time; a lost update leaves a window smaller by one
+        // segment, which the next segment widens again.
+        let windows = unsafe { &mut (*holder).tcp };
+        let tracked = tcp::track(old_state, old_fin_seen, windows, direction, segment)?;
+        if tracked.rst_not_exact {
+            count(Counter::TcpRstNotExact);
+        }
+        (tracked.state, tracked.fin_seen)
+    } else {
+        (nat::udp_next_state(old_state, direction), old_fin_seen)
+    };
     // SAFETY: map values shared between CPUs: the counters are added
     // atomically.
     unsafe {
@@ -618,15 +657,61 @@ fn l4_header(ctx: &XdpContext, proto: u8) -> Result<L4, Counter> {
     unsafe { Ok(L4 { check: &raw mut (*tcp).check, ports: tcp.cast() }) }
 }
 
-/// The packet's TCP flags (0 for UDP).
+/// What TCP tracking needs of the packet's TCP header.
 #[inline(always)]
-fn tcp_flags(ctx: &XdpContext, proto: u8) -> Result<u8, Counter> {
-    if proto != IPPROTO_TCP {
-        return Ok(0);
-    }
+fn tcp_segment(ctx: &XdpContext, tot_len: u16) -> Result<Segment, Counter> {
     let tcp: *mut TcpHeader = ptr_at(ctx, L4_OFFSET)?;
     // SAFETY: bounds checked by ptr_at.
-    Ok(unsafe { (*tcp).flags })
+    let (seq, ack, data_offset, flags, window) =
+        unsafe { ((*tcp).seq, (*tcp).ack_seq, (*tcp).data_offset, (*tcp).flags, (*tcp).window) };
+    let header_len = ((data_offset >> 4) as u32) * 4;
+    let payload_len = (tot_len as u32).saturating_sub(IPV4_HEADER_LEN as u32 + header_len);
+    let window_scale = if flags & TCP_SYN != 0 { syn_window_scale(ctx) } else { NO_WINDOW_SCALE };
+    Ok(Segment {
+        seq: u32::from_be(seq),
+        ack: u32::from_be(ack),
+        window: u16::from_be(window),
+        flags,
+        payload_len,
+        window_scale,
+    })
+}
+
+/// The window scale a SYN announces, from its options, read into a per-CPU
+/// buffer (the stack has no room for it).
+#[inline(always)]
+fn syn_window_scale(ctx: &XdpContext) -> u8 {
+    const TCP_HEADER_WORDS: u32 = 5;
+    let Ok(tcp) = ptr_at::<TcpHeader>(ctx, L4_OFFSET) else {
+        return NO_WINDOW_SCALE;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let data_offset = unsafe { (*tcp).data_offset };
+    let words = (data_offset >> 4) as u32;
+    if words <= TCP_HEADER_WORDS {
+        return NO_WINDOW_SCALE;
+    }
+    let options_len = (words - TCP_HEADER_WORDS) * 4;
+    // LLVM folds this into arithmetic whose bounds the verifier loses; read
+    // back through the stack, the checks below are what it sees: 4 to 40.
+    let options_len = core::hint::black_box(options_len);
+    if options_len < 4 {
+        return NO_WINDOW_SCALE;
+    }
+    if options_len > MAX_OPTIONS_LEN as u32 {
+        return NO_WINDOW_SCALE;
+    }
+    let Some(options) = TCP_OPTIONS_SCRATCH.get_ptr_mut(0) else {
+        return NO_WINDOW_SCALE;
+    };
+    let offset = L4_OFFSET as u32 + TCP_HEADER_WORDS * 4;
+    // SAFETY: copies at most MAX_OPTIONS_LEN bytes into this CPU's buffer.
+    let loaded = unsafe { bpf_xdp_load_bytes(ctx.ctx, offset, options.cast(), options_len) };
+    if loaded != 0 {
+        return NO_WINDOW_SCALE;
+    }
+    // SAFETY: this CPU's buffer, just written.
+    tcp::window_scale(unsafe { &*options }, options_len as usize)
 }
 
 /// A new flow the mapping table and the interface's role let in.
@@ -709,6 +794,7 @@ fn create_flow(
     packet: &FlowKey,
     admitted: &Admitted,
     sides: &Sides,
+    syn: &Segment,
     settings: &Settings,
     now: u64,
     tot_len: u16,
@@ -728,6 +814,9 @@ fn create_flow(
     }
     flow.original.packets = 1;
     flow.original.bytes = tot_len as u64;
+    if packet.proto == IPPROTO_TCP {
+        flow.original.tcp = tcp::open(syn);
+    }
     for attempt in 0..attempts {
         if admitted.hairpin {
             let port = nat::snat_port_candidate(
