@@ -170,19 +170,28 @@ struct Tcp {
     ack: bool,
 }
 
+/// Both sides' initial sequence number in these tests: with the same one,
+/// every later segment (seq and ack `ISN + 1`) fits either side's window.
+const ISN: u32 = 1000;
+
+/// A TCP segment of the tests' connections: a SYN or SYN-ACK opens with
+/// `ISN` (the SYN-ACK acknowledging the SYN exactly), later segments carry
+/// `ISN + 1` both ways and a payload.
 fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), syn: bool, ack: bool, ttl: u8) -> Vec<u8> {
     let t = Tcp { src, dst, syn, ack };
+    let seq = if t.syn { ISN } else { ISN + 1 };
     let mut builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
         .ipv4(t.src.0, t.dst.0, ttl)
-        .tcp(t.src.1, t.dst.1, 1000, 64240);
+        .tcp(t.src.1, t.dst.1, seq, 64240);
     if t.syn {
         builder = builder.syn();
     }
     if t.ack {
-        builder = builder.ack(77);
+        builder = builder.ack(ISN + 1);
     }
+    let payload: &[u8] = if t.syn { b"" } else { b"tcp payload" };
     let mut packet = Vec::new();
-    builder.write(&mut packet, b"tcp payload").expect("build tcp");
+    builder.write(&mut packet, payload).expect("build tcp");
     packet
 }
 
@@ -660,6 +669,41 @@ fn port_range_mapping(#[case] public_port: u16, #[case] server_port: u16) {
     });
 }
 
+/// A TCP segment with these flags, sequence and acknowledgment numbers and
+/// `len` bytes of payload.
+fn segment(
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    len: usize,
+) -> Vec<u8> {
+    let mut packet = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, seq, 64240)
+        .write(&mut packet, &vec![0x61; len])
+        .expect("build tcp");
+    let tcp_at = 14 + 20;
+    packet[tcp_at + 8..tcp_at + 12].copy_from_slice(&ack.to_be_bytes());
+    packet[tcp_at + 13] = flags;
+    fix_tcp_checksum(&mut packet);
+    packet
+}
+
+fn fix_tcp_checksum(packet: &mut [u8]) {
+    let ip = Ipv4HeaderSlice::from_slice(&packet[14..]).unwrap();
+    let tcp_slice = TcpHeaderSlice::from_slice(&packet[34..]).unwrap();
+    let check = tcp_slice.calc_checksum_ipv4(&ip, &packet[34 + tcp_slice.slice().len()..]).unwrap();
+    packet[34 + 16..34 + 18].copy_from_slice(&check.to_be_bytes());
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+
 #[test]
 fn tcp_states_follow_the_connection_and_it_moves_tables() {
     if skip_unless_root("tcp_states_follow_the_connection_and_it_moves_tables") {
@@ -670,38 +714,185 @@ fn tcp_states_follow_the_connection_and_it_moves_tables() {
         let (public, server, gateway) = ((PUBLIC, 80), (SERVER, 8080), (GATEWAY, 40200));
         let original = key(client, public, 6);
         let reply = key(server, gateway, 6);
-        const SYN: u8 = 0x02;
-        const ACK: u8 = 0x10;
-        const FIN: u8 = 0x01;
-        const RST: u8 = 0x04;
-        let steps: &[(bool, u8, Table, &str)] = &[
-            (true, SYN, Table::New, "SYN_SENT"),
-            (false, SYN | ACK, Table::New, "SYN_RECV"),
-            (true, ACK, Table::Established, "ESTABLISHED"),
-            (false, ACK, Table::Established, "ESTABLISHED"),
-            (true, FIN | ACK, Table::Established, "FIN_WAIT"),
-            (false, ACK, Table::Established, "CLOSE_WAIT"),
-            (false, FIN | ACK, Table::Established, "TIME_WAIT"),
-            (true, ACK, Table::Established, "TIME_WAIT"),
-            (true, RST, Table::Established, "CLOSE"),
+        let (c, s) = (100_000u32, 900_000u32);
+        // (from the client, flags, seq, ack, payload, table, state after)
+        let steps: &[(bool, u8, u32, u32, usize, Table, &str)] = &[
+            (true, SYN, c, 0, 0, Table::New, "SYN_SENT"),
+            (false, SYN | ACK, s, c + 1, 0, Table::New, "SYN_RECV"),
+            (true, ACK, c + 1, s + 1, 0, Table::Established, "ESTABLISHED"),
+            (true, ACK, c + 1, s + 1, 100, Table::Established, "ESTABLISHED"),
+            (false, ACK, s + 1, c + 101, 500, Table::Established, "ESTABLISHED"),
+            (true, FIN | ACK, c + 101, s + 501, 0, Table::Established, "FIN_WAIT"),
+            (false, ACK, s + 501, c + 102, 0, Table::Established, "CLOSE_WAIT"),
+            (false, FIN | ACK, s + 501, c + 102, 0, Table::Established, "TIME_WAIT"),
+            (true, ACK, c + 102, s + 502, 0, Table::Established, "TIME_WAIT"),
+            (true, RST, c + 102, 0, 0, Table::Established, "CLOSE"),
         ];
-        for (i, (from_client, flags, table, state_name)) in steps.iter().enumerate() {
-            let packet = if *from_client {
-                flagged(client, public, *flags)
+        for (i, &(from_client, flags, seq, ack, len, table, state_name)) in steps.iter().enumerate()
+        {
+            let packet = if from_client {
+                segment(client, public, flags, seq, ack, len)
             } else {
-                flagged(server, gateway, *flags)
+                segment(server, gateway, flags, seq, ack, len)
             };
             let (verdict, _) = gw.run(&packet);
             assert_eq!(verdict, XDP_TX, "step {i}: packet not translated");
             for k in [original, reply] {
                 assert_eq!(
                     gw.flow_state(k),
-                    Some((*table, *state_name)),
+                    Some((table, state_name)),
                     "step {i}: flags {flags:#04x}"
                 );
             }
         }
         assert_eq!(gw.counter(Counter::FlowEstablished), 1);
+    });
+}
+
+/// Opens a TCP flow from `client` through the hairpin with a validated
+/// handshake (client ISN 100000, server ISN 900000).
+fn established_tcp(gw: &mut Gateway, client: ([u8; 4], u16)) {
+    let (public, server, gateway) = ((PUBLIC, 80), (SERVER, 8080), (GATEWAY, client.1));
+    for (from_client, flags, seq, ack) in [
+        (true, SYN, 100_000, 0),
+        (false, SYN | ACK, 900_000, 100_001),
+        (true, ACK, 100_001, 900_001),
+    ] {
+        let packet = if from_client {
+            segment(client, public, flags, seq, ack, 0)
+        } else {
+            segment(server, gateway, flags, seq, ack, 0)
+        };
+        assert_eq!(gw.run(&packet).0, XDP_TX, "handshake packet {flags:#04x}");
+    }
+    assert_eq!(gw.flow_state(key(client, public, 6)), Some((Table::Established, "ESTABLISHED")));
+}
+
+#[rstest]
+#[case::far_ahead(900_001 + (1 << 30))]
+#[case::behind(900_001u32.wrapping_sub(1 << 29))]
+#[case::half_way_round(900_001 + (1 << 31))]
+fn a_blind_rst_outside_the_window_is_dropped(#[case] seq: u32) {
+    if skip_unless_root("a_blind_rst_outside_the_window_is_dropped") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let client = (CLIENT, 40210);
+        established_tcp(gw, client);
+        let blind = segment((SERVER, 8080), (GATEWAY, 40210), RST, seq, 0, 0);
+        assert_eq!(gw.run(&blind).0, XDP_DROP, "an out-of-window RST is not sent on");
+        assert_eq!(gw.counter(Counter::TcpOutOfWindow), 1);
+        assert_eq!(
+            gw.flow_state(key(client, (PUBLIC, 80), 6)),
+            Some((Table::Established, "ESTABLISHED")),
+            "the flow stays established"
+        );
+    });
+}
+
+#[test]
+fn a_rst_in_the_window_closes_only_when_exact() {
+    if skip_unless_root("a_rst_in_the_window_closes_only_when_exact") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let client = (CLIENT, 40220);
+        established_tcp(gw, client);
+        let from_server = |seq| segment((SERVER, 8080), (GATEWAY, 40220), RST, seq, 0, 0);
+        assert_eq!(gw.run(&from_server(900_001 + 3000)).0, XDP_TX, "sent on for a challenge ACK");
+        assert_eq!(gw.counter(Counter::TcpRstNotExact), 1);
+        let original = key(client, (PUBLIC, 80), 6);
+        assert_eq!(gw.flow_state(original), Some((Table::Established, "ESTABLISHED")));
+        assert_eq!(gw.run(&from_server(900_001)).0, XDP_TX);
+        assert_eq!(gw.flow_state(original), Some((Table::Established, "CLOSE")));
+    });
+}
+
+#[test]
+fn blind_fin_and_data_are_dropped() {
+    if skip_unless_root("blind_fin_and_data_are_dropped") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let client = (CLIENT, 40230);
+        established_tcp(gw, client);
+        let wild = 100_001 + 500_000_000;
+        for packet in [
+            segment(client, (PUBLIC, 80), FIN | ACK, wild, 900_001, 0),
+            segment(client, (PUBLIC, 80), ACK, wild, 900_001, 100),
+            segment(client, (PUBLIC, 80), ACK, 100_001, 900_001 + 5_000_000, 0),
+        ] {
+            assert_eq!(gw.run(&packet).0, XDP_DROP);
+        }
+        assert_eq!(gw.counter(Counter::TcpOutOfWindow), 3);
+        assert_eq!(
+            gw.flow_state(key(client, (PUBLIC, 80), 6)),
+            Some((Table::Established, "ESTABLISHED"))
+        );
+        let data = segment(client, (PUBLIC, 80), ACK, 100_001, 900_001, 100);
+        assert_eq!(gw.run(&data).0, XDP_TX, "the real data still flows");
+    });
+}
+
+#[rstest]
+#[case::acknowledging_more_than_the_syn(100_002)]
+#[case::guessed(12345)]
+fn a_forged_syn_ack_does_not_open_the_flow(#[case] ack: u32) {
+    if skip_unless_root("a_forged_syn_ack_does_not_open_the_flow") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let client = (CLIENT, 40240);
+        let (public, server, gateway) = ((PUBLIC, 80), (SERVER, 8080), (GATEWAY, 40240));
+        assert_eq!(gw.run(&segment(client, public, SYN, 100_000, 0, 0)).0, XDP_TX);
+        let forged = segment(server, gateway, SYN | ACK, 5, ack, 0);
+        assert_eq!(gw.run(&forged).0, XDP_DROP);
+        assert_eq!(gw.counter(Counter::TcpHandshakeInvalid), 1);
+        // The client's ACK of what the forger sent establishes nothing.
+        let ack_of_forgery = segment(client, public, ACK, 100_001, 6, 0);
+        let _ = gw.run(&ack_of_forgery);
+        assert_eq!(gw.flow_state(key(client, public, 6)), Some((Table::New, "SYN_SENT")));
+    });
+}
+
+#[test]
+fn a_syn_with_window_scaling_lets_the_window_grow() {
+    if skip_unless_root("a_syn_with_window_scaling_lets_the_window_grow") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let client = (CLIENT, 40250);
+        let (public, server, gateway) = ((PUBLIC, 80), (SERVER, 8080), (GATEWAY, 40250));
+        let with_scale =
+            |src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: u8, seq: u32, ack: u32| {
+                let mut packet = Vec::new();
+                PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+                    .ipv4(src.0, dst.0, 64)
+                    .tcp(src.1, dst.1, seq, 64240)
+                    .options(&[
+                        etherparse::TcpOptionElement::MaximumSegmentSize(1460),
+                        etherparse::TcpOptionElement::Noop,
+                        etherparse::TcpOptionElement::WindowScale(7),
+                    ])
+                    .expect("options")
+                    .write(&mut packet, &[])
+                    .expect("build tcp");
+                packet[34 + 8..34 + 12].copy_from_slice(&ack.to_be_bytes());
+                packet[34 + 13] = flags;
+                fix_tcp_checksum(&mut packet);
+                packet
+            };
+        assert_eq!(gw.run(&with_scale(client, public, SYN, 100_000, 0)).0, XDP_TX);
+        assert_eq!(gw.run(&with_scale(server, gateway, SYN | ACK, 900_000, 100_001)).0, XDP_TX);
+        assert_eq!(gw.run(&segment(client, public, ACK, 100_001, 900_001, 0)).0, XDP_TX);
+        // 1 MB ahead of the acknowledgments: inside 64240 << 7, far outside 64240.
+        let ahead = segment(server, gateway, ACK, 900_001 + 1_000_000, 100_001, 100);
+        assert_eq!(
+            gw.run(&ahead).0,
+            XDP_TX,
+            "the server's scaled window was read from its SYN-ACK"
+        );
+        assert_eq!(gw.counter(Counter::TcpOutOfWindow), 0);
     });
 }
 
@@ -869,6 +1060,35 @@ fn expired_flows_are_absent_and_reclaimed() {
         assert!(gw.datapath.maps.conntrack(Table::New).unwrap().is_empty());
 
         assert_eq!(gw.run(&syn(client, (PUBLIC, 80))).0, XDP_TX, "the same tuple opens a new flow");
+    });
+}
+
+#[test]
+fn reclaim_keeps_a_flow_reopened_after_it_read_the_table() {
+    if skip_unless_root("reclaim_keeps_a_flow_reopened_after_it_read_the_table") {
+        return;
+    }
+    let config = format!("{CONFIG}\n[timeouts]\nudp = 1\n");
+    with_datapath(&config, |gw| {
+        let query = udp((CLIENT, 33600), (PUBLIC, 53), b"q");
+        assert_eq!(gw.run(&query).0, XDP_TX);
+        // Timeouts are in whole seconds; this test is about time passing.
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let settings = hairpin::datapath::settings(&config.parse().unwrap());
+        let now = monotonic_coarse_ns();
+        let plan = gw.datapath.maps.expired_entries(&settings, now).expect("read the tables");
+        assert_eq!(plan[1].len(), 2, "reclaim read the expired flow's two entries");
+
+        // Meanwhile the client sends again: the datapath removes the expired
+        // flow and opens a new one under the same keys.
+        assert_eq!(gw.run(&query).0, XDP_TX);
+        assert_eq!(gw.counter(Counter::FlowCreated), 2);
+
+        let removed = gw.datapath.maps.remove_if_still_expired(&plan, &settings, now);
+        assert_eq!(removed, [0, 0], "the new flow is not the expired one reclaim read");
+        let (verdict, out) = gw.run(&udp((SERVER, 5353), (GATEWAY, 33600), b"a"));
+        assert_eq!(verdict, XDP_TX, "the reopened flow still translates");
+        assert_eq!(inspect(&out).dst, (CLIENT, 33600));
     });
 }
 
@@ -1172,6 +1392,7 @@ fn a_route_change_moves_a_cached_flow_to_the_new_next_hop() {
         let mut keeper = RouteCacheKeeper::start(&gw.datapath.maps).expect("route cache keeper");
         let client = (WAN_CLIENT, 50700);
         assert_eq!(gw.run_on(gw.wan0, &syn(client, (PUBLIC, 80))).0, XDP_REDIRECT);
+        assert_eq!(gw.run(&tcp((SERVER, 8080), client, true, true, 64)).0, XDP_REDIRECT);
         let from_server = tcp((SERVER, 8080), client, false, true, 64);
         for _ in 0..3 {
             let (verdict, out) = gw.run(&from_server);
