@@ -11,14 +11,14 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use hairpin_common::{
-    Counter,
+    Counter, FlowKey,
     maps::{names, programs},
 };
 
 use crate::{
     config::Proto,
     datapath::{DatapathError, PinDir},
-    maps::{Maps, Table, host_addr},
+    maps::{Maps, Table, host_addr, wire_addr},
 };
 
 /// What the datapath does with a packet.
@@ -122,7 +122,8 @@ pub fn explain(
         .map_err(|source| DatapathError::Program { name: programs::XDP, source })?;
     xdp.load().map_err(|source| DatapathError::Program { name: programs::XDP, source })?;
 
-    let packet = build_packet(proto, src, dst);
+    let segment = tcp_segment_for(&maps, proto, src, dst);
+    let packet = build_packet(proto, src, dst, segment);
     let ctx: Vec<u8> =
         [0, packet.len() as u32, 0, if_index, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
     let mut out = vec![0u8; packet.len() + 256];
@@ -185,7 +186,53 @@ pub fn because(counter: &str) -> String {
     format!("{counter} ({why})")
 }
 
-fn build_packet(proto: Proto, src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+/// A TCP segment's flags, sequence and acknowledgment numbers.
+#[derive(Clone, Copy)]
+struct TcpSegment {
+    flags: u8,
+    seq: u32,
+    ack: u32,
+}
+
+/// The TCP segment explain sends: for a tracked flow, an ACK at the flow's
+/// next sequence numbers (what the flow's next packet carries, so the window
+/// check lets it through), else the SYN that would open one.
+fn tcp_segment_for(maps: &Maps, proto: Proto, src: SocketAddrV4, dst: SocketAddrV4) -> TcpSegment {
+    use hairpin_common::{
+        DIRECTION_ORIGINAL,
+        packet::{TCP_ACK, TCP_SYN},
+    };
+    let syn = TcpSegment { flags: TCP_SYN, seq: 0, ack: 0 };
+    if proto != Proto::Tcp {
+        return syn;
+    }
+    let key = FlowKey::new(
+        wire_addr(*src.ip()),
+        wire_addr(*dst.ip()),
+        src.port().to_be(),
+        dst.port().to_be(),
+        proto.number(),
+    );
+    let Some(entry) = maps.flow(&key) else {
+        return syn;
+    };
+    let (windows, sender) = if entry.direction == DIRECTION_ORIGINAL {
+        (entry.tcp, 0)
+    } else {
+        match maps.flow(&entry.translated.reversed()) {
+            Some(original) => (original.tcp, 1),
+            None => return syn,
+        }
+    };
+    TcpSegment { flags: TCP_ACK, seq: windows[sender].end, ack: windows[1 - sender].end }
+}
+
+fn build_packet(
+    proto: Proto,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    segment: TcpSegment,
+) -> Vec<u8> {
     let l4_len = if proto == Proto::Tcp { 20 } else { 8 };
     let total = 20 + l4_len;
     let mut p = vec![0u8; 14 + total];
@@ -206,8 +253,10 @@ fn build_packet(proto: Proto, src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
     l4[0..2].copy_from_slice(&src.port().to_be_bytes());
     l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
     if proto == Proto::Tcp {
+        l4[4..8].copy_from_slice(&segment.seq.to_be_bytes());
+        l4[8..12].copy_from_slice(&segment.ack.to_be_bytes());
         l4[12] = 5 << 4;
-        l4[13] = hairpin_common::packet::TCP_SYN;
+        l4[13] = segment.flags;
         l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
     } else {
         l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());

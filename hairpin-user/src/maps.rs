@@ -610,6 +610,11 @@ impl Maps {
         map.iter().collect::<Result<_, _>>().map_err(map_error(name))
     }
 
+    /// The entry keyed by `key`, from whichever table holds it.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
+        self.established.get(key, 0).or_else(|_| self.new.get(key, 0)).ok()
+    }
+
     /// Removes `keys` from `table`; how many were there.
     pub fn remove_flows(&mut self, table: Table, keys: &[FlowKey]) -> usize {
         let map = match table {
@@ -638,30 +643,57 @@ impl Maps {
         Ok(removed)
     }
 
-    /// Removes the flows idle past their timeout (both entries of a flow, once
-    /// both are idle); how many entries each table lost. Each entry is read
-    /// again just before it is deleted, and kept unless it is still the
-    /// expired entry first read (BPF has no compare-and-delete; this leaves
-    /// the window of two system calls, where a scan-then-delete left one of
-    /// the whole table).
+    /// Removes the entries of flows expired at `now_ns` from both tables;
+    /// how many from each (established, new).
     pub fn reclaim_expired(
         &mut self,
         settings: &Settings,
         now_ns: u64,
     ) -> Result<[usize; 2], MapsError> {
-        let mut reclaimed = [0; 2];
+        let plan = self.expired_entries(settings, now_ns)?;
+        Ok(self.remove_if_still_expired(&plan, settings, now_ns))
+    }
+
+    /// The entries of flows expired at `now_ns`, as read, by table
+    /// (established, new): what `remove_if_still_expired` may remove.
+    pub fn expired_entries(
+        &self,
+        settings: &Settings,
+        now_ns: u64,
+    ) -> Result<[Vec<(FlowKey, FlowEntry)>; 2], MapsError> {
+        let mut plan = [Vec::new(), Vec::new()];
         for (slot, table) in [Table::Established, Table::New].into_iter().enumerate() {
             let entries = self.conntrack(table)?;
             let read: std::collections::HashMap<FlowKey, FlowEntry> =
                 entries.iter().copied().collect();
-            let expired = crate::conntrack::expired_flows(&entries, settings, now_ns);
+            plan[slot] = crate::conntrack::expired_flows(&entries, settings, now_ns)
+                .into_iter()
+                .filter_map(|key| read.get(&key).map(|entry| (key, *entry)))
+                .collect();
+        }
+        Ok(plan)
+    }
+
+    /// Removes each entry of `plan` that is still the expired entry it was
+    /// when read: the datapath may have refreshed it, or removed it and
+    /// opened a new flow under the same key, in the meantime. BPF has no
+    /// compare-and-delete: each entry is read again just before it goes,
+    /// which leaves the window of two system calls. How many were removed
+    /// from each table.
+    pub fn remove_if_still_expired(
+        &mut self,
+        plan: &[Vec<(FlowKey, FlowEntry)>; 2],
+        settings: &Settings,
+        now_ns: u64,
+    ) -> [usize; 2] {
+        let mut reclaimed = [0; 2];
+        for (slot, table) in [Table::Established, Table::New].into_iter().enumerate() {
             let map = match table {
                 Table::Established => &mut self.established,
                 Table::New => &mut self.new,
             };
-            for key in expired {
-                let Some(first) = read.get(&key) else { continue };
-                let current = map.get(&key, 0).ok();
+            for (key, first) in &plan[slot] {
+                let current = map.get(key, 0).ok();
                 let partner = current.and_then(|c| map.get(&c.translated.reversed(), 0).ok());
                 let still = crate::conntrack::still_expired(
                     first,
@@ -670,12 +702,12 @@ impl Maps {
                     settings,
                     now_ns,
                 );
-                if still && map.remove(&key).is_ok() {
+                if still && map.remove(key).is_ok() {
                     reclaimed[slot] += 1;
                 }
             }
         }
-        Ok(reclaimed)
+        reclaimed
     }
 
     /// Every counter summed over the CPUs, in [`Counter::ALL`] order.
