@@ -105,6 +105,7 @@ struct Injector {
 #[derive(Clone, Copy, Debug)]
 enum Flags {
     Syn,
+    Rst,
     /// ACK and PSH, with this acknowledgment number.
     Data {
         ack: u32,
@@ -129,6 +130,7 @@ impl Injector {
             .tcp(src.port(), dst.port(), seq, 64240);
         let builder = match flags {
             Flags::Syn => builder.syn(),
+            Flags::Rst => builder.rst(),
             Flags::Data { ack } => builder.ack(ack).psh(),
         };
         builder.write(&mut frame, payload).expect("build a TCP frame");
@@ -202,6 +204,12 @@ impl Segment {
             format!(" seq {seq} syn {syn} fin {fin} rst {rst}")
         });
         format!("{} -> {}{tcp}, {} bytes", self.src, self.dst, self.payload.len())
+    }
+
+    /// The sequence number after this segment (TCP only).
+    fn seq_end(&self) -> Option<u32> {
+        let (seq, syn, fin, _) = self.tcp?;
+        Some(seq.wrapping_add(self.payload.len() as u32 + u32::from(syn) + u32::from(fin)))
     }
 }
 
@@ -813,4 +821,115 @@ fn one_gateway_port_never_carries_two_clients_flows_at_once() {
         overlaps.len(),
         overlaps.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
     );
+}
+
+/// The sequence number the next segment of `client`'s connection to the
+/// public echo port carries (the server's next expected one), from a
+/// capture on the WAN host: the end of the client's last segment out.
+fn next_seq(capture: &Capture, client: SocketAddrV4) -> u32 {
+    let frames = capture.frames();
+    frames
+        .iter()
+        .rev()
+        .filter(|f| f.outgoing)
+        .filter_map(|f| Segment::parse(&f.frame))
+        // The attacker's RSTs leave through the same interface: not the
+        // client's.
+        .find(|segment| {
+            let is_rst = segment.tcp.is_some_and(|(_, _, _, rst)| rst);
+            segment.src == client && segment.dst == public(ECHO_PORT) && !is_rst
+        })
+        .and_then(|segment| segment.seq_end())
+        .unwrap_or_else(|| panic!("the WAN host's capture has no segment of {client}"))
+}
+
+/// A port-forwarded TCP connection from the WAN host is established; an
+/// attacker on the WAN side, spoofing the client's address and port onto
+/// the gateway's WAN interface, sends RSTs with random sequence numbers far
+/// outside the window, then one inside the window but not at the next
+/// expected sequence number. Neither may end the flow: it stays ESTABLISHED
+/// in `conntrack list`, data still flows both ways, and the RSTs are counted
+/// as `tcp_out_of_window` and `tcp_rst_not_exact`. (Needs the datapath's
+/// TCP window tracking.)
+#[test]
+#[ignore = "needs root"]
+fn blind_resets_from_the_wan_leave_a_forwarded_connection_established() {
+    if !have_root("blind_resets_from_the_wan_leave_a_forwarded_connection_established") {
+        return;
+    }
+    const BLIND_RESETS: u32 = 32;
+    /// Further from the next expected sequence number than any window here.
+    const FAR: u32 = 1 << 24;
+    let bed = Bed::new();
+    let seed = &bed.seed;
+    let cli = bed.cli();
+    let _daemon = bed.start(&ConfigOptions::default());
+    let capture = Capture::start(&seed.wan, "eth0");
+
+    let mut stream = tcp_connect(&seed.wan, public(ECHO_PORT).into(), TIMEOUT)
+        .unwrap_or_else(|e| panic!("WAN host: TCP to {PUBLIC}:{ECHO_PORT}: {e}"));
+    stream.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
+    echo_round_trip(&mut stream, "before the resets")
+        .unwrap_or_else(|e| panic!("the connection, before the resets: {e}"));
+    let client = local_v4(stream.local_addr());
+    assert_eq!(*client.ip(), WAN_HOST);
+    let original = format!("{client} -> {}", public(ECHO_PORT));
+    assert_eq!(flow(&cli, &original)["state"], "ESTABLISHED", "the connection before the resets");
+    assert!(
+        capture.wait_until(TIMEOUT, |frames| carries(frames, "before the resets")),
+        "the WAN host's capture missed the echo"
+    );
+    let expected = next_seq(&capture, client);
+    let before = stats(&cli);
+
+    // The attacker's segments come from elsewhere on the WAN side; at the
+    // gateway they are the client's tuple arriving on the WAN interface.
+    let attacker = bed.wan_injector();
+    let mut random = 0x9e37_79b9_u32;
+    let mut sent = 0;
+    while sent < BLIND_RESETS {
+        random ^= random << 13;
+        random ^= random >> 17;
+        random ^= random << 5;
+        let distance = random.wrapping_sub(expected);
+        if distance < FAR || distance > FAR.wrapping_neg() {
+            continue;
+        }
+        attacker.tcp(client, public(ECHO_PORT), random, Flags::Rst, &[]);
+        sent += 1;
+    }
+    echo_round_trip(&mut stream, "after the blind resets")
+        .unwrap_or_else(|e| panic!("the connection, after {BLIND_RESETS} blind resets: {e}"));
+    let after = flow(&cli, &original);
+    assert_eq!(
+        after["state"], "ESTABLISHED",
+        "{BLIND_RESETS} out-of-window RSTs moved the flow out of ESTABLISHED: {after}"
+    );
+    wait_for_counter(
+        &cli,
+        "tcp_out_of_window",
+        counter(&before, "tcp_out_of_window") + u64::from(BLIND_RESETS),
+        TIMEOUT,
+        "each out-of-window RST should be counted",
+    );
+
+    // In the window (the server's is far larger than this), not exact: the
+    // endpoint is to answer it with a challenge ACK (RFC 5961 §3.2).
+    let expected = next_seq(&capture, client);
+    let before = stats(&cli);
+    attacker.tcp(client, public(ECHO_PORT), expected.wrapping_add(1000), Flags::Rst, &[]);
+    wait_for_counter(
+        &cli,
+        "tcp_rst_not_exact",
+        counter(&before, "tcp_rst_not_exact") + 1,
+        TIMEOUT,
+        "the in-window RST at the wrong sequence number should be counted",
+    );
+    let after = flow(&cli, &original);
+    assert_eq!(
+        after["state"], "ESTABLISHED",
+        "an in-window RST not at the expected sequence number moved the flow out of ESTABLISHED: {after}"
+    );
+    echo_round_trip(&mut stream, "after the in-window reset")
+        .unwrap_or_else(|e| panic!("the connection, after an in-window RST: {e}"));
 }
