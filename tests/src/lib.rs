@@ -3,6 +3,7 @@
 //! those namespaces when dropped. Traffic never leaves them.
 
 pub mod apps;
+pub mod capture;
 pub mod cli;
 pub mod daemon;
 pub mod netfilter;
