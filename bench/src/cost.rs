@@ -215,7 +215,11 @@ pub fn measure(runs_per_round: usize, rounds: usize, cpu: usize) -> anyhow::Resu
         // by 3 s rather than wait, then let the client's next packet do it.
         for (table_key, entry) in datapath.maps.conntrack(Table::New)? {
             if table_key.proto == hairpin_common::IPPROTO_UDP {
-                let aged = FlowEntry { created_s: entry.created_s - 3, ..entry };
+                let aged = FlowEntry {
+                    created_s: entry.created_s - 3,
+                    last_seen_ns: entry.last_seen_ns - 3_000_000_000,
+                    ..entry
+                };
                 datapath.maps.put_flow(Table::New, &table_key, &aged);
             }
         }

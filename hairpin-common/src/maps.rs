@@ -224,12 +224,18 @@ pod! {
         /// The highest acknowledgment this side sent (`td_maxack`): the
         /// next sequence number it expects, valid with `tcp::ACK_SEEN`.
         pub max_ack: u32,
+        /// The sequence number after this side's SYN flag (its ISN + 1);
+        /// for a client's SYN seen while the flow was open (`tcp::RESYNC`),
+        /// that SYN's.
+        pub isn_end: u32,
         /// The window scale this side announced in its SYN, or
         /// `tcp::NO_WINDOW_SCALE`; after the handshake, the one in use.
         pub scale: u8,
-        /// `tcp::ACK_SEEN`.
+        /// `tcp::ACK_SEEN`, `tcp::RESYNC`.
         pub flags: u8,
-        pub _pad: u16,
+        /// With `tcp::RESYNC`: the window scale of that SYN.
+        pub resync_scale: u8,
+        pub _pad: u8,
     }
 }
 

@@ -116,8 +116,17 @@ fn fill_entry(
     entry.tcp = [NO_WINDOW; 2];
 }
 
-const NO_WINDOW: TcpWindow =
-    TcpWindow { end: 0, max_end: 0, max_win: 0, max_ack: 0, scale: 0, flags: 0, _pad: 0 };
+const NO_WINDOW: TcpWindow = TcpWindow {
+    end: 0,
+    max_end: 0,
+    max_win: 0,
+    max_ack: 0,
+    isn_end: 0,
+    scale: 0,
+    flags: 0,
+    resync_scale: 0,
+    _pad: 0,
+};
 
 /// The state a new flow starts in.
 pub const fn initial_state(proto: u8) -> u8 {

@@ -10,9 +10,12 @@
 //!   acknowledge only what its receiver has sent (with netfilter's slack for
 //!   retransmissions, window probes and acknowledgments of old data);
 //! - a RST closes the flow only when its sequence number is exactly the
-//!   one the receiver expects (RFC 5961 §3); one elsewhere in the window is
-//!   sent on for the endpoint to answer with a challenge ACK, and moves
-//!   nothing here.
+//!   one the receiver expects (RFC 5961 §3); one elsewhere in the
+//!   window is sent on for the endpoint to answer with a challenge ACK, and
+//!   moves nothing here;
+//! - a new SYN on a flow that is open here is sent on unchanged, and a
+//!   SYN-ACK that acknowledges it starts the flow again (netfilter's
+//!   resynchronisation after a client lost the connection).
 //!
 //! Sequence numbers compare modulo 2^32, as in `before()`/`after()`.
 
@@ -28,6 +31,9 @@ pub const NO_WINDOW_SCALE: u8 = 0xff;
 pub const MAX_WINDOW_SCALE: u8 = 14;
 /// `TcpWindow::flags`: `max_ack` holds an acknowledgment this side sent.
 pub const ACK_SEEN: u8 = 1;
+/// `TcpWindow::flags` of the client: it sent a new SYN while the flow was
+/// open; `isn_end` and `resync_scale` are that SYN's.
+pub const RESYNC: u8 = 2;
 /// netfilter's `MAXACKWINDOW` floor: how far below the receiver's highest
 /// sequence number an acknowledgment may be.
 const MIN_ACK_WINDOW: u32 = 66_000;
@@ -113,12 +119,26 @@ pub const fn open(syn: &Segment) -> [TcpWindow; 2] {
         max_end: end,
         max_win: if syn.window == 0 { 1 } else { syn.window as u32 },
         max_ack: 0,
+        isn_end: syn.seq.wrapping_add(1),
         scale: syn.window_scale,
         flags: 0,
+        resync_scale: 0,
         _pad: 0,
     };
-    [client, TcpWindow { end: 0, max_end: 0, max_win: 0, max_ack: 0, scale: 0, flags: 0, _pad: 0 }]
+    [client, NOTHING_SEEN]
 }
+
+const NOTHING_SEEN: TcpWindow = TcpWindow {
+    end: 0,
+    max_end: 0,
+    max_win: 0,
+    max_ack: 0,
+    isn_end: 0,
+    scale: 0,
+    flags: 0,
+    resync_scale: 0,
+    _pad: 0,
+};
 
 /// A segment's effect on its flow, when tracking lets it through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,33 +165,50 @@ pub fn track(
     let original = direction == DIRECTION_ORIGINAL;
     let (syn, ack, rst) = (segment.has(TCP_SYN), segment.has(TCP_ACK), segment.has(TCP_RST));
     let unchanged = Tracked { state: flow_state, fin_seen, rst_not_exact: false };
+    let bare_syn = syn && !ack && !rst;
     match flow_state {
-        state::TCP_SYN_SENT => {
-            if original && syn && !ack && !rst {
-                // The client's SYN again, perhaps with a new initial sequence number.
-                *windows = open(segment);
-                return Ok(unchanged);
-            }
-            if !original && syn && ack && !rst {
-                return syn_ack(windows, segment)
-                    .map(|()| Tracked { state: state::TCP_SYN_RECV, ..unchanged });
-            }
-            // RFC 9293 §3.10.7.3: in SYN-SENT a RST is acceptable only if it
-            // acknowledges the SYN; the client's own abort carries its next
-            // sequence number.
-            let client_end = windows[0].end;
-            if rst
-                && ((!original && ack && segment.ack == client_end)
-                    || (original && segment.seq == client_end))
-            {
-                return Ok(Tracked { state: state::TCP_CLOSE, ..unchanged });
-            }
-            return Err(Counter::TcpHandshakeInvalid);
-        }
-        state::TCP_TIME_WAIT | state::TCP_CLOSE if original && syn && !ack && !rst => {
+        state::TCP_SYN_SENT => return syn_sent(windows, original, segment, unchanged),
+        state::TCP_TIME_WAIT | state::TCP_CLOSE if original && bare_syn => {
             // A closed connection's tuple reused for a new one.
             *windows = open(segment);
             return Ok(Tracked { state: state::TCP_SYN_SENT, fin_seen: 0, rst_not_exact: false });
+        }
+        state::TCP_SYN_RECV => {}
+        _ if original && bare_syn => {
+            // A new SYN on a flow still open here: the client lost the
+            // connection (rebooted, or a NAT in front of it reused the
+            // port). Sent on as it is, changing nothing; if the server
+            // answers it with a SYN-ACK, the flow starts again from it
+            // (netfilter's resynchronisation). If the server still has the
+            // old connection, its challenge ACK and the client's RST end it.
+            let client = &mut windows[0];
+            client.isn_end = segment.seq.wrapping_add(1);
+            client.resync_scale = segment.window_scale;
+            client.flags |= RESYNC;
+            return Ok(unchanged);
+        }
+        _ if !original
+            && syn
+            && ack
+            && !rst
+            && windows[0].flags & RESYNC != 0
+            && segment.ack == windows[0].isn_end =>
+        {
+            let client = windows[0];
+            let resync = Segment {
+                seq: client.isn_end.wrapping_sub(1),
+                ack: 0,
+                window: u16::MAX,
+                flags: TCP_SYN,
+                payload_len: 0,
+                window_scale: client.resync_scale,
+            };
+            *windows = open(&resync);
+            return syn_ack(windows, segment).map(|()| Tracked {
+                state: state::TCP_SYN_RECV,
+                fin_seen: 0,
+                rst_not_exact: false,
+            });
         }
         _ => {}
     }
@@ -189,16 +226,19 @@ pub fn track(
     if !in_window {
         return Err(Counter::TcpOutOfWindow);
     }
-    let rst_exact = rst
-        && (segment.seq == sender.end
-            || (receiver.flags & ACK_SEEN != 0 && segment.seq == receiver.max_ack));
-    update_windows(windows, index, segment, acked);
     if rst {
-        if rst_exact {
+        // RFC 5961 §3: only a RST at the sequence number the receiver
+        // expects next closes: what it last acknowledged, or the end of
+        // what the sender has sent (a stack resets at its snd_nxt). No RST
+        // moves the windows, so a guess never makes the next guess exact.
+        let exact = segment.seq == sender.end
+            || (receiver.flags & ACK_SEEN != 0 && segment.seq == receiver.max_ack);
+        if exact {
             return Ok(Tracked { state: state::TCP_CLOSE, ..unchanged });
         }
         return Ok(Tracked { rst_not_exact: true, ..unchanged });
     }
+    update_windows(windows, index, segment, acked);
     let mut tracked = unchanged;
     if segment.has(TCP_FIN) {
         tracked.fin_seen |= if original { FIN_SEEN_ORIGINAL } else { FIN_SEEN_REPLY };
@@ -213,13 +253,16 @@ pub fn track(
         return Ok(tracked);
     }
     if ack && !syn {
-        let peer_end = windows[1 - index].end;
+        let peer = windows[1 - index];
         let first_fin_by_original = fin_seen & FIN_SEEN_ORIGINAL != 0;
         tracked.state = match flow_state {
-            // The ACK of the SYN-ACK, exactly: now the flow is established.
-            state::TCP_SYN_RECV if original && segment.ack == peer_end => state::TCP_ESTABLISHED,
+            // The client acknowledges the SYN-ACK (and perhaps data the
+            // server sent right after it): now the flow is established.
+            state::TCP_SYN_RECV if original && !after(peer.isn_end, segment.ack) => {
+                state::TCP_ESTABLISHED
+            }
             // The other side acknowledges the first FIN: half closed.
-            state::TCP_FIN_WAIT if original != first_fin_by_original && segment.ack == peer_end => {
+            state::TCP_FIN_WAIT if original != first_fin_by_original && segment.ack == peer.end => {
                 state::TCP_CLOSE_WAIT
             }
             other => other,
@@ -228,17 +271,63 @@ pub fn track(
     Ok(tracked)
 }
 
-/// The server's SYN-ACK in SYN_SENT: it must acknowledge the client's SYN
-/// exactly; it starts the server's side of the windows.
+/// A segment while the client's SYN waits for its answer.
+#[inline(always)]
+fn syn_sent(
+    windows: &mut [TcpWindow; 2],
+    original: bool,
+    segment: &Segment,
+    unchanged: Tracked,
+) -> Result<Tracked, Counter> {
+    let (syn, ack, rst) = (segment.has(TCP_SYN), segment.has(TCP_ACK), segment.has(TCP_RST));
+    if original && syn && !ack && !rst {
+        // The client's SYN again, perhaps with a new initial sequence number.
+        *windows = open(segment);
+        return Ok(unchanged);
+    }
+    if !original && syn && ack && !rst {
+        return syn_ack(windows, segment)
+            .map(|()| Tracked { state: state::TCP_SYN_RECV, ..unchanged });
+    }
+    if !original && ack && !syn && !rst && !segment.has(TCP_FIN) && segment.payload_len == 0 {
+        // A server that still has an older connection on the tuple answers
+        // with a challenge ACK (or from TIME_WAIT): the client's RST to it,
+        // at that ACK's acknowledgment number, ends the old connection.
+        windows[1].max_ack = segment.ack;
+        windows[1].flags |= ACK_SEEN;
+        return Ok(unchanged);
+    }
+    if rst {
+        let client = windows[0];
+        // RFC 9293 §3.10.7.3: in SYN-SENT a RST is acceptable only if it
+        // acknowledges the SYN (some of it, with data in the SYN).
+        let refused = !original
+            && ack
+            && !after(client.isn_end, segment.ack)
+            && !after(segment.ack, client.end);
+        let aborted = original
+            && (segment.seq == client.end
+                || (windows[1].flags & ACK_SEEN != 0 && segment.seq == windows[1].max_ack));
+        if refused || aborted {
+            return Ok(Tracked { state: state::TCP_CLOSE, ..unchanged });
+        }
+    }
+    Err(Counter::TcpHandshakeInvalid)
+}
+
+/// The server's SYN-ACK: it must acknowledge the client's SYN (all of it,
+/// or only the flag when the server declines data sent with the SYN); it
+/// starts the server's side of the windows.
 #[inline(always)]
 fn syn_ack(windows: &mut [TcpWindow; 2], segment: &Segment) -> Result<(), Counter> {
     let client = &mut windows[0];
-    if segment.ack != client.end {
+    if after(client.isn_end, segment.ack) || after(segment.ack, client.end) {
         return Err(Counter::TcpHandshakeInvalid);
     }
     // RFC 7323 §2.2: scaling is on only when both sides offered it.
     let both_scale = client.scale != NO_WINDOW_SCALE && segment.window_scale != NO_WINDOW_SCALE;
     client.scale = if both_scale { client.scale } else { 0 };
+    client.flags &= !RESYNC;
     let end = segment.end();
     let window = segment.window as u32;
     client.max_end = max_seq(
@@ -246,13 +335,18 @@ fn syn_ack(windows: &mut [TcpWindow; 2], segment: &Segment) -> Result<(), Counte
         segment.ack.wrapping_add(window).wrapping_add((window == 0) as u32),
     );
     client.max_end = max_seq(client.max_end, client.end);
+    let window = if window == 0 { 1 } else { window };
     windows[1] = TcpWindow {
         end,
-        max_end: end,
-        max_win: if window == 0 { 1 } else { window },
+        // As netfilter: the server may send its first window's worth before
+        // the client's ACK (TCP Fast Open servers do).
+        max_end: end.wrapping_add(window),
+        max_win: window,
         max_ack: segment.ack,
+        isn_end: segment.seq.wrapping_add(1),
         scale: if both_scale { segment.window_scale } else { 0 },
         flags: ACK_SEEN,
+        resync_scale: 0,
         _pad: 0,
     };
     Ok(())
@@ -406,7 +500,6 @@ mod tests {
 
     #[rstest]
     #[case::data_before_the_syn_ack(O, ACK)]
-    #[case::ack_from_the_server(R, ACK)]
     #[case::fin_from_the_server(R, FIN_ACK)]
     #[case::syn_from_the_server(R, SYN)]
     fn nothing_but_the_handshake_passes_in_syn_sent(#[case] direction: u8, #[case] flags: u8) {
@@ -589,6 +682,103 @@ mod tests {
         assert_eq!(conn.state, EST);
     }
 
+    #[test]
+    fn the_same_guessed_rst_twice_closes_nothing() {
+        let mut conn = Conn::established();
+        conn.data(R, 5000).expect("data");
+        let guess = seg(RST, conn.next[1].wrapping_add(700), 0, 0);
+        for attempt in 0..3 {
+            assert_eq!(
+                conn.send(R, &guess).map(|t| t.rst_not_exact),
+                Ok(true),
+                "attempt {attempt}: a RST must not make itself exact"
+            );
+        }
+        assert_eq!(conn.state, EST);
+        assert_eq!(
+            conn.send(O, &seg(SYN, 1, 0, 0)).map(|t| t.state),
+            Ok(EST),
+            "a SYN on the open flow changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_challenge_ack_in_syn_sent_and_the_clients_rst_pass() {
+        let mut conn = Conn::opened(NO_WINDOW_SCALE);
+        // The server still has an old connection on the tuple.
+        let old_next = 55_555;
+        conn.send(R, &seg(ACK, 99, old_next, 0)).expect("the server's challenge ACK is sent on");
+        assert_eq!(conn.state, SYN_SENT);
+        conn.send(O, &seg(RST, old_next, 0, 0)).expect("the client's RST at its acknowledgment");
+        assert_eq!(conn.state, CLOSE);
+        conn.send(O, &seg(SYN, CLIENT_ISN, 0, 0)).expect("the client tries again");
+        assert_eq!(conn.state, SYN_SENT);
+    }
+
+    #[test]
+    fn a_client_that_lost_the_connection_can_open_it_again() {
+        let mut conn = Conn::established();
+        conn.data(O, 300).expect("data");
+        let new_isn = 3_000_000_000;
+        let syn = Segment { window_scale: 6, ..seg(SYN, new_isn, 0, 0) };
+        assert_eq!(conn.send(O, &syn).map(|t| t.state), Ok(EST), "sent on, the flow unchanged");
+        let new_server_isn = 42;
+        let synack = Segment { window_scale: 6, ..seg(SYN_ACK, new_server_isn, new_isn + 1, 0) };
+        conn.send(R, &synack).expect("the server answers the new SYN");
+        assert_eq!(conn.state, SYN_RECV);
+        conn.send(O, &seg(ACK, new_isn + 1, new_server_isn + 1, 0)).expect("ACK");
+        assert_eq!(conn.state, EST);
+        assert_eq!((conn.windows[0].scale, conn.windows[1].scale), (6, 6));
+    }
+
+    #[test]
+    fn a_stale_syn_ack_does_not_restart_an_open_flow() {
+        let mut conn = Conn::established();
+        assert_eq!(
+            conn.send(R, &seg(SYN_ACK, 42, 777, 0)),
+            Err(Counter::TcpOutOfWindow),
+            "no SYN of the client's asked for it"
+        );
+        assert_eq!(conn.state, EST);
+    }
+
+    #[test]
+    fn fast_open_data_in_the_syn_and_before_the_final_ack() {
+        let syn = Segment { window_scale: 7, ..seg(SYN, CLIENT_ISN, 0, 100) };
+        let mut conn = Conn {
+            state: SYN_SENT,
+            fin_seen: 0,
+            windows: open(&syn),
+            next: [CLIENT_ISN.wrapping_add(101), SERVER_ISN],
+        };
+        // The server declines the SYN's data: it acknowledges the flag only.
+        let synack =
+            Segment { window_scale: 7, ..seg(SYN_ACK, SERVER_ISN, CLIENT_ISN.wrapping_add(1), 0) };
+        conn.send(R, &synack).expect("a SYN-ACK of the flag alone");
+        assert_eq!(conn.state, SYN_RECV);
+        // A Fast Open server sends data right after its SYN-ACK.
+        for segment in 0..10 {
+            let seq = SERVER_ISN.wrapping_add(1 + segment * 1448);
+            conn.send(R, &seg(ACK, seq, CLIENT_ISN.wrapping_add(1), 1448))
+                .unwrap_or_else(|c| panic!("server segment {segment}: {c:?}"));
+        }
+        conn.send(O, &seg(ACK, CLIENT_ISN.wrapping_add(1), SERVER_ISN.wrapping_add(1), 0))
+            .expect("the client's ACK of the SYN-ACK, before the data reached it");
+        assert_eq!(conn.state, EST);
+    }
+
+    #[test]
+    fn keepalives_pass() {
+        let mut conn = Conn::established();
+        conn.data(O, 100).expect("data");
+        conn.data(R, 0).expect("ack");
+        let probe = seg(ACK, conn.next[0].wrapping_sub(1), conn.next[1], 1);
+        conn.send(O, &probe).expect("a keepalive one byte behind");
+        conn.send(O, &seg(ACK, conn.next[0].wrapping_sub(1), conn.next[1], 0))
+            .expect("an empty keepalive");
+        assert_eq!(conn.state, EST);
+    }
+
     #[rstest]
     #[case::none(&[], NO_WINDOW_SCALE)]
     #[case::linux_syn(&[2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7], 7)]
@@ -613,8 +803,8 @@ mod tests {
             prop_assert!(scale == NO_WINDOW_SCALE || scale <= MAX_WINDOW_SCALE);
         }
 
-        /// A blind attacker's segment (any sequence number) either is
-        /// refused or leaves an established flow established.
+        /// A blind attacker's segment (any sequence number), sent twice,
+        /// either is refused or leaves an established flow established.
         #[test]
         fn blind_segments_never_close_an_established_flow(seq in any::<u32>(), ack in any::<u32>(), flags in prop::sample::select(std::vec![RST, RST_ACK, FIN_ACK, ACK, SYN])) {
             let mut conn = Conn::established();
@@ -622,6 +812,8 @@ mod tests {
             let exact = [conn.next[0], conn.next[1]];
             prop_assume!(!exact.contains(&seq));
             let before = (conn.state, conn.fin_seen);
+            // Twice: a first guess must not make the second one right.
+            let _ = conn.send(R, &seg(flags, seq, ack, 0));
             let result = conn.send(R, &seg(flags, seq, ack, 0));
             if flags & (TCP_FIN) == 0 {
                 prop_assert_eq!((conn.state, conn.fin_seen), before, "{:?}", result);

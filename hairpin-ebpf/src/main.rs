@@ -250,12 +250,14 @@ fn forward_tracked(ctx: &XdpContext, flow: &Flow, arrival: &Arrival) -> Result<O
     // copy of the whole entry does not fit the stack.
     let (translated, direction, kind) =
         unsafe { ((*flow.entry).translated, (*flow.entry).direction, (*flow.entry).kind) };
+    // Tracked first: a packet the windows refuse costs no route lookup,
+    // caches no route and is answered with nothing.
+    if let Err(refused) = track(flow, packet, segment, now, tot_len) {
+        return Ok(Outcome::Answered((xdp_action::XDP_DROP, refused)));
+    }
     let route = flow_route(ctx, flow, &translated, tot_len, now)?;
     if let Route::TooBig { mtu } = route {
         return too_big(ctx, mtu, direction == DIRECTION_ORIGINAL, now).map(Outcome::Answered);
-    }
-    if let Err(refused) = track(flow, packet, segment, now, tot_len) {
-        return Ok(Outcome::Answered((xdp_action::XDP_DROP, refused)));
     }
     let counter = if direction != DIRECTION_ORIGINAL {
         Counter::TranslatedBack
@@ -483,10 +485,17 @@ fn find_flow(
             }
             let mut partner = core::ptr::null_mut();
             if proto == IPPROTO_TCP && direction != DIRECTION_ORIGINAL {
-                // The original entry holds the windows; without it (being
-                // removed) the flow is gone.
+                // The original entry holds the windows. Promotion enters it
+                // first, so without it the flow is being removed: gone.
                 let partner_key = unsafe { (*entry).translated.reversed() };
-                partner = CONNTRACK.get_ptr_mut(&partner_key).ok_or(Counter::FlowOrphaned)?;
+                match CONNTRACK.get_ptr_mut(&partner_key) {
+                    Some(original) => partner = original,
+                    None => {
+                        let _ = CONNTRACK.remove(key);
+                        count(Counter::FlowOrphaned);
+                        return Ok(None);
+                    }
+                }
             }
             return Ok(Some(Flow { entry, partner, established: true }));
         }
@@ -594,15 +603,21 @@ fn track(
     };
     // SAFETY: map values shared between CPUs: the counters are added
     // atomically.
-    unsafe {
+    let refreshed = unsafe {
         atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(&raw mut (*entry).packets, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).bytes, len as u64);
-        if now.wrapping_sub((*entry).last_seen_ns) > REFRESH_NS {
+        let refreshed = now.wrapping_sub((*entry).last_seen_ns) > REFRESH_NS;
+        if refreshed {
             (*entry).last_seen_ns = now;
         }
-    }
+        refreshed
+    };
     account(mapping_id, len, false);
-    let promote_now = !flow.established && nat::should_promote(state, created_s, now);
+    // Tried when the flow earns it, then at most once a second while the
+    // established table is full: not twice a packet.
+    let promote_now = !flow.established
+        && nat::should_promote(state, created_s, now)
+        && (state != old_state || refreshed);
     if state == old_state && fin_seen == old_fin_seen && !promote_now {
         return Ok(());
     }
@@ -630,15 +645,23 @@ fn track(
     Ok(())
 }
 
-/// Moves a flow's two entries from the new to the established table.
+/// Moves a flow's two entries from the new to the established table. The
+/// original entry goes first: it holds the TCP windows, and a reply found
+/// in the established table must find it there (lookups try that table
+/// first, so until both are in, both are still found in the new one).
 #[inline(always)]
 fn promote(key: &FlowKey, entry: &FlowEntry, partner_key: &FlowKey, partner: &FlowEntry) {
-    if CONNTRACK.insert(partner_key, partner, BPF_ANY as u64).is_err() {
+    let (first_key, first, second_key, second) = if entry.direction == DIRECTION_ORIGINAL {
+        (key, entry, partner_key, partner)
+    } else {
+        (partner_key, partner, key, entry)
+    };
+    if CONNTRACK.insert(first_key, first, BPF_ANY as u64).is_err() {
         count(Counter::EstablishedTableFull);
         return;
     }
-    if CONNTRACK.insert(key, entry, BPF_ANY as u64).is_err() {
-        let _ = CONNTRACK.remove(partner_key);
+    if CONNTRACK.insert(second_key, second, BPF_ANY as u64).is_err() {
+        let _ = CONNTRACK.remove(first_key);
         count(Counter::EstablishedTableFull);
         return;
     }
@@ -665,6 +688,9 @@ fn tcp_segment(ctx: &XdpContext, tot_len: u16) -> Result<Segment, Counter> {
     let (seq, ack, data_offset, flags, window) =
         unsafe { ((*tcp).seq, (*tcp).ack_seq, (*tcp).data_offset, (*tcp).flags, (*tcp).window) };
     let header_len = ((data_offset >> 4) as u32) * 4;
+    if header_len < 20 {
+        return Err(Counter::PassMalformed);
+    }
     let payload_len = (tot_len as u32).saturating_sub(IPV4_HEADER_LEN as u32 + header_len);
     let window_scale = if flags & TCP_SYN != 0 { syn_window_scale(ctx) } else { NO_WINDOW_SCALE };
     Ok(Segment {

@@ -915,6 +915,7 @@ fn udp_flow_is_established_by_the_reply() {
         for table_key in [original, key((SERVER, 5353), (GATEWAY, 33400), 17)] {
             let (_, mut entry) = gw.entry(table_key).expect("flow entry");
             entry.created_s -= 3;
+            entry.last_seen_ns -= 3_000_000_000;
             gw.datapath.maps.put_flow(Table::New, &table_key, &entry);
         }
         gw.run(&udp((CLIENT, 33400), (PUBLIC, 53), b"q2"));
@@ -1273,6 +1274,9 @@ fn too_big_towards_the_server_is_answered_with_fragmentation_needed() {
         let wan0 = gw.wan0;
         let client = (WAN_CLIENT, 50300);
         assert_eq!(gw.run_on(wan0, &syn(client, (PUBLIC, 80))).0, XDP_REDIRECT);
+        assert_eq!(gw.run(&tcp((SERVER, 8080), client, true, true, 64)).0, XDP_REDIRECT);
+        let ack = tcp(client, (PUBLIC, 80), false, true, 64);
+        assert_eq!(gw.run_on(wan0, &ack).0, XDP_REDIRECT, "handshake done");
 
         let big = big_tcp(client, (PUBLIC, 80), 1420, true);
         let (verdict, out) = gw.run_on(wan0, &big);
