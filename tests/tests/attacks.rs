@@ -427,8 +427,10 @@ fn a_lan_flows_tuples_injected_from_the_wan_are_never_delivered() {
         .unwrap_or_else(|e| panic!("client: the TCP flow after the injections: {e}"));
     for (role, capture) in [("server", &server_capture), ("client", &client_capture)] {
         for marker in ["udp after", "tcp after"] {
+            // The capture reads on a thread of its own: give it the time
+            // to take in what the socket already received.
             assert!(
-                carries(&capture.frames(), marker),
+                capture.wait_until(TIMEOUT, |frames| carries(frames, marker)),
                 "the {role}'s capture missed the flow's own {marker:?}: it would miss an injected packet too"
             );
         }
