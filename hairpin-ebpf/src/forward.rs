@@ -1,0 +1,194 @@
+//! Where a translated packet goes: the route cached in its flow or looked
+//! up with `bpf_fib_lookup`, and how it is sent.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, xdp_action,
+    },
+    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_meta},
+    programs::XdpContext,
+};
+use aya_log_ebpf::warn;
+use hairpin_common::{
+    CachedRoute, Counter, FlowKey, NEIGH_REDIRECT_MAGIC, NeighRedirect, packet::EthHeader, route,
+};
+
+use crate::{
+    conntrack::Flow,
+    maps::{EGRESS_DEVICES, ROUTE_CACHE, count},
+    packet::eth_addrs,
+};
+
+pub(crate) const AF_INET: u8 = 2;
+
+/// Sets the MAC addresses and picks the action for a translated packet.
+#[inline(always)]
+pub(crate) fn send(
+    eth: &mut EthHeader,
+    route: &Route,
+    counter: Counter,
+) -> Result<(u32, Counter), Counter> {
+    match *route {
+        Route::Resolved { action, eth_addrs, .. } => {
+            let addrs = eth.dst.as_mut_ptr().cast::<u32>();
+            // SAFETY: the 12 bytes of both addresses, in the packet.
+            unsafe {
+                addrs.write_unaligned(eth_addrs[0]);
+                addrs.add(1).write_unaligned(eth_addrs[1]);
+                addrs.add(2).write_unaligned(eth_addrs[2]);
+            }
+            Ok((action, counter))
+        }
+        Route::Unresolved { .. } => {
+            count(Counter::NeighRedirected);
+            Ok((xdp_action::XDP_PASS, counter))
+        }
+        Route::TooBig { .. } => Err(Counter::PassTooBig),
+    }
+}
+
+pub(crate) enum Route {
+    /// Sent on with `action`: XDP_TX back out of the ingress interface, or
+    /// XDP_REDIRECT with the egress device already chosen.
+    Resolved { action: u32, egress: u32, eth_addrs: [u32; 3] },
+    /// Routed out of `ifindex`, but the next hop's MAC is not known yet.
+    Unresolved { ifindex: u32 },
+    /// Larger than the egress MTU.
+    TooBig { mtu: u16 },
+}
+
+impl Route {
+    /// The interface the packet leaves through (0 when it does not leave).
+    #[inline(always)]
+    pub(crate) fn egress(&self) -> u32 {
+        match *self {
+            Route::Resolved { egress, .. } => egress,
+            Route::Unresolved { ifindex } => ifindex,
+            Route::TooBig { .. } => 0,
+        }
+    }
+}
+
+/// The route of a tracked flow's packet: the one cached in its entry while
+/// that is valid, else looked up (and cached, while caching is on).
+#[inline(always)]
+pub(crate) fn flow_route(
+    ctx: &XdpContext,
+    flow: &Flow,
+    translated: &FlowKey,
+    tot_len: u16,
+    now: u64,
+) -> Result<Route, Counter> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    // Read before the lookup: a change the lookup misses has moved the
+    // generation on after this read, so the result is cached as stale.
+    let cache = ROUTE_CACHE.get(0).copied().unwrap_or_default();
+    // SAFETY: a map value, only read here.
+    let (cached, last_seen_ns) = unsafe { ((*flow.entry).route, (*flow.entry).last_seen_ns) };
+    if route::cached_route_valid(&cache, &cached, last_seen_ns, ingress, tot_len, now) {
+        let action = forward_action(ingress, cached.egress)?;
+        return Ok(Route::Resolved { action, egress: cached.egress, eth_addrs: cached.eth_addrs });
+    }
+    let (route, found) = fib_lookup(ctx, translated, tot_len)?;
+    if let Some(found) = found
+        && cache.usable(now)
+    {
+        // SAFETY: a map value. Another CPU writing the same flow's entry
+        // writes the same result, unless a change races with both, and then
+        // the generation has moved on.
+        unsafe { (*flow.entry).route = CachedRoute { generation: cache.generation, ..found } };
+        count(Counter::RouteCached);
+    }
+    Ok(route)
+}
+
+/// XDP_TX back out of the ingress interface, or a redirect to a managed one.
+#[inline(always)]
+pub(crate) fn forward_action(ingress: u32, egress: u32) -> Result<u32, Counter> {
+    if egress == ingress {
+        return Ok(xdp_action::XDP_TX);
+    }
+    // Choosing the devmap target now, before anything is rewritten, is also
+    // the check that hairpin manages the egress interface.
+    EGRESS_DEVICES.redirect(egress, 0).map_err(|_| Counter::PassEgressNotManaged)
+}
+
+/// Looks the route up, and gives the result to cache when it is one.
+#[inline(always)]
+pub(crate) fn fib_lookup(
+    ctx: &XdpContext,
+    to: &FlowKey,
+    tot_len: u16,
+) -> Result<(Route, Option<CachedRoute>), Counter> {
+    const WORDS: usize = size_of::<FibParams>() / 8;
+    const _: () = assert!(size_of::<FibParams>() == WORDS * 8);
+    // Zeroed word by word with volatile stores: any plain zeroing of the
+    // struct became a call to memset on the fast path.
+    let mut storage = core::mem::MaybeUninit::<[u64; WORDS]>::uninit();
+    let words = storage.as_mut_ptr().cast::<u64>();
+    for word in 0..WORDS {
+        // SAFETY: within the array.
+        unsafe { words.add(word).write_volatile(0) };
+    }
+    // SAFETY: every byte was written, all zeros is a valid FibParams, and it
+    // is used in place (moving it out would be zeroed again, by memset).
+    let params = unsafe { &mut *storage.as_mut_ptr().cast::<FibParams>() };
+    params.family = AF_INET;
+    params.l4_protocol = to.proto;
+    params.sport = to.src_port;
+    params.dport = to.dst_port;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_3.ipv4_src = to.src_addr;
+    params.__bindgen_anon_4.ipv4_dst = to.dst_addr;
+    let ret = unsafe { bpf_fib_lookup(ctx.as_ptr(), params, size_of::<FibParams>() as i32, 0) };
+    let ingress = ctx.ingress_ifindex() as u32;
+    match ret as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let action = forward_action(ingress, params.ifindex)?;
+            let eth_addrs = eth_addrs(&params.dmac, &params.smac);
+            // The kernel returns the egress MTU on success too (since 5.12);
+            // before, the field still held tot_len, which is as safe a bound.
+            let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+            let found =
+                CachedRoute { generation: 0, mtu, ingress, egress: params.ifindex, eth_addrs };
+            Ok((Route::Resolved { action, egress: params.ifindex, eth_addrs }, Some(found)))
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            if params.ifindex != ingress && EGRESS_DEVICES.get(params.ifindex).is_none() {
+                return Err(Counter::PassEgressNotManaged);
+            }
+            Ok((Route::Unresolved { ifindex: params.ifindex }, None))
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            Ok((Route::TooBig { mtu: unsafe { params.__bindgen_anon_1.mtu_result } }, None))
+        }
+        _ => Err(Counter::FibFailed),
+    }
+}
+
+/// Prepends the metadata that asks the TC ingress program to send the packet
+/// on with `bpf_redirect_neigh`, which resolves the next hop and queues the
+/// packet meanwhile, so even a flow's first packet is not lost.
+#[inline(always)]
+pub(crate) fn hand_to_kernel(ctx: &XdpContext, ifindex: u32) -> Result<(), Counter> {
+    let len = size_of::<NeighRedirect>() as i32;
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
+        warn!(ctx, "no room for XDP metadata; packet passed untranslated");
+        return Err(Counter::PassNoMetadata);
+    }
+    let meta = ctx.metadata();
+    if meta + size_of::<NeighRedirect>() > ctx.data() {
+        return Err(Counter::PassNoMetadata);
+    }
+    let meta = meta as *mut NeighRedirect;
+    unsafe {
+        (*meta).magic = NEIGH_REDIRECT_MAGIC;
+        (*meta).ifindex = ifindex;
+    }
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! ICMP: translating the errors of tracked flows, and the "destination
+//! unreachable" answers the datapath sends itself (rate-limited).
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use hairpin_common::{
+    Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Settings, checksum,
+    icmp::{self, ICMP_HEADER_LEN, IPPROTO_ICMP},
+    packet::{
+        ETH_HEADER_LEN, ETH_P_IPV4, EthHeader, IPV4_HEADER_LEN, IcmpHeader, Ipv4Header, L4_OFFSET,
+        TcpHeader, UdpHeader,
+    },
+    ratelimit,
+};
+
+use crate::{
+    conntrack::find_flow,
+    forward::{Route, fib_lookup, hand_to_kernel, send},
+    maps::ICMP_RATE,
+    packet::{ptr_at, rewrite_ipv4, set_mac, sum_words},
+};
+
+pub(crate) const IP_DONT_FRAGMENT: u16 = 0x4000;
+
+pub(crate) const ICMP_OFFSET: usize = L4_OFFSET;
+
+pub(crate) const EMBEDDED_IP_OFFSET: usize = ICMP_OFFSET + ICMP_HEADER_LEN;
+
+pub(crate) const EMBEDDED_L4_OFFSET: usize = EMBEDDED_IP_OFFSET + IPV4_HEADER_LEN;
+
+/// An ICMP error about a packet of a tracked flow goes to that packet's
+/// sender, its outer and embedded headers translated back (RFC 5508).
+/// Errors do not refresh the flow.
+#[inline(always)]
+pub(crate) fn try_icmp_error(
+    ctx: &XdpContext,
+    outer_src: u32,
+    tot_len: u16,
+    settings: &Settings,
+    now: u64,
+) -> Result<(u32, Counter), Counter> {
+    let icmp_header: *mut IcmpHeader = ptr_at(ctx, ICMP_OFFSET)?;
+    if !icmp::is_error(unsafe { (*icmp_header).icmp_type }) {
+        return Err(Counter::PassNotTcpUdp);
+    }
+    let inner: *mut Ipv4Header =
+        ptr_at(ctx, EMBEDDED_IP_OFFSET).map_err(|_| Counter::PassIcmpNoFlow)?;
+    let (inner_version_ihl, inner_proto, inner_src, inner_dst) =
+        unsafe { ((*inner).version_ihl, (*inner).proto, (*inner).src_addr, (*inner).dst_addr) };
+    if inner_version_ihl != 0x45 || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP) {
+        return Err(Counter::PassIcmpNoFlow);
+    }
+    let ports: *mut [u16; 2] =
+        ptr_at(ctx, EMBEDDED_L4_OFFSET).map_err(|_| Counter::PassIcmpNoFlow)?;
+    let [src_port, dst_port] = unsafe { *ports };
+    let embedded = FlowKey::new(inner_src, inner_dst, src_port, dst_port, inner_proto);
+    // The error comes from where the flow's packets in the other direction
+    // come from: the same interface binding applies.
+    let ingress = ctx.ingress_ifindex() as u32;
+    let flow =
+        find_flow(&embedded.reversed(), ingress, settings, now)?.ok_or(Counter::PassIcmpNoFlow)?;
+    let translated = unsafe { (*flow.entry).translated };
+    let rewrite = icmp::error_rewrite(outer_src, &embedded, &translated);
+    let outer_to = FlowKey::new(rewrite.outer_src, rewrite.outer_dst, 0, 0, IPPROTO_ICMP);
+    let (route, _) = fib_lookup(ctx, &outer_to, tot_len)?;
+    if let Route::TooBig { .. } = route {
+        return Err(Counter::PassTooBig);
+    }
+    if let Route::Unresolved { ifindex } = route {
+        hand_to_kernel(ctx, ifindex)?;
+    }
+
+    // hand_to_kernel may have moved the packet: look everything up again.
+    let eth: *mut EthHeader = ptr_at(ctx, 0)?;
+    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+    let icmp_header: *mut IcmpHeader = ptr_at(ctx, ICMP_OFFSET)?;
+    let inner: *mut Ipv4Header = ptr_at(ctx, EMBEDDED_IP_OFFSET)?;
+    let ports: *mut [u16; 2] = ptr_at(ctx, EMBEDDED_L4_OFFSET)?;
+    // The embedded transport checksum, when the error quotes that far.
+    let l4_check: Option<*mut u16> = if inner_proto == IPPROTO_UDP {
+        ptr_at::<UdpHeader>(ctx, EMBEDDED_L4_OFFSET)
+            .ok()
+            .map(|udp| unsafe { &raw mut (*udp).check })
+    } else {
+        ptr_at::<TcpHeader>(ctx, EMBEDDED_L4_OFFSET)
+            .ok()
+            .map(|tcp| unsafe { &raw mut (*tcp).check })
+    };
+    let to = rewrite.embedded;
+    unsafe {
+        let old_ip_check = (*inner).check;
+        let mut new_ip_check = checksum::replace_u32(old_ip_check, embedded.src_addr, to.src_addr);
+        new_ip_check = checksum::replace_u32(new_ip_check, embedded.dst_addr, to.dst_addr);
+        let (old_l4_check, new_l4_check) = match l4_check {
+            Some(check) => {
+                let old = *check;
+                let new =
+                    checksum::l4_after_rewrite(old, &embedded, &to, inner_proto == IPPROTO_UDP);
+                *check = new;
+                (old, new)
+            }
+            None => (0, 0),
+        };
+        (*icmp_header).check = icmp::checksum_after(
+            (*icmp_header).check,
+            &embedded,
+            &to,
+            (old_ip_check, new_ip_check),
+            (old_l4_check, new_l4_check),
+        );
+        (*inner).check = new_ip_check;
+        (*inner).src_addr = to.src_addr;
+        (*inner).dst_addr = to.dst_addr;
+        *ports = [to.src_port, to.dst_port];
+        let outer_from = FlowKey::new((*ip).src_addr, (*ip).dst_addr, 0, 0, IPPROTO_ICMP);
+        rewrite_ipv4(&mut *ip, &outer_from, &outer_to);
+        send(&mut *eth, &route, Counter::IcmpTranslated)
+    }
+}
+
+/// A packet too big for the egress link. Sent towards a server or a WAN
+/// client in reply, it goes to the kernel untouched: its addresses are
+/// routable, so the kernel forwards it no further and answers "fragmentation
+/// needed" to its sender. Sent to the public address, the kernel would take
+/// it as its own, so hairpin answers itself (when DF is set; without DF the
+/// kernel gets it, as it would fragment it).
+#[inline(always)]
+pub(crate) fn too_big(
+    ctx: &XdpContext,
+    mtu: u16,
+    to_public_address: bool,
+    now: u64,
+) -> Result<(u32, Counter), Counter> {
+    if !to_public_address {
+        return Err(Counter::PassTooBig);
+    }
+    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+    // SAFETY: bounds checked.
+    let (frag_off, tot_len, public_addr) =
+        unsafe { ((*ip).frag_off, (*ip).tot_len, (*ip).dst_addr) };
+    if u16::from_be(frag_off) & IP_DONT_FRAGMENT == 0 {
+        return Err(Counter::PassTooBig);
+    }
+    let answer = Unreachable {
+        code: icmp::ICMP_FRAG_NEEDED,
+        mtu,
+        from_addr: public_addr,
+        tot_len: u16::from_be(tot_len),
+        counter: Counter::FragNeededSent,
+    };
+    answer_unreachable(ctx, &answer, now)
+}
+
+/// An ICMP "destination unreachable" to send in answer to a packet.
+#[derive(Clone, Copy)]
+pub(crate) struct Unreachable {
+    pub(crate) code: u8,
+    /// The next-hop MTU, for "fragmentation needed".
+    pub(crate) mtu: u16,
+    pub(crate) from_addr: u32,
+    /// The answered packet's IPv4 total length.
+    pub(crate) tot_len: u16,
+    /// The verdict counted when the answer goes out.
+    pub(crate) counter: Counter,
+}
+
+/// Turns the packet into the ICMP "destination unreachable" `answer` to its
+/// sender: the received IPv4 header and 8 bytes after it are quoted, the
+/// rest cut off, and it goes back out where it came from. Over the ICMP
+/// rate limit, the packet is dropped instead.
+#[inline(always)]
+pub(crate) fn answer_unreachable(
+    ctx: &XdpContext,
+    answer: &Unreachable,
+    now: u64,
+) -> Result<(u32, Counter), Counter> {
+    let Unreachable { code, mtu, from_addr, tot_len, counter } = *answer;
+    let bucket = ICMP_RATE.get_ptr_mut(0).ok_or(Counter::IcmpRateLimited)?;
+    // SAFETY: this CPU's bucket; XDP runs to completion on a CPU.
+    if !ratelimit::take(unsafe { &mut *bucket }, now) {
+        return Ok((xdp_action::XDP_DROP, Counter::IcmpRateLimited));
+    }
+    const QUOTE_LEN: usize = IPV4_HEADER_LEN + 8;
+    const ICMP_LEN: usize = ICMP_HEADER_LEN + QUOTE_LEN;
+    const PREPENDED: usize = IPV4_HEADER_LEN + ICMP_HEADER_LEN;
+    const OLD_ETH: usize = PREPENDED;
+    const QUOTE: usize = PREPENDED + ETH_HEADER_LEN;
+    let frame_len = ETH_HEADER_LEN as i32 + tot_len as i32;
+    let keep = (ETH_HEADER_LEN + QUOTE_LEN) as i32;
+    if frame_len < keep {
+        return Err(Counter::PassMalformed);
+    }
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep - frame_len) } != 0
+        || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(PREPENDED as i32)) } != 0
+    {
+        // The packet may be half cut now: better dropped than sent on.
+        return Ok((xdp_action::XDP_DROP, Counter::IcmpAnswerFailed));
+    }
+    let new_eth: *mut EthHeader = ptr_at(ctx, 0)?;
+    let old_eth: *mut EthHeader = ptr_at(ctx, OLD_ETH)?;
+    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+    let icmp_header: *mut IcmpHeader = ptr_at(ctx, ICMP_OFFSET)?;
+    let quoted: *mut Ipv4Header = ptr_at(ctx, QUOTE)?;
+    let icmp_words: *mut [u16; ICMP_LEN / 2] = ptr_at(ctx, ICMP_OFFSET)?;
+    let ip_words: *mut [u16; IPV4_HEADER_LEN / 2] = ptr_at(ctx, ETH_HEADER_LEN)?;
+    unsafe {
+        set_mac(&mut (*new_eth).dst, &(*old_eth).src);
+        set_mac(&mut (*new_eth).src, &(*old_eth).dst);
+        (*new_eth).ether_type = ETH_P_IPV4.to_be();
+        let sender = (*quoted).src_addr;
+        *ip = Ipv4Header {
+            version_ihl: 0x45,
+            tos: 0,
+            tot_len: ((IPV4_HEADER_LEN + ICMP_LEN) as u16).to_be(),
+            id: 0,
+            frag_off: 0,
+            ttl: 64,
+            proto: IPPROTO_ICMP,
+            check: 0,
+            src_addr: from_addr,
+            dst_addr: sender,
+        };
+        (*ip).check = !checksum::fold(sum_words(&*ip_words));
+        let mtu = mtu.to_be_bytes();
+        *icmp_header = IcmpHeader {
+            icmp_type: icmp::ICMP_DEST_UNREACH,
+            code,
+            check: 0,
+            rest: u32::from_ne_bytes([0, 0, mtu[0], mtu[1]]),
+        };
+        (*icmp_header).check = !checksum::fold(sum_words(&*icmp_words));
+    }
+    Ok((xdp_action::XDP_TX, counter))
+}
