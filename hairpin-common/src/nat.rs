@@ -3,9 +3,9 @@
 use crate::{
     CachedRoute, Counter, DIRECTION_ORIGINAL, DIRECTION_REPLY, FIN_SEEN_ORIGINAL, FIN_SEEN_REPLY,
     FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, KIND_HAIRPIN, KIND_PORT_FORWARD, MappingValue,
-    ROLE_LAN, ROLE_WAN, TcpWindow,
+    ROLE_LAN, ROLE_WAN,
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    state,
+    state, tcp,
 };
 
 /// How many source ports a new flow tries before it is refused.
@@ -113,20 +113,8 @@ fn fill_entry(
     entry.kind = kind;
     entry._pad0 = 0;
     entry._pad1 = 0;
-    entry.tcp = [NO_WINDOW; 2];
+    entry.tcp = [tcp::NOTHING_SEEN; 2];
 }
-
-const NO_WINDOW: TcpWindow = TcpWindow {
-    end: 0,
-    max_end: 0,
-    max_win: 0,
-    max_ack: 0,
-    isn_end: 0,
-    scale: 0,
-    flags: 0,
-    resync_scale: 0,
-    _pad: 0,
-};
 
 /// The state a new flow starts in.
 pub const fn initial_state(proto: u8) -> u8 {

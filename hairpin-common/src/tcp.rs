@@ -128,7 +128,8 @@ pub const fn open(syn: &Segment) -> [TcpWindow; 2] {
     [client, NOTHING_SEEN]
 }
 
-const NOTHING_SEEN: TcpWindow = TcpWindow {
+/// A side of which nothing has been seen yet.
+pub const NOTHING_SEEN: TcpWindow = TcpWindow {
     end: 0,
     max_end: 0,
     max_win: 0,

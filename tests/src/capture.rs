@@ -112,25 +112,8 @@ fn open(netns: &Netns, interface: &str) -> OwnedFd {
             };
             assert_eq!(rc, 0, "setsockopt {option} in {name}: {}", io::Error::last_os_error());
         }
-        // SAFETY: an all-zero sockaddr_ll is valid.
-        let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        address.sll_family = libc::AF_PACKET as u16;
-        address.sll_protocol = all;
-        address.sll_ifindex = if_index as i32;
-        // SAFETY: a valid sockaddr_ll of the size passed.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&address as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "bind the capture to {interface} in {name}: {}",
-            io::Error::last_os_error()
-        );
+        crate::raw::bind_to_interface(&fd, if_index, all)
+            .unwrap_or_else(|e| panic!("bind the capture to {interface} in {name}: {e}"));
         fd
     })
 }

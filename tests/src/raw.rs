@@ -34,25 +34,9 @@ impl PacketSocket {
             assert!(fd >= 0, "AF_PACKET socket in {name}: {}", io::Error::last_os_error());
             // SAFETY: the kernel returned a new fd.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            // SAFETY: an all-zero sockaddr_ll is valid.
-            let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            address.sll_family = libc::AF_PACKET as u16;
-            address.sll_protocol = (libc::ETH_P_IP as u16).to_be();
-            address.sll_ifindex = if_index as i32;
-            // SAFETY: a valid sockaddr_ll of the size passed.
-            let rc = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&address as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(
-                rc,
-                0,
-                "bind the AF_PACKET socket to {interface} in {name}: {}",
-                io::Error::last_os_error()
-            );
+            bind_to_interface(&fd, if_index, (libc::ETH_P_IP as u16).to_be()).unwrap_or_else(|e| {
+                panic!("bind the AF_PACKET socket to {interface} in {name}: {e}")
+            });
             Self { fd, interface }
         })
     }
@@ -74,4 +58,23 @@ impl PacketSocket {
         }
         Ok(())
     }
+}
+
+/// Binds an `AF_PACKET` socket to the interface `if_index`, for the frames
+/// of `protocol` (big-endian ethertype).
+pub(crate) fn bind_to_interface(fd: &OwnedFd, if_index: u32, protocol: u16) -> io::Result<()> {
+    // SAFETY: an all-zero sockaddr_ll is valid.
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_protocol = protocol;
+    address.sll_ifindex = if_index as i32;
+    // SAFETY: a valid sockaddr_ll of the size passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&address as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
