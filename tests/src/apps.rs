@@ -237,3 +237,19 @@ pub fn udp_echo(
         Ok(buf[..len].to_vec())
     })
 }
+
+/// Sends `message` on a connection to a TCP echo server and expects it back
+/// whole.
+pub fn echo_round_trip(stream: &mut TcpStream, message: &[u8]) -> io::Result<()> {
+    stream.write_all(message)?;
+    let mut echoed = vec![0u8; message.len()];
+    stream.read_exact(&mut echoed)?;
+    if echoed != message {
+        return Err(io::Error::other(format!(
+            "sent {:?}, echoed {:?}",
+            String::from_utf8_lossy(message),
+            String::from_utf8_lossy(&echoed)
+        )));
+    }
+    Ok(())
+}

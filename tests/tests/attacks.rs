@@ -6,8 +6,8 @@
 
 use std::{
     collections::BTreeMap,
-    io::{self, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    io,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
@@ -20,7 +20,7 @@ use std::{
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use hairpin_tests::{
     Netns,
-    apps::{Servers, TcpEcho, connected_udp, tcp_connect},
+    apps::{Servers, TcpEcho, connected_udp, echo_round_trip, tcp_connect},
     capture::{Capture, Captured},
     cli::Cli,
     daemon::Daemon,
@@ -275,21 +275,6 @@ fn flow(cli: &Cli, original: &str) -> Value {
     matching[0].clone()
 }
 
-/// Sends `message` on a TCP connection to an echo server and expects it
-/// back whole.
-fn echo_round_trip(stream: &mut TcpStream, message: &str) -> io::Result<()> {
-    stream.write_all(message.as_bytes())?;
-    let mut back = vec![0u8; message.len()];
-    stream.read_exact(&mut back)?;
-    if back != message.as_bytes() {
-        return Err(io::Error::other(format!(
-            "sent {message:?}, got back {:?}",
-            String::from_utf8_lossy(&back)
-        )));
-    }
-    Ok(())
-}
-
 /// Sends `message` on a UDP socket connected to the echo server through the
 /// public address; the address:port the server saw it from.
 fn udp_round_trip(socket: &UdpSocket, message: &str) -> io::Result<SocketAddrV4> {
@@ -354,7 +339,7 @@ fn a_lan_flows_tuples_injected_from_the_wan_are_never_delivered() {
     let mut tcp = tcp_connect(&seed.client, public(ECHO_PORT).into(), TIMEOUT)
         .unwrap_or_else(|e| panic!("client: TCP to {PUBLIC}:{ECHO_PORT}: {e}"));
     tcp.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
-    echo_round_trip(&mut tcp, "tcp before").unwrap_or_else(|e| panic!("client: TCP echo: {e}"));
+    echo_round_trip(&mut tcp, b"tcp before").unwrap_or_else(|e| panic!("client: TCP echo: {e}"));
     let tcp_client = SocketAddrV4::new(CLIENT, local_v4(tcp.local_addr()).port());
     let tcp_original = format!("{tcp_client} -> {}", public(ECHO_PORT));
     let tcp_snat = translated_source(&flow(&cli, &tcp_original));
@@ -423,7 +408,7 @@ fn a_lan_flows_tuples_injected_from_the_wan_are_never_delivered() {
     let udp_snat_after = udp_round_trip(&udp, "udp after")
         .unwrap_or_else(|e| panic!("client: the UDP flow after the injections: {e}"));
     assert_eq!(udp_snat_after, udp_snat, "the UDP flow's SNAT source changed");
-    echo_round_trip(&mut tcp, "tcp after")
+    echo_round_trip(&mut tcp, b"tcp after")
         .unwrap_or_else(|e| panic!("client: the TCP flow after the injections: {e}"));
     for (role, capture) in [("server", &server_capture), ("client", &client_capture)] {
         for marker in ["udp after", "tcp after"] {
@@ -485,7 +470,7 @@ fn an_idle_connection_outlives_a_spoofed_udp_wave_and_a_syn_flood() {
     let mut idle = tcp_connect(&seed.client, public(ECHO_PORT).into(), TIMEOUT)
         .unwrap_or_else(|e| panic!("client: TCP to {PUBLIC}:{ECHO_PORT} after the wave: {e}"));
     idle.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
-    echo_round_trip(&mut idle, "before the flood")
+    echo_round_trip(&mut idle, b"before the flood")
         .unwrap_or_else(|e| panic!("the connection, before the flood: {e}"));
     let original =
         format!("{CLIENT}:{} -> {}", local_v4(idle.local_addr()).port(), public(ECHO_PORT));
@@ -511,9 +496,9 @@ fn an_idle_connection_outlives_a_spoofed_udp_wave_and_a_syn_flood() {
     println!("the flood of {FLOOD} SYNs took {:?}: {after_flood}", started.elapsed());
 
     for round in 0..3 {
-        echo_round_trip(&mut idle, &format!("after the flood {round}")).unwrap_or_else(|e| {
-            panic!("the connection idle during the flood, exchange {round} after it: {e}")
-        });
+        echo_round_trip(&mut idle, format!("after the flood {round}").as_bytes()).unwrap_or_else(
+            |e| panic!("the connection idle during the flood, exchange {round} after it: {e}"),
+        );
     }
     let after = flow(&cli, &original);
     assert_eq!(after["state"], "ESTABLISHED", "the connection after the flood: {after}");
@@ -871,7 +856,7 @@ fn blind_resets_from_the_wan_leave_a_forwarded_connection_established() {
     let mut stream = tcp_connect(&seed.wan, public(ECHO_PORT).into(), TIMEOUT)
         .unwrap_or_else(|e| panic!("WAN host: TCP to {PUBLIC}:{ECHO_PORT}: {e}"));
     stream.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
-    echo_round_trip(&mut stream, "before the resets")
+    echo_round_trip(&mut stream, b"before the resets")
         .unwrap_or_else(|e| panic!("the connection, before the resets: {e}"));
     let client = local_v4(stream.local_addr());
     assert_eq!(*client.ip(), WAN_HOST);
@@ -900,7 +885,7 @@ fn blind_resets_from_the_wan_leave_a_forwarded_connection_established() {
         attacker.tcp(client, public(ECHO_PORT), random, Flags::Rst, &[]);
         sent += 1;
     }
-    echo_round_trip(&mut stream, "after the blind resets")
+    echo_round_trip(&mut stream, b"after the blind resets")
         .unwrap_or_else(|e| panic!("the connection, after {BLIND_RESETS} blind resets: {e}"));
     let after = flow(&cli, &original);
     assert_eq!(
@@ -932,6 +917,6 @@ fn blind_resets_from_the_wan_leave_a_forwarded_connection_established() {
         after["state"], "ESTABLISHED",
         "an in-window RST not at the expected sequence number moved the flow out of ESTABLISHED: {after}"
     );
-    echo_round_trip(&mut stream, "after the in-window reset")
+    echo_round_trip(&mut stream, b"after the in-window reset")
         .unwrap_or_else(|e| panic!("the connection, after an in-window RST: {e}"));
 }

@@ -5,7 +5,7 @@
 //! is what the datapath does.
 
 use std::{
-    io::{self, Read, Write},
+    io,
     net::{SocketAddr, SocketAddrV4, TcpStream},
     path::Path,
     sync::{
@@ -102,20 +102,10 @@ fn assert_refused(from: &Netns, port: u16, when: &str) {
     }
 }
 
-/// One message to a TCP echo server and its echo back.
+/// One message to a TCP echo server and its echo back, within `TIMEOUT`.
 fn echo_roundtrip(stream: &mut TcpStream, message: &[u8]) -> io::Result<()> {
     stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.write_all(message)?;
-    let mut echoed = vec![0u8; message.len()];
-    stream.read_exact(&mut echoed)?;
-    if echoed != message {
-        return Err(io::Error::other(format!(
-            "sent {:?}, echoed {:?}",
-            String::from_utf8_lossy(message),
-            String::from_utf8_lossy(&echoed)
-        )));
-    }
-    Ok(())
+    hairpin_tests::apps::echo_round_trip(stream, message)
 }
 
 /// A long TCP flow kept busy: round trips to an echo server, one after the

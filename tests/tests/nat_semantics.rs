@@ -7,8 +7,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{self, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    io,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -17,8 +17,8 @@ use etherparse::PacketBuilder;
 use hairpin_tests::{
     Netns,
     apps::{
-        BIG_LEN, Servers, TcpEcho, big_body, connected_udp, http_get, http_request, tcp_connect,
-        udp_echo,
+        BIG_LEN, Servers, TcpEcho, big_body, connected_udp, echo_round_trip, http_get,
+        http_request, tcp_connect, udp_echo,
     },
     daemon::Daemon,
     have_root,
@@ -354,21 +354,6 @@ fn download_across_a_smaller_wan_mtu_uses_path_mtu_discovery(#[case] nat: Nat) {
     }
 }
 
-/// A TCP connection through the echo server: sends `message`, expects it
-/// back whole.
-fn echo_round_trip(stream: &mut TcpStream, message: &str) -> io::Result<()> {
-    stream.write_all(message.as_bytes())?;
-    let mut back = vec![0u8; message.len()];
-    stream.read_exact(&mut back)?;
-    if back != message.as_bytes() {
-        return Err(io::Error::other(format!(
-            "sent {message:?}, got back {:?}",
-            String::from_utf8_lossy(&back)
-        )));
-    }
-    Ok(())
-}
-
 /// A TCP SYN to the public HTTP port from a spoofed LAN source, as a whole
 /// Ethernet frame with correct checksums.
 fn spoofed_syn(index: u32, from_mac: [u8; 6], gateway_mac: [u8; 6]) -> Vec<u8> {
@@ -411,7 +396,7 @@ fn a_long_flow_survives_a_flood_of_new_flows() {
     let mut long = tcp_connect(&seed.client, public(ECHO_PORT), TIMEOUT)
         .unwrap_or_else(|e| panic!("the long flow: connect to {PUBLIC}:{ECHO_PORT}: {e}"));
     long.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
-    echo_round_trip(&mut long, "before the flood")
+    echo_round_trip(&mut long, b"before the flood")
         .unwrap_or_else(|e| panic!("the long flow, before the flood: {e}"));
 
     let gateway_mac = seed.gateway.mac(GATEWAY_LAN_IF);
@@ -446,9 +431,9 @@ fn a_long_flow_survives_a_flood_of_new_flows() {
             Err(mpsc::TryRecvError::Empty) => {}
         }
         assert!(Instant::now() < deadline, "the flood did not finish within 20 s");
-        echo_round_trip(&mut long, &format!("during the flood {during}")).unwrap_or_else(|e| {
-            panic!("the long flow, after {during} exchanges during the flood: {e}")
-        });
+        echo_round_trip(&mut long, format!("during the flood {during}").as_bytes()).unwrap_or_else(
+            |e| panic!("the long flow, after {during} exchanges during the flood: {e}"),
+        );
         during += 1;
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -456,7 +441,7 @@ fn a_long_flow_survives_a_flood_of_new_flows() {
     println!("{FLOOD} SYNs sent in {flood_took:?}; {during} exchanges on the long flow meanwhile");
 
     for round in 0..10 {
-        echo_round_trip(&mut long, &format!("after the flood {round}"))
+        echo_round_trip(&mut long, format!("after the flood {round}").as_bytes())
             .unwrap_or_else(|e| panic!("the long flow, exchange {round} after the flood: {e}"));
     }
     let (status, _) = http_get(&seed.client, public(HTTP_PORT), "/", TIMEOUT)
