@@ -55,30 +55,31 @@ counters! {
     /// entry, for its next packets (counted besides the packet's verdict).
     RouteCached => "route_cached",
     PassNotIpv4 => "pass_not_ipv4",
-    PassIpOptions => "pass_ip_options",
+    /// A later fragment of a datagram whose first fragment no flow
+    /// translated (or not yet): the kernel gets it untouched.
     PassFragment => "pass_fragment",
     PassNotTcpUdp => "pass_not_tcp_udp",
     PassMalformed => "pass_malformed",
     PassNoMapping => "pass_no_mapping",
     PassSourceNotLan => "pass_source_not_lan",
     PassTcpNotSyn => "pass_tcp_not_syn",
-    PassTtlExpired => "pass_ttl_expired",
-    /// Larger than the egress MTU: the kernel answers "fragmentation needed".
-    PassTooBig => "pass_too_big",
+    /// A packet of a flow larger than the egress MTU that may not be
+    /// answered with "fragmentation needed" (DF clear): dropped.
+    TooBigDropped => "too_big_dropped",
     /// A LAN source address arriving on a WAN interface (spoofed).
     PassLanSourceOnWan => "pass_lan_source_on_wan",
     /// The ingress interface is not one hairpin manages.
     PassUnknownInterface => "pass_unknown_interface",
     /// An ICMP error that belongs to no tracked flow.
     PassIcmpNoFlow => "pass_icmp_no_flow",
-    /// Metadata could not be attached for the kernel hand-off.
-    PassNoMetadata => "pass_no_metadata",
+    /// A translated packet for the kernel's neighbour resolution that had
+    /// no room for the metadata: dropped.
+    NoMetadataDropped => "no_metadata_dropped",
     /// No free SNAT source port after the bounded retries.
     PortAllocFailed => "port_alloc_failed",
-    /// `bpf_fib_lookup` found no usable route (packet passed untouched).
-    FibFailed => "fib_failed",
-    /// The route leaves through an interface hairpin does not manage.
-    PassEgressNotManaged => "pass_egress_not_managed",
+    /// A packet of a flow with no usable route for its translation
+    /// (`bpf_fib_lookup` failed): dropped, never passed untranslated.
+    RouteFailed => "route_failed",
     /// Two CPUs opened the same flow at once; the loser's packet is passed.
     PassFlowRace => "pass_flow_race",
     /// Entries user space removed from each table because their flows had
@@ -113,6 +114,19 @@ counters! {
     /// An ICMP message the datapath would generate, over the rate limit:
     /// the packet that called for it is dropped.
     IcmpRateLimited => "icmp_rate_limited",
+    /// A later fragment translated as its datagram's first fragment was.
+    FragmentTranslated => "fragment_translated",
+    /// A later fragment whose datagram's translation outlived its lifetime:
+    /// dropped.
+    FragmentExpired => "fragment_expired",
+    /// A later fragment larger than its egress MTU: dropped.
+    FragmentTooBig => "fragment_too_big",
+    /// A packet of a flow whose TTL would expire here, answered with ICMP
+    /// "time exceeded" quoting it as it was sent.
+    TimeExceededSent => "time_exceeded_sent",
+    /// A later fragment or an ICMP error of a flow whose TTL would expire
+    /// here: dropped (no ICMP error is sent about either).
+    TtlExpiredDropped => "ttl_expired_dropped",
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@ use crate::{FlowKey, checksum};
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_SOURCE_QUENCH: u8 = 4;
+pub const ICMP_REDIRECT: u8 = 5;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
 /// Codes under `ICMP_DEST_UNREACH`: "fragmentation needed and DF set" and
@@ -13,9 +15,26 @@ pub const ICMP_FRAG_NEEDED: u8 = 4;
 pub const ICMP_ADMIN_PROHIBITED: u8 = 13;
 pub const ICMP_HEADER_LEN: usize = 8;
 
-/// The ICMP messages that carry the header of a packet they report on.
+/// The ICMP messages that carry the header of a packet they report on
+/// (the ones netfilter relates to a connection).
 pub const fn is_error(icmp_type: u8) -> bool {
-    matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM)
+    matches!(
+        icmp_type,
+        ICMP_DEST_UNREACH
+            | ICMP_SOURCE_QUENCH
+            | ICMP_REDIRECT
+            | ICMP_TIME_EXCEEDED
+            | ICMP_PARAMETER_PROBLEM
+    )
+}
+
+/// The address the gateway sends its own ICMP error about a flow's packet
+/// from ("time exceeded", "fragmentation needed"). A packet sent to the
+/// public address is answered from it, as netfilter's translation of the
+/// error makes it (RFC 5508 REQ-5c); a server's packet from the gateway's
+/// LAN address, the router it reached.
+pub const fn answer_source(to_public_address: bool, packet_dst: u32, lan_addr: u32) -> u32 {
+    if to_public_address { packet_dst } else { lan_addr }
 }
 
 /// How an ICMP error about the packet `embedded` (as the gateway sent it) is
@@ -34,9 +53,13 @@ pub const fn error_rewrite(
     embedded: &FlowKey,
     translated: &FlowKey,
 ) -> ErrorRewrite {
-    // The endpoint that reports its own unreachability appears at the
-    // address its peer used; a router on the way keeps its own address.
-    let outer_src = if outer_src == embedded.dst_addr { translated.src_addr } else { outer_src };
+    // Where the flow rewrites the source in the direction the error
+    // travels, the error's source is rewritten as well, whoever sent it:
+    // the endpoint or a router behind it appears at the address its peer
+    // uses (netfilter does the same, RFC 5508 REQ-5c). Elsewhere a router
+    // keeps its own address.
+    let outer_src =
+        if translated.src_addr != embedded.dst_addr { translated.src_addr } else { outer_src };
     ErrorRewrite { outer_src, outer_dst: translated.dst_addr, embedded: translated.reversed() }
 }
 
@@ -110,6 +133,52 @@ mod tests {
         let rewrite = error_rewrite(router, &embedded, &translated);
         assert_eq!((rewrite.outer_src, rewrite.outer_dst), (router, server));
         assert_eq!(rewrite.embedded, FlowKey::new(server, wan_client, be(8080), be(50000), 6));
+    }
+
+    #[test]
+    fn error_from_a_lan_router_about_a_port_forward_comes_from_the_public_address() {
+        let (wan_client, public, server, lan_router) = (
+            addr([198, 51, 100, 7]),
+            addr([203, 0, 113, 1]),
+            addr([10, 1, 0, 2]),
+            addr([192, 168, 0, 254]),
+        );
+        // A router on the LAN reports on what the gateway sent: client → server:8080.
+        let embedded = FlowKey::new(wan_client, server, be(50000), be(8080), 6);
+        // The reply entry: server:8080 → client goes out as public:80 → client.
+        let translated = FlowKey::new(public, wan_client, be(80), be(50000), 6);
+        let rewrite = error_rewrite(lan_router, &embedded, &translated);
+        assert_eq!(
+            (rewrite.outer_src, rewrite.outer_dst),
+            (public, wan_client),
+            "the server's network is not shown to the WAN"
+        );
+        assert_eq!(rewrite.embedded, FlowKey::new(wan_client, public, be(50000), be(80), 6));
+    }
+
+    #[test]
+    fn error_from_a_router_towards_a_hairpin_client_comes_from_the_gateway() {
+        let (client, public, server, gateway, lan_router) = (
+            addr([192, 168, 0, 3]),
+            addr([203, 0, 113, 1]),
+            addr([192, 168, 0, 2]),
+            addr([192, 168, 0, 1]),
+            addr([192, 168, 0, 254]),
+        );
+        // A router between gateway and client reports on the reply as sent:
+        // public:5000 → client:40000. The original entry: client → public:5000
+        // goes in as gateway:41000 → server:5000.
+        let embedded = FlowKey::new(public, client, be(5000), be(40000), 17);
+        let translated = FlowKey::new(gateway, server, be(41000), be(5000), 17);
+        let rewrite = error_rewrite(lan_router, &embedded, &translated);
+        assert_eq!((rewrite.outer_src, rewrite.outer_dst), (gateway, server));
+    }
+
+    #[test]
+    fn answers_come_from_the_address_the_sender_used() {
+        let (public, lan) = (addr([203, 0, 113, 1]), addr([192, 168, 0, 1]));
+        assert_eq!(answer_source(true, public, lan), public);
+        assert_eq!(answer_source(false, addr([198, 51, 100, 7]), lan), lan);
     }
 
     #[test]

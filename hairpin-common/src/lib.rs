@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod checksum;
 pub mod counters;
+pub mod fragment;
 pub mod icmp;
 pub mod maps;
 pub mod nat;

@@ -25,9 +25,10 @@ pub mod names {
     pub const MAPPING_SOURCES: &str = "MAPPING_SOURCES";
     pub const MAPPING_INTERFACES: &str = "MAPPING_INTERFACES";
     pub const ICMP_RATE: &str = "ICMP_RATE";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
 
     /// The maps a running instance keeps (pinned) and its tools share.
-    pub const SHARED: [&str; 15] = [
+    pub const SHARED: [&str; 16] = [
         LAYOUT,
         SETTINGS,
         ROUTE_CACHE,
@@ -43,6 +44,7 @@ pub mod names {
         MAPPING_SOURCES,
         MAPPING_INTERFACES,
         ICMP_RATE,
+        FRAGMENTS,
     ];
 }
 
@@ -381,6 +383,48 @@ impl FlowKey {
 }
 
 pod! {
+    /// A fragmented datagram (`FRAGMENTS` key): its sender, destination,
+    /// protocol and IP ID, as in its fragments' headers.
+    pub struct FragmentKey {
+        /// big-endian
+        pub src_addr: u32,
+        /// big-endian
+        pub dst_addr: u32,
+        /// big-endian
+        pub id: u16,
+        pub proto: u8,
+        pub _pad: u8,
+    }
+}
+
+pod! {
+    /// How the later fragments of a datagram are translated and sent: as
+    /// its first fragment was (`FRAGMENTS` value).
+    pub struct FragmentEntry {
+        /// When the first fragment was translated (CLOCK_MONOTONIC_COARSE, ns).
+        pub created_ns: u64,
+        /// The addresses the fragments leave with. big-endian
+        pub src_addr: u32,
+        pub dst_addr: u32,
+        /// The interface the datagram arrives on: fragments arriving
+        /// elsewhere are not translated.
+        pub ingress: u32,
+        /// The interface it leaves through, and the MAC addresses to send it
+        /// with when `resolved` (else the kernel resolves the next hop).
+        pub egress: u32,
+        pub eth_addrs: [u32; 3],
+        /// The egress MTU: a later fragment larger than it is not sent.
+        pub mtu: u16,
+        /// The flow's mapping rule, for its traffic counters.
+        pub mapping_id: u16,
+        pub resolved: u8,
+        pub _pad0: u8,
+        pub _pad1: u16,
+        pub _pad2: u32,
+    }
+}
+
+pod! {
     /// Traffic of one mapping rule (`MAPPING_STATS`, per CPU).
     pub struct MappingStats {
         pub flows: u64,
@@ -391,7 +435,7 @@ pod! {
 
 /// Changes whenever a map's layout or meaning changes, so that a running
 /// instance's pinned maps are never used with another layout.
-pub const LAYOUT_VERSION: u64 = 5 << 48
+pub const LAYOUT_VERSION: u64 = 6 << 48
     | (core::mem::size_of::<FlowKey>() as u64) << 40
     | (core::mem::size_of::<FlowEntry>() as u64) << 32
     | (core::mem::size_of::<MappingKey>() as u64) << 24

@@ -4,6 +4,7 @@ use crate::{
     CachedRoute, Counter, DIRECTION_ORIGINAL, DIRECTION_REPLY, FIN_SEEN_ORIGINAL, FIN_SEEN_REPLY,
     FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, KIND_HAIRPIN, KIND_PORT_FORWARD, MappingValue,
     ROLE_LAN, ROLE_WAN,
+    fragment::Fragment,
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     state, tcp,
 };
@@ -11,25 +12,32 @@ use crate::{
 /// How many source ports a new flow tries before it is refused.
 pub const SNAT_PORT_ATTEMPTS: u32 = 16;
 
-/// Whether an IPv4 header is one hairpin may translate; the counter says why
-/// not. Only plain TCP, UDP and ICMP without options or fragmentation are
-/// taken.
+/// How an IPv4 header hairpin may translate is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Layout {
+    /// The header's length with its options, 20 to 60 bytes: where the L4
+    /// header starts.
+    pub header_len: u32,
+    pub fragment: Fragment,
+}
+
+/// Whether an IPv4 header is one hairpin may translate, and its layout; the
+/// counter says why not. TCP, UDP and ICMP are taken, options and fragments
+/// included (options are kept, as netfilter keeps them).
 #[inline(always)]
-pub const fn check_ipv4(version_ihl: u8, frag_off_be: u16, proto: u8) -> Result<(), Counter> {
-    if version_ihl >> 4 != 4 {
+pub const fn check_ipv4(
+    version_ihl: u8,
+    frag_off_be: u16,
+    proto: u8,
+) -> Result<Ipv4Layout, Counter> {
+    if version_ihl >> 4 != 4 || version_ihl & 0x0f < 5 {
         return Err(Counter::PassMalformed);
-    }
-    if version_ihl & 0x0f != 5 {
-        return Err(Counter::PassIpOptions);
-    }
-    // More-fragments flag or a non-zero offset.
-    if u16::from_be(frag_off_be) & 0x3fff != 0 {
-        return Err(Counter::PassFragment);
     }
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != crate::icmp::IPPROTO_ICMP {
         return Err(Counter::PassNotTcpUdp);
     }
-    Ok(())
+    let header_len = (version_ihl & 0x0f) as u32 * 4;
+    Ok(Ipv4Layout { header_len, fragment: Fragment::of(frag_off_be) })
 }
 
 /// Only a connection's first packet (SYN without ACK, RST or FIN) may open a
@@ -40,8 +48,8 @@ pub const fn tcp_opens_flow(flags: u8) -> bool {
     flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 }
 
-/// A packet whose TTL would expire here goes to the kernel, which answers
-/// with ICMP time exceeded.
+/// A packet of a flow whose TTL would expire here is answered with ICMP
+/// "time exceeded" instead of being translated.
 #[inline(always)]
 pub const fn ttl_expires(ttl: u8) -> bool {
     ttl <= 1
@@ -307,21 +315,27 @@ mod tests {
         u32::from_ne_bytes(a)
     }
 
+    const fn layout(header_len: u32, fragment: Fragment) -> Result<Ipv4Layout, Counter> {
+        Ok(Ipv4Layout { header_len, fragment })
+    }
+
     #[rstest]
-    #[case::plain_tcp(0x45, 0, 6, Ok(()))]
-    #[case::plain_udp(0x45, 0, 17, Ok(()))]
-    #[case::dont_fragment_is_fine(0x45, be(0x4000), 6, Ok(()))]
-    #[case::options(0x46, 0, 6, Err(Counter::PassIpOptions))]
-    #[case::more_fragments(0x45, be(0x2000), 17, Err(Counter::PassFragment))]
-    #[case::later_fragment(0x45, be(0x00b9), 17, Err(Counter::PassFragment))]
-    #[case::icmp(0x45, 0, 1, Ok(()))]
+    #[case::plain_tcp(0x45, 0, 6, layout(20, Fragment::Whole))]
+    #[case::plain_udp(0x45, 0, 17, layout(20, Fragment::Whole))]
+    #[case::dont_fragment_is_fine(0x45, be(0x4000), 6, layout(20, Fragment::Whole))]
+    #[case::options(0x46, 0, 6, layout(24, Fragment::Whole))]
+    #[case::most_options(0x4f, 0, 17, layout(60, Fragment::Whole))]
+    #[case::more_fragments(0x45, be(0x2000), 17, layout(20, Fragment::First))]
+    #[case::later_fragment(0x45, be(0x00b9), 17, layout(20, Fragment::Later))]
+    #[case::icmp(0x45, 0, 1, layout(20, Fragment::Whole))]
     #[case::gre(0x45, 0, 47, Err(Counter::PassNotTcpUdp))]
     #[case::not_v4(0x65, 0, 6, Err(Counter::PassMalformed))]
+    #[case::header_too_short(0x44, 0, 6, Err(Counter::PassMalformed))]
     fn ipv4_header_checks(
         #[case] version_ihl: u8,
         #[case] frag: u16,
         #[case] proto: u8,
-        #[case] expected: Result<(), Counter>,
+        #[case] expected: Result<Ipv4Layout, Counter>,
     ) {
         assert_eq!(check_ipv4(version_ihl, frag, proto), expected);
     }

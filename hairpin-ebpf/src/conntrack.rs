@@ -137,6 +137,7 @@ pub(crate) fn track(
     flow: &Flow,
     packet: &FlowKey,
     segment: &Segment,
+    fragmented: bool,
     now: u64,
     len: u16,
 ) -> Result<(), Counter> {
@@ -152,7 +153,11 @@ pub(crate) fn track(
             (*entry).created_s,
         )
     };
-    let (state, fin_seen) = if packet.proto == IPPROTO_TCP {
+    let (state, fin_seen) = if packet.proto == IPPROTO_TCP && fragmented {
+        // A fragment shows only part of its segment, whose length the
+        // windows need: the segment is translated, the windows left alone.
+        (old_state, old_fin_seen)
+    } else if packet.proto == IPPROTO_TCP {
         // The original entry holds both directions' windows.
         let holder = if direction == DIRECTION_ORIGINAL { entry } else { flow.partner };
         if holder.is_null() {

@@ -47,15 +47,17 @@ pub(crate) fn send(
             count(Counter::NeighRedirected);
             Ok((xdp_action::XDP_PASS, counter))
         }
-        Route::TooBig { .. } => Err(Counter::PassTooBig),
+        Route::TooBig { .. } => Ok((xdp_action::XDP_DROP, Counter::TooBigDropped)),
     }
 }
 
 pub(crate) enum Route {
     /// Sent on with `action`: XDP_TX back out of the ingress interface, or
     /// XDP_REDIRECT with the egress device already chosen.
-    Resolved { action: u32, egress: u32, eth_addrs: [u32; 3] },
-    /// Routed out of `ifindex`, but the next hop's MAC is not known yet.
+    Resolved { action: u32, egress: u32, eth_addrs: [u32; 3], mtu: u16 },
+    /// Routed out of `ifindex`, but sent by the kernel (TC,
+    /// `bpf_redirect_neigh`): the next hop's MAC is not known yet, or hairpin
+    /// does not manage the interface (no devmap entry to redirect to).
     Unresolved { ifindex: u32 },
     /// Larger than the egress MTU.
     TooBig { mtu: u16 },
@@ -90,8 +92,11 @@ pub(crate) fn flow_route(
     // SAFETY: a map value, only read here.
     let (cached, last_seen_ns) = unsafe { ((*flow.entry).route, (*flow.entry).last_seen_ns) };
     if route::cached_route_valid(&cache, &cached, last_seen_ns, ingress, tot_len, now) {
-        let action = forward_action(ingress, cached.egress)?;
-        return Ok(Route::Resolved { action, egress: cached.egress, eth_addrs: cached.eth_addrs });
+        let Some(action) = forward_action(ingress, cached.egress) else {
+            return Ok(Route::Unresolved { ifindex: cached.egress });
+        };
+        let (egress, eth_addrs, mtu) = (cached.egress, cached.eth_addrs, cached.mtu);
+        return Ok(Route::Resolved { action, egress, eth_addrs, mtu });
     }
     let (route, found) = fib_lookup(ctx, translated, tot_len)?;
     if let Some(found) = found
@@ -106,15 +111,16 @@ pub(crate) fn flow_route(
     Ok(route)
 }
 
-/// XDP_TX back out of the ingress interface, or a redirect to a managed one.
+/// XDP_TX back out of the ingress interface, or a redirect to a managed
+/// one; `None` for an interface hairpin does not manage.
 #[inline(always)]
-pub(crate) fn forward_action(ingress: u32, egress: u32) -> Result<u32, Counter> {
+pub(crate) fn forward_action(ingress: u32, egress: u32) -> Option<u32> {
     if egress == ingress {
-        return Ok(xdp_action::XDP_TX);
+        return Some(xdp_action::XDP_TX);
     }
     // Choosing the devmap target now, before anything is rewritten, is also
     // the check that hairpin manages the egress interface.
-    EGRESS_DEVICES.redirect(egress, 0).map_err(|_| Counter::PassEgressNotManaged)
+    EGRESS_DEVICES.redirect(egress, 0).ok()
 }
 
 /// Looks the route up, and gives the result to cache when it is one.
@@ -149,25 +155,25 @@ pub(crate) fn fib_lookup(
     let ingress = ctx.ingress_ifindex() as u32;
     match ret as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            let action = forward_action(ingress, params.ifindex)?;
+            let egress = params.ifindex;
             let eth_addrs = eth_addrs(&params.dmac, &params.smac);
             // The kernel returns the egress MTU on success too (since 5.12);
             // before, the field still held tot_len, which is as safe a bound.
             let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
-            let found =
-                CachedRoute { generation: 0, mtu, ingress, egress: params.ifindex, eth_addrs };
-            Ok((Route::Resolved { action, egress: params.ifindex, eth_addrs }, Some(found)))
+            let found = CachedRoute { generation: 0, mtu, ingress, egress, eth_addrs };
+            let route = match forward_action(ingress, egress) {
+                Some(action) => Route::Resolved { action, egress, eth_addrs, mtu },
+                None => Route::Unresolved { ifindex: egress },
+            };
+            Ok((route, Some(found)))
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => {
-            if params.ifindex != ingress && EGRESS_DEVICES.get(params.ifindex).is_none() {
-                return Err(Counter::PassEgressNotManaged);
-            }
-            Ok((Route::Unresolved { ifindex: params.ifindex }, None))
-        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Ok((Route::Unresolved { ifindex: params.ifindex }, None)),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             Ok((Route::TooBig { mtu: unsafe { params.__bindgen_anon_1.mtu_result } }, None))
         }
-        _ => Err(Counter::FibFailed),
+        // Blackhole, unreachable, prohibited, not forwarded: the packet
+        // cannot go where its flow sends it.
+        _ => Err(Counter::RouteFailed),
     }
 }
 
@@ -178,12 +184,12 @@ pub(crate) fn fib_lookup(
 pub(crate) fn hand_to_kernel(ctx: &XdpContext, ifindex: u32) -> Result<(), Counter> {
     let len = size_of::<NeighRedirect>() as i32;
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
-        warn!(ctx, "no room for XDP metadata; packet passed untranslated");
-        return Err(Counter::PassNoMetadata);
+        warn!(ctx, "no room for XDP metadata; packet dropped");
+        return Err(Counter::NoMetadataDropped);
     }
     let meta = ctx.metadata();
     if meta + size_of::<NeighRedirect>() > ctx.data() {
-        return Err(Counter::PassNoMetadata);
+        return Err(Counter::NoMetadataDropped);
     }
     let meta = meta as *mut NeighRedirect;
     unsafe {

@@ -9,6 +9,7 @@ use aya_ebpf::{
 use hairpin_common::{
     Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Settings, checksum,
     icmp::{self, ICMP_HEADER_LEN, IPPROTO_ICMP},
+    nat,
     packet::{
         ETH_HEADER_LEN, ETH_P_IPV4, EthHeader, IPV4_HEADER_LEN, IcmpHeader, Ipv4Header, L4_OFFSET,
         TcpHeader, UdpHeader,
@@ -25,36 +26,43 @@ use crate::{
 
 pub(crate) const IP_DONT_FRAGMENT: u16 = 0x4000;
 
-pub(crate) const ICMP_OFFSET: usize = L4_OFFSET;
-
-pub(crate) const EMBEDDED_IP_OFFSET: usize = ICMP_OFFSET + ICMP_HEADER_LEN;
-
-pub(crate) const EMBEDDED_L4_OFFSET: usize = EMBEDDED_IP_OFFSET + IPV4_HEADER_LEN;
-
 /// An ICMP error about a packet of a tracked flow goes to that packet's
 /// sender, its outer and embedded headers translated back (RFC 5508).
-/// Errors do not refresh the flow.
+/// Errors do not refresh the flow. One that cannot be sent on (no route,
+/// too big, TTL spent) is dropped: handed to the kernel, it would go on
+/// with the server's address in it.
 #[inline(always)]
 pub(crate) fn try_icmp_error(
     ctx: &XdpContext,
-    outer_src: u32,
-    tot_len: u16,
+    icmp_offset: usize,
     settings: &Settings,
     now: u64,
 ) -> Result<(u32, Counter), Counter> {
-    let icmp_header: *mut IcmpHeader = ptr_at(ctx, ICMP_OFFSET)?;
+    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (outer_src, tot_len, ttl) =
+        unsafe { ((*ip).src_addr, u16::from_be((*ip).tot_len), (*ip).ttl) };
+    let icmp_header: *mut IcmpHeader = ptr_at(ctx, icmp_offset)?;
     if !icmp::is_error(unsafe { (*icmp_header).icmp_type }) {
         return Err(Counter::PassNotTcpUdp);
     }
+    let embedded_ip_offset = icmp_offset + ICMP_HEADER_LEN;
     let inner: *mut Ipv4Header =
-        ptr_at(ctx, EMBEDDED_IP_OFFSET).map_err(|_| Counter::PassIcmpNoFlow)?;
+        ptr_at(ctx, embedded_ip_offset).map_err(|_| Counter::PassIcmpNoFlow)?;
     let (inner_version_ihl, inner_proto, inner_src, inner_dst) =
         unsafe { ((*inner).version_ihl, (*inner).proto, (*inner).src_addr, (*inner).dst_addr) };
-    if inner_version_ihl != 0x45 || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP) {
+    if inner_version_ihl >> 4 != 4
+        || inner_version_ihl & 0x0f < 5
+        || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP)
+    {
         return Err(Counter::PassIcmpNoFlow);
     }
+    // The quoted header may carry options too: 20 to 60 bytes, so the
+    // embedded ports are at most 128 bytes in.
+    let inner_len = core::hint::black_box((inner_version_ihl & 0x0f) as usize * 4) & 0x3c;
+    let embedded_l4_offset = (embedded_ip_offset & 0x7f) + inner_len;
     let ports: *mut [u16; 2] =
-        ptr_at(ctx, EMBEDDED_L4_OFFSET).map_err(|_| Counter::PassIcmpNoFlow)?;
+        ptr_at(ctx, embedded_l4_offset).map_err(|_| Counter::PassIcmpNoFlow)?;
     let [src_port, dst_port] = unsafe { *ports };
     let embedded = FlowKey::new(inner_src, inner_dst, src_port, dst_port, inner_proto);
     // The error comes from where the flow's packets in the other direction
@@ -62,30 +70,38 @@ pub(crate) fn try_icmp_error(
     let ingress = ctx.ingress_ifindex() as u32;
     let flow =
         find_flow(&embedded.reversed(), ingress, settings, now)?.ok_or(Counter::PassIcmpNoFlow)?;
+    if nat::ttl_expires(ttl) {
+        return Ok((xdp_action::XDP_DROP, Counter::TtlExpiredDropped));
+    }
     let translated = unsafe { (*flow.entry).translated };
     let rewrite = icmp::error_rewrite(outer_src, &embedded, &translated);
     let outer_to = FlowKey::new(rewrite.outer_src, rewrite.outer_dst, 0, 0, IPPROTO_ICMP);
-    let (route, _) = fib_lookup(ctx, &outer_to, tot_len)?;
-    if let Route::TooBig { .. } = route {
-        return Err(Counter::PassTooBig);
-    }
-    if let Route::Unresolved { ifindex } = route {
-        hand_to_kernel(ctx, ifindex)?;
+    let route = match fib_lookup(ctx, &outer_to, tot_len) {
+        Ok((Route::TooBig { .. }, _)) => {
+            return Ok((xdp_action::XDP_DROP, Counter::TooBigDropped));
+        }
+        Ok((route, _)) => route,
+        Err(failed) => return Ok((xdp_action::XDP_DROP, failed)),
+    };
+    if let Route::Unresolved { ifindex } = route
+        && let Err(failed) = hand_to_kernel(ctx, ifindex)
+    {
+        return Ok((xdp_action::XDP_DROP, failed));
     }
 
     // hand_to_kernel may have moved the packet: look everything up again.
     let eth: *mut EthHeader = ptr_at(ctx, 0)?;
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
-    let icmp_header: *mut IcmpHeader = ptr_at(ctx, ICMP_OFFSET)?;
-    let inner: *mut Ipv4Header = ptr_at(ctx, EMBEDDED_IP_OFFSET)?;
-    let ports: *mut [u16; 2] = ptr_at(ctx, EMBEDDED_L4_OFFSET)?;
+    let icmp_header: *mut IcmpHeader = ptr_at(ctx, icmp_offset)?;
+    let inner: *mut Ipv4Header = ptr_at(ctx, embedded_ip_offset)?;
+    let ports: *mut [u16; 2] = ptr_at(ctx, embedded_l4_offset)?;
     // The embedded transport checksum, when the error quotes that far.
     let l4_check: Option<*mut u16> = if inner_proto == IPPROTO_UDP {
-        ptr_at::<UdpHeader>(ctx, EMBEDDED_L4_OFFSET)
+        ptr_at::<UdpHeader>(ctx, embedded_l4_offset)
             .ok()
             .map(|udp| unsafe { &raw mut (*udp).check })
     } else {
-        ptr_at::<TcpHeader>(ctx, EMBEDDED_L4_OFFSET)
+        ptr_at::<TcpHeader>(ctx, embedded_l4_offset)
             .ok()
             .map(|tcp| unsafe { &raw mut (*tcp).check })
     };
@@ -121,42 +137,65 @@ pub(crate) fn try_icmp_error(
     }
 }
 
-/// A packet too big for the egress link. Sent towards a server or a WAN
-/// client in reply, it goes to the kernel untouched: its addresses are
-/// routable, so the kernel forwards it no further and answers "fragmentation
-/// needed" to its sender. Sent to the public address, the kernel would take
-/// it as its own, so hairpin answers itself (when DF is set; without DF the
-/// kernel gets it, as it would fragment it).
+/// A packet of a flow too big for the egress link. With DF set, hairpin
+/// answers "fragmentation needed" itself, from the address its sender used
+/// (the public address) or from the gateway's LAN address (a server's
+/// packet): handed to the kernel, a packet to the public address or to the
+/// gateway's LAN address would be taken as the gateway's own. Without DF,
+/// it is dropped and counted.
 #[inline(always)]
 pub(crate) fn too_big(
     ctx: &XdpContext,
     mtu: u16,
     to_public_address: bool,
+    settings: &Settings,
     now: u64,
 ) -> Result<(u32, Counter), Counter> {
-    if !to_public_address {
-        return Err(Counter::PassTooBig);
-    }
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
     // SAFETY: bounds checked.
-    let (frag_off, tot_len, public_addr) =
-        unsafe { ((*ip).frag_off, (*ip).tot_len, (*ip).dst_addr) };
+    let (frag_off, tot_len, dst_addr) = unsafe { ((*ip).frag_off, (*ip).tot_len, (*ip).dst_addr) };
     if u16::from_be(frag_off) & IP_DONT_FRAGMENT == 0 {
-        return Err(Counter::PassTooBig);
+        return Ok((xdp_action::XDP_DROP, Counter::TooBigDropped));
     }
-    let answer = Unreachable {
+    let answer = IcmpAnswer {
+        icmp_type: icmp::ICMP_DEST_UNREACH,
         code: icmp::ICMP_FRAG_NEEDED,
         mtu,
-        from_addr: public_addr,
+        from_addr: icmp::answer_source(to_public_address, dst_addr, settings.lan_addr),
         tot_len: u16::from_be(tot_len),
         counter: Counter::FragNeededSent,
     };
-    answer_unreachable(ctx, &answer, now)
+    answer_icmp(ctx, &answer, now)
 }
 
-/// An ICMP "destination unreachable" to send in answer to a packet.
+/// A packet of a flow whose TTL would expire here: answered with "time
+/// exceeded" quoting it as its sender sent it, from the address it used
+/// (as netfilter translates the kernel's answer).
+#[inline(always)]
+pub(crate) fn time_exceeded(
+    ctx: &XdpContext,
+    to_public_address: bool,
+    settings: &Settings,
+    now: u64,
+) -> Result<(u32, Counter), Counter> {
+    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+    // SAFETY: bounds checked.
+    let (tot_len, dst_addr) = unsafe { ((*ip).tot_len, (*ip).dst_addr) };
+    let answer = IcmpAnswer {
+        icmp_type: icmp::ICMP_TIME_EXCEEDED,
+        code: 0,
+        mtu: 0,
+        from_addr: icmp::answer_source(to_public_address, dst_addr, settings.lan_addr),
+        tot_len: u16::from_be(tot_len),
+        counter: Counter::TimeExceededSent,
+    };
+    answer_icmp(ctx, &answer, now)
+}
+
+/// An ICMP error to send in answer to a packet.
 #[derive(Clone, Copy)]
-pub(crate) struct Unreachable {
+pub(crate) struct IcmpAnswer {
+    pub(crate) icmp_type: u8,
     pub(crate) code: u8,
     /// The next-hop MTU, for "fragmentation needed".
     pub(crate) mtu: u16,
@@ -167,17 +206,23 @@ pub(crate) struct Unreachable {
     pub(crate) counter: Counter,
 }
 
-/// Turns the packet into the ICMP "destination unreachable" `answer` to its
-/// sender: the received IPv4 header and 8 bytes after it are quoted, the
-/// rest cut off, and it goes back out where it came from. Over the ICMP
-/// rate limit, the packet is dropped instead.
+/// Turns the packet into the ICMP error `answer` to its sender: the
+/// received IPv4 header and 8 bytes after it are quoted, the rest cut off,
+/// and it goes back out where it came from. Over the ICMP rate limit, the
+/// packet is dropped instead; so is a packet with IP options (whose quote
+/// would be longer).
 #[inline(always)]
-pub(crate) fn answer_unreachable(
+pub(crate) fn answer_icmp(
     ctx: &XdpContext,
-    answer: &Unreachable,
+    answer: &IcmpAnswer,
     now: u64,
 ) -> Result<(u32, Counter), Counter> {
-    let Unreachable { code, mtu, from_addr, tot_len, counter } = *answer;
+    let IcmpAnswer { icmp_type, code, mtu, from_addr, tot_len, counter } = *answer;
+    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+    // SAFETY: bounds checked.
+    if unsafe { (*ip).version_ihl } != 0x45 {
+        return Ok((xdp_action::XDP_DROP, Counter::IcmpAnswerFailed));
+    }
     let bucket = ICMP_RATE.get_ptr_mut(0).ok_or(Counter::IcmpRateLimited)?;
     // SAFETY: this CPU's bucket; XDP runs to completion on a CPU.
     if !ratelimit::take(unsafe { &mut *bucket }, now) {
@@ -202,9 +247,9 @@ pub(crate) fn answer_unreachable(
     let new_eth: *mut EthHeader = ptr_at(ctx, 0)?;
     let old_eth: *mut EthHeader = ptr_at(ctx, OLD_ETH)?;
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
-    let icmp_header: *mut IcmpHeader = ptr_at(ctx, ICMP_OFFSET)?;
+    let icmp_header: *mut IcmpHeader = ptr_at(ctx, L4_OFFSET)?;
     let quoted: *mut Ipv4Header = ptr_at(ctx, QUOTE)?;
-    let icmp_words: *mut [u16; ICMP_LEN / 2] = ptr_at(ctx, ICMP_OFFSET)?;
+    let icmp_words: *mut [u16; ICMP_LEN / 2] = ptr_at(ctx, L4_OFFSET)?;
     let ip_words: *mut [u16; IPV4_HEADER_LEN / 2] = ptr_at(ctx, ETH_HEADER_LEN)?;
     unsafe {
         set_mac(&mut (*new_eth).dst, &(*old_eth).src);
@@ -226,7 +271,7 @@ pub(crate) fn answer_unreachable(
         (*ip).check = !checksum::fold(sum_words(&*ip_words));
         let mtu = mtu.to_be_bytes();
         *icmp_header = IcmpHeader {
-            icmp_type: icmp::ICMP_DEST_UNREACH,
+            icmp_type,
             code,
             check: 0,
             rest: u32::from_ne_bytes([0, 0, mtu[0], mtu[1]]),

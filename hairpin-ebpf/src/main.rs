@@ -8,6 +8,7 @@
 
 mod conntrack;
 mod forward;
+mod fragments;
 mod icmp_messages;
 mod maps;
 mod packet;
@@ -21,8 +22,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use hairpin_common::{
-    Counter, DIRECTION_ORIGINAL, FlowKey, IPPROTO_TCP, KIND_HAIRPIN, NEIGH_REDIRECT_MAGIC,
-    NeighRedirect, Settings,
+    Counter, DIRECTION_ORIGINAL, FlowKey, FragmentKey, IPPROTO_TCP, KIND_HAIRPIN,
+    NEIGH_REDIRECT_MAGIC, NeighRedirect, Settings,
+    fragment::Fragment,
     icmp::{self, IPPROTO_ICMP},
     nat::{self, Sides},
     packet::{ETH_HEADER_LEN, ETH_P_IPV4, EthHeader, Ipv4Header},
@@ -32,9 +34,9 @@ use hairpin_common::{
 use crate::{
     conntrack::{Admission, Flow, admit_new_flow, create_flow, find_flow, track},
     forward::{Route, fib_lookup, flow_route, hand_to_kernel, send},
-    icmp_messages::{Unreachable, answer_unreachable, too_big, try_icmp_error},
+    icmp_messages::{IcmpAnswer, answer_icmp, time_exceeded, too_big, try_icmp_error},
     maps::{CONNTRACK_NEW, SETTINGS, account, count},
-    packet::{l4_header, ptr_at, rewrite, tcp_segment},
+    packet::{l4_header, l4_offset, ptr_at, rewrite, tcp_segment},
 };
 
 #[xdp(frags)]
@@ -47,8 +49,9 @@ pub fn hairpin(ctx: XdpContext) -> u32 {
     action
 }
 
-/// Translates a packet of a tracked or new flow and sends it on (`Ok`), or
-/// names why the kernel gets it untouched (`Err`).
+/// Translates a packet of a tracked or new flow and sends it on, answers it
+/// or drops it (`Ok`), or names why the kernel gets it untouched (`Err`):
+/// only packets of no flow are passed untouched.
 #[inline(always)]
 fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     let eth: *mut EthHeader = ptr_at(ctx, 0)?;
@@ -58,35 +61,47 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     }
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
     let ip = unsafe { &mut *ip };
-    nat::check_ipv4(ip.version_ihl, ip.frag_off, ip.proto)?;
-    if nat::ttl_expires(ip.ttl) {
-        return Err(Counter::PassTtlExpired);
-    }
+    let layout = nat::check_ipv4(ip.version_ihl, ip.frag_off, ip.proto)?;
     let settings = SETTINGS.get(0).ok_or(Counter::PassNotConfigured)?;
     if settings.lan_addr == 0 {
         return Err(Counter::PassNotConfigured);
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let ingress = ctx.ingress_ifindex() as u32;
-    let tot_len = u16::from_be(ip.tot_len);
-    if ip.proto == IPPROTO_ICMP {
-        return try_icmp_error(ctx, ip.src_addr, tot_len, settings, now);
+    if layout.fragment == Fragment::Later {
+        return fragments::translate_later(ctx, ingress, now);
     }
-    let l4 = l4_header(ctx, ip.proto)?;
-    let segment =
-        if ip.proto == IPPROTO_TCP { tcp_segment(ctx, tot_len)? } else { Segment::default() };
+    let l4_offset = l4_offset(layout.header_len);
+    if ip.proto == IPPROTO_ICMP {
+        if layout.fragment != Fragment::Whole {
+            return Err(Counter::PassFragment);
+        }
+        return try_icmp_error(ctx, l4_offset, settings, now);
+    }
+    let tot_len = u16::from_be(ip.tot_len);
+    let l4 = l4_header(ctx, l4_offset, ip.proto)?;
+    let segment = if ip.proto == IPPROTO_TCP {
+        tcp_segment(ctx, l4_offset, layout.header_len, tot_len)?
+    } else {
+        Segment::default()
+    };
     let [src_port, dst_port] = unsafe { *l4.ports };
     let packet = FlowKey::new(ip.src_addr, ip.dst_addr, src_port, dst_port, ip.proto);
 
-    let arrival = Arrival { packet, segment, now, tot_len };
+    let fragmented = layout.fragment == Fragment::First;
+    let arrival = Arrival { packet, segment, now, tot_len, ttl: ip.ttl, fragmented };
     let (outcome, created) = match find_flow(&packet, ingress, settings, now)? {
-        Some(flow) => (forward_tracked(ctx, &flow, &arrival)?, false),
+        Some(flow) => (forward_tracked(ctx, &flow, &arrival, settings)?, false),
         None => (open_flow(ctx, settings, &arrival)?, true),
     };
-    let (to, route, counter) = match outcome {
-        Outcome::Translate { to, route, counter } => (to, route, counter),
+    let (to, route, counter, mapping_id) = match outcome {
+        Outcome::Translate { to, route, counter, mapping_id } => (to, route, counter, mapping_id),
         Outcome::Answered(verdict) => return Ok(verdict),
     };
+    if fragmented {
+        let datagram = FragmentKey::new(packet.src_addr, packet.dst_addr, ip.id, packet.proto);
+        fragments::remember(&datagram, &to, ingress, &route, mapping_id, now);
+    }
 
     if let Route::Unresolved { ifindex } = route {
         if let Err(counter) = hand_to_kernel(ctx, ifindex) {
@@ -94,13 +109,13 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
                 let _ = CONNTRACK_NEW.remove(&packet);
                 let _ = CONNTRACK_NEW.remove(&to.reversed());
             }
-            return Err(counter);
+            return Ok((xdp_action::XDP_DROP, counter));
         }
         // Adding metadata invalidates packet pointers: look the headers up again.
         let eth: *mut EthHeader = ptr_at(ctx, 0)?;
         let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
         let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
-        let l4 = l4_header(ctx, ip.proto)?;
+        let l4 = l4_header(ctx, l4_offset, ip.proto)?;
         rewrite(ip, &l4, &packet, &to);
         return send(eth, &route, counter);
     }
@@ -109,67 +124,101 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     send(unsafe { &mut *eth }, &route, counter)
 }
 
-/// A packet of a flow: its tuple, TCP header, when it arrived and how long
-/// it is (IPv4 total length).
+/// A packet of a flow: its tuple, TCP header, when it arrived, how long it
+/// is (IPv4 total length), its TTL, and whether it is a datagram's first
+/// fragment.
 struct Arrival {
     packet: FlowKey,
     segment: Segment,
     now: u64,
     tot_len: u16,
+    ttl: u8,
+    fragmented: bool,
 }
 
 /// What becomes of a packet of a flow, tracked or new.
 enum Outcome {
     /// Translate the packet to `to` and send it along `route`.
-    Translate { to: FlowKey, route: Route, counter: Counter },
-    /// Answered or dropped instead (deny set, window check, ICMP).
+    Translate { to: FlowKey, route: Route, counter: Counter, mapping_id: u16 },
+    /// Answered or dropped instead (deny set, window check, ICMP, no route).
     Answered((u32, Counter)),
+}
+
+/// A verdict that drops the packet.
+#[inline(always)]
+fn dropped(counter: Counter) -> Outcome {
+    Outcome::Answered((xdp_action::XDP_DROP, counter))
 }
 
 /// A packet of a tracked flow: the flow moved on by it, and its route.
 /// Everything is inlined into one stack frame: BPF sums the frames along a
 /// call chain against its 512 bytes, and split into calls the steps
-/// needed more than inlined.
+/// needed more than inlined. A packet of the flow that cannot be sent on is
+/// answered or dropped, never handed to the kernel untranslated.
 #[inline(always)]
-fn forward_tracked(ctx: &XdpContext, flow: &Flow, arrival: &Arrival) -> Result<Outcome, Counter> {
-    let Arrival { ref packet, ref segment, now, tot_len } = *arrival;
+fn forward_tracked(
+    ctx: &XdpContext,
+    flow: &Flow,
+    arrival: &Arrival,
+    settings: &Settings,
+) -> Result<Outcome, Counter> {
+    let Arrival { ref packet, ref segment, now, tot_len, ttl, fragmented } = *arrival;
     // SAFETY: a map value; see find_flow. Fields are read one by one: a
     // copy of the whole entry does not fit the stack.
-    let (translated, direction, kind) =
-        unsafe { ((*flow.entry).translated, (*flow.entry).direction, (*flow.entry).kind) };
+    let (translated, direction, kind, mapping_id) = unsafe {
+        (
+            (*flow.entry).translated,
+            (*flow.entry).direction,
+            (*flow.entry).kind,
+            (*flow.entry).mapping_id,
+        )
+    };
+    let original = direction == DIRECTION_ORIGINAL;
+    if nat::ttl_expires(ttl) {
+        return time_exceeded(ctx, original, settings, now).map(Outcome::Answered);
+    }
     // Tracked first: a packet the windows refuse costs no route lookup,
     // caches no route and is answered with nothing.
-    if let Err(refused) = track(flow, packet, segment, now, tot_len) {
-        return Ok(Outcome::Answered((xdp_action::XDP_DROP, refused)));
+    if let Err(refused) = track(flow, packet, segment, fragmented, now, tot_len) {
+        return Ok(dropped(refused));
     }
-    let route = flow_route(ctx, flow, &translated, tot_len, now)?;
+    let route = match flow_route(ctx, flow, &translated, tot_len, now) {
+        Ok(route) => route,
+        Err(failed) => return Ok(dropped(failed)),
+    };
     if let Route::TooBig { mtu } = route {
-        return too_big(ctx, mtu, direction == DIRECTION_ORIGINAL, now).map(Outcome::Answered);
+        return too_big(ctx, mtu, original, settings, now).map(Outcome::Answered);
     }
-    let counter = if direction != DIRECTION_ORIGINAL {
+    let counter = if !original {
         Counter::TranslatedBack
     } else if kind == KIND_HAIRPIN {
         Counter::Hairpinned
     } else {
         Counter::PortForwarded
     };
-    Ok(Outcome::Translate { to: translated, route, counter })
+    Ok(Outcome::Translate { to: translated, route, counter, mapping_id })
 }
 
 /// A packet of no tracked flow: admitted, routed and entered as a new flow,
 /// or refused.
 #[inline(always)]
 fn open_flow(ctx: &XdpContext, settings: &Settings, arrival: &Arrival) -> Result<Outcome, Counter> {
-    let Arrival { ref packet, ref segment, now, tot_len } = *arrival;
+    let Arrival { ref packet, ref segment, now, tot_len, ttl, .. } = *arrival;
     let admitted = match admit_new_flow(ctx, packet, segment.flags, settings)? {
         Admission::Admitted(admitted) => admitted,
-        Admission::Denied => return Ok(Outcome::Answered((xdp_action::XDP_DROP, Counter::Denied))),
+        Admission::Denied => return Ok(dropped(Counter::Denied)),
     };
+    if nat::ttl_expires(ttl) {
+        return time_exceeded(ctx, true, settings, now).map(Outcome::Answered);
+    }
     // The route does not depend on the SNAT port: look it up before any
     // state is created, so a routing failure leaves none behind.
-    let (route, _) = fib_lookup(ctx, &admitted.provisional, tot_len)?;
+    let route = match fib_lookup(ctx, &admitted.provisional, tot_len) {
+        Ok((route, _)) => route,
+        Err(failed) => return Ok(dropped(failed)),
+    };
     if let Route::TooBig { mtu } = route {
-        return too_big(ctx, mtu, true, now).map(Outcome::Answered);
+        return too_big(ctx, mtu, true, settings, now).map(Outcome::Answered);
     }
     let sides = Sides { original: ctx.ingress_ifindex() as u32, reply: route.egress() };
     let flow = match create_flow(packet, &admitted, &sides, segment, settings, now, tot_len) {
@@ -178,21 +227,23 @@ fn open_flow(ctx: &XdpContext, settings: &Settings, arrival: &Arrival) -> Result
         // service of the gateway's own on the public address.
         Err(Counter::PortAllocFailed) => {
             count(Counter::PortAllocFailed);
-            let refusal = Unreachable {
+            let refusal = IcmpAnswer {
+                icmp_type: icmp::ICMP_DEST_UNREACH,
                 code: icmp::ICMP_ADMIN_PROHIBITED,
                 mtu: 0,
                 from_addr: packet.dst_addr,
                 tot_len,
                 counter: Counter::FlowRefused,
             };
-            return answer_unreachable(ctx, &refusal, now).map(Outcome::Answered);
+            return answer_icmp(ctx, &refusal, now).map(Outcome::Answered);
         }
         Err(other) => return Err(other),
     };
     count(Counter::FlowCreated);
-    account(admitted.server.id, tot_len, true);
+    let mapping_id = admitted.server.id;
+    account(mapping_id, tot_len, true);
     let counter = if admitted.hairpin { Counter::Hairpinned } else { Counter::PortForwarded };
-    Ok(Outcome::Translate { to: flow.translated, route, counter })
+    Ok(Outcome::Translate { to: flow.translated, route, counter, mapping_id })
 }
 
 /// TC ingress: sends on the packets the XDP program translated but could

@@ -5,10 +5,11 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use hairpin_common::{
-    Counter, DEFAULT_CONNTRACK_CAPACITY, FlowEntry, FlowKey, IcmpBucket, MAX_DENY_NETWORKS,
-    MAX_EGRESS_DEVICES, MAX_INTERFACES, MAX_LAN_NETWORKS, MAX_MAPPING_INTERFACES,
-    MAX_MAPPING_RULES, MAX_MAPPING_SOURCES, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue,
-    RouteCache, RuleInterface, RuleSource, Settings, nat::FlowPair, tcp::MAX_OPTIONS_LEN,
+    Counter, DEFAULT_CONNTRACK_CAPACITY, FlowEntry, FlowKey, FragmentEntry, FragmentKey,
+    IcmpBucket, MAX_DENY_NETWORKS, MAX_EGRESS_DEVICES, MAX_INTERFACES, MAX_LAN_NETWORKS,
+    MAX_MAPPING_INTERFACES, MAX_MAPPING_RULES, MAX_MAPPING_SOURCES, MAX_MAPPINGS, MappingKey,
+    MappingStats, MappingValue, RouteCache, RuleInterface, RuleSource, Settings,
+    fragment::MAX_FRAGMENTED_DATAGRAMS, nat::FlowPair, tcp::MAX_OPTIONS_LEN,
 };
 
 #[map]
@@ -77,6 +78,12 @@ pub(crate) static TCP_OPTIONS_SCRATCH: PerCpuArray<[u8; MAX_OPTIONS_LEN]> =
 /// Token buckets for the ICMP messages the datapath generates.
 #[map]
 pub(crate) static ICMP_RATE: PerCpuArray<IcmpBucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// How the later fragments of recently translated first fragments are
+/// translated, by datagram.
+#[map]
+pub(crate) static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry> =
+    LruHashMap::with_max_entries(MAX_FRAGMENTED_DATAGRAMS, 0);
 
 /// `LAYOUT_VERSION` of the user space that created the maps.
 #[map]

@@ -6,7 +6,7 @@ use core::mem::size_of;
 use aya_ebpf::{helpers::generated::bpf_xdp_load_bytes, programs::XdpContext};
 use hairpin_common::{
     Counter, FlowKey, IPPROTO_UDP, checksum,
-    packet::{IPV4_HEADER_LEN, Ipv4Header, L4_OFFSET, TCP_SYN, TcpHeader, UdpHeader},
+    packet::{ETH_HEADER_LEN, Ipv4Header, TCP_SYN, TcpHeader, UdpHeader},
     tcp::{self, MAX_OPTIONS_LEN, NO_WINDOW_SCALE, Segment},
 };
 
@@ -19,6 +19,14 @@ pub(crate) fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Count
         return Err(Counter::PassMalformed);
     }
     Ok((start + offset) as *mut T)
+}
+
+/// Where the L4 header starts: after the Ethernet header and the IPv4
+/// header with its options (`header_len`, 20 to 60), so 34 to 74. Masked
+/// so the verifier knows the bound whatever LLVM makes of the arithmetic.
+#[inline(always)]
+pub(crate) fn l4_offset(header_len: u32) -> usize {
+    (core::hint::black_box(ETH_HEADER_LEN as u32 + header_len) & 0x7f) as usize
 }
 
 /// Where the checksum and ports of the packet's L4 header are.
@@ -56,19 +64,25 @@ pub(crate) fn eth_addrs(dmac: &[u8; 6], smac: &[u8; 6]) -> [u32; 3] {
 }
 
 #[inline(always)]
-pub(crate) fn l4_header(ctx: &XdpContext, proto: u8) -> Result<L4, Counter> {
+pub(crate) fn l4_header(ctx: &XdpContext, l4_offset: usize, proto: u8) -> Result<L4, Counter> {
     if proto == IPPROTO_UDP {
-        let udp: *mut UdpHeader = ptr_at(ctx, L4_OFFSET)?;
+        let udp: *mut UdpHeader = ptr_at(ctx, l4_offset)?;
         return unsafe { Ok(L4 { check: &raw mut (*udp).check, ports: udp.cast() }) };
     }
-    let tcp: *mut TcpHeader = ptr_at(ctx, L4_OFFSET)?;
+    let tcp: *mut TcpHeader = ptr_at(ctx, l4_offset)?;
     unsafe { Ok(L4 { check: &raw mut (*tcp).check, ports: tcp.cast() }) }
 }
 
-/// What TCP tracking needs of the packet's TCP header.
+/// What TCP tracking needs of the packet's TCP header (`ip_header_len`
+/// bytes into the IPv4 packet of `tot_len`).
 #[inline(always)]
-pub(crate) fn tcp_segment(ctx: &XdpContext, tot_len: u16) -> Result<Segment, Counter> {
-    let tcp: *mut TcpHeader = ptr_at(ctx, L4_OFFSET)?;
+pub(crate) fn tcp_segment(
+    ctx: &XdpContext,
+    l4_offset: usize,
+    ip_header_len: u32,
+    tot_len: u16,
+) -> Result<Segment, Counter> {
+    let tcp: *mut TcpHeader = ptr_at(ctx, l4_offset)?;
     // SAFETY: bounds checked by ptr_at.
     let (seq, ack, data_offset, flags, window) =
         unsafe { ((*tcp).seq, (*tcp).ack_seq, (*tcp).data_offset, (*tcp).flags, (*tcp).window) };
@@ -76,8 +90,9 @@ pub(crate) fn tcp_segment(ctx: &XdpContext, tot_len: u16) -> Result<Segment, Cou
     if header_len < 20 {
         return Err(Counter::PassMalformed);
     }
-    let payload_len = (tot_len as u32).saturating_sub(IPV4_HEADER_LEN as u32 + header_len);
-    let window_scale = if flags & TCP_SYN != 0 { syn_window_scale(ctx) } else { NO_WINDOW_SCALE };
+    let payload_len = (tot_len as u32).saturating_sub(ip_header_len + header_len);
+    let window_scale =
+        if flags & TCP_SYN != 0 { syn_window_scale(ctx, l4_offset) } else { NO_WINDOW_SCALE };
     Ok(Segment {
         seq: u32::from_be(seq),
         ack: u32::from_be(ack),
@@ -91,9 +106,9 @@ pub(crate) fn tcp_segment(ctx: &XdpContext, tot_len: u16) -> Result<Segment, Cou
 /// The window scale a SYN announces, from its options, read into a per-CPU
 /// buffer (the stack has no room for it).
 #[inline(always)]
-pub(crate) fn syn_window_scale(ctx: &XdpContext) -> u8 {
+pub(crate) fn syn_window_scale(ctx: &XdpContext, l4_offset: usize) -> u8 {
     const TCP_HEADER_WORDS: u32 = 5;
-    let Ok(tcp) = ptr_at::<TcpHeader>(ctx, L4_OFFSET) else {
+    let Ok(tcp) = ptr_at::<TcpHeader>(ctx, l4_offset) else {
         return NO_WINDOW_SCALE;
     };
     // SAFETY: bounds checked by ptr_at.
@@ -115,7 +130,7 @@ pub(crate) fn syn_window_scale(ctx: &XdpContext) -> u8 {
     let Some(options) = TCP_OPTIONS_SCRATCH.get_ptr_mut(0) else {
         return NO_WINDOW_SCALE;
     };
-    let offset = L4_OFFSET as u32 + TCP_HEADER_WORDS * 4;
+    let offset = l4_offset as u32 + TCP_HEADER_WORDS * 4;
     // SAFETY: copies at most MAX_OPTIONS_LEN bytes into this CPU's buffer.
     let loaded = unsafe { bpf_xdp_load_bytes(ctx.ctx, offset, options.cast(), options_len) };
     if loaded != 0 {

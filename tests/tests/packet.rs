@@ -417,15 +417,7 @@ fn fix_ip_checksum(packet: &mut [u8]) {
 
 /// A SYN whose IPv4 header carries a 4-byte option (NOP padding).
 fn syn_with_ip_options() -> Vec<u8> {
-    let plain = syn((CLIENT, 40010), (PUBLIC, 80));
-    let mut packet = plain[..34].to_vec();
-    packet.extend_from_slice(&[1, 1, 1, 0]);
-    packet.extend_from_slice(&plain[34..]);
-    packet[14] = 0x46;
-    let tot_len = u16::from_be_bytes([packet[16], packet[17]]) + 4;
-    packet[16..18].copy_from_slice(&tot_len.to_be_bytes());
-    fix_ip_checksum(&mut packet);
-    packet
+    with_ip_option(syn((CLIENT, 40010), (PUBLIC, 80)))
 }
 
 fn arp() -> Vec<u8> {
@@ -446,10 +438,9 @@ fn arp() -> Vec<u8> {
 #[case::source_outside_the_lan(syn((OUTSIDER, 40000), (PUBLIC, 80)), Counter::PassSourceNotLan)]
 #[case::tcp_ack_without_entry(tcp((CLIENT, 40000), (PUBLIC, 80), false, true, 64), Counter::PassTcpNotSyn)]
 #[case::tcp_syn_ack_without_entry(tcp((CLIENT, 40000), (PUBLIC, 80), true, true, 64), Counter::PassTcpNotSyn)]
-#[case::ip_options(syn_with_ip_options(), Counter::PassIpOptions)]
-#[case::first_fragment(with_frag_off(udp((CLIENT, 40000), (PUBLIC, 53), b"frag"), 0x2000), Counter::PassFragment)]
-#[case::later_fragment(with_frag_off(udp((CLIENT, 40000), (PUBLIC, 53), b"frag"), 0x0010), Counter::PassFragment)]
-#[case::ttl_one(tcp((CLIENT, 40000), (PUBLIC, 80), true, false, 1), Counter::PassTtlExpired)]
+#[case::later_fragment_of_no_known_datagram(with_frag_off(udp((CLIENT, 40000), (PUBLIC, 53), b"frag"), 0x0010), Counter::PassFragment)]
+#[case::first_fragment_of_no_mapping(with_frag_off(udp((CLIENT, 40000), (PUBLIC, 54), b"frag"), 0x2000), Counter::PassNoMapping)]
+#[case::ttl_one_of_no_flow(tcp((CLIENT, 40000), (PUBLIC, 443), true, false, 1), Counter::PassNoMapping)]
 #[case::arp(arp(), Counter::PassNotIpv4)]
 #[case::truncated_tcp(syn((CLIENT, 40000), (PUBLIC, 80))[..40].to_vec(), Counter::PassMalformed)]
 fn packets_hairpin_does_not_own_pass_untouched(#[case] packet: Vec<u8>, #[case] reason: Counter) {
@@ -465,17 +456,82 @@ fn packets_hairpin_does_not_own_pass_untouched(#[case] packet: Vec<u8>, #[case] 
     });
 }
 
-#[test]
-fn ttl_one_of_a_tracked_flow_goes_to_the_kernel() {
-    if skip_unless_root("ttl_one_of_a_tracked_flow_goes_to_the_kernel") {
+/// Client to public address, or server back to the gateway.
+#[derive(Clone, Copy, Debug)]
+enum Towards {
+    PublicAddress,
+    Gateway,
+}
+
+#[rstest]
+#[case::client_to_the_public_address(Towards::PublicAddress)]
+#[case::server_to_the_gateway(Towards::Gateway)]
+fn ttl_one_of_a_tracked_flow_is_answered_with_time_exceeded(#[case] towards: Towards) {
+    if skip_unless_root("ttl_one_of_a_tracked_flow_is_answered_with_time_exceeded") {
         return;
     }
     with_datapath(CONFIG, |gw| {
-        assert_eq!(gw.run(&syn((CLIENT, 40020), (PUBLIC, 80))).0, XDP_TX);
-        let packet = tcp((CLIENT, 40020), (PUBLIC, 80), false, true, 1);
+        assert_eq!(gw.run(&udp((CLIENT, 40020), (PUBLIC, 53), b"q")).0, XDP_TX);
+        let (sender, packet, answered_from) = match towards {
+            Towards::PublicAddress => {
+                (CLIENT, with_ttl(udp((CLIENT, 40020), (PUBLIC, 53), b"q"), 1), PUBLIC)
+            }
+            Towards::Gateway => {
+                (SERVER, with_ttl(udp((SERVER, 5353), (GATEWAY, 40020), b"a"), 1), GATEWAY)
+            }
+        };
         let (verdict, out) = gw.run(&packet);
-        assert_eq!((verdict, out), (XDP_PASS, packet), "the kernel answers time exceeded");
+        assert_eq!(verdict, XDP_TX, "answered where it came from, not passed");
+        let (src, dst, quoted) = inspect_icmp(&out);
+        assert_eq!((src, dst), (answered_from, sender), "from the address the sender used");
+        assert_eq!((out[34], out[35]), (11, 0), "time exceeded in transit");
+        assert_eq!(quoted, packet[14..14 + 28], "the packet as its sender sent it");
+        assert_eq!(gw.counter(Counter::TimeExceededSent), 1);
     });
+}
+
+fn with_ttl(mut packet: Vec<u8>, ttl: u8) -> Vec<u8> {
+    packet[22] = ttl;
+    fix_ip_checksum(&mut packet);
+    packet
+}
+
+#[test]
+fn ip_options_are_kept_and_the_packet_translated() {
+    if skip_unless_root("ip_options_are_kept_and_the_packet_translated") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let packet = syn_with_ip_options();
+        let (verdict, out) = gw.run(&packet);
+        assert_eq!(verdict, XDP_TX, "a new flow, options and all");
+        assert_eq!(out[14], 0x46, "the options are kept");
+        assert_eq!(&out[34..38], &packet[34..38], "the option bytes unchanged");
+        let seen = inspect(&out);
+        assert_eq!(seen.dst, (SERVER, 8080));
+        assert_eq!(seen.src.0, GATEWAY);
+        // The server's SYN-ACK comes back without options; then the client's
+        // ACK with options again, on the open flow.
+        let syn_ack = segment((SERVER, 8080), seen.src, SYN | ACK, ISN, ISN + 1, 0);
+        assert_eq!(gw.run(&syn_ack).0, XDP_TX);
+        let ack = with_ip_option(segment((CLIENT, 40010), (PUBLIC, 80), ACK, ISN + 1, ISN + 1, 10));
+        let (verdict, out) = gw.run(&ack);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(inspect(&out).dst, (SERVER, 8080), "translated on the open flow");
+        assert_eq!(gw.counter(Counter::Hairpinned), 2);
+    });
+}
+
+/// The packet with a 4-byte IPv4 option (NOP padding) inserted.
+fn with_ip_option(plain: Vec<u8>) -> Vec<u8> {
+    let mut packet = plain[..34].to_vec();
+    packet.extend_from_slice(&[1, 1, 1, 0]);
+    packet.extend_from_slice(&plain[34..]);
+    packet[14] = 0x46;
+    let tot_len = u16::from_be_bytes([packet[16], packet[17]]) + 4;
+    packet[16..18].copy_from_slice(&tot_len.to_be_bytes());
+    fix_ip_checksum(&mut packet);
+    packet
 }
 
 #[test]
@@ -1094,8 +1150,8 @@ fn reclaim_keeps_a_flow_reopened_after_it_read_the_table() {
 }
 
 #[test]
-fn packet_larger_than_the_egress_mtu_goes_to_the_kernel() {
-    if skip_unless_root("packet_larger_than_the_egress_mtu_goes_to_the_kernel") {
+fn a_servers_packet_too_big_for_the_wan_is_answered_or_dropped() {
+    if skip_unless_root("a_servers_packet_too_big_for_the_wan_is_answered_or_dropped") {
         return;
     }
     with_datapath(CONFIG, |gw| {
@@ -1105,17 +1161,28 @@ fn packet_larger_than_the_egress_mtu_goes_to_the_kernel() {
         assert!(mtu_run.expect("ip").success());
         let wan0 = gw.wan0;
         assert_eq!(gw.run_on(wan0, &udp((WAN_CLIENT, 50100), (PUBLIC, 53), b"q")).0, XDP_REDIRECT);
-        let big = udp((SERVER, 5353), (WAN_CLIENT, 50100), &[7u8; 1450]);
+        let big = with_dont_fragment(udp((SERVER, 5353), (WAN_CLIENT, 50100), &[7u8; 1450]), true);
         let (verdict, out) = gw.run(&big);
-        assert_eq!(
-            (verdict, out),
-            (XDP_PASS, big),
-            "untouched, so the kernel answers fragmentation needed"
-        );
-        assert_eq!(gw.counter(Counter::PassTooBig), 1);
+        assert_eq!(verdict, XDP_TX, "answered, never forwarded untranslated");
+        let (src, dst, quoted) = inspect_icmp(&out);
+        assert_eq!((src, dst), (GATEWAY, SERVER), "from the router the server reached");
+        assert_eq!((out[34], out[35]), (3, 4), "fragmentation needed");
+        assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1400, "the next-hop MTU");
+        assert_eq!(quoted, big[14..14 + 28], "the server's own header");
+        assert_eq!(gw.counter(Counter::FragNeededSent), 1);
         let small = udp((SERVER, 5353), (WAN_CLIENT, 50100), &[7u8; 1300]);
         assert_eq!(gw.run(&small).0, XDP_REDIRECT);
     });
+}
+
+fn with_dont_fragment(mut packet: Vec<u8>, dont_fragment: bool) -> Vec<u8> {
+    if dont_fragment {
+        packet[20] |= 0x40;
+    } else {
+        packet[20] &= !0x40;
+    }
+    fix_ip_checksum(&mut packet);
+    packet
 }
 
 /// An ICMP error from `from` to `to` quoting `quoted` (an IPv4 packet,
@@ -1290,9 +1357,9 @@ fn too_big_towards_the_server_is_answered_with_fragmentation_needed() {
         assert_eq!(gw.counter(Counter::FragNeededSent), 1);
 
         let may_fragment = big_tcp(client, (PUBLIC, 80), 1420, false);
-        let (verdict, out) = gw.run_on(wan0, &may_fragment);
-        assert_eq!((verdict, out), (XDP_PASS, may_fragment), "without DF the kernel fragments");
-        assert_eq!(gw.counter(Counter::PassTooBig), 1);
+        let (verdict, _) = gw.run_on(wan0, &may_fragment);
+        assert_eq!(verdict, XDP_DROP, "never taken by the gateway's own stack");
+        assert_eq!(gw.counter(Counter::TooBigDropped), 1);
     });
 }
 
