@@ -63,8 +63,9 @@ counters! {
     PassNoMapping => "pass_no_mapping",
     PassSourceNotLan => "pass_source_not_lan",
     PassTcpNotSyn => "pass_tcp_not_syn",
-    /// A packet of a flow larger than the egress MTU that may not be
-    /// answered with "fragmentation needed" (DF clear): dropped.
+    /// A packet of a flow larger than the egress MTU that could neither be
+    /// answered with "fragmentation needed" nor cut into fragments (its
+    /// next hop unresolved, IP options, more than 16 pieces): dropped.
     TooBigDropped => "too_big_dropped",
     /// A LAN source address arriving on a WAN interface (spoofed).
     PassLanSourceOnWan => "pass_lan_source_on_wan",
@@ -116,9 +117,18 @@ counters! {
     IcmpRateLimited => "icmp_rate_limited",
     /// A later fragment translated as its datagram's first fragment was.
     FragmentTranslated => "fragment_translated",
-    /// A later fragment whose datagram's translation outlived its lifetime:
-    /// dropped.
-    FragmentExpired => "fragment_expired",
+    /// A later fragment that came before its datagram's first fragment:
+    /// held (copied) until that comes, then released with it.
+    FragmentHeld => "fragment_held",
+    /// A later fragment that came before its first fragment, with its
+    /// datagram's queue (or the frame) too full to hold it: dropped.
+    FragmentHoldFull => "fragment_hold_full",
+    /// A held fragment sent on with its first fragment (by TC), translated
+    /// or to the kernel as it came.
+    FragmentReleased => "fragment_released",
+    /// A packet of a flow too big for its egress link, DF clear, cut into
+    /// fragments (by TC) and sent.
+    PacketFragmented => "packet_fragmented",
     /// A later fragment larger than its egress MTU: dropped.
     FragmentTooBig => "fragment_too_big",
     /// A packet of a flow whose TTL would expire here, answered with ICMP

@@ -3,7 +3,7 @@
 //! behind how the datagram is translated, keyed by (source, destination,
 //! protocol, IP ID), for its later fragments, which carry no ports.
 
-use crate::{Counter, FragmentEntry, FragmentKey};
+use crate::{FRAGMENT_HELD, FRAGMENT_PASSED, FRAGMENT_TRANSLATED, FragmentEntry, FragmentKey};
 
 /// How long a datagram's translation is kept for its later fragments. The
 /// fragments of a datagram are sent back to back; a short lifetime limits
@@ -13,6 +13,18 @@ pub const FRAGMENT_LIFETIME_NS: u64 = 2_000_000_000;
 /// Datagrams whose translation is kept at once (an LRU table: a flood of
 /// first fragments evicts the oldest).
 pub const MAX_FRAGMENTED_DATAGRAMS: u32 = 8192;
+
+/// Fragments held at most per datagram until its first fragment comes
+/// (an 8000-byte datagram at MTU 1500 has 5 after the first).
+pub const MAX_QUEUED_PER_DATAGRAM: u8 = 8;
+
+/// Fragments held at once over all datagrams (an LRU table).
+pub const MAX_QUEUED_FRAGMENTS: u32 = 1024;
+
+/// The most fragments a packet too big for its egress link is cut into,
+/// and the most payload it may carry (the TC program's per-CPU buffer).
+pub const MAX_SPLIT_FRAGMENTS: u32 = 16;
+pub const MAX_SPLIT_PAYLOAD: usize = 16384;
 
 const MORE_FRAGMENTS: u16 = 0x2000;
 const OFFSET_MASK: u16 = 0x1fff;
@@ -49,21 +61,131 @@ impl FragmentKey {
     }
 }
 
-/// Whether a later fragment arriving on `ingress` at `now` may be translated
-/// by `entry`: only within its lifetime, and only on the interface its
-/// first fragment came from.
-pub const fn translation_usable(
-    entry: &FragmentEntry,
-    ingress: u32,
-    now: u64,
-) -> Result<(), Counter> {
+/// What becomes of a later fragment that arrives before its datagram's
+/// first fragment was translated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Held as the first of its datagram (no entry yet, or a stale one).
+    First,
+    /// Held in this place of its datagram's queue.
+    Slot(u8),
+    /// The datagram's queue is full: dropped.
+    Full,
+}
+
+/// Where a fragment that came before its first fragment is held, given its
+/// datagram's entry (if any, not translated) at `now`.
+pub const fn hold(entry: Option<&FragmentEntry>, now: u64) -> Hold {
+    let Some(entry) = entry else {
+        return Hold::First;
+    };
     if now.saturating_sub(entry.created_ns) > FRAGMENT_LIFETIME_NS {
-        return Err(Counter::FragmentExpired);
+        return Hold::First;
     }
-    if entry.ingress != ingress {
-        return Err(Counter::WrongInterface);
+    if entry.queued >= MAX_QUEUED_PER_DATAGRAM {
+        return Hold::Full;
     }
-    Ok(())
+    Hold::Slot(entry.queued)
+}
+
+/// How a packet too big for its egress link is cut: each fragment carries
+/// `per_fragment` bytes of its payload (a multiple of 8), the last the
+/// rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Split {
+    pub per_fragment: u32,
+    pub fragments: u32,
+}
+
+/// How a packet of `tot_len` with an IPv4 header of `header_len` is cut
+/// for a link of `mtu`; `None` if it cannot be: too small an MTU, or more
+/// than the TC program can cut.
+pub const fn split(tot_len: u32, header_len: u32, mtu: u32) -> Option<Split> {
+    // RFC 791: every router can take 68 bytes.
+    if mtu < 68 || tot_len <= header_len || mtu <= header_len {
+        return None;
+    }
+    let per_fragment = (mtu - header_len) & !7;
+    let payload = tot_len - header_len;
+    if payload as usize > MAX_SPLIT_PAYLOAD {
+        return None;
+    }
+    let fragments = payload.div_ceil(per_fragment);
+    if fragments > MAX_SPLIT_FRAGMENTS {
+        return None;
+    }
+    Some(Split { per_fragment, fragments })
+}
+
+/// One fragment of a split packet: where its payload starts in the
+/// packet's payload, how long it is, and its flags-and-offset field
+/// (big-endian) given the packet's own (which may be a fragment already,
+/// its offset `frag_off_be`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub offset: u32,
+    pub len: u32,
+    pub frag_off_be: u16,
+}
+
+pub const fn piece(split: &Split, payload_len: u32, index: u32, frag_off_be: u16) -> Piece {
+    let frag_off = u16::from_be(frag_off_be);
+    let offset = index * split.per_fragment;
+    let last = index + 1 == split.fragments;
+    let len = if last { payload_len - offset } else { split.per_fragment };
+    // The packet's own more-fragments flag stays on its last piece.
+    let more = if last { frag_off & MORE_FRAGMENTS } else { MORE_FRAGMENTS };
+    let units = (frag_off & OFFSET_MASK) + (offset / 8) as u16;
+    Piece { offset, len, frag_off_be: (more | units).to_be() }
+}
+
+/// What becomes of a later fragment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Later {
+    /// Translated and sent as its first fragment was.
+    Translate,
+    /// Its first fragment went to the kernel: so does it, untouched.
+    Pass,
+    /// It came before its first fragment: held until that comes.
+    Hold(Hold),
+    /// Its datagram arrives on another interface: no flow's, untouched.
+    WrongInterface,
+}
+
+/// What becomes of a later fragment arriving on `ingress` at `now`, given
+/// its datagram's entry. An entry past its lifetime counts as none: the
+/// fragment may be the first of a new datagram with the same IP ID.
+pub const fn later(entry: Option<&FragmentEntry>, ingress: u32, now: u64) -> Later {
+    let Some(found) = entry else {
+        return Later::Hold(Hold::First);
+    };
+    if now.saturating_sub(found.created_ns) > FRAGMENT_LIFETIME_NS {
+        return Later::Hold(Hold::First);
+    }
+    if found.ingress != ingress {
+        return Later::WrongInterface;
+    }
+    match found.verdict {
+        FRAGMENT_TRANSLATED => Later::Translate,
+        FRAGMENT_PASSED => Later::Pass,
+        _ => Later::Hold(hold(entry, now)),
+    }
+}
+
+/// How many fragments held for the datagram of a first fragment arriving on
+/// `ingress` at `now` are to be released with it: none unless they came on
+/// the same interface, lately.
+pub const fn held_for(entry: Option<&FragmentEntry>, ingress: u32, now: u64) -> u8 {
+    match entry {
+        Some(found)
+            if found.verdict == FRAGMENT_HELD
+                && found.ingress == ingress
+                && now.saturating_sub(found.created_ns) <= FRAGMENT_LIFETIME_NS =>
+        {
+            found.queued
+        }
+        _ => 0,
+    }
 }
 
 #[cfg(test)]
@@ -83,20 +205,115 @@ mod tests {
         assert_eq!(Fragment::of(frag_off.to_be()), expected, "frag_off {frag_off:#06x}");
     }
 
-    fn entry(created_ns: u64, ingress: u32) -> FragmentEntry {
-        FragmentEntry { created_ns, ingress, ..FragmentEntry::default() }
+    #[rstest]
+    #[case::none_yet(None, Hold::First)]
+    #[case::one_held(Some((10_000_000_000, 1)), Hold::Slot(1))]
+    #[case::full(Some((10_000_000_000, MAX_QUEUED_PER_DATAGRAM)), Hold::Full)]
+    #[case::stale(Some((1, 3)), Hold::First)]
+    fn where_an_early_fragment_is_held(#[case] entry: Option<(u64, u8)>, #[case] expected: Hold) {
+        let entry = entry.map(|(created_ns, queued)| FragmentEntry {
+            created_ns,
+            queued,
+            ..FragmentEntry::default()
+        });
+        assert_eq!(hold(entry.as_ref(), 10_500_000_000), expected);
     }
 
     #[rstest]
-    #[case::fresh(10_000_000_000, 3, Ok(()))]
-    #[case::at_its_lifetime(10_000_000_000 + FRAGMENT_LIFETIME_NS, 3, Ok(()))]
-    #[case::past_its_lifetime(10_000_000_001 + FRAGMENT_LIFETIME_NS, 3, Err(Counter::FragmentExpired))]
-    #[case::other_interface(10_000_000_000, 4, Err(Counter::WrongInterface))]
-    fn later_fragment_admission(
-        #[case] now: u64,
-        #[case] ingress: u32,
-        #[case] expected: Result<(), Counter>,
+    #[case::fits_in_two(1500, 20, 1400, Some(Split { per_fragment: 1376, fragments: 2 }))]
+    #[case::eight_byte_units(1000, 20, 517, Some(Split { per_fragment: 496, fragments: 2 }))]
+    #[case::jumbo_to_1280(9000, 20, 1280, Some(Split { per_fragment: 1256, fragments: 8 }))]
+    #[case::too_many_pieces(9000, 20, 576, None)]
+    #[case::mtu_below_the_minimum(1000, 20, 60, None)]
+    #[case::more_than_the_buffer(20020, 20, 9000, None)]
+    fn how_a_packet_is_cut(
+        #[case] tot_len: u32,
+        #[case] header_len: u32,
+        #[case] mtu: u32,
+        #[case] expected: Option<Split>,
     ) {
-        assert_eq!(translation_usable(&entry(10_000_000_000, 3), ingress, now), expected);
+        assert_eq!(split(tot_len, header_len, mtu), expected);
+    }
+
+    #[test]
+    fn pieces_cover_the_payload_in_order() {
+        let (tot_len, mtu) = (3028u32, 1500);
+        let split = split(tot_len, 20, mtu).expect("cut");
+        let payload = tot_len - 20;
+        let mut next = 0;
+        for index in 0..split.fragments {
+            let piece = piece(&split, payload, index, 0);
+            assert_eq!(piece.offset, next, "piece {index} follows the one before");
+            assert!(piece.len + 20 <= mtu, "piece {index} fits the link");
+            let frag_off = u16::from_be(piece.frag_off_be);
+            assert_eq!((frag_off & OFFSET_MASK) as u32 * 8, piece.offset);
+            let last = index + 1 == split.fragments;
+            assert_eq!(frag_off & MORE_FRAGMENTS == 0, last, "only the last has MF clear");
+            next += piece.len;
+        }
+        assert_eq!(next, payload, "every byte is sent once");
+    }
+
+    #[test]
+    fn a_first_fragment_cut_again_keeps_more_fragments_on_its_last_piece() {
+        let split = split(1500, 20, 1000).expect("cut");
+        let first = piece(&split, 1480, 0, MORE_FRAGMENTS.to_be());
+        let last = piece(&split, 1480, 1, MORE_FRAGMENTS.to_be());
+        assert_eq!(u16::from_be(first.frag_off_be), MORE_FRAGMENTS);
+        assert_eq!(u16::from_be(last.frag_off_be), MORE_FRAGMENTS | (976 / 8));
+    }
+
+    fn entry(created_ns: u64, ingress: u32, verdict: u8, queued: u8) -> FragmentEntry {
+        FragmentEntry { created_ns, ingress, verdict, queued, ..FragmentEntry::default() }
+    }
+
+    const CREATED: u64 = 10_000_000_000;
+
+    #[rstest]
+    #[case::no_entry(None, 3, CREATED, Later::Hold(Hold::First))]
+    #[case::translated(
+        Some(entry(CREATED, 3, FRAGMENT_TRANSLATED, 0)),
+        3,
+        CREATED,
+        Later::Translate
+    )]
+    #[case::at_its_lifetime(Some(entry(CREATED, 3, FRAGMENT_TRANSLATED, 0)), 3, CREATED + FRAGMENT_LIFETIME_NS, Later::Translate)]
+    #[case::past_its_lifetime(Some(entry(CREATED, 3, FRAGMENT_TRANSLATED, 0)), 3, CREATED + FRAGMENT_LIFETIME_NS + 1, Later::Hold(Hold::First))]
+    #[case::passed(Some(entry(CREATED, 3, FRAGMENT_PASSED, 0)), 3, CREATED, Later::Pass)]
+    #[case::held(Some(entry(CREATED, 3, FRAGMENT_HELD, 2)), 3, CREATED, Later::Hold(Hold::Slot(2)))]
+    #[case::other_interface(
+        Some(entry(CREATED, 3, FRAGMENT_TRANSLATED, 0)),
+        4,
+        CREATED,
+        Later::WrongInterface
+    )]
+    #[case::held_from_another_interface(
+        Some(entry(CREATED, 3, FRAGMENT_HELD, 1)),
+        4,
+        CREATED,
+        Later::WrongInterface
+    )]
+    fn what_becomes_of_a_later_fragment(
+        #[case] entry: Option<FragmentEntry>,
+        #[case] ingress: u32,
+        #[case] now: u64,
+        #[case] expected: Later,
+    ) {
+        assert_eq!(later(entry.as_ref(), ingress, now), expected);
+    }
+
+    #[rstest]
+    #[case::held_here(Some(entry(CREATED, 3, FRAGMENT_HELD, 2)), 3, CREATED, 2)]
+    #[case::nothing_held(None, 3, CREATED, 0)]
+    #[case::held_from_another_interface(Some(entry(CREATED, 4, FRAGMENT_HELD, 2)), 3, CREATED, 0)]
+    #[case::held_too_long_ago(Some(entry(CREATED, 3, FRAGMENT_HELD, 2)), 3, CREATED + FRAGMENT_LIFETIME_NS + 1, 0)]
+    #[case::already_translated(Some(entry(CREATED, 3, FRAGMENT_TRANSLATED, 0)), 3, CREATED, 0)]
+    fn what_a_first_fragment_releases(
+        #[case] entry: Option<FragmentEntry>,
+        #[case] ingress: u32,
+        #[case] now: u64,
+        #[case] expected: u8,
+    ) {
+        assert_eq!(held_for(entry.as_ref(), ingress, now), expected);
     }
 }

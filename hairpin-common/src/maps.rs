@@ -26,9 +26,10 @@ pub mod names {
     pub const MAPPING_INTERFACES: &str = "MAPPING_INTERFACES";
     pub const ICMP_RATE: &str = "ICMP_RATE";
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const FRAGMENT_QUEUE: &str = "FRAGMENT_QUEUE";
 
     /// The maps a running instance keeps (pinned) and its tools share.
-    pub const SHARED: [&str; 16] = [
+    pub const SHARED: [&str; 17] = [
         LAYOUT,
         SETTINGS,
         ROUTE_CACHE,
@@ -45,6 +46,7 @@ pub mod names {
         MAPPING_INTERFACES,
         ICMP_RATE,
         FRAGMENTS,
+        FRAGMENT_QUEUE,
     ];
 }
 
@@ -398,10 +400,14 @@ pod! {
 }
 
 pod! {
-    /// How the later fragments of a datagram are translated and sent: as
-    /// its first fragment was (`FRAGMENTS` value).
+    /// What becomes of the later fragments of a datagram (`FRAGMENTS`
+    /// value): translated and sent as its first fragment was
+    /// (`FRAGMENT_TRANSLATED`), passed to the kernel as it was
+    /// (`FRAGMENT_PASSED`), or, until the first fragment comes
+    /// (`FRAGMENT_HELD`), held in `FRAGMENT_QUEUE`, `queued` of them.
     pub struct FragmentEntry {
-        /// When the first fragment was translated (CLOCK_MONOTONIC_COARSE, ns).
+        /// When the first fragment was translated, or the first later one
+        /// held (CLOCK_MONOTONIC_COARSE, ns).
         pub created_ns: u64,
         /// The addresses the fragments leave with. big-endian
         pub src_addr: u32,
@@ -418,11 +424,74 @@ pod! {
         /// The flow's mapping rule, for its traffic counters.
         pub mapping_id: u16,
         pub resolved: u8,
+        pub verdict: u8,
+        pub queued: u8,
         pub _pad0: u8,
-        pub _pad1: u16,
-        pub _pad2: u32,
+        pub _pad1: u32,
     }
 }
+
+/// `FragmentEntry::verdict` values.
+pub const FRAGMENT_HELD: u8 = 0;
+pub const FRAGMENT_TRANSLATED: u8 = 1;
+pub const FRAGMENT_PASSED: u8 = 2;
+
+pod! {
+    /// A fragment held until its datagram's first fragment comes
+    /// (`FRAGMENT_QUEUE` key): the datagram, and its place in the queue.
+    pub struct QueuedFragmentKey {
+        pub datagram: FragmentKey,
+        pub slot: u32,
+    }
+}
+
+/// The largest frame a held fragment may be (Ethernet header included).
+pub const MAX_QUEUED_FRAME: usize = 1538;
+
+/// A held fragment: the whole frame as it arrived (`FRAGMENT_QUEUE` value).
+/// The frame starts 2 bytes in, so its IPv4 header is 4-byte aligned.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct QueuedFragment {
+    pub len: u16,
+    pub frame: [u8; MAX_QUEUED_FRAME],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: the type is `Pod` (checked by bytemuck's derive: no padding).
+unsafe impl aya::Pod for QueuedFragment {}
+
+pod! {
+    /// Written by the XDP program in front of a datagram's first fragment
+    /// when fragments of it are held: the TC ingress program sends the
+    /// first fragment and then the held ones to `ifindex` (translated by
+    /// XDP), or hands them all to the kernel (`to_kernel`, untouched).
+    pub struct FragmentRelease {
+        pub magic: u32,
+        pub ifindex: u32,
+        pub datagram: FragmentKey,
+        pub queued: u8,
+        pub to_kernel: u8,
+        pub _pad: u16,
+    }
+}
+
+pub const FRAGMENT_RELEASE_MAGIC: u32 = 0x4850_4652;
+
+pod! {
+    /// Written by the XDP program in front of a translated packet too big
+    /// for its egress link that may be fragmented (DF clear): the TC ingress
+    /// program fragments it to `mtu` and sends the fragments to `ifindex`.
+    pub struct FragmentSplit {
+        pub magic: u32,
+        pub ifindex: u32,
+        pub mtu: u16,
+        pub _pad0: u16,
+        pub _pad1: u32,
+    }
+}
+
+pub const FRAGMENT_SPLIT_MAGIC: u32 = 0x4850_4653;
 
 pod! {
     /// Traffic of one mapping rule (`MAPPING_STATS`, per CPU).

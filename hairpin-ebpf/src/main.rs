@@ -12,18 +12,19 @@ mod fragments;
 mod icmp_messages;
 mod maps;
 mod packet;
+mod tc;
 
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_redirect_neigh},
+    bindings::xdp_action,
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_meta},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use hairpin_common::{
-    Counter, DIRECTION_ORIGINAL, FlowKey, FragmentKey, IPPROTO_TCP, KIND_HAIRPIN,
-    NEIGH_REDIRECT_MAGIC, NeighRedirect, Settings,
+    Counter, DIRECTION_ORIGINAL, FRAGMENT_SPLIT_MAGIC, FlowKey, FragmentKey, FragmentSplit,
+    IPPROTO_TCP, KIND_HAIRPIN, Settings,
     fragment::Fragment,
     icmp::{self, IPPROTO_ICMP},
     nat::{self, Sides},
@@ -34,7 +35,9 @@ use hairpin_common::{
 use crate::{
     conntrack::{Admission, Flow, admit_new_flow, create_flow, find_flow, track},
     forward::{Route, fib_lookup, flow_route, hand_to_kernel, send},
-    icmp_messages::{IcmpAnswer, answer_icmp, time_exceeded, too_big, try_icmp_error},
+    icmp_messages::{
+        IP_DONT_FRAGMENT, IcmpAnswer, answer_icmp, time_exceeded, too_big, try_icmp_error,
+    },
     maps::{CONNTRACK_NEW, SETTINGS, account, count},
     packet::{l4_header, l4_offset, ptr_at, rewrite, tcp_segment},
 };
@@ -69,7 +72,7 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let ingress = ctx.ingress_ifindex() as u32;
     if layout.fragment == Fragment::Later {
-        return fragments::translate_later(ctx, ingress, now);
+        return fragments::later_fragment(ctx, ingress, now);
     }
     let l4_offset = l4_offset(layout.header_len);
     if ip.proto == IPPROTO_ICMP {
@@ -87,41 +90,119 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     };
     let [src_port, dst_port] = unsafe { *l4.ports };
     let packet = FlowKey::new(ip.src_addr, ip.dst_addr, src_port, dst_port, ip.proto);
-
     let fragmented = layout.fragment == Fragment::First;
     let arrival = Arrival { packet, segment, now, tot_len, ttl: ip.ttl, fragmented };
-    let (outcome, created) = match find_flow(&packet, ingress, settings, now)? {
-        Some(flow) => (forward_tracked(ctx, &flow, &arrival, settings)?, false),
-        None => (open_flow(ctx, settings, &arrival)?, true),
-    };
-    let (to, route, counter, mapping_id) = match outcome {
-        Outcome::Translate { to, route, counter, mapping_id } => (to, route, counter, mapping_id),
-        Outcome::Answered(verdict) => return Ok(verdict),
-    };
-    if fragmented {
-        let datagram = FragmentKey::new(packet.src_addr, packet.dst_addr, ip.id, packet.proto);
-        fragments::remember(&datagram, &to, ingress, &route, mapping_id, now);
+    let datagram = FragmentKey::new(ip.src_addr, ip.dst_addr, ip.id, ip.proto);
+    match translate(ctx, settings, &arrival, &datagram, l4_offset) {
+        // The later fragments of a datagram whose first goes to the kernel
+        // go there too, and any held ones with it.
+        Err(pass_reason) if fragmented => {
+            fragments::passed(ctx, &datagram, ingress, now, pass_reason)
+        }
+        verdict => verdict,
     }
+}
 
-    if let Route::Unresolved { ifindex } = route {
-        if let Err(counter) = hand_to_kernel(ctx, ifindex) {
+/// How a translated packet leaves when XDP cannot send it itself: through
+/// the TC ingress program, with metadata saying what to do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Handoff {
+    /// Sent by XDP.
+    None,
+    /// `bpf_redirect_neigh` to the egress (next hop unresolved, or an
+    /// interface hairpin does not manage).
+    Neigh(u32),
+    /// A first fragment, with the `held` fragments of its datagram.
+    Release { ifindex: u32, held: u8 },
+    /// Cut into fragments of `mtu` (too big, DF clear).
+    Split { ifindex: u32, mtu: u16 },
+}
+
+/// The packet of a tracked or new flow: translated and sent on, answered
+/// or dropped (`Ok`), or of no flow (`Err`, passed untouched).
+#[inline(always)]
+fn translate(
+    ctx: &XdpContext,
+    settings: &Settings,
+    arrival: &Arrival,
+    datagram: &FragmentKey,
+    l4_offset: usize,
+) -> Result<(u32, Counter), Counter> {
+    let packet = arrival.packet;
+    let ingress = ctx.ingress_ifindex() as u32;
+    let (outcome, created) = match find_flow(&packet, ingress, settings, arrival.now)? {
+        Some(flow) => (forward_tracked(ctx, &flow, arrival, settings)?, false),
+        None => (open_flow(ctx, settings, arrival)?, true),
+    };
+    let Outcome::Translate { to, route, counter, mapping_id, split_mtu } = outcome else {
+        let Outcome::Answered(verdict) = outcome else { unreachable_verdict() };
+        return Ok(verdict);
+    };
+    let held = if arrival.fragmented {
+        fragments::translated(datagram, &to, ingress, &route, mapping_id, arrival.now)
+    } else {
+        0
+    };
+    let handoff = match route {
+        Route::Unresolved { ifindex } => Handoff::Neigh(ifindex),
+        _ if split_mtu != 0 => Handoff::Split { ifindex: route.egress(), mtu: split_mtu },
+        _ if held > 0 => Handoff::Release { ifindex: route.egress(), held },
+        _ => Handoff::None,
+    };
+    if handoff != Handoff::None {
+        let handed = match handoff {
+            Handoff::Neigh(ifindex) => hand_to_kernel(ctx, ifindex),
+            Handoff::Release { ifindex, held } => {
+                fragments::release(ctx, datagram, held, ifindex, false)
+            }
+            Handoff::Split { ifindex, mtu } => split_in_tc(ctx, ifindex, mtu),
+            Handoff::None => Ok(()),
+        };
+        if let Err(counter) = handed {
             if created {
                 let _ = CONNTRACK_NEW.remove(&packet);
                 let _ = CONNTRACK_NEW.remove(&to.reversed());
             }
             return Ok((xdp_action::XDP_DROP, counter));
         }
-        // Adding metadata invalidates packet pointers: look the headers up again.
-        let eth: *mut EthHeader = ptr_at(ctx, 0)?;
-        let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
-        let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
-        let l4 = l4_header(ctx, l4_offset, ip.proto)?;
-        rewrite(ip, &l4, &packet, &to);
-        return send(eth, &route, counter);
     }
+    // Adding metadata invalidates packet pointers: look the headers up again.
+    let eth: *mut EthHeader = ptr_at(ctx, 0)?;
+    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+    let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
+    let l4 = l4_header(ctx, l4_offset, ip.proto)?;
     rewrite(ip, &l4, &packet, &to);
-    // SAFETY: bounds checked at the start; no helper has moved the packet.
-    send(unsafe { &mut *eth }, &route, counter)
+    let (action, counter) = send(eth, &route, counter)?;
+    match handoff {
+        Handoff::Release { .. } | Handoff::Split { .. } => Ok((xdp_action::XDP_PASS, counter)),
+        _ => Ok((action, counter)),
+    }
+}
+
+#[inline(always)]
+fn unreachable_verdict() -> ! {
+    // SAFETY: the only other variant was matched just before.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+/// Prepends the metadata that asks the TC ingress program to cut the
+/// packet into fragments of `mtu` and send them to `ifindex`.
+#[inline(always)]
+fn split_in_tc(ctx: &XdpContext, ifindex: u32, mtu: u16) -> Result<(), Counter> {
+    let len = size_of::<FragmentSplit>() as i32;
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
+        return Err(Counter::NoMetadataDropped);
+    }
+    let meta = ctx.metadata();
+    if meta + size_of::<FragmentSplit>() > ctx.data() {
+        return Err(Counter::NoMetadataDropped);
+    }
+    let meta = meta as *mut FragmentSplit;
+    // SAFETY: bounds checked against the packet data just above.
+    unsafe {
+        *meta = FragmentSplit { magic: FRAGMENT_SPLIT_MAGIC, ifindex, mtu, _pad0: 0, _pad1: 0 };
+    }
+    Ok(())
 }
 
 /// A packet of a flow: its tuple, TCP header, when it arrived, how long it
@@ -138,8 +219,9 @@ struct Arrival {
 
 /// What becomes of a packet of a flow, tracked or new.
 enum Outcome {
-    /// Translate the packet to `to` and send it along `route`.
-    Translate { to: FlowKey, route: Route, counter: Counter, mapping_id: u16 },
+    /// Translate the packet to `to` and send it along `route`, cut into
+    /// fragments of `split_mtu` when that is not 0.
+    Translate { to: FlowKey, route: Route, counter: Counter, mapping_id: u16, split_mtu: u16 },
     /// Answered or dropped instead (deny set, window check, ICMP, no route).
     Answered((u32, Counter)),
 }
@@ -187,16 +269,55 @@ fn forward_tracked(
         Err(failed) => return Ok(dropped(failed)),
     };
     if let Route::TooBig { mtu } = route {
+        if may_fragment(ctx) {
+            return Ok(split_route(ctx, &translated, mtu, counter_of(original, kind), mapping_id));
+        }
         return too_big(ctx, mtu, original, settings, now).map(Outcome::Answered);
     }
-    let counter = if !original {
+    let counter = counter_of(original, kind);
+    Ok(Outcome::Translate { to: translated, route, counter, mapping_id, split_mtu: 0 })
+}
+
+/// The verdict counter of a translated packet.
+#[inline(always)]
+fn counter_of(original: bool, kind: u8) -> Counter {
+    if !original {
         Counter::TranslatedBack
     } else if kind == KIND_HAIRPIN {
         Counter::Hairpinned
     } else {
         Counter::PortForwarded
-    };
-    Ok(Outcome::Translate { to: translated, route, counter, mapping_id })
+    }
+}
+
+/// Whether the packet may be fragmented here (DF clear).
+#[inline(always)]
+fn may_fragment(ctx: &XdpContext) -> bool {
+    match ptr_at::<Ipv4Header>(ctx, ETH_HEADER_LEN) {
+        // SAFETY: bounds checked by ptr_at.
+        Ok(ip) => u16::from_be(unsafe { (*ip).frag_off }) & IP_DONT_FRAGMENT == 0,
+        Err(_) => false,
+    }
+}
+
+/// A packet too big for its egress link that may be fragmented: its route
+/// regardless of size, for the TC program to cut it to `mtu` and send the
+/// pieces. Only a resolved next hop will do (the pieces are sent with the
+/// MAC addresses XDP writes).
+#[inline(always)]
+fn split_route(
+    ctx: &XdpContext,
+    to: &FlowKey,
+    mtu: u16,
+    counter: Counter,
+    mapping_id: u16,
+) -> Outcome {
+    match fib_lookup(ctx, to, 0) {
+        Ok((route @ Route::Resolved { .. }, _)) => {
+            Outcome::Translate { to: *to, route, counter, mapping_id, split_mtu: mtu }
+        }
+        _ => dropped(Counter::TooBigDropped),
+    }
 }
 
 /// A packet of no tracked flow: admitted, routed and entered as a new flow,
@@ -213,13 +334,19 @@ fn open_flow(ctx: &XdpContext, settings: &Settings, arrival: &Arrival) -> Result
     }
     // The route does not depend on the SNAT port: look it up before any
     // state is created, so a routing failure leaves none behind.
-    let route = match fib_lookup(ctx, &admitted.provisional, tot_len) {
-        Ok((route, _)) => route,
+    let (route, split_mtu) = match fib_lookup(ctx, &admitted.provisional, tot_len) {
+        Ok((Route::TooBig { mtu }, _)) => {
+            if !may_fragment(ctx) {
+                return too_big(ctx, mtu, true, settings, now).map(Outcome::Answered);
+            }
+            match fib_lookup(ctx, &admitted.provisional, 0) {
+                Ok((route @ Route::Resolved { .. }, _)) => (route, mtu),
+                _ => return Ok(dropped(Counter::TooBigDropped)),
+            }
+        }
+        Ok((route, _)) => (route, 0),
         Err(failed) => return Ok(dropped(failed)),
     };
-    if let Route::TooBig { mtu } = route {
-        return too_big(ctx, mtu, true, settings, now).map(Outcome::Answered);
-    }
     let sides = Sides { original: ctx.ingress_ifindex() as u32, reply: route.egress() };
     let flow = match create_flow(packet, &admitted, &sides, segment, settings, now, tot_len) {
         Ok(flow) => flow,
@@ -243,23 +370,14 @@ fn open_flow(ctx: &XdpContext, settings: &Settings, arrival: &Arrival) -> Result
     let mapping_id = admitted.server.id;
     account(mapping_id, tot_len, true);
     let counter = if admitted.hairpin { Counter::Hairpinned } else { Counter::PortForwarded };
-    Ok(Outcome::Translate { to: flow.translated, route, counter, mapping_id })
+    Ok(Outcome::Translate { to: flow.translated, route, counter, mapping_id, split_mtu })
 }
 
-/// TC ingress: sends on the packets the XDP program translated but could
-/// not forward because the next hop's MAC was not resolved.
+/// TC ingress: sends on what the XDP program translated but could not send
+/// itself (see `tc`).
 #[classifier]
 pub fn hairpin_neigh_redirect(ctx: TcContext) -> i32 {
-    let skb = ctx.skb.skb;
-    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
-    if meta + size_of::<NeighRedirect>() > data {
-        return TC_ACT_OK as i32;
-    }
-    let redirect = unsafe { &*(meta as *const NeighRedirect) };
-    if redirect.magic != NEIGH_REDIRECT_MAGIC {
-        return TC_ACT_OK as i32;
-    }
-    unsafe { bpf_redirect_neigh(redirect.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+    tc::tc_ingress(&ctx)
 }
 
 #[cfg(not(test))]

@@ -8,8 +8,11 @@ use hairpin_common::{
     Counter, DEFAULT_CONNTRACK_CAPACITY, FlowEntry, FlowKey, FragmentEntry, FragmentKey,
     IcmpBucket, MAX_DENY_NETWORKS, MAX_EGRESS_DEVICES, MAX_INTERFACES, MAX_LAN_NETWORKS,
     MAX_MAPPING_INTERFACES, MAX_MAPPING_RULES, MAX_MAPPING_SOURCES, MAX_MAPPINGS, MappingKey,
-    MappingStats, MappingValue, RouteCache, RuleInterface, RuleSource, Settings,
-    fragment::MAX_FRAGMENTED_DATAGRAMS, nat::FlowPair, tcp::MAX_OPTIONS_LEN,
+    MappingStats, MappingValue, QueuedFragment, QueuedFragmentKey, RouteCache, RuleInterface,
+    RuleSource, Settings,
+    fragment::{MAX_FRAGMENTED_DATAGRAMS, MAX_QUEUED_FRAGMENTS, MAX_SPLIT_PAYLOAD},
+    nat::FlowPair,
+    tcp::MAX_OPTIONS_LEN,
 };
 
 #[map]
@@ -84,6 +87,22 @@ pub(crate) static ICMP_RATE: PerCpuArray<IcmpBucket> = PerCpuArray::with_max_ent
 #[map]
 pub(crate) static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry> =
     LruHashMap::with_max_entries(MAX_FRAGMENTED_DATAGRAMS, 0);
+
+/// Later fragments held until their datagram's first fragment comes.
+#[map]
+pub(crate) static FRAGMENT_QUEUE: LruHashMap<QueuedFragmentKey, QueuedFragment> =
+    LruHashMap::with_max_entries(MAX_QUEUED_FRAGMENTS, 0);
+
+/// Where a fragment to hold is copied first: it does not fit the stack.
+#[map]
+pub(crate) static HOLD_SCRATCH: PerCpuArray<QueuedFragment> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where the TC program keeps the payload of a packet it cuts into
+/// fragments (twice the payload bound, so that any piece read at any
+/// offset below the bound stays inside).
+#[map]
+pub(crate) static SPLIT_SCRATCH: PerCpuArray<[u8; 2 * MAX_SPLIT_PAYLOAD]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// `LAYOUT_VERSION` of the user space that created the maps.
 #[map]

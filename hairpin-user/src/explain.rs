@@ -62,13 +62,14 @@ const XDP_ACTIONS: [&str; 5] = [
 
 /// The maps the datapath writes: explain's copy of the program gets its
 /// own, so that its packet changes nothing of the instance's.
-pub const PRIVATE_MAPS: [&str; 6] = [
+pub const PRIVATE_MAPS: [&str; 7] = [
     names::COUNTERS,
     names::MAPPING_STATS,
     names::CONNTRACK,
     names::CONNTRACK_NEW,
     names::ICMP_RATE,
     names::FRAGMENTS,
+    names::FRAGMENT_QUEUE,
 ];
 
 /// Builds a TCP SYN or a UDP datagram from `src` to `dst` as received on

@@ -15,10 +15,10 @@ use aya::{
     },
 };
 use hairpin_common::{
-    Counter, DIRECTION_ORIGINAL, FlowEntry, FlowKey, KIND_PORT_FORWARD, LAYOUT_VERSION,
-    MAPPING_ALLOWLIST, MAPPING_INTERFACE_BOUND, MAX_DENY_NETWORKS, MAX_MAPPING_INTERFACES,
-    MAX_MAPPING_RULES, MAX_MAPPING_SOURCES, MAX_MAPPINGS, MappingKey, MappingStats, MappingValue,
-    RouteCache, RuleInterface, RuleSource, Settings, maps::names,
+    Counter, DIRECTION_ORIGINAL, FlowEntry, FlowKey, FragmentEntry, FragmentKey, KIND_PORT_FORWARD,
+    LAYOUT_VERSION, MAPPING_ALLOWLIST, MAPPING_INTERFACE_BOUND, MAX_DENY_NETWORKS,
+    MAX_MAPPING_INTERFACES, MAX_MAPPING_RULES, MAX_MAPPING_SOURCES, MAX_MAPPINGS, MappingKey,
+    MappingStats, MappingValue, RouteCache, RuleInterface, RuleSource, Settings, maps::names,
 };
 use thiserror::Error;
 
@@ -93,6 +93,7 @@ pub struct Maps {
     deny: LpmTrie<MapData, u32, u8>,
     mapping_sources: LpmTrie<MapData, RuleSource, u8>,
     mapping_interfaces: HashMap<MapData, RuleInterface, u8>,
+    fragments: HashMap<MapData, FragmentKey, FragmentEntry>,
 }
 
 /// Why a network is in the deny set (the `DENY_NETWORKS` value; the datapath
@@ -186,6 +187,7 @@ impl Maps {
             deny: typed!(names::DENY_NETWORKS),
             mapping_sources: typed!(names::MAPPING_SOURCES),
             mapping_interfaces: typed!(names::MAPPING_INTERFACES),
+            fragments: typed!(names::FRAGMENTS),
         })
     }
 
@@ -625,6 +627,16 @@ impl Maps {
     }
 
     /// Puts an entry back as it was (best effort: the datapath may race).
+    /// The fragmented datagrams the datapath knows what to do with.
+    pub fn fragments(&self) -> Result<Vec<(FragmentKey, FragmentEntry)>, MapsError> {
+        self.fragments.iter().collect::<Result<Vec<_>, _>>().map_err(map_error(names::FRAGMENTS))
+    }
+
+    /// Overwrites a datagram's fragment entry (tests age entries this way).
+    pub fn put_fragment(&mut self, key: &FragmentKey, entry: &FragmentEntry) {
+        let _ = self.fragments.insert(key, entry, 0);
+    }
+
     pub fn put_flow(&mut self, table: Table, key: &FlowKey, entry: &FlowEntry) {
         let map = match table {
             Table::Established => &mut self.established,

@@ -4,7 +4,7 @@
 //! gateway's address and permanent neighbour entries, so that
 //! `bpf_fib_lookup` resolves the next hop as on a real gateway.
 
-use std::net::Ipv4Addr;
+use std::{mem::size_of, net::Ipv4Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{Ipv4HeaderSlice, PacketBuilder, TcpHeaderSlice, UdpHeaderSlice};
@@ -13,7 +13,11 @@ use hairpin::{
     datapath::{Datapath, Table, monotonic_coarse_ns},
     routes::RouteCacheKeeper,
 };
-use hairpin_common::{Counter, FlowKey, RouteCache, state};
+use hairpin_common::{
+    Counter, FRAGMENT_RELEASE_MAGIC, FRAGMENT_SPLIT_MAGIC, FRAGMENT_TRANSLATED, FlowKey,
+    FragmentEntry, FragmentKey, FragmentRelease, FragmentSplit, RouteCache,
+    fragment::MAX_FRAGMENTED_DATAGRAMS, state,
+};
 use hairpin_tests::{Netns, have_root, veth};
 use rstest::rstest;
 
@@ -438,7 +442,6 @@ fn arp() -> Vec<u8> {
 #[case::source_outside_the_lan(syn((OUTSIDER, 40000), (PUBLIC, 80)), Counter::PassSourceNotLan)]
 #[case::tcp_ack_without_entry(tcp((CLIENT, 40000), (PUBLIC, 80), false, true, 64), Counter::PassTcpNotSyn)]
 #[case::tcp_syn_ack_without_entry(tcp((CLIENT, 40000), (PUBLIC, 80), true, true, 64), Counter::PassTcpNotSyn)]
-#[case::later_fragment_of_no_known_datagram(with_frag_off(udp((CLIENT, 40000), (PUBLIC, 53), b"frag"), 0x0010), Counter::PassFragment)]
 #[case::first_fragment_of_no_mapping(with_frag_off(udp((CLIENT, 40000), (PUBLIC, 54), b"frag"), 0x2000), Counter::PassNoMapping)]
 #[case::ttl_one_of_no_flow(tcp((CLIENT, 40000), (PUBLIC, 443), true, false, 1), Counter::PassNoMapping)]
 #[case::arp(arp(), Counter::PassNotIpv4)]
@@ -1357,9 +1360,14 @@ fn too_big_towards_the_server_is_answered_with_fragmentation_needed() {
         assert_eq!(gw.counter(Counter::FragNeededSent), 1);
 
         let may_fragment = big_tcp(client, (PUBLIC, 80), 1420, false);
-        let (verdict, _) = gw.run_on(wan0, &may_fragment);
-        assert_eq!(verdict, XDP_DROP, "never taken by the gateway's own stack");
-        assert_eq!(gw.counter(Counter::TooBigDropped), 1);
+        let (verdict, out) = gw.run_on(wan0, &may_fragment);
+        assert_eq!(verdict, XDP_PASS, "handed to TC to be cut into fragments");
+        let (meta, out) = out.split_at(size_of::<FragmentSplit>());
+        assert_eq!(meta[..4], FRAGMENT_SPLIT_MAGIC.to_ne_bytes(), "metadata for TC");
+        assert_eq!(u16::from_ne_bytes([meta[8], meta[9]]), 1400, "cut to the LAN's MTU");
+        assert_eq!(inspect(out).dst, (SERVER, 8080), "translated, not the gateway's own");
+        assert_eq!(&out[0..6], &SERVER_MAC, "addressed to the next hop");
+        assert_eq!(gw.counter(Counter::TooBigDropped), 0);
     });
 }
 
@@ -1558,5 +1566,228 @@ fn a_packet_larger_than_the_cached_route_allows_is_looked_up() {
         assert_eq!((out[34], out[35]), (3, 4), "destination unreachable, fragmentation needed");
         assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1400, "the next-hop MTU");
         assert_eq!(gw.counter(Counter::FragNeededSent), 1);
+    });
+}
+
+/// An IPv4 datagram (`packet`, a whole frame) cut into fragments carrying
+/// at most `per_fragment` bytes of its payload each (a multiple of 8).
+fn fragments_of(packet: &[u8], per_fragment: usize) -> Vec<Vec<u8>> {
+    let payload = &packet[34..];
+    payload
+        .chunks(per_fragment)
+        .enumerate()
+        .map(|(index, chunk)| {
+            let mut fragment = packet[..34].to_vec();
+            fragment.extend_from_slice(chunk);
+            let tot_len = (20 + chunk.len()) as u16;
+            fragment[16..18].copy_from_slice(&tot_len.to_be_bytes());
+            let more = (index + 1) * per_fragment < payload.len();
+            let frag_off = ((index * per_fragment / 8) as u16) | if more { 0x2000 } else { 0 };
+            with_frag_off(fragment, frag_off)
+        })
+        .collect()
+}
+
+/// A UDP datagram of `len` payload bytes with IP ID `id`.
+fn big_udp(src: ([u8; 4], u16), dst: ([u8; 4], u16), len: usize, id: u16) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut packet = udp(src, dst, &payload);
+    packet[18..20].copy_from_slice(&id.to_be_bytes());
+    fix_ip_checksum(&mut packet);
+    packet
+}
+
+/// Checks a fragment's IPv4 checksum; its addresses and offset in bytes.
+fn inspect_fragment(fragment: &[u8]) -> ([u8; 4], [u8; 4], usize) {
+    let ip = Ipv4HeaderSlice::from_slice(&fragment[14..]).expect("IPv4 header");
+    assert_eq!(ip.header_checksum(), ip.to_header().calc_header_checksum(), "IPv4 checksum");
+    (ip.source(), ip.destination(), ip.fragments_offset().byte_offset() as usize)
+}
+
+/// The datagram the translated fragments make up again, every checksum
+/// checked (the UDP one covers the whole datagram).
+fn reassembled(fragments: &[Vec<u8>]) -> Seen {
+    let mut sorted: Vec<&Vec<u8>> = fragments.iter().collect();
+    sorted.sort_by_key(|fragment| inspect_fragment(fragment).2);
+    let mut packet = sorted[0][..34].to_vec();
+    for fragment in &sorted {
+        let (_, _, offset) = inspect_fragment(fragment);
+        assert_eq!(packet.len() - 34, offset, "the fragments follow each other");
+        packet.extend_from_slice(&fragment[34..]);
+    }
+    let tot_len = (packet.len() - 14) as u16;
+    packet[16..18].copy_from_slice(&tot_len.to_be_bytes());
+    let mut packet = with_frag_off(packet, 0);
+    packet[22] = sorted[0][22];
+    fix_ip_checksum(&mut packet);
+    inspect(&packet)
+}
+
+#[test]
+fn a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways() {
+    if skip_unless_root("a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let query = fragments_of(&big_udp((CLIENT, 40100), (PUBLIC, 53), 3000, 7), 1480);
+        assert_eq!(query.len(), 3);
+        let mut sent = Vec::new();
+        for (index, fragment) in query.iter().enumerate() {
+            let (verdict, out) = gw.run(fragment);
+            assert_eq!(verdict, XDP_TX, "fragment {index} sent back out to the server");
+            let (src, dst, _) = inspect_fragment(&out);
+            assert_eq!((src, dst), (GATEWAY, SERVER), "fragment {index} translated");
+            assert_eq!(&out[0..6], &SERVER_MAC);
+            sent.push(out);
+        }
+        let seen = reassembled(&sent);
+        assert_eq!(seen.dst, (SERVER, 5353), "the datagram reaches the server whole");
+        assert_eq!(seen.src.0, GATEWAY);
+        assert_eq!(gw.counter(Counter::FragmentTranslated), 2);
+
+        let snat_port = seen.src.1;
+        let answer = fragments_of(&big_udp((SERVER, 5353), (GATEWAY, snat_port), 8000, 9), 1480);
+        assert_eq!(answer.len(), 6);
+        let sent: Vec<Vec<u8>> = answer
+            .iter()
+            .map(|fragment| {
+                let (verdict, out) = gw.run(fragment);
+                assert_eq!(verdict, XDP_TX, "the answer's fragments go back to the client");
+                out
+            })
+            .collect();
+        let seen = reassembled(&sent);
+        assert_eq!((seen.src, seen.dst), ((PUBLIC, 53), (CLIENT, 40100)));
+        assert_eq!(gw.counter(Counter::FragmentTranslated), 7);
+    });
+}
+
+#[test]
+fn fragments_that_come_before_their_first_are_held_and_released_with_it() {
+    if skip_unless_root("fragments_that_come_before_their_first_are_held_and_released_with_it") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let query = fragments_of(&big_udp((CLIENT, 40200), (PUBLIC, 53), 4000, 11), 1480);
+        for fragment in query[1..].iter().rev() {
+            let (verdict, _) = gw.run(fragment);
+            assert_eq!(verdict, XDP_DROP, "held, never passed untranslated");
+        }
+        assert_eq!(gw.counter(Counter::FragmentHeld), 2);
+        let (verdict, out) = gw.run(&query[0]);
+        assert_eq!(verdict, XDP_PASS, "handed to TC, which sends the held ones after it");
+        let (meta, out) = out.split_at(size_of::<FragmentRelease>());
+        let release: FragmentRelease = bytemuck::pod_read_unaligned(meta);
+        assert_eq!(release.magic, FRAGMENT_RELEASE_MAGIC);
+        assert_eq!((release.queued, release.to_kernel), (2, 0), "two held, sent translated");
+        let (src, dst, _) = inspect_fragment(out);
+        assert_eq!((src, dst), (GATEWAY, SERVER), "the first fragment is translated");
+        let held = gw.datapath.maps.fragments().expect("fragments");
+        let entry = held.iter().find(|(key, _)| key.id == 11u16.to_be()).expect("the datagram");
+        assert_eq!(entry.1.verdict, FRAGMENT_TRANSLATED, "its later fragments are translated");
+        // A duplicate of a later fragment, after the first: translated now.
+        let (verdict, out) = gw.run(&query[2]);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(inspect_fragment(&out).1, SERVER);
+    });
+}
+
+#[test]
+fn fragments_of_no_flow_go_to_the_kernel_untouched_in_any_order() {
+    if skip_unless_root("fragments_of_no_flow_go_to_the_kernel_untouched_in_any_order") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let other = fragments_of(&big_udp((CLIENT, 40300), (PUBLIC, 54), 3000, 21), 1480);
+        let (verdict, _) = gw.run(&other[2]);
+        assert_eq!(verdict, XDP_DROP, "held until its first fragment says whose it is");
+        let (verdict, out) = gw.run(&other[0]);
+        assert_eq!(verdict, XDP_PASS);
+        let (meta, out) = out.split_at(size_of::<FragmentRelease>());
+        let release: FragmentRelease = bytemuck::pod_read_unaligned(meta);
+        assert_eq!((release.queued, release.to_kernel), (1, 1), "the held one to the kernel too");
+        assert!(out == other[0], "the first fragment to the kernel as it came");
+        let (verdict, out) = gw.run(&other[1]);
+        assert!((verdict, &out) == (XDP_PASS, &other[1]), "a later one after it, as it came");
+        assert_eq!(gw.counter(Counter::PassFragment), 1, "the later one, after its first");
+        assert_eq!(gw.counter(Counter::FlowCreated), 0);
+    });
+}
+
+#[test]
+fn a_datagrams_translation_lapses_and_binds_to_its_interface() {
+    if skip_unless_root("a_datagrams_translation_lapses_and_binds_to_its_interface") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let query = fragments_of(&big_udp((CLIENT, 40400), (PUBLIC, 53), 3000, 31), 1480);
+        assert_eq!(gw.run(&query[0]).0, XDP_TX);
+        let wan0 = gw.wan0;
+        let (verdict, out) = gw.run_on(wan0, &query[1]);
+        assert!((verdict, &out) == (XDP_PASS, &query[1]), "another interface's: no flow's");
+        assert_eq!(gw.counter(Counter::WrongInterface), 1);
+
+        let key = FragmentKey::new(
+            u32::from_ne_bytes(CLIENT),
+            u32::from_ne_bytes(PUBLIC),
+            31u16.to_be(),
+            17,
+        );
+        let (_, entry) = gw
+            .datapath
+            .maps
+            .fragments()
+            .expect("fragments")
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .expect("the datagram");
+        let aged = FragmentEntry { created_ns: monotonic_coarse_ns() - 3_000_000_000, ..entry };
+        gw.datapath.maps.put_fragment(&key, &aged);
+        let (verdict, _) = gw.run(&query[1]);
+        assert_eq!(verdict, XDP_DROP, "past its lifetime: held as a new datagram's");
+        assert_eq!(gw.counter(Counter::FragmentTranslated), 0);
+    });
+}
+
+#[test]
+fn the_fragment_table_is_bounded() {
+    if skip_unless_root("the_fragment_table_is_bounded") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let first = |id: u16| fragments_of(&big_udp((CLIENT, 40500), (PUBLIC, 53), 1600, id), 1480);
+        let extra = 500;
+        for id in 0..(MAX_FRAGMENTED_DATAGRAMS + extra) as u16 {
+            assert_eq!(gw.run(&first(id)[0]).0, XDP_TX, "datagram {id}");
+        }
+        let known = gw.datapath.maps.fragments().expect("fragments").len();
+        assert!(
+            known <= MAX_FRAGMENTED_DATAGRAMS as usize,
+            "{known} datagrams kept, more than the table's {MAX_FRAGMENTED_DATAGRAMS}"
+        );
+        let newest = (MAX_FRAGMENTED_DATAGRAMS + extra - 1) as u16;
+        let (verdict, out) = gw.run(&first(newest)[1]);
+        assert_eq!(verdict, XDP_TX, "the newest datagram is kept");
+        assert_eq!(inspect_fragment(&out).1, SERVER);
+    });
+}
+
+#[test]
+fn a_later_fragment_too_big_for_the_egress_is_dropped() {
+    if skip_unless_root("a_later_fragment_too_big_for_the_egress_is_dropped") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let status =
+            std::process::Command::new("ip").args(["link", "set", "lan0", "mtu", "1400"]).status();
+        assert!(status.expect("ip").success());
+        let wan0 = gw.wan0;
+        let query = fragments_of(&big_udp((WAN_CLIENT, 50500), (PUBLIC, 53), 2000, 41), 1376);
+        let small_first = with_frag_off(query[0].clone(), 0x2000);
+        assert_eq!(gw.run_on(wan0, &small_first).0, XDP_REDIRECT);
+        let big_later = fragments_of(&big_udp((WAN_CLIENT, 50500), (PUBLIC, 53), 3000, 41), 1480);
+        let (verdict, _) = gw.run_on(wan0, &big_later[1]);
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(gw.counter(Counter::FragmentTooBig), 1);
     });
 }

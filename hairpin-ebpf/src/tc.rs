@@ -1,0 +1,220 @@
+//! The TC ingress program: what XDP translated but cannot send itself,
+//! handed over with metadata in front of the packet. It sends a packet
+//! whose next hop is unresolved with `bpf_redirect_neigh`, releases the
+//! fragments held for a first fragment, and cuts a packet too big for its
+//! link into fragments. Everything else goes on to the kernel.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::{
+        bpf_clone_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_skb_store_bytes,
+    },
+    programs::TcContext,
+};
+use hairpin_common::{
+    Counter, FRAGMENT_RELEASE_MAGIC, FRAGMENT_SPLIT_MAGIC, FragmentRelease, FragmentSplit,
+    MAX_QUEUED_FRAME, NEIGH_REDIRECT_MAGIC, NeighRedirect, QueuedFragmentKey, checksum,
+    fragment::{self, MAX_QUEUED_PER_DATAGRAM, MAX_SPLIT_FRAGMENTS, MAX_SPLIT_PAYLOAD},
+    packet::{ETH_HEADER_LEN, IPV4_HEADER_LEN, Ipv4Header, L4_OFFSET},
+};
+
+use crate::{
+    maps::{FRAGMENT_QUEUE, SPLIT_SCRATCH, count},
+    packet::sum_words,
+};
+
+/// The metadata as a `T`, when there is that much of it.
+#[inline(always)]
+fn metadata<T>(skb: *mut __sk_buff) -> Option<*mut T> {
+    // SAFETY: the context's fields, read.
+    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
+    if meta + size_of::<T>() > data {
+        return None;
+    }
+    Some(meta as *mut T)
+}
+
+pub(crate) fn tc_ingress(ctx: &TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    let Some(magic) = metadata::<u32>(skb) else {
+        return TC_ACT_OK as i32;
+    };
+    // SAFETY: each is checked to lie inside the metadata before it is read.
+    match unsafe { *magic } {
+        NEIGH_REDIRECT_MAGIC => match metadata::<NeighRedirect>(skb) {
+            Some(redirect) => unsafe {
+                bpf_redirect_neigh((*redirect).ifindex, core::ptr::null_mut(), 0, 0) as i32
+            },
+            None => TC_ACT_OK as i32,
+        },
+        FRAGMENT_RELEASE_MAGIC => match metadata::<FragmentRelease>(skb) {
+            Some(release) => {
+                let release = unsafe { *release };
+                // The copies sent on carry the metadata too: they must not
+                // be taken for another release when they come back in.
+                unsafe { *magic = 0 };
+                release_fragments(skb, &release)
+            }
+            None => TC_ACT_OK as i32,
+        },
+        FRAGMENT_SPLIT_MAGIC => match metadata::<FragmentSplit>(skb) {
+            Some(split) => {
+                let split = unsafe { *split };
+                unsafe { *magic = 0 };
+                split_packet(skb, &split)
+            }
+            None => TC_ACT_OK as i32,
+        },
+        _ => TC_ACT_OK as i32,
+    }
+}
+
+/// Sends the first fragment (translated by XDP), then each held fragment
+/// of its datagram (translated by XDP in the queue) to the egress, or all
+/// of them as they came back into the kernel (`to_kernel`). The packet is
+/// rewritten into each held frame in turn and a copy sent each time.
+#[inline(always)]
+fn release_fragments(skb: *mut __sk_buff, release: &FragmentRelease) -> i32 {
+    let (ifindex, flags) = if release.to_kernel != 0 {
+        // SAFETY: the context's field.
+        (unsafe { (*skb).ifindex }, BPF_F_INGRESS as u64)
+    } else {
+        (release.ifindex, 0)
+    };
+    // SAFETY: helpers on this program's own packet.
+    unsafe { bpf_clone_redirect(skb, ifindex, flags) };
+    for slot in 0..MAX_QUEUED_PER_DATAGRAM as u32 {
+        if slot >= release.queued as u32 {
+            break;
+        }
+        let key = QueuedFragmentKey { datagram: release.datagram, slot };
+        let Some(held) = FRAGMENT_QUEUE.get_ptr(&key) else {
+            continue;
+        };
+        // SAFETY: a map value; its length is bounded below for the verifier.
+        let len = core::hint::black_box(unsafe { (*held).len } as u32);
+        if len < L4_OFFSET as u32 || len > MAX_QUEUED_FRAME as u32 {
+            let _ = FRAGMENT_QUEUE.remove(&key);
+            continue;
+        }
+        // SAFETY: helpers on this program's own packet; at most the held
+        // frame's bytes are read from its map value.
+        let sent = unsafe {
+            bpf_skb_change_tail(skb, len, 0) == 0
+                && bpf_skb_store_bytes(
+                    skb,
+                    0,
+                    (*held).frame.as_ptr().cast(),
+                    len,
+                    BPF_F_RECOMPUTE_CSUM as u64,
+                ) == 0
+                && bpf_clone_redirect(skb, ifindex, flags) == 0
+        };
+        let _ = FRAGMENT_QUEUE.remove(&key);
+        if !sent {
+            break;
+        }
+        count(Counter::FragmentReleased);
+    }
+    TC_ACT_SHOT as i32
+}
+
+/// Cuts a translated packet too big for its egress link into fragments of
+/// `split.mtu` and sends each to the egress (XDP wrote its MAC addresses).
+/// The payload is copied aside, then the packet is rewritten into each
+/// fragment in turn and a copy sent. One that cannot be cut is dropped.
+#[inline(always)]
+fn split_packet(skb: *mut __sk_buff, split: &FragmentSplit) -> i32 {
+    if try_split(skb, split).is_err() {
+        count(Counter::TooBigDropped);
+    } else {
+        count(Counter::PacketFragmented);
+    }
+    TC_ACT_SHOT as i32
+}
+
+#[inline(always)]
+fn try_split(skb: *mut __sk_buff, split: &FragmentSplit) -> Result<(), ()> {
+    let mut header = Ipv4Header {
+        version_ihl: 0,
+        tos: 0,
+        tot_len: 0,
+        id: 0,
+        frag_off: 0,
+        ttl: 0,
+        proto: 0,
+        check: 0,
+        src_addr: 0,
+        dst_addr: 0,
+    };
+    let header_ptr = (&raw mut header).cast();
+    // SAFETY: a helper reading this program's packet into the stack.
+    if unsafe { bpf_skb_load_bytes(skb.cast(), ETH_HEADER_LEN as u32, header_ptr, 20) } != 0 {
+        return Err(());
+    }
+    // Options would have to be sorted into those copied into every
+    // fragment and the others: such packets are not cut.
+    if header.version_ihl != 0x45 {
+        return Err(());
+    }
+    let tot_len = u16::from_be(header.tot_len) as u32;
+    let plan = fragment::split(tot_len, IPV4_HEADER_LEN as u32, split.mtu as u32).ok_or(())?;
+    let payload_len = core::hint::black_box(tot_len - IPV4_HEADER_LEN as u32);
+    if payload_len == 0 || payload_len > MAX_SPLIT_PAYLOAD as u32 {
+        return Err(());
+    }
+    let scratch = SPLIT_SCRATCH.get_ptr_mut(0).ok_or(())?;
+    let scratch = scratch.cast::<u8>();
+    // SAFETY: at most MAX_SPLIT_PAYLOAD bytes into this CPU's buffer.
+    if unsafe { bpf_skb_load_bytes(skb.cast(), L4_OFFSET as u32, scratch.cast(), payload_len) } != 0
+    {
+        return Err(());
+    }
+    let frag_off = header.frag_off;
+    for index in 0..MAX_SPLIT_FRAGMENTS {
+        if index >= plan.fragments {
+            break;
+        }
+        let piece = fragment::piece(&plan, payload_len, index, frag_off);
+        // Bounded for the verifier: the offset below the payload bound, the
+        // length at most that (the buffer is twice as long).
+        let offset = core::hint::black_box(piece.offset) as usize & (MAX_SPLIT_PAYLOAD - 1);
+        let len = core::hint::black_box(piece.len);
+        if len == 0 || len > MAX_SPLIT_PAYLOAD as u32 {
+            return Err(());
+        }
+        header.tot_len = ((IPV4_HEADER_LEN as u32 + len) as u16).to_be();
+        header.frag_off = piece.frag_off_be;
+        header.check = 0;
+        // SAFETY: the header is 20 bytes, ten 16-bit words.
+        let words = unsafe { &*(&raw const header).cast::<[u16; IPV4_HEADER_LEN / 2]>() };
+        header.check = !checksum::fold(sum_words(words));
+        // SAFETY: helpers on this program's own packet; the payload is read
+        // from inside this CPU's buffer.
+        let sent = unsafe {
+            bpf_skb_change_tail(skb, L4_OFFSET as u32 + len, 0) == 0
+                && bpf_skb_store_bytes(
+                    skb,
+                    ETH_HEADER_LEN as u32,
+                    (&raw const header).cast(),
+                    IPV4_HEADER_LEN as u32,
+                    BPF_F_RECOMPUTE_CSUM as u64,
+                ) == 0
+                && bpf_skb_store_bytes(
+                    skb,
+                    L4_OFFSET as u32,
+                    scratch.add(offset).cast(),
+                    len,
+                    BPF_F_RECOMPUTE_CSUM as u64,
+                ) == 0
+                && bpf_clone_redirect(skb, split.ifindex, 0) == 0
+        };
+        if !sent {
+            return Err(());
+        }
+    }
+    Ok(())
+}
