@@ -465,28 +465,41 @@ pod! {
     /// Written by the XDP program in front of a datagram's first fragment
     /// when fragments of it are held: the TC ingress program sends the
     /// first fragment and then the held ones to `ifindex` (translated by
-    /// XDP), or hands them all to the kernel (`to_kernel`, untouched).
+    /// XDP; through the kernel's neighbour resolution when `neigh`), or
+    /// hands them all to the kernel (`to_kernel`, untouched). Starts as
+    /// `NeighRedirect` does.
     pub struct FragmentRelease {
         pub magic: u32,
         pub ifindex: u32,
         pub datagram: FragmentKey,
         pub queued: u8,
         pub to_kernel: u8,
-        pub _pad: u16,
+        pub neigh: u8,
+        pub _pad: u8,
     }
 }
 
 pub const FRAGMENT_RELEASE_MAGIC: u32 = 0x4850_4652;
 
+/// The TC program's packets that go out through the kernel's neighbour
+/// resolution come back into it first, marked with this in the upper half
+/// of `skb->mark` and the egress interface in the lower (the helpers that
+/// rewrite a packet drop its metadata, not its mark).
+pub const NEIGH_MARK_TAG: u32 = 0x4850_0000;
+pub const NEIGH_MARK_MASK: u32 = 0xffff_0000;
+
 pod! {
     /// Written by the XDP program in front of a translated packet too big
     /// for its egress link that may be fragmented (DF clear): the TC ingress
-    /// program fragments it to `mtu` and sends the fragments to `ifindex`.
+    /// program fragments it to `mtu` and sends the fragments to `ifindex`
+    /// (through the kernel's neighbour resolution when `neigh`). Starts as
+    /// `NeighRedirect` does.
     pub struct FragmentSplit {
         pub magic: u32,
         pub ifindex: u32,
         pub mtu: u16,
-        pub _pad0: u16,
+        pub neigh: u8,
+        pub _pad0: u8,
         pub _pad1: u32,
     }
 }

@@ -30,8 +30,7 @@ use crate::{
 /// The datagram of a first fragment was translated to `to` and sent along
 /// `route`: its later fragments will be too. Fragments of it held so far
 /// are translated in the queue; how many, for the TC program to send with
-/// this one (none when the next hop is not resolved: they are left to
-/// lapse).
+/// this one.
 #[inline(always)]
 pub(crate) fn translated(
     datagram: &FragmentKey,
@@ -64,7 +63,7 @@ pub(crate) fn translated(
     };
     // A full table evicts its oldest datagram (LRU).
     let _ = FRAGMENTS.insert(datagram, &entry, 0);
-    if held == 0 || resolved == 0 {
+    if held == 0 {
         return 0;
     }
     let from = FlowKey::new(datagram.src_addr, datagram.dst_addr, 0, 0, datagram.proto);
@@ -92,6 +91,10 @@ pub(crate) fn translated(
                 continue;
             }
             rewrite_ipv4(ip, &from, &FlowKey::new(to.src_addr, to.dst_addr, 0, 0, from.proto));
+            if resolved == 0 {
+                // The kernel's neighbour resolution writes the addresses.
+                continue;
+            }
             let addrs = (*queued).frame.as_mut_ptr().cast::<u32>();
             addrs.write_unaligned(eth_addrs[0]);
             addrs.add(1).write_unaligned(eth_addrs[1]);
@@ -122,12 +125,23 @@ pub(crate) fn passed(
         ..FragmentEntry::default()
     };
     let _ = FRAGMENTS.insert(datagram, &entry, 0);
-    if held > 0 && release(ctx, datagram, held, ingress, true).is_err() {
+    if held > 0 && release(ctx, datagram, held, ingress, Release::ToKernel).is_err() {
         // The held fragments are left to lapse; the kernel never completes
         // the datagram, as it would not without them.
         count(Counter::NoMetadataDropped);
     }
     Err(pass_reason)
+}
+
+/// Where the TC program sends a first fragment and the fragments held for it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Release {
+    /// Out of the egress, with the MAC addresses XDP wrote.
+    Egress,
+    /// Out of the egress, through the kernel's neighbour resolution.
+    Neigh,
+    /// Into the kernel, as they came.
+    ToKernel,
 }
 
 /// Prepends the metadata that asks the TC ingress program to send this
@@ -139,7 +153,7 @@ pub(crate) fn release(
     datagram: &FragmentKey,
     held: u8,
     ifindex: u32,
-    to_kernel: bool,
+    how: Release,
 ) -> Result<(), Counter> {
     let len = size_of::<FragmentRelease>() as i32;
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
@@ -156,7 +170,8 @@ pub(crate) fn release(
         (*meta).ifindex = ifindex;
         (*meta).datagram = *datagram;
         (*meta).queued = held;
-        (*meta).to_kernel = to_kernel as u8;
+        (*meta).to_kernel = (how == Release::ToKernel) as u8;
+        (*meta).neigh = (how == Release::Neigh) as u8;
         (*meta)._pad = 0;
     }
     Ok(())

@@ -35,6 +35,7 @@ use hairpin_common::{
 use crate::{
     conntrack::{Admission, Flow, admit_new_flow, create_flow, find_flow, track},
     forward::{Route, fib_lookup, flow_route, hand_to_kernel, send},
+    fragments::Release,
     icmp_messages::{
         IP_DONT_FRAGMENT, IcmpAnswer, answer_icmp, time_exceeded, too_big, try_icmp_error,
     },
@@ -112,10 +113,11 @@ enum Handoff {
     /// `bpf_redirect_neigh` to the egress (next hop unresolved, or an
     /// interface hairpin does not manage).
     Neigh(u32),
-    /// A first fragment, with the `held` fragments of its datagram.
-    Release { ifindex: u32, held: u8 },
+    /// A first fragment, with the `held` fragments of its datagram (through
+    /// the kernel's neighbour resolution when `neigh`).
+    Release { ifindex: u32, held: u8, neigh: bool },
     /// Cut into fragments of `mtu` (too big, DF clear).
-    Split { ifindex: u32, mtu: u16 },
+    Split { ifindex: u32, mtu: u16, neigh: bool },
 }
 
 /// The packet of a tracked or new flow: translated and sent on, answered
@@ -143,19 +145,21 @@ fn translate(
     } else {
         0
     };
+    let neigh = matches!(route, Route::Unresolved { .. });
     let handoff = match route {
+        _ if split_mtu != 0 => Handoff::Split { ifindex: route.egress(), mtu: split_mtu, neigh },
+        _ if held > 0 => Handoff::Release { ifindex: route.egress(), held, neigh },
         Route::Unresolved { ifindex } => Handoff::Neigh(ifindex),
-        _ if split_mtu != 0 => Handoff::Split { ifindex: route.egress(), mtu: split_mtu },
-        _ if held > 0 => Handoff::Release { ifindex: route.egress(), held },
         _ => Handoff::None,
     };
     if handoff != Handoff::None {
         let handed = match handoff {
             Handoff::Neigh(ifindex) => hand_to_kernel(ctx, ifindex),
-            Handoff::Release { ifindex, held } => {
-                fragments::release(ctx, datagram, held, ifindex, false)
+            Handoff::Release { ifindex, held, neigh } => {
+                let how = if neigh { Release::Neigh } else { Release::Egress };
+                fragments::release(ctx, datagram, held, ifindex, how)
             }
-            Handoff::Split { ifindex, mtu } => split_in_tc(ctx, ifindex, mtu),
+            Handoff::Split { ifindex, mtu, neigh } => split_in_tc(ctx, ifindex, mtu, neigh),
             Handoff::None => Ok(()),
         };
         if let Err(counter) = handed {
@@ -188,7 +192,7 @@ fn unreachable_verdict() -> ! {
 /// Prepends the metadata that asks the TC ingress program to cut the
 /// packet into fragments of `mtu` and send them to `ifindex`.
 #[inline(always)]
-fn split_in_tc(ctx: &XdpContext, ifindex: u32, mtu: u16) -> Result<(), Counter> {
+fn split_in_tc(ctx: &XdpContext, ifindex: u32, mtu: u16, neigh: bool) -> Result<(), Counter> {
     let len = size_of::<FragmentSplit>() as i32;
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
         return Err(Counter::NoMetadataDropped);
@@ -200,7 +204,14 @@ fn split_in_tc(ctx: &XdpContext, ifindex: u32, mtu: u16) -> Result<(), Counter> 
     let meta = meta as *mut FragmentSplit;
     // SAFETY: bounds checked against the packet data just above.
     unsafe {
-        *meta = FragmentSplit { magic: FRAGMENT_SPLIT_MAGIC, ifindex, mtu, _pad0: 0, _pad1: 0 };
+        *meta = FragmentSplit {
+            magic: FRAGMENT_SPLIT_MAGIC,
+            ifindex,
+            mtu,
+            neigh: neigh as u8,
+            _pad0: 0,
+            _pad1: 0,
+        };
     }
     Ok(())
 }
@@ -302,8 +313,7 @@ fn may_fragment(ctx: &XdpContext) -> bool {
 
 /// A packet too big for its egress link that may be fragmented: its route
 /// regardless of size, for the TC program to cut it to `mtu` and send the
-/// pieces. Only a resolved next hop will do (the pieces are sent with the
-/// MAC addresses XDP writes).
+/// pieces.
 #[inline(always)]
 fn split_route(
     ctx: &XdpContext,
@@ -313,7 +323,7 @@ fn split_route(
     mapping_id: u16,
 ) -> Outcome {
     match fib_lookup(ctx, to, 0) {
-        Ok((route @ Route::Resolved { .. }, _)) => {
+        Ok((route @ (Route::Resolved { .. } | Route::Unresolved { .. }), _)) => {
             Outcome::Translate { to: *to, route, counter, mapping_id, split_mtu: mtu }
         }
         _ => dropped(Counter::TooBigDropped),
@@ -340,7 +350,9 @@ fn open_flow(ctx: &XdpContext, settings: &Settings, arrival: &Arrival) -> Result
                 return too_big(ctx, mtu, true, settings, now).map(Outcome::Answered);
             }
             match fib_lookup(ctx, &admitted.provisional, 0) {
-                Ok((route @ Route::Resolved { .. }, _)) => (route, mtu),
+                Ok((route @ (Route::Resolved { .. } | Route::Unresolved { .. }), _)) => {
+                    (route, mtu)
+                }
                 _ => return Ok(dropped(Counter::TooBigDropped)),
             }
         }

@@ -16,7 +16,8 @@ use aya_ebpf::{
 };
 use hairpin_common::{
     Counter, FRAGMENT_RELEASE_MAGIC, FRAGMENT_SPLIT_MAGIC, FragmentRelease, FragmentSplit,
-    MAX_QUEUED_FRAME, NEIGH_REDIRECT_MAGIC, NeighRedirect, QueuedFragmentKey, checksum,
+    MAX_QUEUED_FRAME, NEIGH_MARK_MASK, NEIGH_MARK_TAG, NEIGH_REDIRECT_MAGIC, NeighRedirect,
+    QueuedFragmentKey, checksum,
     fragment::{self, MAX_QUEUED_PER_DATAGRAM, MAX_SPLIT_FRAGMENTS, MAX_SPLIT_PAYLOAD},
     packet::{ETH_HEADER_LEN, IPV4_HEADER_LEN, Ipv4Header, L4_OFFSET},
 };
@@ -39,6 +40,14 @@ fn metadata<T>(skb: *mut __sk_buff) -> Option<*mut T> {
 
 pub(crate) fn tc_ingress(ctx: &TcContext) -> i32 {
     let skb = ctx.skb.skb;
+    // SAFETY: the context's field, read and written.
+    let mark = unsafe { (*skb).mark };
+    if mark & NEIGH_MARK_MASK == NEIGH_MARK_TAG {
+        unsafe {
+            (*skb).mark = 0;
+            return bpf_redirect_neigh(mark & !NEIGH_MARK_MASK, core::ptr::null_mut(), 0, 0) as i32;
+        }
+    }
     let Some(magic) = metadata::<u32>(skb) else {
         return TC_ACT_OK as i32;
     };
@@ -46,6 +55,7 @@ pub(crate) fn tc_ingress(ctx: &TcContext) -> i32 {
     match unsafe { *magic } {
         NEIGH_REDIRECT_MAGIC => match metadata::<NeighRedirect>(skb) {
             Some(redirect) => unsafe {
+                (*redirect).magic = 0;
                 bpf_redirect_neigh((*redirect).ifindex, core::ptr::null_mut(), 0, 0) as i32
             },
             None => TC_ACT_OK as i32,
@@ -72,20 +82,63 @@ pub(crate) fn tc_ingress(ctx: &TcContext) -> i32 {
     }
 }
 
+/// Where the packets this program makes go.
+#[derive(Clone, Copy)]
+enum Out {
+    /// Out of this interface, with the MAC addresses XDP wrote.
+    Egress(u32),
+    /// Out of this interface, through the kernel's neighbour resolution:
+    /// each copy comes back in here, marked, for `bpf_redirect_neigh`.
+    Neigh,
+    /// Into the kernel's stack, as if received.
+    Kernel,
+}
+
+impl Out {
+    /// Where to, given the egress and how the XDP program asked.
+    #[inline(always)]
+    fn of(skb: *mut __sk_buff, ifindex: u32, neigh: bool) -> Option<Self> {
+        if !neigh {
+            return Some(Out::Egress(ifindex));
+        }
+        if ifindex & NEIGH_MARK_MASK != 0 {
+            return None;
+        }
+        // SAFETY: the context's field, written: every copy carries it.
+        unsafe { (*skb).mark = NEIGH_MARK_TAG | ifindex };
+        Some(Out::Neigh)
+    }
+}
+
+/// Sends a copy of the packet as it is now.
+#[inline(always)]
+fn send_copy(skb: *mut __sk_buff, out: Out) -> bool {
+    // SAFETY: helpers on this program's own packet and its context.
+    unsafe {
+        match out {
+            Out::Egress(ifindex) => bpf_clone_redirect(skb, ifindex, 0) == 0,
+            Out::Neigh | Out::Kernel => {
+                bpf_clone_redirect(skb, (*skb).ifindex, BPF_F_INGRESS as u64) == 0
+            }
+        }
+    }
+}
+
 /// Sends the first fragment (translated by XDP), then each held fragment
 /// of its datagram (translated by XDP in the queue) to the egress, or all
 /// of them as they came back into the kernel (`to_kernel`). The packet is
 /// rewritten into each held frame in turn and a copy sent each time.
 #[inline(always)]
 fn release_fragments(skb: *mut __sk_buff, release: &FragmentRelease) -> i32 {
-    let (ifindex, flags) = if release.to_kernel != 0 {
-        // SAFETY: the context's field.
-        (unsafe { (*skb).ifindex }, BPF_F_INGRESS as u64)
+    let out = if release.to_kernel != 0 {
+        Some(Out::Kernel)
     } else {
-        (release.ifindex, 0)
+        Out::of(skb, release.ifindex, release.neigh != 0)
     };
-    // SAFETY: helpers on this program's own packet.
-    unsafe { bpf_clone_redirect(skb, ifindex, flags) };
+    let Some(out) = out else {
+        return TC_ACT_SHOT as i32;
+    };
+    send_copy(skb, out);
     for slot in 0..MAX_QUEUED_PER_DATAGRAM as u32 {
         if slot >= release.queued as u32 {
             break;
@@ -111,8 +164,7 @@ fn release_fragments(skb: *mut __sk_buff, release: &FragmentRelease) -> i32 {
                     len,
                     BPF_F_RECOMPUTE_CSUM as u64,
                 ) == 0
-                && bpf_clone_redirect(skb, ifindex, flags) == 0
-        };
+        } && send_copy(skb, out);
         let _ = FRAGMENT_QUEUE.remove(&key);
         if !sent {
             break;
@@ -174,6 +226,7 @@ fn try_split(skb: *mut __sk_buff, split: &FragmentSplit) -> Result<(), ()> {
         return Err(());
     }
     let frag_off = header.frag_off;
+    let out = Out::of(skb, split.ifindex, split.neigh != 0).ok_or(())?;
     for index in 0..MAX_SPLIT_FRAGMENTS {
         if index >= plan.fragments {
             break;
@@ -210,8 +263,7 @@ fn try_split(skb: *mut __sk_buff, split: &FragmentSplit) -> Result<(), ()> {
                     len,
                     BPF_F_RECOMPUTE_CSUM as u64,
                 ) == 0
-                && bpf_clone_redirect(skb, split.ifindex, 0) == 0
-        };
+        } && send_copy(skb, out);
         if !sent {
             return Err(());
         }

@@ -6,6 +6,7 @@ pub mod apps;
 pub mod capture;
 pub mod cli;
 pub mod daemon;
+pub mod differential;
 pub mod netfilter;
 pub mod raw;
 pub mod seed;

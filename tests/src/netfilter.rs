@@ -14,8 +14,9 @@ const CHAIN: &str = "HAIRPIN_PROBE";
 
 /// Adds a probe for each direction of each mapping (`(proto, public, to)` as
 /// in [`crate::seed::SeedBed::config`]): packets to the public address and
-/// port, packets from the server's address and port, and ICMP from the
-/// server (errors about the flows). With `max_ip_len`, only packets whose
+/// port, packets from the server's address and port, fragments to the
+/// public address or from the server, and ICMP from the server (errors
+/// about the flows). With `max_ip_len`, only packets whose
 /// IPv4 total length is at most that are counted (larger ones are the
 /// kernel's to answer with "fragmentation needed").
 pub fn add_netfilter_probes(
@@ -57,6 +58,18 @@ pub fn add_netfilter_probes(
         if !servers.contains(&server_addr) {
             servers.push(server_addr);
         }
+    }
+    // Later fragments carry no ports: any fragment to a public address or
+    // from a server is one of the flows'. (With netfilter's NAT, the
+    // kernel reassembles before the raw table, and these never count.)
+    let mut publics: Vec<&str> =
+        mappings.iter().map(|(_, public, _)| split_endpoint(public).0).collect();
+    publics.dedup();
+    for public in publics {
+        gateway.exec("iptables", &["-t", "raw", "-A", CHAIN, "-d", public, "-f"]);
+    }
+    for server in &servers {
+        gateway.exec("iptables", &["-t", "raw", "-A", CHAIN, "-s", server, "-f"]);
     }
     for server in servers {
         let mut rule = vec!["-t", "raw", "-A", CHAIN, "-s", server, "-p", "icmp"];

@@ -78,3 +78,39 @@ pub(crate) fn bind_to_interface(fd: &OwnedFd, if_index: u32, protocol: u16) -> i
     };
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
+
+/// Sets the IPv4 header checksum of an Ethernet frame.
+pub fn fix_ipv4_checksum(frame: &mut [u8]) {
+    let header_len = (frame[14] & 0x0f) as usize * 4;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let check = hairpin_common::checksum::full(&frame[14..14 + header_len]);
+    frame[24..26].copy_from_slice(&check.to_ne_bytes());
+}
+
+/// Sets the flags-and-offset field of an IPv4 frame (fixing its checksum).
+pub fn with_frag_off(mut frame: Vec<u8>, frag_off: u16) -> Vec<u8> {
+    frame[20..22].copy_from_slice(&frag_off.to_be_bytes());
+    fix_ipv4_checksum(&mut frame);
+    frame
+}
+
+/// An IPv4 datagram (a whole Ethernet frame, header without options) cut
+/// into fragments carrying at most `per_fragment` bytes of its payload
+/// each (a multiple of 8), in order.
+pub fn ipv4_fragments(frame: &[u8], per_fragment: usize) -> Vec<Vec<u8>> {
+    assert_eq!(per_fragment % 8, 0, "fragments carry multiples of 8 bytes");
+    let payload = &frame[34..];
+    payload
+        .chunks(per_fragment)
+        .enumerate()
+        .map(|(index, chunk)| {
+            let mut fragment = frame[..34].to_vec();
+            fragment.extend_from_slice(chunk);
+            let tot_len = (20 + chunk.len()) as u16;
+            fragment[16..18].copy_from_slice(&tot_len.to_be_bytes());
+            let more = (index + 1) * per_fragment < payload.len();
+            let frag_off = ((index * per_fragment / 8) as u16) | if more { 0x2000 } else { 0 };
+            with_frag_off(fragment, frag_off)
+        })
+        .collect()
+}

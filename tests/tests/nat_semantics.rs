@@ -6,9 +6,9 @@
 //! exhaustion.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -21,16 +21,14 @@ use hairpin_tests::{
         http_request, tcp_connect, udp_echo,
     },
     daemon::Daemon,
+    differential::{Bed, HTTP_PORT, Nat, UDP_SERVER_PORT, counter, public},
     have_root,
-    netfilter::{add_netfilter_probes, netfilter_probe_listing, netfilter_probe_packets},
     raw::PacketSocket,
     seed::{ConfigOptions, GATEWAY_LAN, GATEWAY_LAN_IF, GATEWAY_WAN_IF, PUBLIC, SeedBed, WAN_HOST},
 };
 use rstest::rstest;
 
-const HTTP_PORT: u16 = 80;
 const UDP_PUBLIC_PORT: u16 = 53;
-const UDP_SERVER_PORT: u16 = 5353;
 /// Published over UDP, but nothing listens on the server: it answers ICMP
 /// port unreachable.
 const CLOSED_UDP_PORT: u16 = 5000;
@@ -43,81 +41,6 @@ const MAPPINGS: &[(&str, &str, &str)] = &[
     ("udp", "203.0.113.1:53", "192.168.0.2:5353"),
     ("udp", "203.0.113.1:5000", "192.168.0.2:5000"),
 ];
-
-/// What translates the flows on the gateway.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Nat {
-    /// The seed's rules and netfilter port forwards from the WAN; hairpin is
-    /// not running.
-    Iptables,
-    /// hairpin alone, no netfilter NAT rule.
-    Hairpin,
-}
-
-/// The seed's bed with its servers running and one kind of NAT on the
-/// gateway, netfilter probes counting the published services' packets.
-struct Bed {
-    nat: Nat,
-    seed: SeedBed,
-    _servers: Servers,
-    daemon: Option<Daemon>,
-}
-
-impl Bed {
-    /// The bed and its servers; no NAT yet, so the test can change the
-    /// topology first.
-    fn new(nat: Nat) -> Self {
-        let seed = SeedBed::new();
-        let servers = Servers::start(&seed.server, HTTP_PORT, UDP_SERVER_PORT);
-        Self { nat, seed, _servers: servers, daemon: None }
-    }
-
-    /// Installs the probes (counting only packets up to `probe_max_ip_len`
-    /// when given) and starts the NAT.
-    fn start_nat(&mut self, mappings: &[(&str, &str, &str)], probe_max_ip_len: Option<u16>) {
-        add_netfilter_probes(&self.seed.gateway, mappings, probe_max_ip_len);
-        match self.nat {
-            Nat::Iptables => {
-                self.seed.load_seed_iptables(mappings);
-                self.seed.load_port_forward_iptables(mappings);
-            }
-            Nat::Hairpin => {
-                let config = self.seed.config_with(mappings, &ConfigOptions::default());
-                self.daemon = Some(Daemon::start(&self.seed.gateway, &config));
-            }
-        }
-    }
-
-    /// Checks what netfilter saw: with iptables, the probes must have
-    /// counted the flows (so they do count); with hairpin, nothing. Returns
-    /// hairpin's counters (empty with iptables).
-    fn finish(mut self) -> BTreeMap<String, u64> {
-        let packets = netfilter_probe_packets(&self.seed.gateway);
-        let listing = netfilter_probe_listing(&self.seed.gateway);
-        let counters = self.daemon.take().map(Daemon::stop).unwrap_or_default();
-        println!("netfilter probes ({:?}):\n{listing}", self.nat);
-        println!("hairpin's counters: {counters:?}");
-        match self.nat {
-            Nat::Iptables => assert!(
-                packets > 0,
-                "with iptables NAT the probes should have counted the flows' packets:\n{listing}"
-            ),
-            Nat::Hairpin => assert_eq!(
-                packets, 0,
-                "with hairpin, {packets} packets of its flows reached netfilter:\n{listing}\nhairpin's counters: {counters:?}"
-            ),
-        }
-        counters
-    }
-}
-
-fn public(port: u16) -> SocketAddr {
-    SocketAddrV4::new(PUBLIC, port).into()
-}
-
-fn counter(counters: &BTreeMap<String, u64>, name: &str) -> u64 {
-    counters.get(name).copied().unwrap_or(0)
-}
 
 /// `GET /` through the public address; the peer address the server saw.
 fn peer_seen_over_tcp(from: &Netns, role: &str, nat: Nat) -> String {
@@ -350,7 +273,7 @@ fn download_across_a_smaller_wan_mtu_uses_path_mtu_discovery(#[case] nat: Nat) {
     );
     let counters = bed.finish();
     if nat == Nat::Hairpin {
-        println!("too big, left to the kernel: {}", counter(&counters, "pass_too_big"));
+        println!("answered fragmentation needed: {}", counter(&counters, "frag_needed_sent"));
     }
 }
 

@@ -18,7 +18,11 @@ use hairpin_common::{
     FragmentEntry, FragmentKey, FragmentRelease, FragmentSplit, RouteCache,
     fragment::MAX_FRAGMENTED_DATAGRAMS, state,
 };
-use hairpin_tests::{Netns, have_root, veth};
+use hairpin_tests::{
+    Netns, have_root,
+    raw::{fix_ipv4_checksum, ipv4_fragments, with_frag_off},
+    veth,
+};
 use rstest::rstest;
 
 const XDP_DROP: u32 = 1;
@@ -405,20 +409,6 @@ fn exhausted_snat_ports_refuse_the_flow() {
     });
 }
 
-/// Sets the fragment field and fixes the header checksum.
-fn with_frag_off(mut packet: Vec<u8>, frag_off: u16) -> Vec<u8> {
-    packet[20..22].copy_from_slice(&frag_off.to_be_bytes());
-    fix_ip_checksum(&mut packet);
-    packet
-}
-
-fn fix_ip_checksum(packet: &mut [u8]) {
-    let ihl = (packet[14] & 0x0f) as usize * 4;
-    packet[24..26].copy_from_slice(&[0, 0]);
-    let check = hairpin_common::checksum::full(&packet[14..14 + ihl]);
-    packet[24..26].copy_from_slice(&check.to_ne_bytes());
-}
-
 /// A SYN whose IPv4 header carries a 4-byte option (NOP padding).
 fn syn_with_ip_options() -> Vec<u8> {
     with_ip_option(syn((CLIENT, 40010), (PUBLIC, 80)))
@@ -495,7 +485,7 @@ fn ttl_one_of_a_tracked_flow_is_answered_with_time_exceeded(#[case] towards: Tow
 
 fn with_ttl(mut packet: Vec<u8>, ttl: u8) -> Vec<u8> {
     packet[22] = ttl;
-    fix_ip_checksum(&mut packet);
+    fix_ipv4_checksum(&mut packet);
     packet
 }
 
@@ -533,7 +523,7 @@ fn with_ip_option(plain: Vec<u8>) -> Vec<u8> {
     packet[14] = 0x46;
     let tot_len = u16::from_be_bytes([packet[16], packet[17]]) + 4;
     packet[16..18].copy_from_slice(&tot_len.to_be_bytes());
-    fix_ip_checksum(&mut packet);
+    fix_ipv4_checksum(&mut packet);
     packet
 }
 
@@ -1184,7 +1174,7 @@ fn with_dont_fragment(mut packet: Vec<u8>, dont_fragment: bool) -> Vec<u8> {
     } else {
         packet[20] &= !0x40;
     }
-    fix_ip_checksum(&mut packet);
+    fix_ipv4_checksum(&mut packet);
     packet
 }
 
@@ -1211,7 +1201,7 @@ fn icmp_error(
     packet[16..18].copy_from_slice(&total.to_be_bytes());
     packet.extend_from_slice(&from);
     packet.extend_from_slice(&to);
-    fix_ip_checksum(&mut packet);
+    fix_ipv4_checksum(&mut packet);
     packet.extend_from_slice(&icmp);
     packet
 }
@@ -1328,7 +1318,7 @@ fn big_tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), len: usize, dont_fragment: 
     } else {
         packet[20] &= !0x40;
     }
-    fix_ip_checksum(&mut packet);
+    fix_ipv4_checksum(&mut packet);
     packet
 }
 
@@ -1569,31 +1559,12 @@ fn a_packet_larger_than_the_cached_route_allows_is_looked_up() {
     });
 }
 
-/// An IPv4 datagram (`packet`, a whole frame) cut into fragments carrying
-/// at most `per_fragment` bytes of its payload each (a multiple of 8).
-fn fragments_of(packet: &[u8], per_fragment: usize) -> Vec<Vec<u8>> {
-    let payload = &packet[34..];
-    payload
-        .chunks(per_fragment)
-        .enumerate()
-        .map(|(index, chunk)| {
-            let mut fragment = packet[..34].to_vec();
-            fragment.extend_from_slice(chunk);
-            let tot_len = (20 + chunk.len()) as u16;
-            fragment[16..18].copy_from_slice(&tot_len.to_be_bytes());
-            let more = (index + 1) * per_fragment < payload.len();
-            let frag_off = ((index * per_fragment / 8) as u16) | if more { 0x2000 } else { 0 };
-            with_frag_off(fragment, frag_off)
-        })
-        .collect()
-}
-
 /// A UDP datagram of `len` payload bytes with IP ID `id`.
 fn big_udp(src: ([u8; 4], u16), dst: ([u8; 4], u16), len: usize, id: u16) -> Vec<u8> {
     let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     let mut packet = udp(src, dst, &payload);
     packet[18..20].copy_from_slice(&id.to_be_bytes());
-    fix_ip_checksum(&mut packet);
+    fix_ipv4_checksum(&mut packet);
     packet
 }
 
@@ -1619,7 +1590,7 @@ fn reassembled(fragments: &[Vec<u8>]) -> Seen {
     packet[16..18].copy_from_slice(&tot_len.to_be_bytes());
     let mut packet = with_frag_off(packet, 0);
     packet[22] = sorted[0][22];
-    fix_ip_checksum(&mut packet);
+    fix_ipv4_checksum(&mut packet);
     inspect(&packet)
 }
 
@@ -1629,7 +1600,7 @@ fn a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways() {
         return;
     }
     with_datapath(CONFIG, |gw| {
-        let query = fragments_of(&big_udp((CLIENT, 40100), (PUBLIC, 53), 3000, 7), 1480);
+        let query = ipv4_fragments(&big_udp((CLIENT, 40100), (PUBLIC, 53), 3000, 7), 1480);
         assert_eq!(query.len(), 3);
         let mut sent = Vec::new();
         for (index, fragment) in query.iter().enumerate() {
@@ -1646,7 +1617,7 @@ fn a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways() {
         assert_eq!(gw.counter(Counter::FragmentTranslated), 2);
 
         let snat_port = seen.src.1;
-        let answer = fragments_of(&big_udp((SERVER, 5353), (GATEWAY, snat_port), 8000, 9), 1480);
+        let answer = ipv4_fragments(&big_udp((SERVER, 5353), (GATEWAY, snat_port), 8000, 9), 1480);
         assert_eq!(answer.len(), 6);
         let sent: Vec<Vec<u8>> = answer
             .iter()
@@ -1668,7 +1639,7 @@ fn fragments_that_come_before_their_first_are_held_and_released_with_it() {
         return;
     }
     with_datapath(CONFIG, |gw| {
-        let query = fragments_of(&big_udp((CLIENT, 40200), (PUBLIC, 53), 4000, 11), 1480);
+        let query = ipv4_fragments(&big_udp((CLIENT, 40200), (PUBLIC, 53), 4000, 11), 1480);
         for fragment in query[1..].iter().rev() {
             let (verdict, _) = gw.run(fragment);
             assert_eq!(verdict, XDP_DROP, "held, never passed untranslated");
@@ -1698,7 +1669,7 @@ fn fragments_of_no_flow_go_to_the_kernel_untouched_in_any_order() {
         return;
     }
     with_datapath(CONFIG, |gw| {
-        let other = fragments_of(&big_udp((CLIENT, 40300), (PUBLIC, 54), 3000, 21), 1480);
+        let other = ipv4_fragments(&big_udp((CLIENT, 40300), (PUBLIC, 54), 3000, 21), 1480);
         let (verdict, _) = gw.run(&other[2]);
         assert_eq!(verdict, XDP_DROP, "held until its first fragment says whose it is");
         let (verdict, out) = gw.run(&other[0]);
@@ -1720,7 +1691,7 @@ fn a_datagrams_translation_lapses_and_binds_to_its_interface() {
         return;
     }
     with_datapath(CONFIG, |gw| {
-        let query = fragments_of(&big_udp((CLIENT, 40400), (PUBLIC, 53), 3000, 31), 1480);
+        let query = ipv4_fragments(&big_udp((CLIENT, 40400), (PUBLIC, 53), 3000, 31), 1480);
         assert_eq!(gw.run(&query[0]).0, XDP_TX);
         let wan0 = gw.wan0;
         let (verdict, out) = gw.run_on(wan0, &query[1]);
@@ -1755,7 +1726,8 @@ fn the_fragment_table_is_bounded() {
         return;
     }
     with_datapath(CONFIG, |gw| {
-        let first = |id: u16| fragments_of(&big_udp((CLIENT, 40500), (PUBLIC, 53), 1600, id), 1480);
+        let first =
+            |id: u16| ipv4_fragments(&big_udp((CLIENT, 40500), (PUBLIC, 53), 1600, id), 1480);
         let extra = 500;
         for id in 0..(MAX_FRAGMENTED_DATAGRAMS + extra) as u16 {
             assert_eq!(gw.run(&first(id)[0]).0, XDP_TX, "datagram {id}");
@@ -1782,10 +1754,10 @@ fn a_later_fragment_too_big_for_the_egress_is_dropped() {
             std::process::Command::new("ip").args(["link", "set", "lan0", "mtu", "1400"]).status();
         assert!(status.expect("ip").success());
         let wan0 = gw.wan0;
-        let query = fragments_of(&big_udp((WAN_CLIENT, 50500), (PUBLIC, 53), 2000, 41), 1376);
+        let query = ipv4_fragments(&big_udp((WAN_CLIENT, 50500), (PUBLIC, 53), 2000, 41), 1376);
         let small_first = with_frag_off(query[0].clone(), 0x2000);
         assert_eq!(gw.run_on(wan0, &small_first).0, XDP_REDIRECT);
-        let big_later = fragments_of(&big_udp((WAN_CLIENT, 50500), (PUBLIC, 53), 3000, 41), 1480);
+        let big_later = ipv4_fragments(&big_udp((WAN_CLIENT, 50500), (PUBLIC, 53), 3000, 41), 1480);
         let (verdict, _) = gw.run_on(wan0, &big_later[1]);
         assert_eq!(verdict, XDP_DROP);
         assert_eq!(gw.counter(Counter::FragmentTooBig), 1);
