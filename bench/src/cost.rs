@@ -12,7 +12,7 @@ use hairpin::{
     datapath::{Datapath, Table},
 };
 use hairpin_common::{FlowEntry, RouteCache, bench::programs};
-use hairpin_tests::{Netns, veth};
+use hairpin_tests::{Netns, raw::with_frag_off, veth};
 
 use crate::{
     beds::{GATEWAY_LAN, PUBLIC, SERVER, TCP_BULK_PORT, UDP_PORT, mac_text},
@@ -56,6 +56,8 @@ pub const NEW_FLOW: &str = "hairpin new flow (UDP)";
 pub const TCP_HIT: &str = "hairpin hit (TCP ACK, established)";
 pub const TCP_REPLY: &str = "hairpin reply (TCP ACK, established)";
 pub const NO_MAPPING: &str = "hairpin pass (no mapping)";
+pub const FIRST_FRAGMENT: &str = "hairpin first fragment (UDP, established)";
+pub const LATER_FRAGMENT: &str = "hairpin later fragment";
 pub const FORWARDER: &str = "XDP forwarder, no NAT";
 
 fn hairpin_config() -> String {
@@ -250,14 +252,48 @@ pub fn measure(runs_per_round: usize, rounds: usize, cpu: usize) -> anyhow::Resu
             valid_until_ns: if on { u64::MAX } else { 0 },
             ..Default::default()
         };
-        let names =
-            [EMPTY, FORWARDER, HIT, HIT_UNCACHED, REPLY, TCP_HIT, TCP_REPLY, NEW_FLOW, NO_MAPPING];
+        // A datagram of the hit flow in fragments: a first fragment with a
+        // new IP ID every run (each leaves its datagram's translation
+        // behind), and a later fragment of one datagram whose first was
+        // sent just before the round (the translation lives 2 s).
+        let mut first_fragment_id = 0u16;
+        let first_of_the_hit_flow = client_udp.clone();
+        let mut first_fragment = move || {
+            first_fragment_id = first_fragment_id.wrapping_add(1);
+            let mut packet = first_of_the_hit_flow.clone();
+            packet[18..20].copy_from_slice(&first_fragment_id.to_be_bytes());
+            with_frag_off(packet, 0x2000)
+        };
+        let later_datagram = |frag_off: u16| {
+            let mut packet = udp((CLIENT, HIT_PORT), (PUBLIC, HIT_UDP_PORT), false);
+            packet[18..20].copy_from_slice(&0xfffeu16.to_be_bytes());
+            with_frag_off(packet, frag_off)
+        };
+        let later_first = later_datagram(0x2000);
+        let later_fragment = later_datagram(185);
+        let names = [
+            EMPTY,
+            FORWARDER,
+            HIT,
+            HIT_UNCACHED,
+            REPLY,
+            TCP_HIT,
+            TCP_REPLY,
+            NEW_FLOW,
+            NO_MAPPING,
+            FIRST_FRAGMENT,
+            LATER_FRAGMENT,
+        ];
         let mut durations: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
         let mut round_medians: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
         for _ in 0..rounds {
             for (slot, name) in names.iter().enumerate() {
                 let cache = route_cache(*name != HIT_UNCACHED);
                 datapath.maps.set_route_cache(cache).context("setting the route cache")?;
+                if *name == LATER_FRAGMENT {
+                    let (verdict, _) = run_once(datapath.xdp()?, &later_first, lan1)?;
+                    ensure!(verdict == XDP_REDIRECT, "first fragment: verdict {verdict}");
+                }
                 let mut round = Vec::with_capacity(runs_per_round);
                 for _ in 0..runs_per_round {
                     let (verdict, ns, expected) = match *name {
@@ -293,6 +329,15 @@ pub fn measure(runs_per_round: usize, rounds: usize, cpu: usize) -> anyhow::Resu
                         NEW_FLOW => {
                             let packet = new_flow();
                             let (v, ns) = run_once(datapath.xdp()?, &packet, lan1)?;
+                            (v, ns, XDP_REDIRECT)
+                        }
+                        FIRST_FRAGMENT => {
+                            let packet = first_fragment();
+                            let (v, ns) = run_once(datapath.xdp()?, &packet, lan1)?;
+                            (v, ns, XDP_REDIRECT)
+                        }
+                        LATER_FRAGMENT => {
+                            let (v, ns) = run_once(datapath.xdp()?, &later_fragment, lan1)?;
                             (v, ns, XDP_REDIRECT)
                         }
                         _ => {
@@ -348,6 +393,12 @@ fn describe(name: &str) -> &'static str {
         TCP_HIT => "client ACK of an established connection",
         TCP_REPLY => "server ACK of it: the windows are in the client's entry, one lookup more",
         NEW_FLOW => "a new source port every run: mapping, SNAT port, two inserts",
+        FIRST_FRAGMENT => {
+            "the hit path for a datagram's first fragment, which leaves its translation in the fragment table (one insert)"
+        }
+        LATER_FRAGMENT => {
+            "a fragment without ports: fragment table lookup, address rewrite, redirect"
+        }
         _ => "a port nothing is published on: to the kernel",
     }
 }

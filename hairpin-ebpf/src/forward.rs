@@ -14,7 +14,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use hairpin_common::{
-    CachedRoute, Counter, FlowKey, NEIGH_REDIRECT_MAGIC, NeighRedirect, packet::EthHeader, route,
+    CachedRoute, Counter, FRAGMENT_SPLIT_MAGIC, FlowKey, FragmentSplit, NEIGH_REDIRECT_MAGIC,
+    NeighRedirect, packet::EthHeader, route,
 };
 
 use crate::{
@@ -195,6 +196,38 @@ pub(crate) fn hand_to_kernel(ctx: &XdpContext, ifindex: u32) -> Result<(), Count
     unsafe {
         (*meta).magic = NEIGH_REDIRECT_MAGIC;
         (*meta).ifindex = ifindex;
+    }
+    Ok(())
+}
+
+/// Prepends the metadata that asks the TC ingress program to cut the
+/// packet into fragments of `mtu` and send them to `ifindex`.
+#[inline(always)]
+pub(crate) fn cut_in_tc(
+    ctx: &XdpContext,
+    ifindex: u32,
+    mtu: u16,
+    neigh: bool,
+) -> Result<(), Counter> {
+    let len = size_of::<FragmentSplit>() as i32;
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
+        return Err(Counter::NoMetadataDropped);
+    }
+    let meta = ctx.metadata();
+    if meta + size_of::<FragmentSplit>() > ctx.data() {
+        return Err(Counter::NoMetadataDropped);
+    }
+    let meta = meta as *mut FragmentSplit;
+    // SAFETY: bounds checked against the packet data just above.
+    unsafe {
+        *meta = FragmentSplit {
+            magic: FRAGMENT_SPLIT_MAGIC,
+            ifindex,
+            mtu,
+            neigh: neigh as u8,
+            _pad0: 0,
+            _pad1: 0,
+        };
     }
     Ok(())
 }

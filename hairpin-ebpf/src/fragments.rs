@@ -22,7 +22,7 @@ use hairpin_common::{
 };
 
 use crate::{
-    forward::{Route, forward_action, hand_to_kernel, send},
+    forward::{Route, cut_in_tc, forward_action, hand_to_kernel, send},
     maps::{FRAGMENT_QUEUE, FRAGMENTS, HOLD_SCRATCH, account, count},
     packet::{ptr_at, rewrite_ipv4},
 };
@@ -30,7 +30,8 @@ use crate::{
 /// The datagram of a first fragment was translated to `to` and sent along
 /// `route`: its later fragments will be too. Fragments of it held so far
 /// are translated in the queue; how many, for the TC program to send with
-/// this one.
+/// this one. `known_mtu` bounds the egress MTU where the route does not say
+/// it (an unresolved next hop): the first fragment fit or was cut to it.
 #[inline(always)]
 pub(crate) fn translated(
     datagram: &FragmentKey,
@@ -39,11 +40,11 @@ pub(crate) fn translated(
     route: &Route,
     mapping_id: u16,
     now: u64,
+    known_mtu: u16,
 ) -> u8 {
     let (egress, eth_addrs, mtu, resolved) = match *route {
         Route::Resolved { egress, eth_addrs, mtu, .. } => (egress, eth_addrs, mtu, 1),
-        // Sent by the kernel, which checks the size itself.
-        Route::Unresolved { ifindex } => (ifindex, [0; 3], u16::MAX, 0),
+        Route::Unresolved { ifindex } => (ifindex, [0; 3], known_mtu, 0),
         Route::TooBig { .. } => return 0,
     };
     // SAFETY: a map value, copied out.
@@ -206,9 +207,8 @@ pub(crate) fn later_fragment(
     let Some(entry) = entry else {
         return Err(Counter::PassFragment);
     };
-    if tot_len > entry.mtu {
-        return Ok((xdp_action::XDP_DROP, Counter::FragmentTooBig));
-    }
+    // Too big for the egress link, it is cut again (fragments carry no DF).
+    let too_big = tot_len > entry.mtu;
     // No ICMP error is sent about a fragment after the first.
     if nat::ttl_expires(ttl) {
         return Ok((xdp_action::XDP_DROP, Counter::TtlExpiredDropped));
@@ -225,19 +225,26 @@ pub(crate) fn later_fragment(
         },
         _ => Route::Unresolved { ifindex: entry.egress },
     };
-    if let Route::Unresolved { ifindex } = route
-        && let Err(failed) = hand_to_kernel(ctx, ifindex)
-    {
+    let neigh = matches!(route, Route::Unresolved { .. });
+    let handed = if too_big {
+        cut_in_tc(ctx, entry.egress, entry.mtu, neigh)
+    } else if neigh {
+        hand_to_kernel(ctx, entry.egress)
+    } else {
+        Ok(())
+    };
+    if let Err(failed) = handed {
         return Ok((xdp_action::XDP_DROP, failed));
     }
-    // hand_to_kernel may have moved the packet: look the headers up again.
+    // The metadata moved the packet: look the headers up again.
     let eth: *mut EthHeader = ptr_at(ctx, 0)?;
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
     // SAFETY: bounds checked by ptr_at.
-    unsafe {
+    let (action, counter) = unsafe {
         rewrite_ipv4(&mut *ip, &from, &to);
-        send(&mut *eth, &route, Counter::FragmentTranslated)
-    }
+        send(&mut *eth, &route, Counter::FragmentTranslated)?
+    };
+    Ok((if too_big { xdp_action::XDP_PASS } else { action }, counter))
 }
 
 /// Copies a fragment that came before its first fragment into the queue

@@ -5,6 +5,10 @@
 // RUSTC_BOOTSTRAP=1 for build-std already).
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
+// Map keys and values are passed by reference: by value, the map helpers'
+// generic arguments copy them onto the 512-byte stack (a held fragment is
+// 1.5 KiB).
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod conntrack;
 mod forward;
@@ -14,27 +18,24 @@ mod maps;
 mod packet;
 mod tc;
 
-use core::mem::size_of;
-
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_meta},
+    helpers::generated::bpf_ktime_get_coarse_ns,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use hairpin_common::{
-    Counter, DIRECTION_ORIGINAL, FRAGMENT_SPLIT_MAGIC, FlowKey, FragmentKey, FragmentSplit,
-    IPPROTO_TCP, KIND_HAIRPIN, Settings,
+    Counter, DIRECTION_ORIGINAL, FlowKey, FragmentKey, IPPROTO_TCP, KIND_HAIRPIN, Settings,
     fragment::Fragment,
     icmp::{self, IPPROTO_ICMP},
-    nat::{self, Sides},
+    nat::{self, Ipv4Layout, Sides},
     packet::{ETH_HEADER_LEN, ETH_P_IPV4, EthHeader, Ipv4Header},
     tcp::Segment,
 };
 
 use crate::{
     conntrack::{Admission, Flow, admit_new_flow, create_flow, find_flow, track},
-    forward::{Route, fib_lookup, flow_route, hand_to_kernel, send},
+    forward::{Route, cut_in_tc, fib_lookup, flow_route, hand_to_kernel, send},
     fragments::Release,
     icmp_messages::{
         IP_DONT_FRAGMENT, IcmpAnswer, answer_icmp, time_exceeded, too_big, try_icmp_error,
@@ -75,6 +76,28 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     if layout.fragment == Fragment::Later {
         return fragments::later_fragment(ctx, ingress, now);
     }
+    let datagram = FragmentKey::new(ip.src_addr, ip.dst_addr, ip.id, ip.proto);
+    match whole_or_first(ctx, ip, &layout, settings, &datagram, now) {
+        // The later fragments of a datagram whose first goes to the kernel
+        // go there too, and any held ones with it.
+        Err(pass_reason) if layout.fragment == Fragment::First => {
+            fragments::passed(ctx, &datagram, ingress, now, pass_reason)
+        }
+        verdict => verdict,
+    }
+}
+
+/// A whole packet or a first fragment (of `datagram`): an ICMP error, or a
+/// TCP or UDP packet of a flow.
+#[inline(always)]
+fn whole_or_first(
+    ctx: &XdpContext,
+    ip: &Ipv4Header,
+    layout: &Ipv4Layout,
+    settings: &Settings,
+    datagram: &FragmentKey,
+    now: u64,
+) -> Result<(u32, Counter), Counter> {
     let l4_offset = l4_offset(layout.header_len);
     if ip.proto == IPPROTO_ICMP {
         if layout.fragment != Fragment::Whole {
@@ -93,15 +116,7 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     let packet = FlowKey::new(ip.src_addr, ip.dst_addr, src_port, dst_port, ip.proto);
     let fragmented = layout.fragment == Fragment::First;
     let arrival = Arrival { packet, segment, now, tot_len, ttl: ip.ttl, fragmented };
-    let datagram = FragmentKey::new(ip.src_addr, ip.dst_addr, ip.id, ip.proto);
-    match translate(ctx, settings, &arrival, &datagram, l4_offset) {
-        // The later fragments of a datagram whose first goes to the kernel
-        // go there too, and any held ones with it.
-        Err(pass_reason) if fragmented => {
-            fragments::passed(ctx, &datagram, ingress, now, pass_reason)
-        }
-        verdict => verdict,
-    }
+    translate(ctx, settings, &arrival, datagram, l4_offset)
 }
 
 /// How a translated packet leaves when XDP cannot send it itself: through
@@ -141,7 +156,8 @@ fn translate(
         return Ok(verdict);
     };
     let held = if arrival.fragmented {
-        fragments::translated(datagram, &to, ingress, &route, mapping_id, arrival.now)
+        let known_mtu = if split_mtu != 0 { split_mtu } else { arrival.tot_len };
+        fragments::translated(datagram, &to, ingress, &route, mapping_id, arrival.now, known_mtu)
     } else {
         0
     };
@@ -159,7 +175,7 @@ fn translate(
                 let how = if neigh { Release::Neigh } else { Release::Egress };
                 fragments::release(ctx, datagram, held, ifindex, how)
             }
-            Handoff::Split { ifindex, mtu, neigh } => split_in_tc(ctx, ifindex, mtu, neigh),
+            Handoff::Split { ifindex, mtu, neigh } => cut_in_tc(ctx, ifindex, mtu, neigh),
             Handoff::None => Ok(()),
         };
         if let Err(counter) = handed {
@@ -187,33 +203,6 @@ fn translate(
 fn unreachable_verdict() -> ! {
     // SAFETY: the only other variant was matched just before.
     unsafe { core::hint::unreachable_unchecked() }
-}
-
-/// Prepends the metadata that asks the TC ingress program to cut the
-/// packet into fragments of `mtu` and send them to `ifindex`.
-#[inline(always)]
-fn split_in_tc(ctx: &XdpContext, ifindex: u32, mtu: u16, neigh: bool) -> Result<(), Counter> {
-    let len = size_of::<FragmentSplit>() as i32;
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
-        return Err(Counter::NoMetadataDropped);
-    }
-    let meta = ctx.metadata();
-    if meta + size_of::<FragmentSplit>() > ctx.data() {
-        return Err(Counter::NoMetadataDropped);
-    }
-    let meta = meta as *mut FragmentSplit;
-    // SAFETY: bounds checked against the packet data just above.
-    unsafe {
-        *meta = FragmentSplit {
-            magic: FRAGMENT_SPLIT_MAGIC,
-            ifindex,
-            mtu,
-            neigh: neigh as u8,
-            _pad0: 0,
-            _pad1: 0,
-        };
-    }
-    Ok(())
 }
 
 /// A packet of a flow: its tuple, TCP header, when it arrived, how long it

@@ -49,7 +49,7 @@ pub(crate) fn tc_ingress(ctx: &TcContext) -> i32 {
         }
     }
     let Some(magic) = metadata::<u32>(skb) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     // SAFETY: each is checked to lie inside the metadata before it is read.
     match unsafe { *magic } {
@@ -58,7 +58,7 @@ pub(crate) fn tc_ingress(ctx: &TcContext) -> i32 {
                 (*redirect).magic = 0;
                 bpf_redirect_neigh((*redirect).ifindex, core::ptr::null_mut(), 0, 0) as i32
             },
-            None => TC_ACT_OK as i32,
+            None => TC_ACT_OK,
         },
         FRAGMENT_RELEASE_MAGIC => match metadata::<FragmentRelease>(skb) {
             Some(release) => {
@@ -68,7 +68,7 @@ pub(crate) fn tc_ingress(ctx: &TcContext) -> i32 {
                 unsafe { *magic = 0 };
                 release_fragments(skb, &release)
             }
-            None => TC_ACT_OK as i32,
+            None => TC_ACT_OK,
         },
         FRAGMENT_SPLIT_MAGIC => match metadata::<FragmentSplit>(skb) {
             Some(split) => {
@@ -76,9 +76,9 @@ pub(crate) fn tc_ingress(ctx: &TcContext) -> i32 {
                 unsafe { *magic = 0 };
                 split_packet(skb, &split)
             }
-            None => TC_ACT_OK as i32,
+            None => TC_ACT_OK,
         },
-        _ => TC_ACT_OK as i32,
+        _ => TC_ACT_OK,
     }
 }
 
@@ -136,7 +136,7 @@ fn release_fragments(skb: *mut __sk_buff, release: &FragmentRelease) -> i32 {
         Out::of(skb, release.ifindex, release.neigh != 0)
     };
     let Some(out) = out else {
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     };
     send_copy(skb, out);
     for slot in 0..MAX_QUEUED_PER_DATAGRAM as u32 {
@@ -171,7 +171,7 @@ fn release_fragments(skb: *mut __sk_buff, release: &FragmentRelease) -> i32 {
         }
         count(Counter::FragmentReleased);
     }
-    TC_ACT_SHOT as i32
+    TC_ACT_SHOT
 }
 
 /// Cuts a translated packet too big for its egress link into fragments of
@@ -185,7 +185,7 @@ fn split_packet(skb: *mut __sk_buff, split: &FragmentSplit) -> i32 {
     } else {
         count(Counter::PacketFragmented);
     }
-    TC_ACT_SHOT as i32
+    TC_ACT_SHOT
 }
 
 #[inline(always)]

@@ -1745,8 +1745,8 @@ fn the_fragment_table_is_bounded() {
 }
 
 #[test]
-fn a_later_fragment_too_big_for_the_egress_is_dropped() {
-    if skip_unless_root("a_later_fragment_too_big_for_the_egress_is_dropped") {
+fn a_later_fragment_too_big_for_the_egress_is_cut_again() {
+    if skip_unless_root("a_later_fragment_too_big_for_the_egress_is_cut_again") {
         return;
     }
     with_datapath(CONFIG, |gw| {
@@ -1758,8 +1758,13 @@ fn a_later_fragment_too_big_for_the_egress_is_dropped() {
         let small_first = with_frag_off(query[0].clone(), 0x2000);
         assert_eq!(gw.run_on(wan0, &small_first).0, XDP_REDIRECT);
         let big_later = ipv4_fragments(&big_udp((WAN_CLIENT, 50500), (PUBLIC, 53), 3000, 41), 1480);
-        let (verdict, _) = gw.run_on(wan0, &big_later[1]);
-        assert_eq!(verdict, XDP_DROP);
-        assert_eq!(gw.counter(Counter::FragmentTooBig), 1);
+        let (verdict, out) = gw.run_on(wan0, &big_later[1]);
+        assert_eq!(verdict, XDP_PASS, "handed to TC to be cut for the LAN");
+        let (meta, out) = out.split_at(size_of::<FragmentSplit>());
+        assert_eq!(meta[..4], FRAGMENT_SPLIT_MAGIC.to_ne_bytes());
+        assert_eq!(u16::from_ne_bytes([meta[8], meta[9]]), 1400);
+        let (src, dst, offset) = inspect_fragment(out);
+        assert_eq!((src, dst, offset), (WAN_CLIENT, SERVER, 1480), "translated, offset kept");
+        assert_eq!(gw.counter(Counter::FragmentTranslated), 1);
     });
 }
