@@ -491,7 +491,9 @@ fn cost_section(cost: &[PathCost]) -> String {
     {
         let _ = writeln!(
             md,
-            "\nA 3000-byte UDP datagram at MTU 1500 is three fragments: {:.0} ns through hairpin              (first + 2 later, harness included), against {:.0} ns for three unfragmented packets              of the flow.",
+            "\nA 3000-byte UDP datagram at MTU 1500 is three fragments: {:.0} ns through hairpin \
+             (first + 2 later, harness included), against {:.0} ns for three unfragmented \
+             packets of the flow.",
             first + 2.0 * later,
             3.0 * hit
         );
