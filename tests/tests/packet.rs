@@ -1768,3 +1768,97 @@ fn a_later_fragment_too_big_for_the_egress_is_cut_again() {
         assert_eq!(gw.counter(Counter::FragmentTranslated), 1);
     });
 }
+
+fn ip(args: &[&str]) {
+    let status = std::process::Command::new("ip").args(args).status().expect("ip");
+    assert!(status.success(), "ip {}", args.join(" "));
+}
+
+#[test]
+fn a_flows_packet_with_no_route_is_dropped_not_passed() {
+    if skip_unless_root("a_flows_packet_with_no_route_is_dropped_not_passed") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let packet = udp((CLIENT, 40600), (PUBLIC, 53), b"q");
+        assert_eq!(gw.run(&packet).0, XDP_TX);
+        ip(&["route", "add", "prohibit", "192.168.0.2/32"]);
+        let (verdict, _) = gw.run(&packet);
+        assert_eq!(verdict, XDP_DROP, "never passed to the kernel untranslated");
+        assert_eq!(gw.counter(Counter::RouteFailed), 1);
+        let (verdict, _) = gw.run(&udp((CLIENT, 40601), (PUBLIC, 53), b"q"));
+        assert_eq!(verdict, XDP_DROP, "nor is a new flow's first packet");
+        assert_eq!(gw.counter(Counter::RouteFailed), 2);
+        assert_eq!(gw.counter(Counter::FlowCreated), 1, "no state for the unroutable flow");
+    });
+}
+
+#[test]
+fn a_route_through_an_interface_hairpin_does_not_manage_goes_through_the_kernel_translated() {
+    if skip_unless_root(
+        "a_route_through_an_interface_hairpin_does_not_manage_goes_through_the_kernel_translated",
+    ) {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        ip(&["link", "add", "lan9", "type", "veth", "peer", "name", "lan9p"]);
+        ip(&["link", "set", "lan9", "up"]);
+        ip(&["link", "set", "lan9p", "up"]);
+        ip(&["addr", "add", "10.9.0.1/24", "dev", "lan9"]);
+        ip(&[
+            "neigh",
+            "replace",
+            "10.9.0.2",
+            "lladdr",
+            "02:00:00:00:09:02",
+            "dev",
+            "lan9",
+            "nud",
+            "permanent",
+        ]);
+        ip(&["route", "add", "192.168.0.2/32", "via", "10.9.0.2", "dev", "lan9"]);
+        let packet = udp((CLIENT, 40700), (PUBLIC, 53), b"q");
+        let (verdict, out) = gw.run(&packet);
+        assert_eq!(verdict, XDP_PASS, "for TC's bpf_redirect_neigh");
+        let (meta, out) = out.split_at(size_of::<hairpin_common::NeighRedirect>());
+        assert_eq!(meta[..4], hairpin_common::NEIGH_REDIRECT_MAGIC.to_ne_bytes());
+        let lan9 = hairpin::datapath::if_index("lan9").expect("lan9");
+        assert_eq!(u32::from_ne_bytes(meta[4..8].try_into().unwrap()), lan9, "out of lan9");
+        assert_eq!(inspect(out).dst, (SERVER, 5353), "translated before it is handed over");
+        assert_eq!(gw.counter(Counter::NeighRedirected), 1);
+    });
+}
+
+#[test]
+fn an_icmp_redirect_about_a_flow_is_translated() {
+    if skip_unless_root("an_icmp_redirect_about_a_flow_is_translated") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let sent = udp((CLIENT, 40800), (PUBLIC, 53), b"q");
+        let (verdict, delivered) = gw.run(&sent);
+        assert_eq!(verdict, XDP_TX);
+        let redirect = icmp_error(SERVER, GATEWAY, 5, 1, &delivered[14..], 28);
+        let (verdict, out) = gw.run(&redirect);
+        assert_eq!(verdict, XDP_TX, "translated like the other errors, not passed");
+        let (src, dst, quoted) = inspect_icmp(&out);
+        assert_eq!((src, dst), (PUBLIC, CLIENT));
+        assert_eq!(&quoted[12..20], &sent[26..34], "the client's own addresses quoted");
+        assert_eq!(gw.counter(Counter::IcmpTranslated), 1);
+    });
+}
+
+#[test]
+fn an_icmp_error_about_a_flow_whose_ttl_expires_is_dropped() {
+    if skip_unless_root("an_icmp_error_about_a_flow_whose_ttl_expires_is_dropped") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        let (verdict, delivered) = gw.run(&udp((CLIENT, 40900), (PUBLIC, 53), b"q"));
+        assert_eq!(verdict, XDP_TX);
+        let error = with_ttl(icmp_error(SERVER, GATEWAY, 3, 3, &delivered[14..], 28), 1);
+        let (verdict, _) = gw.run(&error);
+        assert_eq!(verdict, XDP_DROP, "no error about an error, and never passed untranslated");
+        assert_eq!(gw.counter(Counter::TtlExpiredDropped), 1);
+    });
+}
