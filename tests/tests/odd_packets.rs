@@ -21,7 +21,7 @@ use hairpin_tests::{
     differential::{Bed, Nat, counter, public},
     have_root,
     raw::{PacketSocket, fix_ipv4_checksum, ipv4_fragments},
-    seed::{CLIENT, GATEWAY_LAN_IF, GATEWAY_WAN_IF, PUBLIC, WAN_HOST},
+    seed::{CLIENT, GATEWAY_LAN, GATEWAY_LAN_IF, GATEWAY_WAN_IF, PUBLIC, WAN_HOST},
     veth,
 };
 use rstest::rstest;
@@ -109,18 +109,18 @@ fn large_udp_is_echoed_fragmented_both_ways(
     }
 }
 
-/// A UDP datagram from `src` to the public address as a frame from
-/// `src_mac` to `dst_mac`, cut into fragments of 1480 bytes, last first.
+/// A UDP datagram from `src` to `dst` as a frame from `src_mac` to
+/// `dst_mac`, cut into fragments of 1480 bytes, last first.
 fn fragments_last_first(
-    src: SocketAddrV4,
+    (src, dst): (SocketAddrV4, SocketAddrV4),
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
     payload: &[u8],
 ) -> Vec<Vec<u8>> {
     let mut frame = Vec::new();
     PacketBuilder::ethernet2(src_mac, dst_mac)
-        .ipv4(src.ip().octets(), PUBLIC.octets(), 64)
-        .udp(src.port(), UDP_PORT)
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .udp(src.port(), dst.port())
         .write(&mut frame, payload)
         .expect("build the datagram");
     // A fixed IP ID, DF clear: a datagram the sender fragmented itself.
@@ -150,7 +150,7 @@ fn fragments_sent_last_first_are_delivered(#[case] nat: Nat, #[case] sender: Sen
     let port = socket.local_addr().expect("local address").port();
     let payload = pattern(4000);
     let fragments = fragments_last_first(
-        SocketAddrV4::new(sender.addr(), port),
+        (SocketAddrV4::new(sender.addr(), port), SocketAddrV4::new(PUBLIC, UDP_PORT)),
         from.mac("eth0"),
         bed.seed.gateway.mac(sender.gateway_interface()),
         &payload,
@@ -174,6 +174,97 @@ fn fragments_sent_last_first_are_delivered(#[case] nat: Nat, #[case] sender: Sen
     if nat == Nat::Hairpin {
         assert_eq!(counter(&counters, "fragment_held"), 2, "{counters:?}");
         assert_eq!(counter(&counters, "fragment_released"), 2, "{counters:?}");
+    }
+}
+
+/// Where a datagram of no flow goes: a service of the gateway's own (on its
+/// LAN address: the probes count any fragment to the public address), or a
+/// WAN host the kernel routes to.
+#[derive(Clone, Copy, Debug)]
+enum Unmapped {
+    GatewayService,
+    WanHost,
+}
+
+/// Fragments of no flow reach where they are going whatever their order:
+/// in order they pass through XDP untouched; last-first the later ones are
+/// held until the first says the datagram is no flow's, then handed to the
+/// kernel as they came. A big ping as well.
+#[rstest]
+#[case::iptables_gateway(Nat::Iptables, Unmapped::GatewayService)]
+#[case::iptables_wan(Nat::Iptables, Unmapped::WanHost)]
+#[case::hairpin_gateway(Nat::Hairpin, Unmapped::GatewayService)]
+#[case::hairpin_wan(Nat::Hairpin, Unmapped::WanHost)]
+fn fragments_of_no_flow_reach_their_destination_in_any_order(
+    #[case] nat: Nat,
+    #[case] to: Unmapped,
+) {
+    if !have_root("fragments_of_no_flow_reach_their_destination_in_any_order") {
+        return;
+    }
+    const PORT: u16 = 6000;
+    let mut bed = Bed::new(nat);
+    let (host, dst) = match to {
+        Unmapped::GatewayService => (&bed.seed.gateway, GATEWAY_LAN),
+        Unmapped::WanHost => (&bed.seed.wan, WAN_HOST),
+    };
+    bed.seed.wan.ip(&["route", "add", "192.168.0.0/24", "via", &PUBLIC.to_string()]);
+    // Bound to its address, so that it answers from the address it was sent to.
+    let echo = host
+        .run_in(move || UdpSocket::bind((dst, PORT)))
+        .unwrap_or_else(|e| panic!("{to:?}: bind the echo: {e}"));
+    echo.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    let echo = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        for _ in 0..2 {
+            let (len, peer) = echo.recv_from(&mut buf)?;
+            let mut reply = b"echo ".to_vec();
+            reply.extend_from_slice(&buf[..len]);
+            echo.send_to(&reply, peer)?;
+        }
+        io::Result::Ok(())
+    });
+    bed.start_nat(MAPPINGS, None);
+    let client = &bed.seed.client;
+    // A flow of the mappings too: the probes must see it with iptables.
+    let mapped = udp_echo(client, public(UDP_PORT), b"mapped", TIMEOUT)
+        .unwrap_or_else(|e| panic!("the mapped service ({nat:?}): {e}"));
+    assert_echoed(&mapped, b"mapped", "mapped");
+    let payload = pattern(4000);
+    let reply = udp_echo(client, SocketAddrV4::new(dst, PORT).into(), &payload, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{to:?}: fragmented datagram in order ({nat:?}): {e}"));
+    assert_echoed(&reply, &payload, &format!("{to:?} in order ({nat:?})"));
+
+    let socket = client.run_in(|| UdpSocket::bind("0.0.0.0:0")).expect("bind");
+    socket.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
+    let port = socket.local_addr().expect("local address").port();
+    let fragments = fragments_last_first(
+        (SocketAddrV4::new(CLIENT, port), SocketAddrV4::new(dst, PORT)),
+        client.mac("eth0"),
+        bed.seed.gateway.mac(GATEWAY_LAN_IF),
+        &payload,
+    );
+    let raw = PacketSocket::open(client, "eth0");
+    for fragment in &fragments {
+        raw.send(fragment).expect("send a fragment");
+    }
+    let mut buf = vec![0u8; 65536];
+    let len = socket
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("{to:?}: fragmented datagram last-first ({nat:?}): {e}"));
+    assert_echoed(&buf[..len], &payload, &format!("{to:?} last-first ({nat:?})"));
+    echo.join().expect("echo thread").unwrap_or_else(|e| panic!("{to:?}: the echo: {e}"));
+
+    let ping = client.try_exec("ping", &["-c", "1", "-W", "3", "-s", "3000", &dst.to_string()]);
+    assert!(
+        ping.status.success(),
+        "{to:?}: a 3000-byte ping ({nat:?}): {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let counters = bed.finish();
+    if nat == Nat::Hairpin {
+        assert_eq!(counter(&counters, "fragment_released"), 2, "{counters:?}");
+        assert_eq!(counter(&counters, "fragment_translated"), 0, "{counters:?}");
     }
 }
 
