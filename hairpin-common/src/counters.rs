@@ -81,8 +81,9 @@ counters! {
     /// A packet of a flow with no usable route for its translation
     /// (`bpf_fib_lookup` failed): dropped, never passed untranslated.
     RouteFailed => "route_failed",
-    /// Two CPUs opened the same flow at once; the loser's packet is passed.
-    PassFlowRace => "pass_flow_race",
+    /// Two CPUs opened the same flow at once: the loser's packet is
+    /// dropped (passed, it would reach the kernel untranslated).
+    FlowRaceDropped => "flow_race_dropped",
     /// Entries user space removed from each table because their flows had
     /// expired (written by user space only, in the first CPU's slot).
     ReclaimedEstablished => "reclaimed_established",

@@ -3,7 +3,10 @@
 //! behind how the datagram is translated, keyed by (source, destination,
 //! protocol, IP ID), for its later fragments, which carry no ports.
 
-use crate::{FRAGMENT_HELD, FRAGMENT_PASSED, FRAGMENT_TRANSLATED, FragmentEntry, FragmentKey};
+use crate::{
+    ADDRESS_PUBLIC, ADDRESS_SERVER, FRAGMENT_HELD, FRAGMENT_PASSED, FRAGMENT_TRANSLATED,
+    FragmentEntry, FragmentKey,
+};
 
 /// How long a datagram's translation is kept for its later fragments. The
 /// fragments of a datagram are sent back to back; a short lifetime limits
@@ -16,7 +19,7 @@ pub const MAX_FRAGMENTED_DATAGRAMS: u32 = 8192;
 
 /// Fragments held at most per datagram until its first fragment comes
 /// (an 8000-byte datagram at MTU 1500 has 5 after the first).
-pub const MAX_QUEUED_PER_DATAGRAM: u8 = 8;
+pub const MAX_QUEUED_PER_DATAGRAM: u32 = 8;
 
 /// Fragments held at once over all datagrams (an LRU table).
 pub const MAX_QUEUED_FRAGMENTS: u32 = 1024;
@@ -67,8 +70,8 @@ impl FragmentKey {
 pub enum Hold {
     /// Held as the first of its datagram (no entry yet, or a stale one).
     First,
-    /// Held in this place of its datagram's queue.
-    Slot(u8),
+    /// Held in the datagram's queue (its place claimed when it is copied).
+    Queue,
     /// The datagram's queue is full: dropped.
     Full,
 }
@@ -85,7 +88,15 @@ pub const fn hold(entry: Option<&FragmentEntry>, now: u64) -> Hold {
     if entry.queued >= MAX_QUEUED_PER_DATAGRAM {
         return Hold::Full;
     }
-    Hold::Slot(entry.queued)
+    Hold::Queue
+}
+
+/// Whether a later fragment of no known datagram may be a flow's, and so
+/// worth holding for its first fragment: one to a public address or to the
+/// gateway's LAN address (`to_lan_addr`), or from a server. Any other is
+/// passed untouched, as it came, whatever its order.
+pub const fn may_be_a_flows(src_role: u8, dst_role: u8, to_lan_addr: bool) -> bool {
+    to_lan_addr || dst_role & ADDRESS_PUBLIC != 0 || src_role & ADDRESS_SERVER != 0
 }
 
 /// How a packet too big for its egress link is cut: each fragment carries
@@ -98,11 +109,16 @@ pub struct Split {
 }
 
 /// How a packet of `tot_len` with an IPv4 header of `header_len` is cut
-/// for a link of `mtu`; `None` if it cannot be: too small an MTU, or more
-/// than the TC program can cut.
-pub const fn split(tot_len: u32, header_len: u32, mtu: u32) -> Option<Split> {
+/// for a link of `mtu`; `None` if it cannot be: too small an MTU, more than
+/// the TC program can cut, or a fragment whose offset (`frag_off_be`) and
+/// length pass what IPv4 can address.
+pub const fn split(tot_len: u32, header_len: u32, mtu: u32, frag_off_be: u16) -> Option<Split> {
     // RFC 791: every router can take 68 bytes.
     if mtu < 68 || tot_len <= header_len || mtu <= header_len {
+        return None;
+    }
+    let offset = (u16::from_be(frag_off_be) & OFFSET_MASK) as u32 * 8;
+    if offset + tot_len - header_len > 65535 - header_len {
         return None;
     }
     let per_fragment = (mtu - header_len) & !7;
@@ -182,7 +198,11 @@ pub const fn held_for(entry: Option<&FragmentEntry>, ingress: u32, now: u64) -> 
                 && found.ingress == ingress
                 && now.saturating_sub(found.created_ns) <= FRAGMENT_LIFETIME_NS =>
         {
-            found.queued
+            if found.queued < MAX_QUEUED_PER_DATAGRAM {
+                found.queued as u8
+            } else {
+                MAX_QUEUED_PER_DATAGRAM as u8
+            }
         }
         _ => 0,
     }
@@ -207,10 +227,10 @@ mod tests {
 
     #[rstest]
     #[case::none_yet(None, Hold::First)]
-    #[case::one_held(Some((10_000_000_000, 1)), Hold::Slot(1))]
+    #[case::one_held(Some((10_000_000_000, 1)), Hold::Queue)]
     #[case::full(Some((10_000_000_000, MAX_QUEUED_PER_DATAGRAM)), Hold::Full)]
     #[case::stale(Some((1, 3)), Hold::First)]
-    fn where_an_early_fragment_is_held(#[case] entry: Option<(u64, u8)>, #[case] expected: Hold) {
+    fn where_an_early_fragment_is_held(#[case] entry: Option<(u64, u32)>, #[case] expected: Hold) {
         let entry = entry.map(|(created_ns, queued)| FragmentEntry {
             created_ns,
             queued,
@@ -232,13 +252,41 @@ mod tests {
         #[case] mtu: u32,
         #[case] expected: Option<Split>,
     ) {
-        assert_eq!(split(tot_len, header_len, mtu), expected);
+        assert_eq!(split(tot_len, header_len, mtu, 0), expected);
+    }
+
+    #[test]
+    fn a_fragment_cut_past_what_ipv4_addresses_is_refused() {
+        let near_the_end = (OFFSET_MASK - 10).to_be();
+        assert_eq!(
+            split(1500, 20, 1000, near_the_end),
+            None,
+            "the offset would spill into the flags"
+        );
+        assert!(split(1500, 20, 1000, 100u16.to_be()).is_some());
+    }
+
+    #[rstest]
+    #[case::to_a_public_address(0, ADDRESS_PUBLIC, false, true)]
+    #[case::to_the_gateway(0, 0, true, true)]
+    #[case::from_a_server(ADDRESS_SERVER, 0, false, true)]
+    #[case::a_server_to_a_public_address(ADDRESS_SERVER, ADDRESS_PUBLIC, false, true)]
+    #[case::transit(0, 0, false, false)]
+    #[case::from_a_public_address(ADDRESS_PUBLIC, 0, false, false)]
+    #[case::to_a_server(0, ADDRESS_SERVER, false, false)]
+    fn which_early_fragments_are_held(
+        #[case] src_role: u8,
+        #[case] dst_role: u8,
+        #[case] to_lan_addr: bool,
+        #[case] held: bool,
+    ) {
+        assert_eq!(may_be_a_flows(src_role, dst_role, to_lan_addr), held);
     }
 
     #[test]
     fn pieces_cover_the_payload_in_order() {
         let (tot_len, mtu) = (3028u32, 1500);
-        let split = split(tot_len, 20, mtu).expect("cut");
+        let split = split(tot_len, 20, mtu, 0).expect("cut");
         let payload = tot_len - 20;
         let mut next = 0;
         for index in 0..split.fragments {
@@ -256,14 +304,14 @@ mod tests {
 
     #[test]
     fn a_first_fragment_cut_again_keeps_more_fragments_on_its_last_piece() {
-        let split = split(1500, 20, 1000).expect("cut");
+        let split = split(1500, 20, 1000, 0).expect("cut");
         let first = piece(&split, 1480, 0, MORE_FRAGMENTS.to_be());
         let last = piece(&split, 1480, 1, MORE_FRAGMENTS.to_be());
         assert_eq!(u16::from_be(first.frag_off_be), MORE_FRAGMENTS);
         assert_eq!(u16::from_be(last.frag_off_be), MORE_FRAGMENTS | (976 / 8));
     }
 
-    fn entry(created_ns: u64, ingress: u32, verdict: u8, queued: u8) -> FragmentEntry {
+    fn entry(created_ns: u64, ingress: u32, verdict: u8, queued: u32) -> FragmentEntry {
         FragmentEntry { created_ns, ingress, verdict, queued, ..FragmentEntry::default() }
     }
 
@@ -280,7 +328,7 @@ mod tests {
     #[case::at_its_lifetime(Some(entry(CREATED, 3, FRAGMENT_TRANSLATED, 0)), 3, CREATED + FRAGMENT_LIFETIME_NS, Later::Translate)]
     #[case::past_its_lifetime(Some(entry(CREATED, 3, FRAGMENT_TRANSLATED, 0)), 3, CREATED + FRAGMENT_LIFETIME_NS + 1, Later::Hold(Hold::First))]
     #[case::passed(Some(entry(CREATED, 3, FRAGMENT_PASSED, 0)), 3, CREATED, Later::Pass)]
-    #[case::held(Some(entry(CREATED, 3, FRAGMENT_HELD, 2)), 3, CREATED, Later::Hold(Hold::Slot(2)))]
+    #[case::held(Some(entry(CREATED, 3, FRAGMENT_HELD, 2)), 3, CREATED, Later::Hold(Hold::Queue))]
     #[case::other_interface(
         Some(entry(CREATED, 3, FRAGMENT_TRANSLATED, 0)),
         4,
@@ -308,6 +356,7 @@ mod tests {
     #[case::held_from_another_interface(Some(entry(CREATED, 4, FRAGMENT_HELD, 2)), 3, CREATED, 0)]
     #[case::held_too_long_ago(Some(entry(CREATED, 3, FRAGMENT_HELD, 2)), 3, CREATED + FRAGMENT_LIFETIME_NS + 1, 0)]
     #[case::already_translated(Some(entry(CREATED, 3, FRAGMENT_TRANSLATED, 0)), 3, CREATED, 0)]
+    #[case::more_claimed_than_held(Some(entry(CREATED, 3, FRAGMENT_HELD, 11)), 3, CREATED, 8)]
     fn what_a_first_fragment_releases(
         #[case] entry: Option<FragmentEntry>,
         #[case] ingress: u32,

@@ -27,9 +27,10 @@ pub mod names {
     pub const ICMP_RATE: &str = "ICMP_RATE";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const FRAGMENT_QUEUE: &str = "FRAGMENT_QUEUE";
+    pub const FLOW_ADDRESSES: &str = "FLOW_ADDRESSES";
 
     /// The maps a running instance keeps (pinned) and its tools share.
-    pub const SHARED: [&str; 17] = [
+    pub const SHARED: [&str; 18] = [
         LAYOUT,
         SETTINGS,
         ROUTE_CACHE,
@@ -47,6 +48,7 @@ pub mod names {
         ICMP_RATE,
         FRAGMENTS,
         FRAGMENT_QUEUE,
+        FLOW_ADDRESSES,
     ];
 }
 
@@ -69,6 +71,12 @@ pub const MAX_MAPPING_SOURCES: u32 = 16384;
 /// (rule, interface) pairs over all interface-bound rules (`MAPPING_INTERFACES`).
 pub const MAX_MAPPING_INTERFACES: u32 = 4096;
 pub const DEFAULT_CONNTRACK_CAPACITY: u32 = 65536;
+/// Public and server addresses of the mapping rules (`FLOW_ADDRESSES`).
+pub const MAX_FLOW_ADDRESSES: u32 = 2 * MAX_MAPPING_RULES;
+
+/// `FLOW_ADDRESSES` value bits: what an address is to the mapping rules.
+pub const ADDRESS_PUBLIC: u8 = 1;
+pub const ADDRESS_SERVER: u8 = 2;
 
 macro_rules! pod {
     ($(#[$meta:meta])* pub struct $name:ident { $($body:tt)* }) => {
@@ -425,9 +433,10 @@ pod! {
         pub mapping_id: u16,
         pub resolved: u8,
         pub verdict: u8,
-        pub queued: u8,
-        pub _pad0: u8,
-        pub _pad1: u32,
+        pub _pad0: u16,
+        /// Slots of `FRAGMENT_QUEUE` claimed (atomically; may pass the
+        /// most a datagram may hold, which is what counts).
+        pub queued: u32,
     }
 }
 
@@ -462,24 +471,27 @@ pub struct QueuedFragment {
 unsafe impl aya::Pod for QueuedFragment {}
 
 pod! {
-    /// Written by the XDP program in front of a datagram's first fragment
-    /// when fragments of it are held: the TC ingress program sends the
-    /// first fragment and then the held ones to `ifindex` (translated by
-    /// XDP; through the kernel's neighbour resolution when `neigh`), or
-    /// hands them all to the kernel (`to_kernel`, untouched). Starts as
-    /// `NeighRedirect` does.
-    pub struct FragmentRelease {
+    /// Written by the XDP program in front of a translated packet it cannot
+    /// send itself: the TC ingress program sends it to `ifindex` (through the
+    /// kernel's neighbour resolution with `HANDOFF_NEIGH`), cut into
+    /// fragments when it is larger than `mtu`, and after it the `queued`
+    /// fragments held for `datagram` (translated by XDP in the queue); or,
+    /// with `HANDOFF_TO_KERNEL`, hands them all to the kernel as they came.
+    pub struct TcHandoff {
         pub magic: u32,
         pub ifindex: u32,
         pub datagram: FragmentKey,
+        pub mtu: u16,
         pub queued: u8,
-        pub to_kernel: u8,
-        pub neigh: u8,
-        pub _pad: u8,
+        pub flags: u8,
+        pub _pad: u32,
     }
 }
 
-pub const FRAGMENT_RELEASE_MAGIC: u32 = 0x4850_4652;
+pub const TC_HANDOFF_MAGIC: u32 = 0x4850_4648;
+/// `TcHandoff::flags`.
+pub const HANDOFF_NEIGH: u8 = 1;
+pub const HANDOFF_TO_KERNEL: u8 = 2;
 
 /// The TC program's packets that go out through the kernel's neighbour
 /// resolution come back into it first, marked with this in the upper half
@@ -487,24 +499,6 @@ pub const FRAGMENT_RELEASE_MAGIC: u32 = 0x4850_4652;
 /// rewrite a packet drop its metadata, not its mark).
 pub const NEIGH_MARK_TAG: u32 = 0x4850_0000;
 pub const NEIGH_MARK_MASK: u32 = 0xffff_0000;
-
-pod! {
-    /// Written by the XDP program in front of a translated packet too big
-    /// for its egress link that may be fragmented (DF clear): the TC ingress
-    /// program fragments it to `mtu` and sends the fragments to `ifindex`
-    /// (through the kernel's neighbour resolution when `neigh`). Starts as
-    /// `NeighRedirect` does.
-    pub struct FragmentSplit {
-        pub magic: u32,
-        pub ifindex: u32,
-        pub mtu: u16,
-        pub neigh: u8,
-        pub _pad0: u8,
-        pub _pad1: u32,
-    }
-}
-
-pub const FRAGMENT_SPLIT_MAGIC: u32 = 0x4850_4653;
 
 pod! {
     /// Traffic of one mapping rule (`MAPPING_STATS`, per CPU).

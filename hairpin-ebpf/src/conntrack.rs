@@ -337,7 +337,7 @@ pub(crate) fn create_flow(
     let client_port = u16::from_be(packet.src_port);
     let attempts = if admitted.hairpin { SNAT_PORT_ATTEMPTS } else { 1 };
     let start = unsafe { bpf_get_prandom_u32() };
-    let flow = NEW_FLOW_SCRATCH.get_ptr_mut(0).ok_or(Counter::PassFlowRace)?;
+    let flow = NEW_FLOW_SCRATCH.get_ptr_mut(0).ok_or(Counter::FlowRaceDropped)?;
     // SAFETY: this CPU's scratch slot; XDP runs to completion on a CPU.
     let flow = unsafe { &mut *flow };
     // Built once; the retries change only the SNAT port.
@@ -379,7 +379,7 @@ pub(crate) fn create_flow(
         // Another CPU entered this flow in the meantime; the client's
         // retransmission will find that entry.
         let _ = CONNTRACK_NEW.remove(&flow.reply_key);
-        return Err(Counter::PassFlowRace);
+        return Err(Counter::FlowRaceDropped);
     }
-    Err(if admitted.hairpin { Counter::PortAllocFailed } else { Counter::PassFlowRace })
+    Err(if admitted.hairpin { Counter::PortAllocFailed } else { Counter::FlowRaceDropped })
 }

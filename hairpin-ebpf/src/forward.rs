@@ -9,13 +9,13 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_meta},
+    helpers::generated::{bpf_check_mtu, bpf_fib_lookup, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use hairpin_common::{
-    CachedRoute, Counter, FRAGMENT_SPLIT_MAGIC, FlowKey, FragmentSplit, NEIGH_REDIRECT_MAGIC,
-    NeighRedirect, packet::EthHeader, route,
+    CachedRoute, Counter, FlowKey, FragmentKey, NEIGH_REDIRECT_MAGIC, NeighRedirect,
+    TC_HANDOFF_MAGIC, TcHandoff, packet::EthHeader, route,
 };
 
 use crate::{
@@ -200,34 +200,52 @@ pub(crate) fn hand_to_kernel(ctx: &XdpContext, ifindex: u32) -> Result<(), Count
     Ok(())
 }
 
-/// Prepends the metadata that asks the TC ingress program to cut the
-/// packet into fragments of `mtu` and send them to `ifindex`.
+/// Prepends the metadata that asks the TC ingress program to send the
+/// packet to `ifindex` (cut into fragments when larger than `mtu`), and
+/// after it the `queued` fragments held for `datagram` (see `TcHandoff`).
 #[inline(always)]
-pub(crate) fn cut_in_tc(
+pub(crate) fn hand_off(
     ctx: &XdpContext,
     ifindex: u32,
     mtu: u16,
-    neigh: bool,
+    datagram: &FragmentKey,
+    queued: u8,
+    flags: u8,
 ) -> Result<(), Counter> {
-    let len = size_of::<FragmentSplit>() as i32;
+    let len = size_of::<TcHandoff>() as i32;
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
         return Err(Counter::NoMetadataDropped);
     }
     let meta = ctx.metadata();
-    if meta + size_of::<FragmentSplit>() > ctx.data() {
+    if meta + size_of::<TcHandoff>() > ctx.data() {
         return Err(Counter::NoMetadataDropped);
     }
-    let meta = meta as *mut FragmentSplit;
+    let meta = meta as *mut TcHandoff;
     // SAFETY: bounds checked against the packet data just above.
     unsafe {
-        *meta = FragmentSplit {
-            magic: FRAGMENT_SPLIT_MAGIC,
+        *meta = TcHandoff {
+            magic: TC_HANDOFF_MAGIC,
             ifindex,
+            datagram: *datagram,
             mtu,
-            neigh: neigh as u8,
-            _pad0: 0,
-            _pad1: 0,
+            queued,
+            flags,
+            _pad: 0,
         };
     }
     Ok(())
+}
+
+/// The MTU of the device `ifindex` (for a route whose lookup did not say
+/// it); the IPv4 minimum when the kernel does not know the device.
+#[inline(always)]
+pub(crate) fn device_mtu(ctx: &XdpContext, ifindex: u32) -> u16 {
+    let mut mtu: u32 = 0;
+    // SAFETY: the helper writes the device's MTU into `mtu`, whatever it
+    // answers about this packet's length.
+    let checked = unsafe { bpf_check_mtu(ctx.ctx.cast(), ifindex, &mut mtu, 0, 0) };
+    if checked < 0 || mtu == 0 || mtu > u16::MAX as u32 {
+        return 576;
+    }
+    mtu as u16
 }

@@ -2,53 +2,66 @@
 //! its datagram is translated, and the later ones (which carry no ports)
 //! are translated by that; the first one of no flow leaves behind that its
 //! datagram goes to the kernel. Later fragments that come before their
-//! first are held, copied into a queue, until it comes: then the TC program
-//! sends them with it (translated by XDP in the queue), or hands them to
-//! the kernel as they came.
-
-use core::mem::size_of;
+//! first, of datagrams that may be a flow's, are held, copied into a queue,
+//! until it comes: then the TC program sends them with it (translated by
+//! XDP in the queue), or hands them to the kernel as they came.
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::generated::{bpf_xdp_adjust_meta, bpf_xdp_load_bytes},
+    bindings::{BPF_ANY, BPF_NOEXIST, xdp_action},
+    helpers::generated::bpf_xdp_load_bytes,
     programs::XdpContext,
 };
 use hairpin_common::{
-    Counter, FRAGMENT_HELD, FRAGMENT_PASSED, FRAGMENT_RELEASE_MAGIC, FRAGMENT_TRANSLATED, FlowKey,
-    FragmentEntry, FragmentKey, FragmentRelease, MAX_QUEUED_FRAME, QueuedFragmentKey,
+    Counter, FRAGMENT_HELD, FRAGMENT_PASSED, FRAGMENT_TRANSLATED, FlowKey, FragmentEntry,
+    FragmentKey, HANDOFF_TO_KERNEL, MAX_QUEUED_FRAME, QueuedFragmentKey, Settings,
     fragment::{self, Hold, Later, MAX_QUEUED_PER_DATAGRAM},
     nat,
     packet::{ETH_HEADER_LEN, EthHeader, Ipv4Header},
 };
 
 use crate::{
-    forward::{Route, cut_in_tc, forward_action, hand_to_kernel, send},
-    maps::{FRAGMENT_QUEUE, FRAGMENTS, HOLD_SCRATCH, account, count},
+    forward::{Route, device_mtu, forward_action, hand_off, hand_to_kernel, send},
+    maps::{FLOW_ADDRESSES, FRAGMENT_QUEUE, FRAGMENTS, HOLD_SCRATCH, account},
     packet::{ptr_at, rewrite_ipv4},
 };
 
-/// The datagram of a first fragment was translated to `to` and sent along
-/// `route`: its later fragments will be too. Fragments of it held so far
-/// are translated in the queue; how many, for the TC program to send with
-/// this one. `known_mtu` bounds the egress MTU where the route does not say
-/// it (an unresolved next hop): the first fragment fit or was cut to it.
+/// How many fragments are held for `datagram`, arriving on `ingress`, to be
+/// released with its first fragment.
+#[inline(always)]
+pub(crate) fn held(datagram: &FragmentKey, ingress: u32, now: u64) -> u8 {
+    // SAFETY: a map value, copied out.
+    fragment::held_for(unsafe { FRAGMENTS.get(datagram) }, ingress, now)
+}
+
+/// The egress MTU of a route: the route's own, or the device's when the
+/// next hop is not resolved (the lookup then says nothing of it).
+#[inline(always)]
+pub(crate) fn route_mtu(ctx: &XdpContext, route: &Route) -> u16 {
+    match *route {
+        Route::Resolved { mtu, .. } => mtu,
+        Route::Unresolved { ifindex } => device_mtu(ctx, ifindex),
+        Route::TooBig { mtu } => mtu,
+    }
+}
+
+/// The datagram of a first fragment was translated to `to` and is sent
+/// along `route` (whose egress MTU is `mtu`): its later fragments will be
+/// too, and the `held` ones so far are translated in the queue, for the TC
+/// program to send after it.
 #[inline(always)]
 pub(crate) fn translated(
     datagram: &FragmentKey,
     to: &FlowKey,
-    ingress: u32,
-    route: &Route,
+    (ingress, route, mtu): (u32, &Route, u16),
     mapping_id: u16,
+    held: u8,
     now: u64,
-    known_mtu: u16,
-) -> u8 {
-    let (egress, eth_addrs, mtu, resolved) = match *route {
-        Route::Resolved { egress, eth_addrs, mtu, .. } => (egress, eth_addrs, mtu, 1),
-        Route::Unresolved { ifindex } => (ifindex, [0; 3], known_mtu, 0),
-        Route::TooBig { .. } => return 0,
+) {
+    let (egress, eth_addrs, resolved) = match *route {
+        Route::Resolved { egress, eth_addrs, .. } => (egress, eth_addrs, 1),
+        Route::Unresolved { ifindex } => (ifindex, [0; 3], 0),
+        Route::TooBig { .. } => return,
     };
-    // SAFETY: a map value, copied out.
-    let held = fragment::held_for(unsafe { FRAGMENTS.get(datagram) }, ingress, now);
     let entry = FragmentEntry {
         created_ns: now,
         src_addr: to.src_addr,
@@ -63,16 +76,15 @@ pub(crate) fn translated(
         ..FragmentEntry::default()
     };
     // A full table evicts its oldest datagram (LRU).
-    let _ = FRAGMENTS.insert(datagram, &entry, 0);
-    if held == 0 {
-        return 0;
-    }
+    let _ = FRAGMENTS.insert(datagram, &entry, BPF_ANY as u64);
     let from = FlowKey::new(datagram.src_addr, datagram.dst_addr, 0, 0, datagram.proto);
+    let to = FlowKey::new(to.src_addr, to.dst_addr, 0, 0, from.proto);
+    if held == 0 {
+        return;
+    }
+    // Every slot: two CPUs may have taken them out of order.
     for slot in 0..MAX_QUEUED_PER_DATAGRAM {
-        if slot >= held {
-            break;
-        }
-        let key = QueuedFragmentKey { datagram: *datagram, slot: slot as u32 };
+        let key = QueuedFragmentKey { datagram: *datagram, slot };
         let Some(queued) = FRAGMENT_QUEUE.get_ptr_mut(&key) else {
             continue;
         };
@@ -80,18 +92,12 @@ pub(crate) fn translated(
         // in it (see QueuedFragment) and the frame was at least that long.
         unsafe {
             let ip = &mut *(*queued).frame.as_mut_ptr().add(ETH_HEADER_LEN).cast::<Ipv4Header>();
-            let len = (*queued).len;
-            if nat::ttl_expires(ip.ttl) || len as usize - ETH_HEADER_LEN > mtu as usize {
+            if nat::ttl_expires(ip.ttl) {
                 // Not sent: the TC program skips an empty frame.
                 (*queued).len = 0;
-                count(if nat::ttl_expires(ip.ttl) {
-                    Counter::TtlExpiredDropped
-                } else {
-                    Counter::FragmentTooBig
-                });
                 continue;
             }
-            rewrite_ipv4(ip, &from, &FlowKey::new(to.src_addr, to.dst_addr, 0, 0, from.proto));
+            rewrite_ipv4(ip, &from, &to);
             if resolved == 0 {
                 // The kernel's neighbour resolution writes the addresses.
                 continue;
@@ -102,13 +108,12 @@ pub(crate) fn translated(
             addrs.add(2).write_unaligned(eth_addrs[2]);
         }
     }
-    held
 }
 
 /// The first fragment of a datagram of no flow goes to the kernel, and so
 /// will its later fragments; those held so far go with it, as they came
 /// (the TC program hands them to the kernel). Returns how the packet is
-/// passed: `pass_reason`, counted.
+/// passed: `pass_reason`.
 #[inline(always)]
 pub(crate) fn passed(
     ctx: &XdpContext,
@@ -117,72 +122,29 @@ pub(crate) fn passed(
     now: u64,
     pass_reason: Counter,
 ) -> Result<(u32, Counter), Counter> {
-    // SAFETY: a map value, copied out.
-    let held = fragment::held_for(unsafe { FRAGMENTS.get(datagram) }, ingress, now);
+    let held = held(datagram, ingress, now);
     let entry = FragmentEntry {
         created_ns: now,
         ingress,
         verdict: FRAGMENT_PASSED,
         ..FragmentEntry::default()
     };
-    let _ = FRAGMENTS.insert(datagram, &entry, 0);
-    if held > 0 && release(ctx, datagram, held, ingress, Release::ToKernel).is_err() {
-        // The held fragments are left to lapse; the kernel never completes
-        // the datagram, as it would not without them.
-        count(Counter::NoMetadataDropped);
+    let _ = FRAGMENTS.insert(datagram, &entry, BPF_ANY as u64);
+    if held > 0 {
+        // Without the metadata, the held fragments are left to lapse; the
+        // kernel never completes the datagram, as it would not without them.
+        let _ = hand_off(ctx, ingress, u16::MAX, datagram, held, HANDOFF_TO_KERNEL);
     }
     Err(pass_reason)
 }
 
-/// Where the TC program sends a first fragment and the fragments held for it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Release {
-    /// Out of the egress, with the MAC addresses XDP wrote.
-    Egress,
-    /// Out of the egress, through the kernel's neighbour resolution.
-    Neigh,
-    /// Into the kernel, as they came.
-    ToKernel,
-}
-
-/// Prepends the metadata that asks the TC ingress program to send this
-/// first fragment and the `held` fragments of its datagram to `ifindex`, or
-/// to the kernel.
-#[inline(always)]
-pub(crate) fn release(
-    ctx: &XdpContext,
-    datagram: &FragmentKey,
-    held: u8,
-    ifindex: u32,
-    how: Release,
-) -> Result<(), Counter> {
-    let len = size_of::<FragmentRelease>() as i32;
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
-        return Err(Counter::NoMetadataDropped);
-    }
-    let meta = ctx.metadata();
-    if meta + size_of::<FragmentRelease>() > ctx.data() {
-        return Err(Counter::NoMetadataDropped);
-    }
-    let meta = meta as *mut FragmentRelease;
-    // SAFETY: bounds checked against the packet data just above.
-    unsafe {
-        (*meta).magic = FRAGMENT_RELEASE_MAGIC;
-        (*meta).ifindex = ifindex;
-        (*meta).datagram = *datagram;
-        (*meta).queued = held;
-        (*meta).to_kernel = (how == Release::ToKernel) as u8;
-        (*meta).neigh = (how == Release::Neigh) as u8;
-        (*meta)._pad = 0;
-    }
-    Ok(())
-}
-
 /// A fragment after the first: translated and sent as its datagram's first
-/// fragment was, passed as it was, or held until it comes.
+/// fragment was, passed as it was, or held until it comes (when it may be
+/// a flow's; any other goes to the kernel untouched, whatever its order).
 #[inline(always)]
 pub(crate) fn later_fragment(
     ctx: &XdpContext,
+    settings: &Settings,
     ingress: u32,
     now: u64,
 ) -> Result<(u32, Counter), Counter> {
@@ -196,10 +158,25 @@ pub(crate) fn later_fragment(
     // SAFETY: a map value, only read here.
     let entry = found.map(|entry| unsafe { *entry });
     let tot_len = u16::from_be(tot_len);
-    match fragment::later(entry.as_ref(), ingress, now) {
+    let later = fragment::later(entry.as_ref(), ingress, now);
+    if let Later::Hold(_) | Later::WrongInterface = later {
+        // SAFETY: map values, copied out.
+        let role = |addr: u32| unsafe { FLOW_ADDRESSES.get(&addr) }.copied().unwrap_or(0);
+        let to_lan_addr = dst_addr == settings.lan_addr;
+        if !fragment::may_be_a_flows(role(src_addr), role(dst_addr), to_lan_addr) {
+            return Err(if later == Later::WrongInterface {
+                Counter::WrongInterface
+            } else {
+                Counter::PassFragment
+            });
+        }
+    }
+    match later {
         Later::Translate => {}
         Later::Pass => return Err(Counter::PassFragment),
-        Later::WrongInterface => return Err(Counter::WrongInterface),
+        // Maybe a flow's, from another interface: no flow's there, and
+        // never passed untranslated.
+        Later::WrongInterface => return Ok((xdp_action::XDP_DROP, Counter::WrongInterface)),
         Later::Hold(hold) => {
             return hold_fragment(ctx, &datagram, found, hold, ingress, now, tot_len);
         }
@@ -207,12 +184,12 @@ pub(crate) fn later_fragment(
     let Some(entry) = entry else {
         return Err(Counter::PassFragment);
     };
-    // Too big for the egress link, it is cut again (fragments carry no DF).
-    let too_big = tot_len > entry.mtu;
     // No ICMP error is sent about a fragment after the first.
     if nat::ttl_expires(ttl) {
         return Ok((xdp_action::XDP_DROP, Counter::TtlExpiredDropped));
     }
+    // Too big for the egress link, it is cut again (fragments carry no DF).
+    let too_big = tot_len > entry.mtu;
     let from = FlowKey::new(src_addr, dst_addr, 0, 0, proto);
     let to = FlowKey::new(entry.src_addr, entry.dst_addr, 0, 0, proto);
     account(entry.mapping_id, tot_len, false);
@@ -227,7 +204,8 @@ pub(crate) fn later_fragment(
     };
     let neigh = matches!(route, Route::Unresolved { .. });
     let handed = if too_big {
-        cut_in_tc(ctx, entry.egress, entry.mtu, neigh)
+        let flags = if neigh { hairpin_common::HANDOFF_NEIGH } else { 0 };
+        hand_off(ctx, entry.egress, entry.mtu, &datagram, 0, flags)
     } else if neigh {
         hand_to_kernel(ctx, entry.egress)
     } else {
@@ -248,8 +226,9 @@ pub(crate) fn later_fragment(
 }
 
 /// Copies a fragment that came before its first fragment into the queue
-/// and drops it; its first fragment releases it. A frame too large to
-/// hold goes to the kernel untouched.
+/// and drops it; its first fragment releases it. Its place is claimed by
+/// inserting it there only if the place is free: two CPUs holding fragments
+/// of one datagram take two.
 #[inline(always)]
 fn hold_fragment(
     ctx: &XdpContext,
@@ -261,46 +240,61 @@ fn hold_fragment(
     tot_len: u16,
 ) -> Result<(u32, Counter), Counter> {
     let frame_len = ETH_HEADER_LEN + tot_len as usize;
+    // Maybe a flow's: too large to hold, it is dropped, never passed.
     if frame_len > MAX_QUEUED_FRAME {
-        return Err(Counter::PassFragment);
+        return Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull));
     }
-    let slot = match hold {
-        Hold::First => 0,
-        Hold::Slot(slot) => slot,
-        Hold::Full => return Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull)),
+    let first_free = match (hold, found) {
+        (Hold::Full, _) => return Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull)),
+        // SAFETY: a map value, read: a hint where the free places start.
+        (Hold::Queue, Some(entry)) => unsafe { (*entry).queued },
+        (_, found) => {
+            let entry = FragmentEntry {
+                created_ns: now,
+                ingress,
+                verdict: FRAGMENT_HELD,
+                ..FragmentEntry::default()
+            };
+            // Replaces only a stale entry; a fresh one another CPU just
+            // entered wins, and this fragment is lost to that race.
+            let flags = if found.is_some() { BPF_ANY } else { BPF_NOEXIST };
+            if FRAGMENTS.insert(datagram, &entry, flags as u64).is_err() {
+                return Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull));
+            }
+            // What an earlier datagram with the same IP ID left must not be
+            // sent with this one.
+            for slot in 0..MAX_QUEUED_PER_DATAGRAM {
+                let _ = FRAGMENT_QUEUE.remove(&QueuedFragmentKey { datagram: *datagram, slot });
+            }
+            0
+        }
     };
     let scratch = HOLD_SCRATCH.get_ptr_mut(0).ok_or(Counter::FragmentHoldFull)?;
     // Masked for the verifier: at most the frame buffer.
     let len = core::hint::black_box(frame_len as u32);
     if len < (ETH_HEADER_LEN + 20) as u32 || len > MAX_QUEUED_FRAME as u32 {
-        return Err(Counter::PassFragment);
+        return Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull));
     }
     // SAFETY: this CPU's buffer; at most its frame's size is written.
     unsafe {
         if bpf_xdp_load_bytes(ctx.ctx, 0, (*scratch).frame.as_mut_ptr().cast(), len) != 0 {
-            return Err(Counter::PassMalformed);
+            return Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull));
         }
         (*scratch).len = len as u16;
     }
-    let key = QueuedFragmentKey { datagram: *datagram, slot: slot as u32 };
-    // SAFETY: this CPU's buffer, just written.
-    if FRAGMENT_QUEUE.insert(&key, unsafe { &*scratch }, 0).is_err() {
-        return Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull));
-    }
-    match (hold, found) {
-        // SAFETY: a map value; another CPU holding a fragment of the same
-        // datagram at once may take the same slot: one of the two is lost.
-        (Hold::Slot(_), Some(entry)) => unsafe { (*entry).queued = slot + 1 },
-        _ => {
-            let entry = FragmentEntry {
-                created_ns: now,
-                ingress,
-                verdict: FRAGMENT_HELD,
-                queued: 1,
-                ..FragmentEntry::default()
-            };
-            let _ = FRAGMENTS.insert(datagram, &entry, 0);
+    for slot in 0..MAX_QUEUED_PER_DATAGRAM {
+        if slot < first_free {
+            continue;
+        }
+        let key = QueuedFragmentKey { datagram: *datagram, slot };
+        // SAFETY: this CPU's buffer, just written.
+        if FRAGMENT_QUEUE.insert(&key, unsafe { &*scratch }, BPF_NOEXIST as u64).is_ok() {
+            if let Some(entry) = FRAGMENTS.get_ptr_mut(datagram) {
+                // SAFETY: a map value; a lost update only makes the hint low.
+                unsafe { (*entry).queued = slot + 1 };
+            }
+            return Ok((xdp_action::XDP_DROP, Counter::FragmentHeld));
         }
     }
-    Ok((xdp_action::XDP_DROP, Counter::FragmentHeld))
+    Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull))
 }

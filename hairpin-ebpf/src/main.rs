@@ -25,7 +25,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use hairpin_common::{
-    Counter, DIRECTION_ORIGINAL, FlowKey, FragmentKey, IPPROTO_TCP, KIND_HAIRPIN, Settings,
+    Counter, DIRECTION_ORIGINAL, FlowKey, FragmentKey, HANDOFF_NEIGH, IPPROTO_TCP, KIND_HAIRPIN,
+    Settings,
     fragment::Fragment,
     icmp::{self, IPPROTO_ICMP},
     nat::{self, Ipv4Layout, Sides},
@@ -35,8 +36,7 @@ use hairpin_common::{
 
 use crate::{
     conntrack::{Admission, Flow, admit_new_flow, create_flow, find_flow, track},
-    forward::{Route, cut_in_tc, fib_lookup, flow_route, hand_to_kernel, send},
-    fragments::Release,
+    forward::{Route, fib_lookup, flow_route, hand_off, hand_to_kernel, send},
     icmp_messages::{
         IP_DONT_FRAGMENT, IcmpAnswer, answer_icmp, time_exceeded, too_big, try_icmp_error,
     },
@@ -74,7 +74,7 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let ingress = ctx.ingress_ifindex() as u32;
     if layout.fragment == Fragment::Later {
-        return fragments::later_fragment(ctx, ingress, now);
+        return fragments::later_fragment(ctx, settings, ingress, now);
     }
     let datagram = FragmentKey::new(ip.src_addr, ip.dst_addr, ip.id, ip.proto);
     match whole_or_first(ctx, ip, &layout, settings, &datagram, now) {
@@ -119,24 +119,11 @@ fn whole_or_first(
     translate(ctx, settings, &arrival, datagram, l4_offset)
 }
 
-/// How a translated packet leaves when XDP cannot send it itself: through
-/// the TC ingress program, with metadata saying what to do.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Handoff {
-    /// Sent by XDP.
-    None,
-    /// `bpf_redirect_neigh` to the egress (next hop unresolved, or an
-    /// interface hairpin does not manage).
-    Neigh(u32),
-    /// A first fragment, with the `held` fragments of its datagram (through
-    /// the kernel's neighbour resolution when `neigh`).
-    Release { ifindex: u32, held: u8, neigh: bool },
-    /// Cut into fragments of `mtu` (too big, DF clear).
-    Split { ifindex: u32, mtu: u16, neigh: bool },
-}
-
 /// The packet of a tracked or new flow: translated and sent on, answered
-/// or dropped (`Ok`), or of no flow (`Err`, passed untouched).
+/// or dropped (`Ok`), or of no flow (`Err`, passed untouched). XDP sends it
+/// itself unless it needs the TC program: a next hop to resolve (or an
+/// interface hairpin does not manage), fragments held for it to release,
+/// or a size to cut it to.
 #[inline(always)]
 fn translate(
     ctx: &XdpContext,
@@ -155,36 +142,34 @@ fn translate(
         let Outcome::Answered(verdict) = outcome else { unreachable_verdict() };
         return Ok(verdict);
     };
-    let held = if arrival.fragmented {
-        let known_mtu = if split_mtu != 0 { split_mtu } else { arrival.tot_len };
-        fragments::translated(datagram, &to, ingress, &route, mapping_id, arrival.now, known_mtu)
+    let held = if arrival.fragmented { fragments::held(datagram, ingress, arrival.now) } else { 0 };
+    let through_tc = split_mtu != 0 || held > 0;
+    // The egress MTU: what TC cuts to, and what the later fragments must fit.
+    let mtu = if split_mtu != 0 {
+        split_mtu
+    } else if arrival.fragmented {
+        fragments::route_mtu(ctx, &route)
     } else {
         0
     };
     let neigh = matches!(route, Route::Unresolved { .. });
-    let handoff = match route {
-        _ if split_mtu != 0 => Handoff::Split { ifindex: route.egress(), mtu: split_mtu, neigh },
-        _ if held > 0 => Handoff::Release { ifindex: route.egress(), held, neigh },
-        Route::Unresolved { ifindex } => Handoff::Neigh(ifindex),
-        _ => Handoff::None,
+    let handed = if through_tc {
+        let flags = if neigh { HANDOFF_NEIGH } else { 0 };
+        hand_off(ctx, route.egress(), if mtu == 0 { u16::MAX } else { mtu }, datagram, held, flags)
+    } else if let Route::Unresolved { ifindex } = route {
+        hand_to_kernel(ctx, ifindex)
+    } else {
+        Ok(())
     };
-    if handoff != Handoff::None {
-        let handed = match handoff {
-            Handoff::Neigh(ifindex) => hand_to_kernel(ctx, ifindex),
-            Handoff::Release { ifindex, held, neigh } => {
-                let how = if neigh { Release::Neigh } else { Release::Egress };
-                fragments::release(ctx, datagram, held, ifindex, how)
-            }
-            Handoff::Split { ifindex, mtu, neigh } => cut_in_tc(ctx, ifindex, mtu, neigh),
-            Handoff::None => Ok(()),
-        };
-        if let Err(counter) = handed {
-            if created {
-                let _ = CONNTRACK_NEW.remove(&packet);
-                let _ = CONNTRACK_NEW.remove(&to.reversed());
-            }
-            return Ok((xdp_action::XDP_DROP, counter));
+    if let Err(counter) = handed {
+        if created {
+            let _ = CONNTRACK_NEW.remove(&packet);
+            let _ = CONNTRACK_NEW.remove(&to.reversed());
         }
+        return Ok((xdp_action::XDP_DROP, counter));
+    }
+    if arrival.fragmented {
+        fragments::translated(datagram, &to, (ingress, &route, mtu), mapping_id, held, arrival.now);
     }
     // Adding metadata invalidates packet pointers: look the headers up again.
     let eth: *mut EthHeader = ptr_at(ctx, 0)?;
@@ -193,10 +178,7 @@ fn translate(
     let l4 = l4_header(ctx, l4_offset, ip.proto)?;
     rewrite(ip, &l4, &packet, &to);
     let (action, counter) = send(eth, &route, counter)?;
-    match handoff {
-        Handoff::Release { .. } | Handoff::Split { .. } => Ok((xdp_action::XDP_PASS, counter)),
-        _ => Ok((action, counter)),
-    }
+    Ok((if through_tc { xdp_action::XDP_PASS } else { action }, counter))
 }
 
 #[inline(always)]
@@ -365,6 +347,7 @@ fn open_flow(ctx: &XdpContext, settings: &Settings, arrival: &Arrival) -> Result
             };
             return answer_icmp(ctx, &refusal, now).map(Outcome::Answered);
         }
+        Err(Counter::FlowRaceDropped) => return Ok(dropped(Counter::FlowRaceDropped)),
         Err(other) => return Err(other),
     };
     count(Counter::FlowCreated);

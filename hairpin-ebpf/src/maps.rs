@@ -6,10 +6,10 @@ use aya_ebpf::{
 };
 use hairpin_common::{
     Counter, DEFAULT_CONNTRACK_CAPACITY, FlowEntry, FlowKey, FragmentEntry, FragmentKey,
-    IcmpBucket, MAX_DENY_NETWORKS, MAX_EGRESS_DEVICES, MAX_INTERFACES, MAX_LAN_NETWORKS,
-    MAX_MAPPING_INTERFACES, MAX_MAPPING_RULES, MAX_MAPPING_SOURCES, MAX_MAPPINGS, MappingKey,
-    MappingStats, MappingValue, QueuedFragment, QueuedFragmentKey, RouteCache, RuleInterface,
-    RuleSource, Settings,
+    IcmpBucket, MAX_DENY_NETWORKS, MAX_EGRESS_DEVICES, MAX_FLOW_ADDRESSES, MAX_INTERFACES,
+    MAX_LAN_NETWORKS, MAX_MAPPING_INTERFACES, MAX_MAPPING_RULES, MAX_MAPPING_SOURCES, MAX_MAPPINGS,
+    MappingKey, MappingStats, MappingValue, QueuedFragment, QueuedFragmentKey, RouteCache,
+    RuleInterface, RuleSource, Settings,
     fragment::{MAX_FRAGMENTED_DATAGRAMS, MAX_QUEUED_FRAGMENTS, MAX_SPLIT_PAYLOAD},
     nat::FlowPair,
     tcp::MAX_OPTIONS_LEN,
@@ -103,6 +103,12 @@ pub(crate) static HOLD_SCRATCH: PerCpuArray<QueuedFragment> = PerCpuArray::with_
 #[map]
 pub(crate) static SPLIT_SCRATCH: PerCpuArray<[u8; 2 * MAX_SPLIT_PAYLOAD]> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// The mapping rules' public and server addresses (`ADDRESS_*` bits): the
+/// early fragments worth holding are those to or from them.
+#[map]
+pub(crate) static FLOW_ADDRESSES: HashMap<u32, u8> =
+    HashMap::with_max_entries(MAX_FLOW_ADDRESSES, 0);
 
 /// `LAYOUT_VERSION` of the user space that created the maps.
 #[map]

@@ -1,8 +1,8 @@
 //! The TC ingress program: what XDP translated but cannot send itself,
 //! handed over with metadata in front of the packet. It sends a packet
-//! whose next hop is unresolved with `bpf_redirect_neigh`, releases the
-//! fragments held for a first fragment, and cuts a packet too big for its
-//! link into fragments. Everything else goes on to the kernel.
+//! whose next hop is unresolved with `bpf_redirect_neigh`, cuts a packet too
+//! big for its link into fragments, and releases the fragments held for a
+//! first fragment. Everything else goes on to the kernel.
 
 use core::mem::size_of;
 
@@ -15,9 +15,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use hairpin_common::{
-    Counter, FRAGMENT_RELEASE_MAGIC, FRAGMENT_SPLIT_MAGIC, FragmentRelease, FragmentSplit,
-    MAX_QUEUED_FRAME, NEIGH_MARK_MASK, NEIGH_MARK_TAG, NEIGH_REDIRECT_MAGIC, NeighRedirect,
-    QueuedFragmentKey, checksum,
+    Counter, HANDOFF_NEIGH, HANDOFF_TO_KERNEL, MAX_QUEUED_FRAME, NEIGH_MARK_MASK, NEIGH_MARK_TAG,
+    NEIGH_REDIRECT_MAGIC, NeighRedirect, QueuedFragmentKey, TC_HANDOFF_MAGIC, TcHandoff, checksum,
     fragment::{self, MAX_QUEUED_PER_DATAGRAM, MAX_SPLIT_FRAGMENTS, MAX_SPLIT_PAYLOAD},
     packet::{ETH_HEADER_LEN, IPV4_HEADER_LEN, Ipv4Header, L4_OFFSET},
 };
@@ -60,21 +59,13 @@ pub(crate) fn tc_ingress(ctx: &TcContext) -> i32 {
             },
             None => TC_ACT_OK,
         },
-        FRAGMENT_RELEASE_MAGIC => match metadata::<FragmentRelease>(skb) {
-            Some(release) => {
-                let release = unsafe { *release };
+        TC_HANDOFF_MAGIC => match metadata::<TcHandoff>(skb) {
+            Some(handoff) => {
+                let handoff = unsafe { *handoff };
                 // The copies sent on carry the metadata too: they must not
-                // be taken for another release when they come back in.
+                // be taken for another hand-off when they come back in.
                 unsafe { *magic = 0 };
-                release_fragments(skb, &release)
-            }
-            None => TC_ACT_OK,
-        },
-        FRAGMENT_SPLIT_MAGIC => match metadata::<FragmentSplit>(skb) {
-            Some(split) => {
-                let split = unsafe { *split };
-                unsafe { *magic = 0 };
-                split_packet(skb, &split)
+                send_handed_off(skb, &handoff)
             }
             None => TC_ACT_OK,
         },
@@ -110,40 +101,46 @@ impl Out {
     }
 }
 
-/// Sends a copy of the packet as it is now.
+/// Sends a copy of the packet as it is now; whether it went (queued
+/// under congestion counts as gone).
 #[inline(always)]
 fn send_copy(skb: *mut __sk_buff, out: Out) -> bool {
+    const NET_XMIT_CN: i64 = 2;
     // SAFETY: helpers on this program's own packet and its context.
-    unsafe {
+    let sent = unsafe {
         match out {
-            Out::Egress(ifindex) => bpf_clone_redirect(skb, ifindex, 0) == 0,
+            Out::Egress(ifindex) => bpf_clone_redirect(skb, ifindex, 0),
             Out::Neigh | Out::Kernel => {
-                bpf_clone_redirect(skb, (*skb).ifindex, BPF_F_INGRESS as u64) == 0
+                bpf_clone_redirect(skb, (*skb).ifindex, BPF_F_INGRESS as u64)
             }
         }
-    }
+    };
+    sent == 0 || sent == NET_XMIT_CN
 }
 
-/// Sends the first fragment (translated by XDP), then each held fragment
-/// of its datagram (translated by XDP in the queue) to the egress, or all
-/// of them as they came back into the kernel (`to_kernel`). The packet is
-/// rewritten into each held frame in turn and a copy sent each time.
+/// Sends the packet (translated by XDP; cut into fragments when larger
+/// than the hand-off's MTU), then each fragment held for its datagram
+/// (translated by XDP in the queue), or all of them as they came back into
+/// the kernel. The packet is rewritten into each held frame in turn and a
+/// copy sent each time; every held frame leaves the queue.
 #[inline(always)]
-fn release_fragments(skb: *mut __sk_buff, release: &FragmentRelease) -> i32 {
-    let out = if release.to_kernel != 0 {
+fn send_handed_off(skb: *mut __sk_buff, handoff: &TcHandoff) -> i32 {
+    let out = if handoff.flags & HANDOFF_TO_KERNEL != 0 {
         Some(Out::Kernel)
     } else {
-        Out::of(skb, release.ifindex, release.neigh != 0)
+        Out::of(skb, handoff.ifindex, handoff.flags & HANDOFF_NEIGH != 0)
     };
     let Some(out) = out else {
+        count(Counter::NoMetadataDropped);
         return TC_ACT_SHOT;
     };
-    send_copy(skb, out);
-    for slot in 0..MAX_QUEUED_PER_DATAGRAM as u32 {
-        if slot >= release.queued as u32 {
+    send_or_cut(skb, out, handoff.mtu);
+    // Every slot: two CPUs may have taken them out of order.
+    for slot in 0..MAX_QUEUED_PER_DATAGRAM {
+        if handoff.queued == 0 {
             break;
         }
-        let key = QueuedFragmentKey { datagram: release.datagram, slot };
+        let key = QueuedFragmentKey { datagram: handoff.datagram, slot };
         let Some(held) = FRAGMENT_QUEUE.get_ptr(&key) else {
             continue;
         };
@@ -153,9 +150,14 @@ fn release_fragments(skb: *mut __sk_buff, release: &FragmentRelease) -> i32 {
             let _ = FRAGMENT_QUEUE.remove(&key);
             continue;
         }
+        if !matches!(out, Out::Kernel) && len - ETH_HEADER_LEN as u32 > handoff.mtu as u32 {
+            let _ = FRAGMENT_QUEUE.remove(&key);
+            count(Counter::FragmentTooBig);
+            continue;
+        }
         // SAFETY: helpers on this program's own packet; at most the held
         // frame's bytes are read from its map value.
-        let sent = unsafe {
+        let rewritten = unsafe {
             bpf_skb_change_tail(skb, len, 0) == 0
                 && bpf_skb_store_bytes(
                     skb,
@@ -164,32 +166,34 @@ fn release_fragments(skb: *mut __sk_buff, release: &FragmentRelease) -> i32 {
                     len,
                     BPF_F_RECOMPUTE_CSUM as u64,
                 ) == 0
-        } && send_copy(skb, out);
+        };
         let _ = FRAGMENT_QUEUE.remove(&key);
-        if !sent {
-            break;
+        if rewritten && send_copy(skb, out) {
+            count(Counter::FragmentReleased);
         }
-        count(Counter::FragmentReleased);
     }
     TC_ACT_SHOT
 }
 
-/// Cuts a translated packet too big for its egress link into fragments of
-/// `split.mtu` and sends each to the egress (XDP wrote its MAC addresses).
-/// The payload is copied aside, then the packet is rewritten into each
-/// fragment in turn and a copy sent. One that cannot be cut is dropped.
+/// Sends a copy of the packet, cut into fragments first when it is larger
+/// than `mtu` (the kernel cuts what it is handed itself).
 #[inline(always)]
-fn split_packet(skb: *mut __sk_buff, split: &FragmentSplit) -> i32 {
-    if try_split(skb, split).is_err() {
-        count(Counter::TooBigDropped);
-    } else {
-        count(Counter::PacketFragmented);
+fn send_or_cut(skb: *mut __sk_buff, out: Out, mtu: u16) -> bool {
+    let mut tot_len = [0u8; 2];
+    // SAFETY: a helper reading this program's packet into the stack.
+    let read = unsafe {
+        bpf_skb_load_bytes(skb.cast(), ETH_HEADER_LEN as u32 + 2, tot_len.as_mut_ptr().cast(), 2)
+    };
+    if matches!(out, Out::Kernel) || read != 0 || u16::from_be_bytes(tot_len) <= mtu {
+        return send_copy(skb, out);
     }
-    TC_ACT_SHOT
+    let cut = try_split(skb, mtu, out).is_ok();
+    count(if cut { Counter::PacketFragmented } else { Counter::TooBigDropped });
+    cut
 }
 
 #[inline(always)]
-fn try_split(skb: *mut __sk_buff, split: &FragmentSplit) -> Result<(), ()> {
+fn try_split(skb: *mut __sk_buff, mtu: u16, out: Out) -> Result<(), ()> {
     let mut header = Ipv4Header {
         version_ihl: 0,
         tos: 0,
@@ -213,7 +217,8 @@ fn try_split(skb: *mut __sk_buff, split: &FragmentSplit) -> Result<(), ()> {
         return Err(());
     }
     let tot_len = u16::from_be(header.tot_len) as u32;
-    let plan = fragment::split(tot_len, IPV4_HEADER_LEN as u32, split.mtu as u32).ok_or(())?;
+    let plan =
+        fragment::split(tot_len, IPV4_HEADER_LEN as u32, mtu as u32, header.frag_off).ok_or(())?;
     let payload_len = core::hint::black_box(tot_len - IPV4_HEADER_LEN as u32);
     if payload_len == 0 || payload_len > MAX_SPLIT_PAYLOAD as u32 {
         return Err(());
@@ -226,7 +231,6 @@ fn try_split(skb: *mut __sk_buff, split: &FragmentSplit) -> Result<(), ()> {
         return Err(());
     }
     let frag_off = header.frag_off;
-    let out = Out::of(skb, split.ifindex, split.neigh != 0).ok_or(())?;
     for index in 0..MAX_SPLIT_FRAGMENTS {
         if index >= plan.fragments {
             break;

@@ -15,10 +15,11 @@ use aya::{
     },
 };
 use hairpin_common::{
-    Counter, DIRECTION_ORIGINAL, FlowEntry, FlowKey, FragmentEntry, FragmentKey, KIND_PORT_FORWARD,
-    LAYOUT_VERSION, MAPPING_ALLOWLIST, MAPPING_INTERFACE_BOUND, MAX_DENY_NETWORKS,
-    MAX_MAPPING_INTERFACES, MAX_MAPPING_RULES, MAX_MAPPING_SOURCES, MAX_MAPPINGS, MappingKey,
-    MappingStats, MappingValue, RouteCache, RuleInterface, RuleSource, Settings, maps::names,
+    ADDRESS_PUBLIC, ADDRESS_SERVER, Counter, DIRECTION_ORIGINAL, FlowEntry, FlowKey, FragmentEntry,
+    FragmentKey, KIND_PORT_FORWARD, LAYOUT_VERSION, MAPPING_ALLOWLIST, MAPPING_INTERFACE_BOUND,
+    MAX_DENY_NETWORKS, MAX_MAPPING_INTERFACES, MAX_MAPPING_RULES, MAX_MAPPING_SOURCES,
+    MAX_MAPPINGS, MappingKey, MappingStats, MappingValue, RouteCache, RuleInterface, RuleSource,
+    Settings, maps::names,
 };
 use thiserror::Error;
 
@@ -94,6 +95,7 @@ pub struct Maps {
     mapping_sources: LpmTrie<MapData, RuleSource, u8>,
     mapping_interfaces: HashMap<MapData, RuleInterface, u8>,
     fragments: HashMap<MapData, FragmentKey, FragmentEntry>,
+    flow_addresses: HashMap<MapData, u32, u8>,
 }
 
 /// Why a network is in the deny set (the `DENY_NETWORKS` value; the datapath
@@ -188,6 +190,7 @@ impl Maps {
             mapping_sources: typed!(names::MAPPING_SOURCES),
             mapping_interfaces: typed!(names::MAPPING_INTERFACES),
             fragments: typed!(names::FRAGMENTS),
+            flow_addresses: typed!(names::FLOW_ADDRESSES),
         })
     }
 
@@ -420,7 +423,31 @@ impl Maps {
             }
             inserted.push(key);
         }
+        self.refresh_flow_addresses()?;
         Ok(id)
+    }
+
+    /// Makes `FLOW_ADDRESSES` say which addresses are the published rules'
+    /// public and server addresses (the datapath holds early fragments only
+    /// of datagrams that may be a flow's).
+    fn refresh_flow_addresses(&mut self) -> Result<(), MapsError> {
+        let mut wanted: BTreeMap<u32, u8> = BTreeMap::new();
+        for rule in self.mapping_rules()? {
+            *wanted.entry(wire_addr(rule.mapping.public)).or_default() |= ADDRESS_PUBLIC;
+            *wanted.entry(wire_addr(rule.mapping.to)).or_default() |= ADDRESS_SERVER;
+        }
+        let present: Vec<u32> = self
+            .flow_addresses
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(names::FLOW_ADDRESSES))?;
+        for addr in present.iter().filter(|addr| !wanted.contains_key(addr)) {
+            let _ = self.flow_addresses.remove(addr);
+        }
+        for (addr, role) in wanted {
+            self.flow_addresses.insert(addr, role, 0).map_err(map_error(names::FLOW_ADDRESSES))?;
+        }
+        Ok(())
     }
 
     fn add_restrictions(
@@ -575,6 +602,7 @@ impl Maps {
             self.mappings.remove(&key).map_err(map_error(names::MAPPINGS))?;
         }
         self.remove_restrictions(rule.id)?;
+        self.refresh_flow_addresses()?;
         Ok(rule)
     }
 

@@ -187,9 +187,10 @@ enum Unmapped {
 }
 
 /// Fragments of no flow reach where they are going whatever their order:
-/// in order they pass through XDP untouched; last-first the later ones are
-/// held until the first says the datagram is no flow's, then handed to the
-/// kernel as they came. A big ping as well.
+/// in order they pass through XDP untouched; last-first, those that may be
+/// a flow's (to the gateway's address) are held until the first says the
+/// datagram is no flow's, then handed to the kernel as they came, and the
+/// others pass as they come. A big ping as well.
 #[rstest]
 #[case::iptables_gateway(Nat::Iptables, Unmapped::GatewayService)]
 #[case::iptables_wan(Nat::Iptables, Unmapped::WanHost)]
@@ -263,7 +264,13 @@ fn fragments_of_no_flow_reach_their_destination_in_any_order(
     );
     let counters = bed.finish();
     if nat == Nat::Hairpin {
-        assert_eq!(counter(&counters, "fragment_released"), 2, "{counters:?}");
+        // To the gateway's address the datagram may be a hairpin's reply:
+        // held, then released to the kernel; transit is passed as it comes.
+        let released = match to {
+            Unmapped::GatewayService => 2,
+            Unmapped::WanHost => 0,
+        };
+        assert_eq!(counter(&counters, "fragment_released"), released, "{counters:?}");
         assert_eq!(counter(&counters, "fragment_translated"), 0, "{counters:?}");
     }
 }

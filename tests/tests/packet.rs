@@ -14,9 +14,8 @@ use hairpin::{
     routes::RouteCacheKeeper,
 };
 use hairpin_common::{
-    Counter, FRAGMENT_RELEASE_MAGIC, FRAGMENT_SPLIT_MAGIC, FRAGMENT_TRANSLATED, FlowKey,
-    FragmentEntry, FragmentKey, FragmentRelease, FragmentSplit, RouteCache,
-    fragment::MAX_FRAGMENTED_DATAGRAMS, state,
+    Counter, FRAGMENT_TRANSLATED, FlowKey, FragmentEntry, FragmentKey, HANDOFF_TO_KERNEL,
+    RouteCache, TC_HANDOFF_MAGIC, TcHandoff, fragment::MAX_FRAGMENTED_DATAGRAMS, state,
 };
 use hairpin_tests::{
     Netns, have_root,
@@ -1352,9 +1351,10 @@ fn too_big_towards_the_server_is_answered_with_fragmentation_needed() {
         let may_fragment = big_tcp(client, (PUBLIC, 80), 1420, false);
         let (verdict, out) = gw.run_on(wan0, &may_fragment);
         assert_eq!(verdict, XDP_PASS, "handed to TC to be cut into fragments");
-        let (meta, out) = out.split_at(size_of::<FragmentSplit>());
-        assert_eq!(meta[..4], FRAGMENT_SPLIT_MAGIC.to_ne_bytes(), "metadata for TC");
-        assert_eq!(u16::from_ne_bytes([meta[8], meta[9]]), 1400, "cut to the LAN's MTU");
+        let (meta, out) = out.split_at(size_of::<TcHandoff>());
+        let handoff: TcHandoff = bytemuck::pod_read_unaligned(meta);
+        assert_eq!(handoff.magic, TC_HANDOFF_MAGIC, "metadata for TC");
+        assert_eq!((handoff.mtu, handoff.queued), (1400, 0), "cut to the LAN's MTU");
         assert_eq!(inspect(out).dst, (SERVER, 8080), "translated, not the gateway's own");
         assert_eq!(&out[0..6], &SERVER_MAC, "addressed to the next hop");
         assert_eq!(gw.counter(Counter::TooBigDropped), 0);
@@ -1647,10 +1647,10 @@ fn fragments_that_come_before_their_first_are_held_and_released_with_it() {
         assert_eq!(gw.counter(Counter::FragmentHeld), 2);
         let (verdict, out) = gw.run(&query[0]);
         assert_eq!(verdict, XDP_PASS, "handed to TC, which sends the held ones after it");
-        let (meta, out) = out.split_at(size_of::<FragmentRelease>());
-        let release: FragmentRelease = bytemuck::pod_read_unaligned(meta);
-        assert_eq!(release.magic, FRAGMENT_RELEASE_MAGIC);
-        assert_eq!((release.queued, release.to_kernel), (2, 0), "two held, sent translated");
+        let (meta, out) = out.split_at(size_of::<TcHandoff>());
+        let release: TcHandoff = bytemuck::pod_read_unaligned(meta);
+        assert_eq!(release.magic, TC_HANDOFF_MAGIC);
+        assert_eq!((release.queued, release.flags), (2, 0), "two held, sent translated");
         let (src, dst, _) = inspect_fragment(out);
         assert_eq!((src, dst), (GATEWAY, SERVER), "the first fragment is translated");
         let held = gw.datapath.maps.fragments().expect("fragments");
@@ -1674,9 +1674,13 @@ fn fragments_of_no_flow_go_to_the_kernel_untouched_in_any_order() {
         assert_eq!(verdict, XDP_DROP, "held until its first fragment says whose it is");
         let (verdict, out) = gw.run(&other[0]);
         assert_eq!(verdict, XDP_PASS);
-        let (meta, out) = out.split_at(size_of::<FragmentRelease>());
-        let release: FragmentRelease = bytemuck::pod_read_unaligned(meta);
-        assert_eq!((release.queued, release.to_kernel), (1, 1), "the held one to the kernel too");
+        let (meta, out) = out.split_at(size_of::<TcHandoff>());
+        let release: TcHandoff = bytemuck::pod_read_unaligned(meta);
+        assert_eq!(
+            (release.queued, release.flags),
+            (1, HANDOFF_TO_KERNEL),
+            "the held one to the kernel too"
+        );
         assert!(out == other[0], "the first fragment to the kernel as it came");
         let (verdict, out) = gw.run(&other[1]);
         assert!((verdict, &out) == (XDP_PASS, &other[1]), "a later one after it, as it came");
@@ -1694,8 +1698,8 @@ fn a_datagrams_translation_lapses_and_binds_to_its_interface() {
         let query = ipv4_fragments(&big_udp((CLIENT, 40400), (PUBLIC, 53), 3000, 31), 1480);
         assert_eq!(gw.run(&query[0]).0, XDP_TX);
         let wan0 = gw.wan0;
-        let (verdict, out) = gw.run_on(wan0, &query[1]);
-        assert!((verdict, &out) == (XDP_PASS, &query[1]), "another interface's: no flow's");
+        let (verdict, _) = gw.run_on(wan0, &query[1]);
+        assert_eq!(verdict, XDP_DROP, "another interface's: no flow's, and never passed as it is");
         assert_eq!(gw.counter(Counter::WrongInterface), 1);
 
         let key = FragmentKey::new(
@@ -1760,9 +1764,9 @@ fn a_later_fragment_too_big_for_the_egress_is_cut_again() {
         let big_later = ipv4_fragments(&big_udp((WAN_CLIENT, 50500), (PUBLIC, 53), 3000, 41), 1480);
         let (verdict, out) = gw.run_on(wan0, &big_later[1]);
         assert_eq!(verdict, XDP_PASS, "handed to TC to be cut for the LAN");
-        let (meta, out) = out.split_at(size_of::<FragmentSplit>());
-        assert_eq!(meta[..4], FRAGMENT_SPLIT_MAGIC.to_ne_bytes());
-        assert_eq!(u16::from_ne_bytes([meta[8], meta[9]]), 1400);
+        let (meta, out) = out.split_at(size_of::<TcHandoff>());
+        let handoff: TcHandoff = bytemuck::pod_read_unaligned(meta);
+        assert_eq!((handoff.magic, handoff.mtu), (TC_HANDOFF_MAGIC, 1400));
         let (src, dst, offset) = inspect_fragment(out);
         assert_eq!((src, dst, offset), (WAN_CLIENT, SERVER, 1480), "translated, offset kept");
         assert_eq!(gw.counter(Counter::FragmentTranslated), 1);
@@ -1860,5 +1864,25 @@ fn an_icmp_error_about_a_flow_whose_ttl_expires_is_dropped() {
         let (verdict, _) = gw.run(&error);
         assert_eq!(verdict, XDP_DROP, "no error about an error, and never passed untranslated");
         assert_eq!(gw.counter(Counter::TtlExpiredDropped), 1);
+    });
+}
+
+#[test]
+fn an_early_fragment_that_cannot_be_a_flows_passes_as_it_came() {
+    if skip_unless_root("an_early_fragment_that_cannot_be_a_flows_passes_as_it_came") {
+        return;
+    }
+    with_datapath(CONFIG, |gw| {
+        // A LAN host's datagram to the internet, neither from a server nor to
+        // a public or the gateway's address: the kernel's to route.
+        let transit = ipv4_fragments(&big_udp((CLIENT, 41000), (OUTSIDER, 53), 3000, 51), 1480);
+        let (verdict, out) = gw.run(&transit[2]);
+        assert!((verdict, &out) == (XDP_PASS, &transit[2]), "untouched, not held");
+        assert_eq!(gw.counter(Counter::PassFragment), 1);
+        assert_eq!(gw.counter(Counter::FragmentHeld), 0);
+        // From a server it may be a port forward's reply: held.
+        let reply = ipv4_fragments(&big_udp((SERVER, 5353), (OUTSIDER, 41001), 3000, 52), 1480);
+        assert_eq!(gw.run(&reply[2]).0, XDP_DROP);
+        assert_eq!(gw.counter(Counter::FragmentHeld), 1);
     });
 }
