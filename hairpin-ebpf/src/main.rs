@@ -76,26 +76,28 @@ fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     if layout.fragment == Fragment::Later {
         return fragments::later_fragment(ctx, settings, ingress, now);
     }
-    let datagram = FragmentKey::new(ip.src_addr, ip.dst_addr, ip.id, ip.proto);
-    match whole_or_first(ctx, ip, &layout, settings, &datagram, now) {
+    match whole_or_first(ctx, ip, &layout, settings, now) {
         // The later fragments of a datagram whose first goes to the kernel
         // go there too, and any held ones with it.
         Err(pass_reason) if layout.fragment == Fragment::First => {
+            let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+            // SAFETY: bounds checked by ptr_at.
+            let datagram =
+                unsafe { FragmentKey::new((*ip).src_addr, (*ip).dst_addr, (*ip).id, (*ip).proto) };
             fragments::passed(ctx, &datagram, ingress, now, pass_reason)
         }
         verdict => verdict,
     }
 }
 
-/// A whole packet or a first fragment (of `datagram`): an ICMP error, or a
-/// TCP or UDP packet of a flow.
+/// A whole packet or a first fragment: an ICMP error, or a TCP or UDP
+/// packet of a flow.
 #[inline(always)]
 fn whole_or_first(
     ctx: &XdpContext,
     ip: &Ipv4Header,
     layout: &Ipv4Layout,
     settings: &Settings,
-    datagram: &FragmentKey,
     now: u64,
 ) -> Result<(u32, Counter), Counter> {
     let l4_offset = l4_offset(layout.header_len);
@@ -116,7 +118,7 @@ fn whole_or_first(
     let packet = FlowKey::new(ip.src_addr, ip.dst_addr, src_port, dst_port, ip.proto);
     let fragmented = layout.fragment == Fragment::First;
     let arrival = Arrival { packet, segment, now, tot_len, ttl: ip.ttl, fragmented };
-    translate(ctx, settings, &arrival, datagram, l4_offset)
+    translate(ctx, settings, &arrival, l4_offset)
 }
 
 /// The packet of a tracked or new flow: translated and sent on, answered
@@ -129,7 +131,6 @@ fn translate(
     ctx: &XdpContext,
     settings: &Settings,
     arrival: &Arrival,
-    datagram: &FragmentKey,
     l4_offset: usize,
 ) -> Result<(u32, Counter), Counter> {
     let packet = arrival.packet;
@@ -142,20 +143,38 @@ fn translate(
         let Outcome::Answered(verdict) = outcome else { unreachable_verdict() };
         return Ok(verdict);
     };
+    if !arrival.fragmented && split_mtu == 0 {
+        // The common case: sent by XDP, or through the kernel's neighbour
+        // resolution.
+        if let Route::Unresolved { ifindex } = route
+            && let Err(counter) = hand_to_kernel(ctx, ifindex)
+        {
+            if created {
+                let _ = CONNTRACK_NEW.remove(&packet);
+                let _ = CONNTRACK_NEW.remove(&to.reversed());
+            }
+            return Ok((xdp_action::XDP_DROP, counter));
+        }
+        // Adding metadata invalidates packet pointers: look the headers up again.
+        let eth: *mut EthHeader = ptr_at(ctx, 0)?;
+        let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+        let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
+        let l4 = l4_header(ctx, l4_offset, ip.proto)?;
+        rewrite(ip, &l4, &packet, &to);
+        return send(eth, &route, counter);
+    }
+    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+    // SAFETY: bounds checked by ptr_at; the packet is not rewritten yet.
+    let id = unsafe { (*ip).id };
+    let datagram = &FragmentKey::new(packet.src_addr, packet.dst_addr, id, packet.proto);
     let held = if arrival.fragmented { fragments::held(datagram, ingress, arrival.now) } else { 0 };
     let through_tc = split_mtu != 0 || held > 0;
     // The egress MTU: what TC cuts to, and what the later fragments must fit.
-    let mtu = if split_mtu != 0 {
-        split_mtu
-    } else if arrival.fragmented {
-        fragments::route_mtu(ctx, &route)
-    } else {
-        0
-    };
+    let mtu = if split_mtu != 0 { split_mtu } else { fragments::route_mtu(ctx, &route) };
     let neigh = matches!(route, Route::Unresolved { .. });
     let handed = if through_tc {
         let flags = if neigh { HANDOFF_NEIGH } else { 0 };
-        hand_off(ctx, route.egress(), if mtu == 0 { u16::MAX } else { mtu }, datagram, held, flags)
+        hand_off(ctx, route.egress(), mtu, datagram, held, flags)
     } else if let Route::Unresolved { ifindex } = route {
         hand_to_kernel(ctx, ifindex)
     } else {
@@ -171,7 +190,6 @@ fn translate(
     if arrival.fragmented {
         fragments::translated(datagram, &to, (ingress, &route, mtu), mapping_id, held, arrival.now);
     }
-    // Adding metadata invalidates packet pointers: look the headers up again.
     let eth: *mut EthHeader = ptr_at(ctx, 0)?;
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
     let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
