@@ -183,21 +183,11 @@ pub(crate) fn fib_lookup(
 /// packet meanwhile, so even a flow's first packet is not lost.
 #[inline(always)]
 pub(crate) fn hand_to_kernel(ctx: &XdpContext, ifindex: u32) -> Result<(), Counter> {
-    let len = size_of::<NeighRedirect>() as i32;
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
+    let prepended = prepend_metadata(ctx, NeighRedirect { magic: NEIGH_REDIRECT_MAGIC, ifindex });
+    if prepended.is_err() {
         warn!(ctx, "no room for XDP metadata; packet dropped");
-        return Err(Counter::NoMetadataDropped);
     }
-    let meta = ctx.metadata();
-    if meta + size_of::<NeighRedirect>() > ctx.data() {
-        return Err(Counter::NoMetadataDropped);
-    }
-    let meta = meta as *mut NeighRedirect;
-    unsafe {
-        (*meta).magic = NEIGH_REDIRECT_MAGIC;
-        (*meta).ifindex = ifindex;
-    }
-    Ok(())
+    prepended
 }
 
 /// Prepends the metadata that asks the TC ingress program to send the
@@ -212,27 +202,32 @@ pub(crate) fn hand_off(
     queued: u8,
     flags: u8,
 ) -> Result<(), Counter> {
-    let len = size_of::<TcHandoff>() as i32;
+    let handoff = TcHandoff {
+        magic: TC_HANDOFF_MAGIC,
+        ifindex,
+        datagram: *datagram,
+        mtu,
+        queued,
+        flags,
+        _pad: 0,
+    };
+    prepend_metadata(ctx, handoff)
+}
+
+/// Puts `value` in front of the packet as its metadata, for the TC ingress
+/// program.
+#[inline(always)]
+fn prepend_metadata<T: Copy>(ctx: &XdpContext, value: T) -> Result<(), Counter> {
+    let len = size_of::<T>() as i32;
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
         return Err(Counter::NoMetadataDropped);
     }
     let meta = ctx.metadata();
-    if meta + size_of::<TcHandoff>() > ctx.data() {
+    if meta + size_of::<T>() > ctx.data() {
         return Err(Counter::NoMetadataDropped);
     }
-    let meta = meta as *mut TcHandoff;
     // SAFETY: bounds checked against the packet data just above.
-    unsafe {
-        *meta = TcHandoff {
-            magic: TC_HANDOFF_MAGIC,
-            ifindex,
-            datagram: *datagram,
-            mtu,
-            queued,
-            flags,
-            _pad: 0,
-        };
-    }
+    unsafe { (meta as *mut T).write_unaligned(value) };
     Ok(())
 }
 

@@ -1148,9 +1148,7 @@ fn a_servers_packet_too_big_for_the_wan_is_answered_or_dropped() {
     }
     with_datapath(CONFIG, |gw| {
         // The WAN link is smaller than the LAN's packets.
-        let mtu_run =
-            std::process::Command::new("ip").args(["link", "set", "wan0", "mtu", "1400"]).status();
-        assert!(mtu_run.expect("ip").success());
+        ip(&["link", "set", "wan0", "mtu", "1400"]);
         let wan0 = gw.wan0;
         assert_eq!(gw.run_on(wan0, &udp((WAN_CLIENT, 50100), (PUBLIC, 53), b"q")).0, XDP_REDIRECT);
         let big = with_dont_fragment(udp((SERVER, 5353), (WAN_CLIENT, 50100), &[7u8; 1450]), true);
@@ -1327,9 +1325,7 @@ fn too_big_towards_the_server_is_answered_with_fragmentation_needed() {
         return;
     }
     with_datapath(CONFIG, |gw| {
-        let status =
-            std::process::Command::new("ip").args(["link", "set", "lan0", "mtu", "1400"]).status();
-        assert!(status.expect("ip").success());
+        ip(&["link", "set", "lan0", "mtu", "1400"]);
         let wan0 = gw.wan0;
         let client = (WAN_CLIENT, 50300);
         assert_eq!(gw.run_on(wan0, &syn(client, (PUBLIC, 80))).0, XDP_REDIRECT);
@@ -1536,9 +1532,7 @@ fn a_packet_larger_than_the_cached_route_allows_is_looked_up() {
         return;
     }
     with_datapath(CONFIG, |gw| {
-        let status =
-            std::process::Command::new("ip").args(["link", "set", "lan0", "mtu", "1400"]).status();
-        assert!(status.expect("ip").success());
+        ip(&["link", "set", "lan0", "mtu", "1400"]);
         let _keeper = RouteCacheKeeper::start(&gw.datapath.maps).expect("route cache keeper");
         let client = (WAN_CLIENT, 50600);
         assert_eq!(gw.run_on(gw.wan0, &syn(client, (PUBLIC, 80))).0, XDP_REDIRECT);
@@ -1754,9 +1748,7 @@ fn a_later_fragment_too_big_for_the_egress_is_cut_again() {
         return;
     }
     with_datapath(CONFIG, |gw| {
-        let status =
-            std::process::Command::new("ip").args(["link", "set", "lan0", "mtu", "1400"]).status();
-        assert!(status.expect("ip").success());
+        ip(&["link", "set", "lan0", "mtu", "1400"]);
         let wan0 = gw.wan0;
         let query = ipv4_fragments(&big_udp((WAN_CLIENT, 50500), (PUBLIC, 53), 2000, 41), 1376);
         let small_first = with_frag_off(query[0].clone(), 0x2000);
