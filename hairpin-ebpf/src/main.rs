@@ -41,7 +41,7 @@ use crate::{
         IP_DONT_FRAGMENT, IcmpAnswer, answer_icmp, time_exceeded, too_big, try_icmp_error,
     },
     maps::{CONNTRACK_NEW, SETTINGS, account, count},
-    packet::{l4_header, l4_offset, ptr_at, rewrite, tcp_segment},
+    packet::{L4, l4_header, l4_offset, ptr_at, rewrite, tcp_segment},
 };
 
 #[xdp(frags)]
@@ -118,7 +118,7 @@ fn whole_or_first(
     let packet = FlowKey::new(ip.src_addr, ip.dst_addr, src_port, dst_port, ip.proto);
     let fragmented = layout.fragment == Fragment::First;
     let arrival = Arrival { packet, segment, now, tot_len, ttl: ip.ttl, fragmented };
-    translate(ctx, settings, &arrival, l4_offset)
+    translate(ctx, settings, &arrival, l4_offset, l4)
 }
 
 /// The packet of a tracked or new flow: translated and sent on, answered
@@ -132,6 +132,7 @@ fn translate(
     settings: &Settings,
     arrival: &Arrival,
     l4_offset: usize,
+    l4: L4,
 ) -> Result<(u32, Counter), Counter> {
     let packet = arrival.packet;
     let ingress = ctx.ingress_ifindex() as u32;
@@ -146,9 +147,16 @@ fn translate(
     if !arrival.fragmented && split_mtu == 0 {
         // The common case: sent by XDP, or through the kernel's neighbour
         // resolution.
-        if let Route::Unresolved { ifindex } = route
-            && let Err(counter) = hand_to_kernel(ctx, ifindex)
-        {
+        let Route::Unresolved { ifindex } = route else {
+            // The L4 header as parsed: no helper has moved the packet since
+            // (the Ethernet and IPv4 headers cost a constant check again).
+            let eth: *mut EthHeader = ptr_at(ctx, 0)?;
+            let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+            let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
+            rewrite(ip, &l4, &packet, &to);
+            return send(eth, &route, counter);
+        };
+        if let Err(counter) = hand_to_kernel(ctx, ifindex) {
             if created {
                 let _ = CONNTRACK_NEW.remove(&packet);
                 let _ = CONNTRACK_NEW.remove(&to.reversed());
