@@ -84,6 +84,7 @@ fn assert_echoed(reply: &[u8], payload: &[u8], what: &str) {
 #[case::hairpin_hairpin_3000(Nat::Hairpin, Sender::LanClient, 3000)]
 #[case::hairpin_hairpin_8000(Nat::Hairpin, Sender::LanClient, 8000)]
 #[case::hairpin_forward_3000(Nat::Hairpin, Sender::WanHost, 3000)]
+#[ignore = "needs root"]
 fn large_udp_is_echoed_fragmented_both_ways(
     #[case] nat: Nat,
     #[case] sender: Sender,
@@ -136,6 +137,7 @@ fn fragments_last_first(
 #[case::iptables_forward(Nat::Iptables, Sender::WanHost)]
 #[case::hairpin_hairpin(Nat::Hairpin, Sender::LanClient)]
 #[case::hairpin_forward(Nat::Hairpin, Sender::WanHost)]
+#[ignore = "needs root"]
 fn fragments_sent_last_first_are_delivered(#[case] nat: Nat, #[case] sender: Sender) {
     if !have_root("fragments_sent_last_first_are_delivered") {
         return;
@@ -196,6 +198,7 @@ enum Unmapped {
 #[case::iptables_wan(Nat::Iptables, Unmapped::WanHost)]
 #[case::hairpin_gateway(Nat::Hairpin, Unmapped::GatewayService)]
 #[case::hairpin_wan(Nat::Hairpin, Unmapped::WanHost)]
+#[ignore = "needs root"]
 fn fragments_of_no_flow_reach_their_destination_in_any_order(
     #[case] nat: Nat,
     #[case] to: Unmapped,
@@ -292,6 +295,7 @@ fn set_ip_option(socket: &UdpSocket, level: i32, name: i32, value: &[u8]) {
 #[rstest]
 #[case::iptables(Nat::Iptables)]
 #[case::hairpin(Nat::Hairpin)]
+#[ignore = "needs root"]
 fn ip_options_on_an_open_flow_are_carried(#[case] nat: Nat) {
     if !have_root("ip_options_on_an_open_flow_are_carried") {
         return;
@@ -331,6 +335,7 @@ fn icmp_of(captured: &Captured) -> Option<(Ipv4Addr, u8, u8, [u8; 4])> {
 #[case::iptables_forward(Nat::Iptables, Sender::WanHost)]
 #[case::hairpin_hairpin(Nat::Hairpin, Sender::LanClient)]
 #[case::hairpin_forward(Nat::Hairpin, Sender::WanHost)]
+#[ignore = "needs root"]
 fn ttl_one_on_a_tracked_flow_is_answered_time_exceeded(#[case] nat: Nat, #[case] sender: Sender) {
     if !have_root("ttl_one_on_a_tracked_flow_is_answered_time_exceeded") {
         return;
@@ -415,6 +420,7 @@ fn count_one_upload(listener: TcpListener) -> io::Result<()> {
 #[rstest]
 #[case::iptables(Nat::Iptables)]
 #[case::hairpin(Nat::Hairpin)]
+#[ignore = "needs root"]
 fn a_server_behind_a_lan_router_with_a_smaller_mtu(#[case] nat: Nat) {
     if !have_root("a_server_behind_a_lan_router_with_a_smaller_mtu") {
         return;
@@ -479,6 +485,7 @@ fn a_server_behind_a_lan_router_with_a_smaller_mtu(#[case] nat: Nat) {
 #[case::iptables_3000(Nat::Iptables, 3000)]
 #[case::hairpin_1500(Nat::Hairpin, 1472)]
 #[case::hairpin_3000(Nat::Hairpin, 3000)]
+#[ignore = "needs root"]
 fn a_datagram_too_big_for_the_lan_without_df_is_fragmented(#[case] nat: Nat, #[case] len: usize) {
     if !have_root("a_datagram_too_big_for_the_lan_without_df_is_fragmented") {
         return;

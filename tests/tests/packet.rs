@@ -458,6 +458,7 @@ enum Towards {
 #[rstest]
 #[case::client_to_the_public_address(Towards::PublicAddress)]
 #[case::server_to_the_gateway(Towards::Gateway)]
+#[ignore = "needs root"]
 fn ttl_one_of_a_tracked_flow_is_answered_with_time_exceeded(#[case] towards: Towards) {
     if skip_unless_root("ttl_one_of_a_tracked_flow_is_answered_with_time_exceeded") {
         return;
@@ -489,6 +490,7 @@ fn with_ttl(mut packet: Vec<u8>, ttl: u8) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn ip_options_are_kept_and_the_packet_translated() {
     if skip_unless_root("ip_options_are_kept_and_the_packet_translated") {
         return;
@@ -1142,6 +1144,7 @@ fn reclaim_keeps_a_flow_reopened_after_it_read_the_table() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_servers_packet_too_big_for_the_wan_is_answered_or_dropped() {
     if skip_unless_root("a_servers_packet_too_big_for_the_wan_is_answered_or_dropped") {
         return;
@@ -1589,6 +1592,7 @@ fn reassembled(fragments: &[Vec<u8>]) -> Seen {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways() {
     if skip_unless_root("a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways") {
         return;
@@ -1628,6 +1632,7 @@ fn a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn fragments_that_come_before_their_first_are_held_and_released_with_it() {
     if skip_unless_root("fragments_that_come_before_their_first_are_held_and_released_with_it") {
         return;
@@ -1658,6 +1663,7 @@ fn fragments_that_come_before_their_first_are_held_and_released_with_it() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn fragments_of_no_flow_go_to_the_kernel_untouched_in_any_order() {
     if skip_unless_root("fragments_of_no_flow_go_to_the_kernel_untouched_in_any_order") {
         return;
@@ -1684,6 +1690,7 @@ fn fragments_of_no_flow_go_to_the_kernel_untouched_in_any_order() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_datagrams_translation_lapses_and_binds_to_its_interface() {
     if skip_unless_root("a_datagrams_translation_lapses_and_binds_to_its_interface") {
         return;
@@ -1719,6 +1726,7 @@ fn a_datagrams_translation_lapses_and_binds_to_its_interface() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn the_fragment_table_is_bounded() {
     if skip_unless_root("the_fragment_table_is_bounded") {
         return;
@@ -1743,6 +1751,7 @@ fn the_fragment_table_is_bounded() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_later_fragment_too_big_for_the_egress_is_cut_again() {
     if skip_unless_root("a_later_fragment_too_big_for_the_egress_is_cut_again") {
         return;
@@ -1771,6 +1780,7 @@ fn ip(args: &[&str]) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_flows_packet_with_no_route_is_dropped_not_passed() {
     if skip_unless_root("a_flows_packet_with_no_route_is_dropped_not_passed") {
         return;
@@ -1790,6 +1800,7 @@ fn a_flows_packet_with_no_route_is_dropped_not_passed() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_route_through_an_interface_hairpin_does_not_manage_goes_through_the_kernel_translated() {
     if skip_unless_root(
         "a_route_through_an_interface_hairpin_does_not_manage_goes_through_the_kernel_translated",
@@ -1826,6 +1837,7 @@ fn a_route_through_an_interface_hairpin_does_not_manage_goes_through_the_kernel_
 }
 
 #[test]
+#[ignore = "needs root"]
 fn an_icmp_redirect_about_a_flow_is_translated() {
     if skip_unless_root("an_icmp_redirect_about_a_flow_is_translated") {
         return;
@@ -1845,6 +1857,7 @@ fn an_icmp_redirect_about_a_flow_is_translated() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn an_icmp_error_about_a_flow_whose_ttl_expires_is_dropped() {
     if skip_unless_root("an_icmp_error_about_a_flow_whose_ttl_expires_is_dropped") {
         return;
@@ -1860,6 +1873,7 @@ fn an_icmp_error_about_a_flow_whose_ttl_expires_is_dropped() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn an_early_fragment_that_cannot_be_a_flows_passes_as_it_came() {
     if skip_unless_root("an_early_fragment_that_cannot_be_a_flows_passes_as_it_came") {
         return;
