@@ -23,15 +23,14 @@ use std::{
     thread,
 };
 
-/// Whether the caller may create namespaces and load eBPF. When not, prints
-/// why the test is skipped.
-pub fn have_root(test: &str) -> bool {
+/// Fails the test unless the caller may create namespaces and load eBPF.
+/// Tests that call it are `#[ignore = "needs root"]`: `cargo test` leaves
+/// them out, saying so, and `cargo xtask test` runs them as root; one run
+/// without root fails instead of passing untested.
+pub fn require_root(test: &str) {
     // SAFETY: no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        println!("skipping {test}: needs root for namespaces and eBPF (run `cargo xtask test`)");
-    }
-    root
+    assert!(root, "{test} needs root for namespaces and eBPF: run `cargo xtask test`");
 }
 
 /// Runs a command, panicking with its output when it fails.

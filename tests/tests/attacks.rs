@@ -24,8 +24,8 @@ use hairpin_tests::{
     capture::{Capture, Captured},
     cli::Cli,
     daemon::Daemon,
-    have_root,
     raw::PacketSocket,
+    require_root,
     seed::{CLIENT, ConfigOptions, GATEWAY_LAN, GATEWAY_WAN_IF, PUBLIC, SERVER, SeedBed, WAN_HOST},
 };
 use serde_json::Value;
@@ -316,9 +316,7 @@ fn translated_source(flow: &Value) -> SocketAddrV4 {
 #[test]
 #[ignore = "needs root"]
 fn a_lan_flows_tuples_injected_from_the_wan_are_never_delivered() {
-    if !have_root("a_lan_flows_tuples_injected_from_the_wan_are_never_delivered") {
-        return;
-    }
+    require_root("a_lan_flows_tuples_injected_from_the_wan_are_never_delivered");
     let bed = Bed::new();
     let seed = &bed.seed;
     let cli = bed.cli();
@@ -432,9 +430,7 @@ fn a_lan_flows_tuples_injected_from_the_wan_are_never_delivered() {
 #[test]
 #[ignore = "needs root"]
 fn an_idle_connection_outlives_a_spoofed_udp_wave_and_a_syn_flood() {
-    if !have_root("an_idle_connection_outlives_a_spoofed_udp_wave_and_a_syn_flood") {
-        return;
-    }
+    require_root("an_idle_connection_outlives_a_spoofed_udp_wave_and_a_syn_flood");
     const CAPACITY: u32 = 1024;
     const WAVE: u32 = 2 * CAPACITY;
     const FLOOD: u32 = 5 * CAPACITY;
@@ -683,9 +679,7 @@ fn epochs(records: &[(SocketAddr, Vec<u8>)]) -> Vec<Epoch> {
 #[test]
 #[ignore = "needs root"]
 fn one_gateway_port_never_carries_two_clients_flows_at_once() {
-    if !have_root("one_gateway_port_never_carries_two_clients_flows_at_once") {
-        return;
-    }
+    require_root("one_gateway_port_never_carries_two_clients_flows_at_once");
     const CAPACITY: u32 = 1024;
     const FLOOD: u32 = 16 * CAPACITY;
     /// Slow enough that the table turns over in about 16 ms, 8 times the
@@ -841,9 +835,7 @@ fn next_seq(capture: &Capture, client: SocketAddrV4) -> u32 {
 #[test]
 #[ignore = "needs root"]
 fn blind_resets_from_the_wan_leave_a_forwarded_connection_established() {
-    if !have_root("blind_resets_from_the_wan_leave_a_forwarded_connection_established") {
-        return;
-    }
+    require_root("blind_resets_from_the_wan_leave_a_forwarded_connection_established");
     const BLIND_RESETS: u32 = 32;
     /// Further from the next expected sequence number than any window here.
     const FAR: u32 = 1 << 24;

@@ -21,7 +21,7 @@ use hairpin_tests::{
     apps::{Servers, TcpEcho, http_get, http_request, tcp_connect, udp_echo},
     cli::{Cli, CliOutput},
     daemon::{Daemon, pin_dir},
-    have_root,
+    require_root,
     seed::{CLIENT, ConfigOptions, GATEWAY_LAN, PUBLIC, SERVER, SeedBed},
 };
 use rstest::rstest;
@@ -249,10 +249,9 @@ fn assert_refused_input(output: &CliOutput, status: i32) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn mapping_add_and_del_while_a_flow_runs() {
-    if !have_root("mapping_add_and_del_while_a_flow_runs") {
-        return;
-    }
+    require_root("mapping_add_and_del_while_a_flow_runs");
     let bed = Bed::new();
     let (client, cli) = (&bed.seed.client, bed.cli());
     let _daemon = bed.start(&[ECHO]);
@@ -322,10 +321,9 @@ fn mapping_add_and_del_while_a_flow_runs() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_withdrawn_mappings_flows_are_not_counted_under_the_next_mapping() {
-    if !have_root("a_withdrawn_mappings_flows_are_not_counted_under_the_next_mapping") {
-        return;
-    }
+    require_root("a_withdrawn_mappings_flows_are_not_counted_under_the_next_mapping");
     let bed = Bed::new();
     let (client, cli) = (&bed.seed.client, bed.cli());
     let _daemon = bed.start(&[HTTP]);
@@ -355,10 +353,9 @@ fn a_withdrawn_mappings_flows_are_not_counted_under_the_next_mapping() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn the_datapath_outlives_its_daemon_and_a_restart_takes_it_over() {
-    if !have_root("the_datapath_outlives_its_daemon_and_a_restart_takes_it_over") {
-        return;
-    }
+    require_root("the_datapath_outlives_its_daemon_and_a_restart_takes_it_over");
     let bed = Bed::new();
     let (client, gateway, cli) = (&bed.seed.client, &bed.seed.gateway, bed.cli());
     let config = bed.seed.config(&[HTTP, ECHO]);
@@ -511,14 +508,13 @@ impl Drop for ConfigFile {
 #[case::check_invalid_value(&["check", "--config", "{port0}"], 1, "mapping[0].public")]
 #[case::run_syntax_error(&["run", "--config", "{broken}"], 1, "line 1")]
 #[case::run_invalid_value(&["run", "--config", "{port0}"], 1, "mapping[0].public")]
+#[ignore = "needs root"]
 fn bad_input_is_refused_and_nothing_is_written(
     #[case] args: &[&str],
     #[case] status: i32,
     #[case] says: &str,
 ) {
-    if !have_root("bad_input_is_refused_and_nothing_is_written") {
-        return;
-    }
+    require_root("bad_input_is_refused_and_nothing_is_written");
     let bed = SeedBed::new();
     let daemon = Daemon::start(&bed.gateway, &bed.config(&[HTTP, UDP]));
     let cli = Cli::new(&bed.gateway);
@@ -581,10 +577,9 @@ fn bad_input_is_refused_and_nothing_is_written(
 #[case::explain(&["explain", "tcp", "192.168.0.3:40000", "203.0.113.1:80"])]
 #[case::explain_json(&["explain", "udp", "192.168.0.3:40000", "203.0.113.1:53", "--json"])]
 #[case::import_iptables(&["import-iptables", "-"])]
+#[ignore = "needs root"]
 fn commands_without_a_running_instance_say_so(#[case] args: &[&str]) {
-    if !have_root("commands_without_a_running_instance_say_so") {
-        return;
-    }
+    require_root("commands_without_a_running_instance_say_so");
     let gateway = Netns::new("gw");
     let pins = pin_dir(&gateway);
     let cli = if args.contains(&"{pins}") {
@@ -650,10 +645,9 @@ fn assert_explained(explained: &Value, action: &str, counters: &[&str], output: 
 }
 
 #[test]
+#[ignore = "needs root"]
 fn explain_says_what_traffic_then_does_and_leaves_no_state() {
-    if !have_root("explain_says_what_traffic_then_does_and_leaves_no_state") {
-        return;
-    }
+    require_root("explain_says_what_traffic_then_does_and_leaves_no_state");
     let bed = Bed::new();
     let (seed, cli) = (&bed.seed, bed.cli());
     // The client's connections all come from this port, so explain can be
@@ -762,10 +756,9 @@ fn explain_says_what_traffic_then_does_and_leaves_no_state() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn import_iptables_takes_over_the_seed_rules() {
-    if !have_root("import_iptables_takes_over_the_seed_rules") {
-        return;
-    }
+    require_root("import_iptables_takes_over_the_seed_rules");
     let bed = Bed::new();
     let (seed, cli) = (&bed.seed, bed.cli());
     seed.load_seed_iptables(&[HTTP]);
@@ -826,10 +819,9 @@ fn import_iptables_takes_over_the_seed_rules() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn stats_status_and_conntrack_flush_follow_the_traffic() {
-    if !have_root("stats_status_and_conntrack_flush_follow_the_traffic") {
-        return;
-    }
+    require_root("stats_status_and_conntrack_flush_follow_the_traffic");
     let bed = Bed::new();
     let (seed, cli) = (&bed.seed, bed.cli());
     let daemon = bed.start(&[HTTP, UDP]);
@@ -971,10 +963,9 @@ fn stats_status_and_conntrack_flush_follow_the_traffic() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn sighup_applies_a_good_configuration_and_keeps_the_running_one_on_a_bad_one() {
-    if !have_root("sighup_applies_a_good_configuration_and_keeps_the_running_one_on_a_bad_one") {
-        return;
-    }
+    require_root("sighup_applies_a_good_configuration_and_keeps_the_running_one_on_a_bad_one");
     let bed = Bed::new();
     let (seed, cli) = (&bed.seed, bed.cli());
     let mut daemon = bed.start(&[HTTP]);
@@ -1049,10 +1040,9 @@ fn sample(exposition: &str, series: &str) -> f64 {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn prometheus_metrics_grow_with_the_traffic() {
-    if !have_root("prometheus_metrics_grow_with_the_traffic") {
-        return;
-    }
+    require_root("prometheus_metrics_grow_with_the_traffic");
     let bed = Bed::new();
     let seed = &bed.seed;
     let options = ConfigOptions { metrics_listen: Some(METRICS.into()), ..Default::default() };
@@ -1092,10 +1082,9 @@ fn move_server_to_new_mac(seed: &SeedBed) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_running_daemon_follows_a_server_that_changes_its_mac_address() {
-    if !have_root("a_running_daemon_follows_a_server_that_changes_its_mac_address") {
-        return;
-    }
+    require_root("a_running_daemon_follows_a_server_that_changes_its_mac_address");
     let bed = Bed::new();
     let _daemon = bed.start(&[ECHO]);
     let stream =
@@ -1108,10 +1097,9 @@ fn a_running_daemon_follows_a_server_that_changes_its_mac_address() {
 
 /// A killed daemon hears no more changes: its cached routes must lapse.
 #[test]
+#[ignore = "needs root"]
 fn after_kill_9_cached_routes_lapse_and_changes_apply() {
-    if !have_root("after_kill_9_cached_routes_lapse_and_changes_apply") {
-        return;
-    }
+    require_root("after_kill_9_cached_routes_lapse_and_changes_apply");
     let bed = Bed::new();
     let daemon = bed.start(&[ECHO]);
     let stream =
@@ -1148,9 +1136,7 @@ fn mapping_row(cli: &Cli, public: &str) -> Value {
 #[test]
 #[ignore = "needs root"]
 fn allow_and_interface_restrictions_admit_only_their_flows_and_never_outlive_their_rule() {
-    if !have_root("allow_and_interface_restrictions_admit_only_their_flows") {
-        return;
-    }
+    require_root("allow_and_interface_restrictions_admit_only_their_flows");
     let bed = Bed::new();
     let (seed, cli) = (&bed.seed, bed.cli());
     let _daemon = bed.start(&[]);
@@ -1209,9 +1195,7 @@ fn allow_and_interface_restrictions_admit_only_their_flows_and_never_outlive_the
 #[test]
 #[ignore = "needs root"]
 fn deny_add_bans_new_and_open_port_forwards_and_only_cli_entries_survive_a_reload() {
-    if !have_root("deny_add_bans_new_and_open_port_forwards") {
-        return;
-    }
+    require_root("deny_add_bans_new_and_open_port_forwards");
     let bed = Bed::new();
     let (seed, cli) = (&bed.seed, bed.cli());
     let config_deny = "\n[deny]\nnetworks = [\"198.51.100.0/24\"]\n";
@@ -1272,9 +1256,7 @@ fn unique_rule_ids(cli: &Cli) -> Vec<u64> {
 #[test]
 #[ignore = "needs root"]
 fn concurrent_writers_never_pick_the_same_rule_id_or_lose_a_mapping() {
-    if !have_root("concurrent_writers_never_pick_the_same_rule_id") {
-        return;
-    }
+    require_root("concurrent_writers_never_pick_the_same_rule_id");
     let bed = Bed::new();
     let (seed, cli) = (&bed.seed, bed.cli());
     let mut daemon = bed.start(&[HTTP]);
@@ -1319,9 +1301,7 @@ fn concurrent_writers_never_pick_the_same_rule_id_or_lose_a_mapping() {
 #[test]
 #[ignore = "needs root"]
 fn a_pin_dir_that_is_a_symlink_is_refused_not_followed() {
-    if !have_root("a_pin_dir_that_is_a_symlink_is_refused_not_followed") {
-        return;
-    }
+    require_root("a_pin_dir_that_is_a_symlink_is_refused_not_followed");
     let bed = Bed::new();
     let _daemon = bed.start(&[HTTP]);
     let real = pin_dir(&bed.seed.gateway);

@@ -10,11 +10,11 @@ use hairpin_tests::{
     Netns,
     apps::{BIG_LEN, Servers, big_body, http_get, udp_echo},
     daemon::Daemon,
-    have_root,
     netfilter::{
         add_netfilter_probes, kernel_conntrack_entries, netfilter_probe_listing,
         netfilter_probe_packets, reset_netfilter_probes,
     },
+    require_root,
     seed::{GATEWAY_LAN, PUBLIC, SERVER, SeedBed},
 };
 
@@ -74,10 +74,9 @@ fn counter(counters: &std::collections::BTreeMap<String, u64>, name: &str) -> u6
 }
 
 #[test]
+#[ignore = "needs root"]
 fn lan_client_fails_without_hairpin_and_reaches_the_server_with_it() {
-    if !have_root("lan_client_fails_without_hairpin_and_reaches_the_server_with_it") {
-        return;
-    }
+    require_root("lan_client_fails_without_hairpin_and_reaches_the_server_with_it");
     let s = scenario();
     assert!(
         get_hello(&s.bed.client).is_err(),
@@ -115,10 +114,9 @@ fn lan_client_fails_without_hairpin_and_reaches_the_server_with_it() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn server_reaches_its_own_public_address() {
-    if !have_root("server_reaches_its_own_public_address") {
-        return;
-    }
+    require_root("server_reaches_its_own_public_address");
     let s = scenario();
     let _daemon = start_hairpin(&s.bed);
     let hello = get_hello(&s.bed.server).expect("server to its own public address");
@@ -128,10 +126,9 @@ fn server_reaches_its_own_public_address() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn hundred_sequential_connections_all_succeed() {
-    if !have_root("hundred_sequential_connections_all_succeed") {
-        return;
-    }
+    require_root("hundred_sequential_connections_all_succeed");
     let s = scenario();
     let daemon = start_hairpin(&s.bed);
     for i in 0..100 {
@@ -142,10 +139,9 @@ fn hundred_sequential_connections_all_succeed() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn one_mib_download_arrives_intact() {
-    if !have_root("one_mib_download_arrives_intact") {
-        return;
-    }
+    require_root("one_mib_download_arrives_intact");
     let s = scenario();
     let _daemon = start_hairpin(&s.bed);
     let (status, body) = http_get(&s.bed.client, public_http(), "/big", Duration::from_secs(20))
@@ -156,10 +152,9 @@ fn one_mib_download_arrives_intact() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn with_the_seed_rules_loaded_the_flows_never_reach_netfilter() {
-    if !have_root("with_the_seed_rules_loaded_the_flows_never_reach_netfilter") {
-        return;
-    }
+    require_root("with_the_seed_rules_loaded_the_flows_never_reach_netfilter");
     let s = scenario();
     let m = mappings();
     s.bed.load_seed_iptables(&mapping_refs(&m));

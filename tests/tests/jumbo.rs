@@ -9,7 +9,7 @@ use std::{
 use hairpin_tests::{
     apps::{BIG_LEN, Servers, big_body, http_get, udp_echo},
     daemon::Daemon,
-    have_root,
+    require_root,
     seed::{GATEWAY_LAN, GATEWAY_LAN_IF, PUBLIC, SERVER, SeedBed},
 };
 
@@ -26,10 +26,9 @@ fn jumbo_lan(bed: &SeedBed) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn jumbo_frames_are_translated_whole() {
-    if !have_root("jumbo_frames_are_translated_whole") {
-        return;
-    }
+    require_root("jumbo_frames_are_translated_whole");
     let bed = SeedBed::new();
     jumbo_lan(&bed);
     let _servers = Servers::start(&bed.server, 80, 5353);

@@ -22,8 +22,8 @@ use hairpin_tests::{
     },
     daemon::Daemon,
     differential::{Bed, HTTP_PORT, Nat, UDP_SERVER_PORT, counter, public},
-    have_root,
     raw::PacketSocket,
+    require_root,
     seed::{ConfigOptions, GATEWAY_LAN, GATEWAY_LAN_IF, GATEWAY_WAN_IF, PUBLIC, SeedBed, WAN_HOST},
 };
 use rstest::rstest;
@@ -81,10 +81,9 @@ fn addr_of(peer: &str) -> Ipv4Addr {
 #[rstest]
 #[case::iptables(Nat::Iptables)]
 #[case::hairpin(Nat::Hairpin)]
+#[ignore = "needs root"]
 fn lan_hosts_reach_the_server_through_the_public_address(#[case] nat: Nat) {
-    if !have_root("lan_hosts_reach_the_server_through_the_public_address") {
-        return;
-    }
+    require_root("lan_hosts_reach_the_server_through_the_public_address");
     let mut bed = Bed::new(nat);
     bed.start_nat(MAPPINGS, None);
     for (from, role) in [(&bed.seed.client, "client"), (&bed.seed.server, "server")] {
@@ -109,10 +108,9 @@ fn lan_hosts_reach_the_server_through_the_public_address(#[case] nat: Nat) {
 #[rstest]
 #[case::iptables(Nat::Iptables)]
 #[case::hairpin(Nat::Hairpin)]
+#[ignore = "needs root"]
 fn wan_port_forward_keeps_the_client_address(#[case] nat: Nat) {
-    if !have_root("wan_port_forward_keeps_the_client_address") {
-        return;
-    }
+    require_root("wan_port_forward_keeps_the_client_address");
     let mut bed = Bed::new(nat);
     bed.start_nat(MAPPINGS, None);
     let tcp_peer = peer_seen_over_tcp(&bed.seed.wan, "WAN host", nat);
@@ -150,10 +148,9 @@ enum Sender {
 #[case::iptables_wan_host(Nat::Iptables, Sender::WanHost)]
 #[case::hairpin_lan_client(Nat::Hairpin, Sender::LanClient)]
 #[case::hairpin_wan_host(Nat::Hairpin, Sender::WanHost)]
+#[ignore = "needs root"]
 fn icmp_port_unreachable_reaches_the_sender(#[case] nat: Nat, #[case] sender: Sender) {
-    if !have_root("icmp_port_unreachable_reaches_the_sender") {
-        return;
-    }
+    require_root("icmp_port_unreachable_reaches_the_sender");
     let mut bed = Bed::new(nat);
     bed.start_nat(MAPPINGS, None);
     let from = match sender {
@@ -216,10 +213,9 @@ fn icmp_port_unreachable_reaches_the_sender(#[case] nat: Nat, #[case] sender: Se
 #[rstest]
 #[case::iptables(Nat::Iptables)]
 #[case::hairpin(Nat::Hairpin)]
+#[ignore = "needs root"]
 fn download_across_a_smaller_wan_mtu_uses_path_mtu_discovery(#[case] nat: Nat) {
-    if !have_root("download_across_a_smaller_wan_mtu_uses_path_mtu_discovery") {
-        return;
-    }
+    require_root("download_across_a_smaller_wan_mtu_uses_path_mtu_discovery");
     const WAN_MTU: u16 = 1400;
     let mut bed = Bed::new(nat);
     bed.seed.gateway.ip(&["link", "set", GATEWAY_WAN_IF, "mtu", &WAN_MTU.to_string()]);
@@ -299,10 +295,9 @@ fn spoofed_syn(index: u32, from_mac: [u8; 6], gateway_mac: [u8; 6]) -> Vec<u8> {
 /// table's capacity in new flows (a SYN flood from spoofed LAN sources), and
 /// new connections still work afterwards.
 #[test]
+#[ignore = "needs root"]
 fn a_long_flow_survives_a_flood_of_new_flows() {
-    if !have_root("a_long_flow_survives_a_flood_of_new_flows") {
-        return;
-    }
+    require_root("a_long_flow_survives_a_flood_of_new_flows");
     const CAPACITY: u32 = 1024;
     const FLOOD: u32 = 10 * CAPACITY;
     let seed = SeedBed::new();
@@ -390,10 +385,9 @@ fn a_long_flow_survives_a_flood_of_new_flows() {
 /// refused cleanly (the client sees an error, nothing hangs) and the four
 /// keep working.
 #[test]
+#[ignore = "needs root"]
 fn exhausted_snat_ports_refuse_a_new_flow_and_keep_the_open_ones() {
-    if !have_root("exhausted_snat_ports_refuse_a_new_flow_and_keep_the_open_ones") {
-        return;
-    }
+    require_root("exhausted_snat_ports_refuse_a_new_flow_and_keep_the_open_ones");
     const PORTS: std::ops::RangeInclusive<u16> = 20000..=20003;
     let seed = SeedBed::new();
     let _servers = Servers::start(&seed.server, HTTP_PORT, UDP_SERVER_PORT);

@@ -19,8 +19,8 @@ use hairpin_tests::{
     apps::{connected_udp, udp_echo},
     capture::{Capture, Captured},
     differential::{Bed, Nat, counter, public},
-    have_root,
     raw::{PacketSocket, fix_ipv4_checksum, ipv4_fragments},
+    require_root,
     seed::{CLIENT, GATEWAY_LAN, GATEWAY_LAN_IF, GATEWAY_WAN_IF, PUBLIC, WAN_HOST},
     veth,
 };
@@ -90,9 +90,7 @@ fn large_udp_is_echoed_fragmented_both_ways(
     #[case] sender: Sender,
     #[case] len: usize,
 ) {
-    if !have_root("large_udp_is_echoed_fragmented_both_ways") {
-        return;
-    }
+    require_root("large_udp_is_echoed_fragmented_both_ways");
     let mut bed = Bed::new(nat);
     bed.start_nat(MAPPINGS, None);
     let payload = pattern(len);
@@ -139,9 +137,7 @@ fn fragments_last_first(
 #[case::hairpin_forward(Nat::Hairpin, Sender::WanHost)]
 #[ignore = "needs root"]
 fn fragments_sent_last_first_are_delivered(#[case] nat: Nat, #[case] sender: Sender) {
-    if !have_root("fragments_sent_last_first_are_delivered") {
-        return;
-    }
+    require_root("fragments_sent_last_first_are_delivered");
     let mut bed = Bed::new(nat);
     bed.start_nat(MAPPINGS, None);
     let from = sender.netns(&bed);
@@ -203,9 +199,7 @@ fn fragments_of_no_flow_reach_their_destination_in_any_order(
     #[case] nat: Nat,
     #[case] to: Unmapped,
 ) {
-    if !have_root("fragments_of_no_flow_reach_their_destination_in_any_order") {
-        return;
-    }
+    require_root("fragments_of_no_flow_reach_their_destination_in_any_order");
     const PORT: u16 = 6000;
     let mut bed = Bed::new(nat);
     let (host, dst) = match to {
@@ -297,9 +291,7 @@ fn set_ip_option(socket: &UdpSocket, level: i32, name: i32, value: &[u8]) {
 #[case::hairpin(Nat::Hairpin)]
 #[ignore = "needs root"]
 fn ip_options_on_an_open_flow_are_carried(#[case] nat: Nat) {
-    if !have_root("ip_options_on_an_open_flow_are_carried") {
-        return;
-    }
+    require_root("ip_options_on_an_open_flow_are_carried");
     let mut bed = Bed::new(nat);
     bed.start_nat(MAPPINGS, None);
     let socket = connected_udp(&bed.seed.client, public(UDP_PORT)).expect("connected socket");
@@ -337,9 +329,7 @@ fn icmp_of(captured: &Captured) -> Option<(Ipv4Addr, u8, u8, [u8; 4])> {
 #[case::hairpin_forward(Nat::Hairpin, Sender::WanHost)]
 #[ignore = "needs root"]
 fn ttl_one_on_a_tracked_flow_is_answered_time_exceeded(#[case] nat: Nat, #[case] sender: Sender) {
-    if !have_root("ttl_one_on_a_tracked_flow_is_answered_time_exceeded") {
-        return;
-    }
+    require_root("ttl_one_on_a_tracked_flow_is_answered_time_exceeded");
     let mut bed = Bed::new(nat);
     bed.start_nat(MAPPINGS, None);
     let from = sender.netns(&bed);
@@ -422,9 +412,7 @@ fn count_one_upload(listener: TcpListener) -> io::Result<()> {
 #[case::hairpin(Nat::Hairpin)]
 #[ignore = "needs root"]
 fn a_server_behind_a_lan_router_with_a_smaller_mtu(#[case] nat: Nat) {
-    if !have_root("a_server_behind_a_lan_router_with_a_smaller_mtu") {
-        return;
-    }
+    require_root("a_server_behind_a_lan_router_with_a_smaller_mtu");
     let mut bed = Bed::new(nat);
     let router = bed.seed.add_lan_host("rtr", ROUTER);
     let far = Netns::new("far");
@@ -487,9 +475,7 @@ fn a_server_behind_a_lan_router_with_a_smaller_mtu(#[case] nat: Nat) {
 #[case::hairpin_3000(Nat::Hairpin, 3000)]
 #[ignore = "needs root"]
 fn a_datagram_too_big_for_the_lan_without_df_is_fragmented(#[case] nat: Nat, #[case] len: usize) {
-    if !have_root("a_datagram_too_big_for_the_lan_without_df_is_fragmented") {
-        return;
-    }
+    require_root("a_datagram_too_big_for_the_lan_without_df_is_fragmented");
     const LAN_MTU: &str = "1400";
     let mut bed = Bed::new(nat);
     bed.seed.gateway.ip(&["link", "set", GATEWAY_LAN_IF, "mtu", LAN_MTU]);

@@ -18,9 +18,9 @@ use hairpin_common::{
     RouteCache, TC_HANDOFF_MAGIC, TcHandoff, fragment::MAX_FRAGMENTED_DATAGRAMS, state,
 };
 use hairpin_tests::{
-    Netns, have_root,
+    Netns,
     raw::{fix_ipv4_checksum, ipv4_fragments, with_frag_off},
-    veth,
+    require_root, veth,
 };
 use rstest::rstest;
 
@@ -265,15 +265,10 @@ fn inspect(packet: &[u8]) -> Seen {
     }
 }
 
-fn skip_unless_root(test: &str) -> bool {
-    !have_root(test)
-}
-
 #[test]
+#[ignore = "needs root"]
 fn hairpin_forward_and_reply() {
-    if skip_unless_root("hairpin_forward_and_reply") {
-        return;
-    }
+    require_root("hairpin_forward_and_reply");
     with_datapath(CONFIG, |gw| {
         let (verdict, out) = gw.run(&syn((CLIENT, 40000), (PUBLIC, 80)));
         assert_eq!(verdict, XDP_TX, "the hairpin goes back out of lan0");
@@ -316,10 +311,9 @@ fn hairpin_forward_and_reply() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn udp_forward_and_reply() {
-    if skip_unless_root("udp_forward_and_reply") {
-        return;
-    }
+    require_root("udp_forward_and_reply");
     with_datapath(CONFIG, |gw| {
         let (verdict, out) = gw.run(&udp((CLIENT, 33333), (PUBLIC, 53), b"query"));
         assert_eq!(verdict, XDP_TX);
@@ -335,10 +329,9 @@ fn udp_forward_and_reply() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn udp_zero_checksum_stays_zero() {
-    if skip_unless_root("udp_zero_checksum_stays_zero") {
-        return;
-    }
+    require_root("udp_zero_checksum_stays_zero");
     with_datapath(CONFIG, |gw| {
         let mut packet = udp((CLIENT, 33334), (PUBLIC, 53), b"no checksum");
         packet[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
@@ -350,10 +343,9 @@ fn udp_zero_checksum_stays_zero() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn two_clients_with_the_same_source_port_get_distinct_tuples() {
-    if skip_unless_root("two_clients_with_the_same_source_port_get_distinct_tuples") {
-        return;
-    }
+    require_root("two_clients_with_the_same_source_port_get_distinct_tuples");
     with_datapath(CONFIG, |gw| {
         let (verdict_a, out_a) = gw.run(&syn((CLIENT, 40000), (PUBLIC, 80)));
         let mut syn_b = syn((CLIENT_B, 40000), (PUBLIC, 80));
@@ -377,10 +369,9 @@ fn two_clients_with_the_same_source_port_get_distinct_tuples() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn exhausted_snat_ports_refuse_the_flow() {
-    if skip_unless_root("exhausted_snat_ports_refuse_the_flow") {
-        return;
-    }
+    require_root("exhausted_snat_ports_refuse_the_flow");
     let config = CONFIG.replace(
         "address = \"192.168.0.1\"",
         "address = \"192.168.0.1\"\nsnat_ports = \"20000-20001\"",
@@ -435,10 +426,9 @@ fn arp() -> Vec<u8> {
 #[case::ttl_one_of_no_flow(tcp((CLIENT, 40000), (PUBLIC, 443), true, false, 1), Counter::PassNoMapping)]
 #[case::arp(arp(), Counter::PassNotIpv4)]
 #[case::truncated_tcp(syn((CLIENT, 40000), (PUBLIC, 80))[..40].to_vec(), Counter::PassMalformed)]
+#[ignore = "needs root"]
 fn packets_hairpin_does_not_own_pass_untouched(#[case] packet: Vec<u8>, #[case] reason: Counter) {
-    if skip_unless_root("packets_hairpin_does_not_own_pass_untouched") {
-        return;
-    }
+    require_root("packets_hairpin_does_not_own_pass_untouched");
     with_datapath(CONFIG, |gw| {
         let (verdict, out) = gw.run(&packet);
         assert_eq!(verdict, XDP_PASS);
@@ -460,9 +450,7 @@ enum Towards {
 #[case::server_to_the_gateway(Towards::Gateway)]
 #[ignore = "needs root"]
 fn ttl_one_of_a_tracked_flow_is_answered_with_time_exceeded(#[case] towards: Towards) {
-    if skip_unless_root("ttl_one_of_a_tracked_flow_is_answered_with_time_exceeded") {
-        return;
-    }
+    require_root("ttl_one_of_a_tracked_flow_is_answered_with_time_exceeded");
     with_datapath(CONFIG, |gw| {
         assert_eq!(gw.run(&udp((CLIENT, 40020), (PUBLIC, 53), b"q")).0, XDP_TX);
         let (sender, packet, answered_from) = match towards {
@@ -492,9 +480,7 @@ fn with_ttl(mut packet: Vec<u8>, ttl: u8) -> Vec<u8> {
 #[test]
 #[ignore = "needs root"]
 fn ip_options_are_kept_and_the_packet_translated() {
-    if skip_unless_root("ip_options_are_kept_and_the_packet_translated") {
-        return;
-    }
+    require_root("ip_options_are_kept_and_the_packet_translated");
     with_datapath(CONFIG, |gw| {
         let packet = syn_with_ip_options();
         let (verdict, out) = gw.run(&packet);
@@ -529,10 +515,9 @@ fn with_ip_option(plain: Vec<u8>) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn unresolved_next_hop_is_handed_to_the_kernel_translated() {
-    if skip_unless_root("unresolved_next_hop_is_handed_to_the_kernel_translated") {
-        return;
-    }
+    require_root("unresolved_next_hop_is_handed_to_the_kernel_translated");
     with_datapath(CONFIG, |gw| {
         let (verdict, out) = gw.run(&syn((CLIENT, 40030), (PUBLIC, 81)));
         assert_eq!(verdict, XDP_PASS, "TC's bpf_redirect_neigh sends it once the MAC is known");
@@ -547,10 +532,9 @@ fn unresolved_next_hop_is_handed_to_the_kernel_translated() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn unconfigured_program_passes_everything() {
-    if skip_unless_root("unconfigured_program_passes_everything") {
-        return;
-    }
+    require_root("unconfigured_program_passes_everything");
     let netns = Netns::new("pkt");
     netns.run_in(|| {
         let config: Config = CONFIG.parse().unwrap();
@@ -572,10 +556,9 @@ fn unconfigured_program_passes_everything() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn hairpin_between_lan_interfaces_is_redirected() {
-    if skip_unless_root("hairpin_between_lan_interfaces_is_redirected") {
-        return;
-    }
+    require_root("hairpin_between_lan_interfaces_is_redirected");
     let config =
         CONFIG.replace("interface = \"lan0\"", "interfaces = [\"lan0\", \"lan1\"]").replace(
             "networks = [\"192.168.0.0/24\"]",
@@ -600,10 +583,9 @@ fn hairpin_between_lan_interfaces_is_redirected() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn packet_on_an_unmanaged_interface_is_passed() {
-    if skip_unless_root("packet_on_an_unmanaged_interface_is_passed") {
-        return;
-    }
+    require_root("packet_on_an_unmanaged_interface_is_passed");
     with_datapath(CONFIG, |gw| {
         let lan1 = gw.lan1;
         let packet = syn((OTHER_LAN_CLIENT, 40050), (PUBLIC, 80));
@@ -656,10 +638,9 @@ fn flagged(src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: u8) -> Vec<u8> {
 const WAN_CLIENT: [u8; 4] = [198, 51, 100, 7];
 
 #[test]
+#[ignore = "needs root"]
 fn wan_port_forward_keeps_the_client_address() {
-    if skip_unless_root("wan_port_forward_keeps_the_client_address") {
-        return;
-    }
+    require_root("wan_port_forward_keeps_the_client_address");
     with_datapath(CONFIG, |gw| {
         let wan0 = gw.wan0;
         let mut packet = syn((WAN_CLIENT, 50000), (PUBLIC, 80));
@@ -687,10 +668,9 @@ fn wan_port_forward_keeps_the_client_address() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn lan_source_arriving_on_the_wan_is_passed() {
-    if skip_unless_root("lan_source_arriving_on_the_wan_is_passed") {
-        return;
-    }
+    require_root("lan_source_arriving_on_the_wan_is_passed");
     with_datapath(CONFIG, |gw| {
         let wan0 = gw.wan0;
         let packet = syn((CLIENT, 50001), (PUBLIC, 80));
@@ -704,10 +684,9 @@ fn lan_source_arriving_on_the_wan_is_passed() {
 #[case(8000, 9000)]
 #[case(8005, 9005)]
 #[case(8009, 9009)]
+#[ignore = "needs root"]
 fn port_range_mapping(#[case] public_port: u16, #[case] server_port: u16) {
-    if skip_unless_root("port_range_mapping") {
-        return;
-    }
+    require_root("port_range_mapping");
     with_datapath(CONFIG, |gw| {
         let (verdict, out) = gw.run(&syn((CLIENT, 40100), (PUBLIC, public_port)));
         assert_eq!(verdict, XDP_TX);
@@ -755,10 +734,9 @@ const FIN: u8 = 0x01;
 const RST: u8 = 0x04;
 
 #[test]
+#[ignore = "needs root"]
 fn tcp_states_follow_the_connection_and_it_moves_tables() {
-    if skip_unless_root("tcp_states_follow_the_connection_and_it_moves_tables") {
-        return;
-    }
+    require_root("tcp_states_follow_the_connection_and_it_moves_tables");
     with_datapath(CONFIG, |gw| {
         let client = (CLIENT, 40200);
         let (public, server, gateway) = ((PUBLIC, 80), (SERVER, 8080), (GATEWAY, 40200));
@@ -822,10 +800,9 @@ fn established_tcp(gw: &mut Gateway, client: ([u8; 4], u16)) {
 #[case::far_ahead(900_001 + (1 << 30))]
 #[case::behind(900_001u32.wrapping_sub(1 << 29))]
 #[case::half_way_round(900_001 + (1 << 31))]
+#[ignore = "needs root"]
 fn a_blind_rst_outside_the_window_is_dropped(#[case] seq: u32) {
-    if skip_unless_root("a_blind_rst_outside_the_window_is_dropped") {
-        return;
-    }
+    require_root("a_blind_rst_outside_the_window_is_dropped");
     with_datapath(CONFIG, |gw| {
         let client = (CLIENT, 40210);
         established_tcp(gw, client);
@@ -841,10 +818,9 @@ fn a_blind_rst_outside_the_window_is_dropped(#[case] seq: u32) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_rst_in_the_window_closes_only_when_exact() {
-    if skip_unless_root("a_rst_in_the_window_closes_only_when_exact") {
-        return;
-    }
+    require_root("a_rst_in_the_window_closes_only_when_exact");
     with_datapath(CONFIG, |gw| {
         let client = (CLIENT, 40220);
         established_tcp(gw, client);
@@ -859,10 +835,9 @@ fn a_rst_in_the_window_closes_only_when_exact() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn blind_fin_and_data_are_dropped() {
-    if skip_unless_root("blind_fin_and_data_are_dropped") {
-        return;
-    }
+    require_root("blind_fin_and_data_are_dropped");
     with_datapath(CONFIG, |gw| {
         let client = (CLIENT, 40230);
         established_tcp(gw, client);
@@ -887,10 +862,9 @@ fn blind_fin_and_data_are_dropped() {
 #[rstest]
 #[case::acknowledging_more_than_the_syn(100_002)]
 #[case::guessed(12345)]
+#[ignore = "needs root"]
 fn a_forged_syn_ack_does_not_open_the_flow(#[case] ack: u32) {
-    if skip_unless_root("a_forged_syn_ack_does_not_open_the_flow") {
-        return;
-    }
+    require_root("a_forged_syn_ack_does_not_open_the_flow");
     with_datapath(CONFIG, |gw| {
         let client = (CLIENT, 40240);
         let (public, server, gateway) = ((PUBLIC, 80), (SERVER, 8080), (GATEWAY, 40240));
@@ -906,10 +880,9 @@ fn a_forged_syn_ack_does_not_open_the_flow(#[case] ack: u32) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_syn_with_window_scaling_lets_the_window_grow() {
-    if skip_unless_root("a_syn_with_window_scaling_lets_the_window_grow") {
-        return;
-    }
+    require_root("a_syn_with_window_scaling_lets_the_window_grow");
     with_datapath(CONFIG, |gw| {
         let client = (CLIENT, 40250);
         let (public, server, gateway) = ((PUBLIC, 80), (SERVER, 8080), (GATEWAY, 40250));
@@ -947,10 +920,9 @@ fn a_syn_with_window_scaling_lets_the_window_grow() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn udp_flow_is_established_by_the_reply() {
-    if skip_unless_root("udp_flow_is_established_by_the_reply") {
-        return;
-    }
+    require_root("udp_flow_is_established_by_the_reply");
     with_datapath(CONFIG, |gw| {
         let original = key((CLIENT, 33400), (PUBLIC, 53), 17);
         gw.run(&udp((CLIENT, 33400), (PUBLIC, 53), b"q"));
@@ -975,10 +947,9 @@ fn udp_flow_is_established_by_the_reply() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_flows_tuple_from_the_wrong_interface_is_no_flows() {
-    if skip_unless_root("a_flows_tuple_from_the_wrong_interface_is_no_flows") {
-        return;
-    }
+    require_root("a_flows_tuple_from_the_wrong_interface_is_no_flows");
     with_datapath(CONFIG, |gw| {
         let wan0 = gw.wan0;
         let (verdict, _) = gw.run(&udp((CLIENT, 33500), (PUBLIC, 53), b"q"));
@@ -1000,10 +971,9 @@ fn a_flows_tuple_from_the_wrong_interface_is_no_flows() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_wan_tuple_arriving_on_the_lan_is_not_translated() {
-    if skip_unless_root("a_wan_tuple_arriving_on_the_lan_is_not_translated") {
-        return;
-    }
+    require_root("a_wan_tuple_arriving_on_the_lan_is_not_translated");
     with_datapath(CONFIG, |gw| {
         let wan0 = gw.wan0;
         let (verdict, _) = gw.run_on(wan0, &syn((WAN_CLIENT, 50100), (PUBLIC, 80)));
@@ -1017,10 +987,9 @@ fn a_wan_tuple_arriving_on_the_lan_is_not_translated() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_half_evicted_flow_never_shares_its_port() {
-    if skip_unless_root("a_half_evicted_flow_never_shares_its_port") {
-        return;
-    }
+    require_root("a_half_evicted_flow_never_shares_its_port");
     with_datapath(CONFIG, |gw| {
         let (_, out) = gw.run(&udp((CLIENT, 40300), (PUBLIC, 53), b"first"));
         assert_eq!(inspect(&out).src, (GATEWAY, 40300));
@@ -1048,10 +1017,9 @@ fn a_half_evicted_flow_never_shares_its_port() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn generated_icmp_is_rate_limited() {
-    if skip_unless_root("generated_icmp_is_rate_limited") {
-        return;
-    }
+    require_root("generated_icmp_is_rate_limited");
     let config = CONFIG.replace(
         "address = \"192.168.0.1\"",
         "address = \"192.168.0.1\"\nsnat_ports = \"20000-20000\"",
@@ -1074,10 +1042,9 @@ fn generated_icmp_is_rate_limited() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn expired_flows_are_absent_and_reclaimed() {
-    if skip_unless_root("expired_flows_are_absent_and_reclaimed") {
-        return;
-    }
+    require_root("expired_flows_are_absent_and_reclaimed");
     let config = format!("{CONFIG}\n[timeouts]\ntcp_opening = 1\ntcp_transitory = 1\nudp = 1\n");
     with_datapath(&config, |gw| {
         let client = (CLIENT, 40300);
@@ -1115,10 +1082,9 @@ fn expired_flows_are_absent_and_reclaimed() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn reclaim_keeps_a_flow_reopened_after_it_read_the_table() {
-    if skip_unless_root("reclaim_keeps_a_flow_reopened_after_it_read_the_table") {
-        return;
-    }
+    require_root("reclaim_keeps_a_flow_reopened_after_it_read_the_table");
     let config = format!("{CONFIG}\n[timeouts]\nudp = 1\n");
     with_datapath(&config, |gw| {
         let query = udp((CLIENT, 33600), (PUBLIC, 53), b"q");
@@ -1146,9 +1112,7 @@ fn reclaim_keeps_a_flow_reopened_after_it_read_the_table() {
 #[test]
 #[ignore = "needs root"]
 fn a_servers_packet_too_big_for_the_wan_is_answered_or_dropped() {
-    if skip_unless_root("a_servers_packet_too_big_for_the_wan_is_answered_or_dropped") {
-        return;
-    }
+    require_root("a_servers_packet_too_big_for_the_wan_is_answered_or_dropped");
     with_datapath(CONFIG, |gw| {
         // The WAN link is smaller than the LAN's packets.
         ip(&["link", "set", "wan0", "mtu", "1400"]);
@@ -1227,10 +1191,9 @@ fn inspect_icmp(packet: &[u8]) -> ([u8; 4], [u8; 4], Vec<u8>) {
 #[rstest]
 #[case::whole_udp_header(28)]
 #[case::the_whole_datagram(576)]
+#[ignore = "needs root"]
 fn icmp_port_unreachable_from_the_server_reaches_the_hairpin_client(#[case] quote_len: usize) {
-    if skip_unless_root("icmp_port_unreachable_from_the_server_reaches_the_hairpin_client") {
-        return;
-    }
+    require_root("icmp_port_unreachable_from_the_server_reaches_the_hairpin_client");
     with_datapath(CONFIG, |gw| {
         let sent = udp((CLIENT, 33600), (PUBLIC, 53), b"anyone there?");
         let (verdict, delivered) = gw.run(&sent);
@@ -1261,10 +1224,9 @@ fn icmp_port_unreachable_from_the_server_reaches_the_hairpin_client(#[case] quot
 }
 
 #[test]
+#[ignore = "needs root"]
 fn icmp_time_exceeded_from_a_wan_router_reaches_the_server() {
-    if skip_unless_root("icmp_time_exceeded_from_a_wan_router_reaches_the_server") {
-        return;
-    }
+    require_root("icmp_time_exceeded_from_a_wan_router_reaches_the_server");
     with_datapath(CONFIG, |gw| {
         let wan0 = gw.wan0;
         assert_eq!(gw.run_on(wan0, &syn((WAN_CLIENT, 50200), (PUBLIC, 80))).0, XDP_REDIRECT);
@@ -1293,10 +1255,9 @@ fn icmp_time_exceeded_from_a_wan_router_reaches_the_server() {
 #[case::no_flow(icmp_error(SERVER, GATEWAY, 3, 3, &udp((GATEWAY, 1), (SERVER, 2), b"x")[14..], 28), Counter::PassIcmpNoFlow)]
 #[case::echo_request(icmp_error(CLIENT, GATEWAY, 8, 0, &[0; 8], 8), Counter::PassNotTcpUdp)]
 #[case::truncated_quote(icmp_error(SERVER, GATEWAY, 3, 3, &udp((GATEWAY, 1), (SERVER, 2), b"x")[14..], 22), Counter::PassIcmpNoFlow)]
+#[ignore = "needs root"]
 fn icmp_that_belongs_to_no_flow_passes_untouched(#[case] packet: Vec<u8>, #[case] reason: Counter) {
-    if skip_unless_root("icmp_that_belongs_to_no_flow_passes_untouched") {
-        return;
-    }
+    require_root("icmp_that_belongs_to_no_flow_passes_untouched");
     with_datapath(CONFIG, |gw| {
         let (verdict, out) = gw.run(&packet);
         assert_eq!((verdict, out), (XDP_PASS, packet));
@@ -1323,10 +1284,9 @@ fn big_tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), len: usize, dont_fragment: 
 }
 
 #[test]
+#[ignore = "needs root"]
 fn too_big_towards_the_server_is_answered_with_fragmentation_needed() {
-    if skip_unless_root("too_big_towards_the_server_is_answered_with_fragmentation_needed") {
-        return;
-    }
+    require_root("too_big_towards_the_server_is_answered_with_fragmentation_needed");
     with_datapath(CONFIG, |gw| {
         ip(&["link", "set", "lan0", "mtu", "1400"]);
         let wan0 = gw.wan0;
@@ -1366,14 +1326,13 @@ fn too_big_towards_the_server_is_answered_with_fragmentation_needed() {
 #[case::unassigned_address_tcp(6, ([198, 51, 100, 10], 443), 8443)]
 #[case::same_port_tcp(6, (PUBLIC, 80), 8080)]
 #[case::same_port_udp(17, (PUBLIC, 80), 8081)]
+#[ignore = "needs root"]
 fn mappings_by_address_protocol_and_port(
     #[case] proto: u8,
     #[case] public: ([u8; 4], u16),
     #[case] server_port: u16,
 ) {
-    if skip_unless_root("mappings_by_address_protocol_and_port") {
-        return;
-    }
+    require_root("mappings_by_address_protocol_and_port");
     with_datapath(CONFIG, |gw| {
         let (from_lan, from_wan) = if proto == 6 {
             (syn((CLIENT, 40400), public), syn((WAN_CLIENT, 50400), public))
@@ -1414,10 +1373,9 @@ fn established_udp_flow(gw: &mut Gateway, client_port: u16) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_flows_route_is_cached_until_a_change_is_announced() {
-    if skip_unless_root("a_flows_route_is_cached_until_a_change_is_announced") {
-        return;
-    }
+    require_root("a_flows_route_is_cached_until_a_change_is_announced");
     with_datapath(CONFIG, |gw| {
         let mut keeper = RouteCacheKeeper::start(&gw.datapath.maps).expect("route cache keeper");
         let packet = established_udp_flow(gw, 41000);
@@ -1450,10 +1408,9 @@ fn a_flows_route_is_cached_until_a_change_is_announced() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_route_change_moves_a_cached_flow_to_the_new_next_hop() {
-    if skip_unless_root("a_route_change_moves_a_cached_flow_to_the_new_next_hop") {
-        return;
-    }
+    require_root("a_route_change_moves_a_cached_flow_to_the_new_next_hop");
     const OTHER_ROUTER: &str = "203.0.113.253";
     const OTHER_ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfd];
     with_datapath(CONFIG, |gw| {
@@ -1499,10 +1456,9 @@ fn a_route_change_moves_a_cached_flow_to_the_new_next_hop() {
 #[rstest]
 #[case::stopped(false)]
 #[case::lapsed(true)]
+#[ignore = "needs root"]
 fn without_a_keeper_every_packet_is_looked_up(#[case] lapse: bool) {
-    if skip_unless_root("without_a_keeper_every_packet_is_looked_up") {
-        return;
-    }
+    require_root("without_a_keeper_every_packet_is_looked_up");
     with_datapath(CONFIG, |gw| {
         let keeper = RouteCacheKeeper::start(&gw.datapath.maps).expect("route cache keeper");
         let packet = established_udp_flow(gw, 41001);
@@ -1530,10 +1486,9 @@ fn without_a_keeper_every_packet_is_looked_up(#[case] lapse: bool) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_packet_larger_than_the_cached_route_allows_is_looked_up() {
-    if skip_unless_root("a_packet_larger_than_the_cached_route_allows_is_looked_up") {
-        return;
-    }
+    require_root("a_packet_larger_than_the_cached_route_allows_is_looked_up");
     with_datapath(CONFIG, |gw| {
         ip(&["link", "set", "lan0", "mtu", "1400"]);
         let _keeper = RouteCacheKeeper::start(&gw.datapath.maps).expect("route cache keeper");
@@ -1594,9 +1549,7 @@ fn reassembled(fragments: &[Vec<u8>]) -> Seen {
 #[test]
 #[ignore = "needs root"]
 fn a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways() {
-    if skip_unless_root("a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways") {
-        return;
-    }
+    require_root("a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways");
     with_datapath(CONFIG, |gw| {
         let query = ipv4_fragments(&big_udp((CLIENT, 40100), (PUBLIC, 53), 3000, 7), 1480);
         assert_eq!(query.len(), 3);
@@ -1634,9 +1587,7 @@ fn a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways() {
 #[test]
 #[ignore = "needs root"]
 fn fragments_that_come_before_their_first_are_held_and_released_with_it() {
-    if skip_unless_root("fragments_that_come_before_their_first_are_held_and_released_with_it") {
-        return;
-    }
+    require_root("fragments_that_come_before_their_first_are_held_and_released_with_it");
     with_datapath(CONFIG, |gw| {
         let query = ipv4_fragments(&big_udp((CLIENT, 40200), (PUBLIC, 53), 4000, 11), 1480);
         for fragment in query[1..].iter().rev() {
@@ -1665,9 +1616,7 @@ fn fragments_that_come_before_their_first_are_held_and_released_with_it() {
 #[test]
 #[ignore = "needs root"]
 fn fragments_of_no_flow_go_to_the_kernel_untouched_in_any_order() {
-    if skip_unless_root("fragments_of_no_flow_go_to_the_kernel_untouched_in_any_order") {
-        return;
-    }
+    require_root("fragments_of_no_flow_go_to_the_kernel_untouched_in_any_order");
     with_datapath(CONFIG, |gw| {
         let other = ipv4_fragments(&big_udp((CLIENT, 40300), (PUBLIC, 54), 3000, 21), 1480);
         let (verdict, _) = gw.run(&other[2]);
@@ -1692,9 +1641,7 @@ fn fragments_of_no_flow_go_to_the_kernel_untouched_in_any_order() {
 #[test]
 #[ignore = "needs root"]
 fn a_datagrams_translation_lapses_and_binds_to_its_interface() {
-    if skip_unless_root("a_datagrams_translation_lapses_and_binds_to_its_interface") {
-        return;
-    }
+    require_root("a_datagrams_translation_lapses_and_binds_to_its_interface");
     with_datapath(CONFIG, |gw| {
         let query = ipv4_fragments(&big_udp((CLIENT, 40400), (PUBLIC, 53), 3000, 31), 1480);
         assert_eq!(gw.run(&query[0]).0, XDP_TX);
@@ -1728,9 +1675,7 @@ fn a_datagrams_translation_lapses_and_binds_to_its_interface() {
 #[test]
 #[ignore = "needs root"]
 fn the_fragment_table_is_bounded() {
-    if skip_unless_root("the_fragment_table_is_bounded") {
-        return;
-    }
+    require_root("the_fragment_table_is_bounded");
     with_datapath(CONFIG, |gw| {
         let first =
             |id: u16| ipv4_fragments(&big_udp((CLIENT, 40500), (PUBLIC, 53), 1600, id), 1480);
@@ -1753,9 +1698,7 @@ fn the_fragment_table_is_bounded() {
 #[test]
 #[ignore = "needs root"]
 fn a_later_fragment_too_big_for_the_egress_is_cut_again() {
-    if skip_unless_root("a_later_fragment_too_big_for_the_egress_is_cut_again") {
-        return;
-    }
+    require_root("a_later_fragment_too_big_for_the_egress_is_cut_again");
     with_datapath(CONFIG, |gw| {
         ip(&["link", "set", "lan0", "mtu", "1400"]);
         let wan0 = gw.wan0;
@@ -1782,9 +1725,7 @@ fn ip(args: &[&str]) {
 #[test]
 #[ignore = "needs root"]
 fn a_flows_packet_with_no_route_is_dropped_not_passed() {
-    if skip_unless_root("a_flows_packet_with_no_route_is_dropped_not_passed") {
-        return;
-    }
+    require_root("a_flows_packet_with_no_route_is_dropped_not_passed");
     with_datapath(CONFIG, |gw| {
         let packet = udp((CLIENT, 40600), (PUBLIC, 53), b"q");
         assert_eq!(gw.run(&packet).0, XDP_TX);
@@ -1802,11 +1743,9 @@ fn a_flows_packet_with_no_route_is_dropped_not_passed() {
 #[test]
 #[ignore = "needs root"]
 fn a_route_through_an_interface_hairpin_does_not_manage_goes_through_the_kernel_translated() {
-    if skip_unless_root(
+    require_root(
         "a_route_through_an_interface_hairpin_does_not_manage_goes_through_the_kernel_translated",
-    ) {
-        return;
-    }
+    );
     with_datapath(CONFIG, |gw| {
         ip(&["link", "add", "lan9", "type", "veth", "peer", "name", "lan9p"]);
         ip(&["link", "set", "lan9", "up"]);
@@ -1839,9 +1778,7 @@ fn a_route_through_an_interface_hairpin_does_not_manage_goes_through_the_kernel_
 #[test]
 #[ignore = "needs root"]
 fn an_icmp_redirect_about_a_flow_is_translated() {
-    if skip_unless_root("an_icmp_redirect_about_a_flow_is_translated") {
-        return;
-    }
+    require_root("an_icmp_redirect_about_a_flow_is_translated");
     with_datapath(CONFIG, |gw| {
         let sent = udp((CLIENT, 40800), (PUBLIC, 53), b"q");
         let (verdict, delivered) = gw.run(&sent);
@@ -1859,9 +1796,7 @@ fn an_icmp_redirect_about_a_flow_is_translated() {
 #[test]
 #[ignore = "needs root"]
 fn an_icmp_error_about_a_flow_whose_ttl_expires_is_dropped() {
-    if skip_unless_root("an_icmp_error_about_a_flow_whose_ttl_expires_is_dropped") {
-        return;
-    }
+    require_root("an_icmp_error_about_a_flow_whose_ttl_expires_is_dropped");
     with_datapath(CONFIG, |gw| {
         let (verdict, delivered) = gw.run(&udp((CLIENT, 40900), (PUBLIC, 53), b"q"));
         assert_eq!(verdict, XDP_TX);
@@ -1875,9 +1810,7 @@ fn an_icmp_error_about_a_flow_whose_ttl_expires_is_dropped() {
 #[test]
 #[ignore = "needs root"]
 fn an_early_fragment_that_cannot_be_a_flows_passes_as_it_came() {
-    if skip_unless_root("an_early_fragment_that_cannot_be_a_flows_passes_as_it_came") {
-        return;
-    }
+    require_root("an_early_fragment_that_cannot_be_a_flows_passes_as_it_came");
     with_datapath(CONFIG, |gw| {
         // A LAN host's datagram to the internet, neither from a server nor to
         // a public or the gateway's address: the kernel's to route.

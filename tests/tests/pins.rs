@@ -8,15 +8,14 @@ use hairpin_tests::{
     apps::{Servers, http_get},
     cli::Cli,
     daemon::Daemon,
-    have_root,
+    require_root,
     seed::{PUBLIC, SERVER, SeedBed},
 };
 
 #[test]
+#[ignore = "needs root"]
 fn pinned_maps_of_another_layout_are_refused_and_left_alone() {
-    if !have_root("pinned_maps_of_another_layout_are_refused_and_left_alone") {
-        return;
-    }
+    require_root("pinned_maps_of_another_layout_are_refused_and_left_alone");
     let bed = SeedBed::new();
     let _servers = Servers::start(&bed.server, 80, 5353);
     let config = bed.config(&[("tcp", &format!("{PUBLIC}:80"), &format!("{SERVER}:80"))]);

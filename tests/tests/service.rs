@@ -6,7 +6,7 @@ use std::{net::SocketAddrV4, time::Duration};
 use hairpin_tests::{
     apps::{Servers, http_get},
     daemon::Daemon,
-    have_root,
+    require_root,
     seed::{GATEWAY_LAN, PUBLIC, SERVER, SeedBed},
 };
 
@@ -30,10 +30,9 @@ fn unit_capabilities() -> String {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn hairpin_runs_with_the_units_capabilities_only() {
-    if !have_root("hairpin_runs_with_the_units_capabilities_only") {
-        return;
-    }
+    require_root("hairpin_runs_with_the_units_capabilities_only");
     let bed = SeedBed::new();
     let _servers = Servers::start(&bed.server, 80, 5353);
     let config = bed.config(&[("tcp", &format!("{PUBLIC}:80"), &format!("{SERVER}:80"))]);
