@@ -670,7 +670,13 @@ fn flows(maps: &Maps) -> anyhow::Result<Vec<FlowJson>> {
     let mut rows = Vec::new();
     for (table, table_name) in [(Table::Established, "established"), (Table::New, "new")] {
         let entries = maps.conntrack(table)?;
-        let find = |key: &FlowKey| entries.iter().find(|(k, _)| k == key).map(|(_, e)| *e);
+        // The reply entries by key: one pass, not a search per flow.
+        let replies: std::collections::HashMap<FlowKey, FlowEntry> = entries
+            .iter()
+            .filter(|(_, e)| e.direction != DIRECTION_ORIGINAL)
+            .map(|(k, e)| (*k, *e))
+            .collect();
+        let find = |key: &FlowKey| replies.get(key).copied();
         for (key, entry) in entries.iter().filter(|(_, e)| e.direction == DIRECTION_ORIGINAL) {
             let reply: Option<FlowEntry> = find(&entry.translated.reversed());
             let last_seen =
