@@ -673,11 +673,34 @@ impl Maps {
         let _ = map.insert(key, entry, 0);
     }
 
+    /// The keys of one conntrack table, without copying its entries.
+    pub fn conntrack_keys(&self, table: Table) -> Result<Vec<FlowKey>, MapsError> {
+        let (map, name) = match table {
+            Table::Established => (&self.established, names::CONNTRACK),
+            Table::New => (&self.new, names::CONNTRACK_NEW),
+        };
+        map.keys().collect::<Result<_, _>>().map_err(map_error(name))
+    }
+
+    /// How many entries one conntrack table holds, counted by key.
+    pub fn conntrack_len(&self, table: Table) -> Result<usize, MapsError> {
+        let (map, name) = match table {
+            Table::Established => (&self.established, names::CONNTRACK),
+            Table::New => (&self.new, names::CONNTRACK_NEW),
+        };
+        let mut len = 0;
+        for key in map.keys() {
+            key.map_err(map_error(name))?;
+            len += 1;
+        }
+        Ok(len)
+    }
+
     /// Empties both conntrack tables; how many entries there were.
     pub fn flush_conntrack(&mut self) -> Result<usize, MapsError> {
         let mut removed = 0;
         for table in [Table::Established, Table::New] {
-            let keys: Vec<FlowKey> = self.conntrack(table)?.into_iter().map(|(k, _)| k).collect();
+            let keys = self.conntrack_keys(table)?;
             removed += self.remove_flows(table, &keys);
         }
         Ok(removed)

@@ -28,8 +28,8 @@ impl Snapshot {
         Ok(Snapshot {
             reclaimed_established: value(Counter::ReclaimedEstablished),
             reclaimed_new: value(Counter::ReclaimedNew),
-            established_entries: maps.conntrack(Table::Established)?.len(),
-            new_entries: maps.conntrack(Table::New)?.len(),
+            established_entries: maps.conntrack_len(Table::Established)?,
+            new_entries: maps.conntrack_len(Table::New)?,
             capacity,
             counters,
         })

@@ -850,8 +850,8 @@ fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
     let maps = open(pins)?;
     let state = read_state(pins);
     let daemon_alive = state.as_ref().is_some_and(|s| daemon_alive(s.pid));
-    let established = maps.conntrack(Table::Established)?.len();
-    let new = maps.conntrack(Table::New)?.len();
+    let established = maps.conntrack_len(Table::Established)?;
+    let new = maps.conntrack_len(Table::New)?;
     let links = pinned_links(pins);
     let route_cache = maps.route_cache()?;
     let route_cache_on = route_cache.usable(monotonic_coarse_ns());
