@@ -18,8 +18,8 @@ pub const FRAGMENT_LIFETIME_NS: u64 = 2_000_000_000;
 pub const MAX_FRAGMENTED_DATAGRAMS: u32 = 8192;
 
 /// Fragments held at most per datagram until its first fragment comes
-/// (an 8000-byte datagram at MTU 1500 has 5 after the first).
-pub const MAX_QUEUED_PER_DATAGRAM: u32 = 8;
+/// (a 20000-byte datagram at MTU 1500 has 13 after the first).
+pub const MAX_QUEUED_PER_DATAGRAM: u32 = 16;
 
 /// Fragments held at once over all datagrams (an LRU table).
 pub const MAX_QUEUED_FRAGMENTS: u32 = 1024;
@@ -356,7 +356,7 @@ mod tests {
     #[case::held_from_another_interface(Some(entry(CREATED, 4, FRAGMENT_HELD, 2)), 3, CREATED, 0)]
     #[case::held_too_long_ago(Some(entry(CREATED, 3, FRAGMENT_HELD, 2)), 3, CREATED + FRAGMENT_LIFETIME_NS + 1, 0)]
     #[case::already_translated(Some(entry(CREATED, 3, FRAGMENT_TRANSLATED, 0)), 3, CREATED, 0)]
-    #[case::more_claimed_than_held(Some(entry(CREATED, 3, FRAGMENT_HELD, 11)), 3, CREATED, 8)]
+    #[case::more_claimed_than_held(Some(entry(CREATED, 3, FRAGMENT_HELD, 20)), 3, CREATED, 16)]
     fn what_a_first_fragment_releases(
         #[case] entry: Option<FragmentEntry>,
         #[case] ingress: u32,
