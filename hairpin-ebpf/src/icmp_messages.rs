@@ -137,12 +137,12 @@ pub(crate) fn try_icmp_error(
     }
 }
 
-/// A packet of a flow too big for the egress link. With DF set, hairpin
-/// answers "fragmentation needed" itself, from the address its sender used
-/// (the public address) or from the gateway's LAN address (a server's
-/// packet): handed to the kernel, a packet to the public address or to the
-/// gateway's LAN address would be taken as the gateway's own. Without DF,
-/// it is dropped and counted.
+/// A packet of a flow too big for the egress link, with DF set (one
+/// without is cut into fragments instead): answered with "fragmentation
+/// needed" from the address its sender used (the public address) or from
+/// the gateway's LAN address (a server's packet). Handed to the kernel, a
+/// packet to the public address or to the gateway's LAN address would be
+/// taken as the gateway's own.
 #[inline(always)]
 pub(crate) fn too_big(
     ctx: &XdpContext,
@@ -151,21 +151,8 @@ pub(crate) fn too_big(
     settings: &Settings,
     now: u64,
 ) -> Result<(u32, Counter), Counter> {
-    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
-    // SAFETY: bounds checked.
-    let (frag_off, tot_len, dst_addr) = unsafe { ((*ip).frag_off, (*ip).tot_len, (*ip).dst_addr) };
-    if u16::from_be(frag_off) & IP_DONT_FRAGMENT == 0 {
-        return Ok((xdp_action::XDP_DROP, Counter::TooBigDropped));
-    }
-    let answer = IcmpAnswer {
-        icmp_type: icmp::ICMP_DEST_UNREACH,
-        code: icmp::ICMP_FRAG_NEEDED,
-        mtu,
-        from_addr: icmp::answer_source(to_public_address, dst_addr, settings.lan_addr),
-        tot_len: u16::from_be(tot_len),
-        counter: Counter::FragNeededSent,
-    };
-    answer_icmp(ctx, &answer, now)
+    let answer = (icmp::ICMP_DEST_UNREACH, icmp::ICMP_FRAG_NEEDED, mtu, Counter::FragNeededSent);
+    answer_flow_packet(ctx, answer, to_public_address, settings, now)
 }
 
 /// A packet of a flow whose TTL would expire here: answered with "time
@@ -178,16 +165,31 @@ pub(crate) fn time_exceeded(
     settings: &Settings,
     now: u64,
 ) -> Result<(u32, Counter), Counter> {
+    let answer = (icmp::ICMP_TIME_EXCEEDED, 0, 0, Counter::TimeExceededSent);
+    answer_flow_packet(ctx, answer, to_public_address, settings, now)
+}
+
+/// Answers a packet of a flow with the ICMP error `(type, code, mtu,
+/// counter)`, from the address its sender used (the public address) or
+/// from the gateway's LAN address (a server's packet).
+#[inline(always)]
+fn answer_flow_packet(
+    ctx: &XdpContext,
+    (icmp_type, code, mtu, counter): (u8, u8, u16, Counter),
+    to_public_address: bool,
+    settings: &Settings,
+    now: u64,
+) -> Result<(u32, Counter), Counter> {
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
     // SAFETY: bounds checked.
     let (tot_len, dst_addr) = unsafe { ((*ip).tot_len, (*ip).dst_addr) };
     let answer = IcmpAnswer {
-        icmp_type: icmp::ICMP_TIME_EXCEEDED,
-        code: 0,
-        mtu: 0,
+        icmp_type,
+        code,
+        mtu,
         from_addr: icmp::answer_source(to_public_address, dst_addr, settings.lan_addr),
         tot_len: u16::from_be(tot_len),
-        counter: Counter::TimeExceededSent,
+        counter,
     };
     answer_icmp(ctx, &answer, now)
 }

@@ -140,49 +140,48 @@ fn translate(
         Some(flow) => (forward_tracked(ctx, &flow, arrival, settings)?, false),
         None => (open_flow(ctx, settings, arrival)?, true),
     };
-    let Outcome::Translate { to, route, counter, mapping_id, split_mtu } = outcome else {
-        let Outcome::Answered(verdict) = outcome else { unreachable_verdict() };
-        return Ok(verdict);
-    };
-    if !arrival.fragmented && split_mtu == 0 {
-        // The common case: sent by XDP, or through the kernel's neighbour
-        // resolution.
-        let Route::Unresolved { ifindex } = route else {
-            // The L4 header as parsed: no helper has moved the packet since
-            // (the Ethernet and IPv4 headers cost a constant check again).
-            let eth: *mut EthHeader = ptr_at(ctx, 0)?;
-            let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
-            let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
-            rewrite(ip, &l4, &packet, &to);
-            return send(eth, &route, counter);
-        };
-        if let Err(counter) = hand_to_kernel(ctx, ifindex) {
-            if created {
-                let _ = CONNTRACK_NEW.remove(&packet);
-                let _ = CONNTRACK_NEW.remove(&to.reversed());
-            }
-            return Ok((xdp_action::XDP_DROP, counter));
+    let (to, route, counter, mapping_id, split_mtu) = match outcome {
+        Outcome::Translate { to, route, counter, mapping_id, split_mtu } => {
+            (to, route, counter, mapping_id, split_mtu)
         }
-        // Adding metadata invalidates packet pointers: look the headers up again.
+        Outcome::Answered(verdict) => return Ok(verdict),
+    };
+    if !arrival.fragmented
+        && split_mtu == 0
+        && let Route::Resolved { .. } = route
+    {
+        // The common case, sent by XDP: the L4 header as parsed, since no
+        // helper has moved the packet (the Ethernet and IPv4 headers cost a
+        // constant check again).
         let eth: *mut EthHeader = ptr_at(ctx, 0)?;
         let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
         let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
-        let l4 = l4_header(ctx, l4_offset, ip.proto)?;
         rewrite(ip, &l4, &packet, &to);
         return send(eth, &route, counter);
     }
-    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
-    // SAFETY: bounds checked by ptr_at; the packet is not rewritten yet.
-    let id = unsafe { (*ip).id };
-    let datagram = &FragmentKey::new(packet.src_addr, packet.dst_addr, id, packet.proto);
-    let held = if arrival.fragmented { fragments::held(datagram, ingress, arrival.now) } else { 0 };
+    // A first fragment: its datagram, and the fragments held for it.
+    let (datagram, held) = if arrival.fragmented {
+        let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
+        // SAFETY: bounds checked by ptr_at; the packet is not rewritten yet.
+        let id = unsafe { (*ip).id };
+        let datagram = FragmentKey::new(packet.src_addr, packet.dst_addr, id, packet.proto);
+        (datagram, fragments::held(&datagram, ingress, arrival.now))
+    } else {
+        (FragmentKey::default(), 0)
+    };
     let through_tc = split_mtu != 0 || held > 0;
     // The egress MTU: what TC cuts to, and what the later fragments must fit.
-    let mtu = if split_mtu != 0 { split_mtu } else { fragments::route_mtu(ctx, &route) };
+    let mtu = if split_mtu != 0 {
+        split_mtu
+    } else if arrival.fragmented {
+        fragments::route_mtu(ctx, &route)
+    } else {
+        0
+    };
     let neigh = matches!(route, Route::Unresolved { .. });
     let handed = if through_tc {
         let flags = if neigh { HANDOFF_NEIGH } else { 0 };
-        hand_off(ctx, route.egress(), mtu, datagram, held, flags)
+        hand_off(ctx, route.egress(), mtu, &datagram, held, flags)
     } else if let Route::Unresolved { ifindex } = route {
         hand_to_kernel(ctx, ifindex)
     } else {
@@ -196,8 +195,16 @@ fn translate(
         return Ok((xdp_action::XDP_DROP, counter));
     }
     if arrival.fragmented {
-        fragments::translated(datagram, &to, (ingress, &route, mtu), mapping_id, held, arrival.now);
+        fragments::translated(
+            &datagram,
+            &to,
+            (ingress, &route, mtu),
+            mapping_id,
+            held,
+            arrival.now,
+        );
     }
+    // Adding metadata invalidates packet pointers: look the headers up again.
     let eth: *mut EthHeader = ptr_at(ctx, 0)?;
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
     let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
@@ -205,12 +212,6 @@ fn translate(
     rewrite(ip, &l4, &packet, &to);
     let (action, counter) = send(eth, &route, counter)?;
     Ok((if through_tc { xdp_action::XDP_PASS } else { action }, counter))
-}
-
-#[inline(always)]
-fn unreachable_verdict() -> ! {
-    // SAFETY: the only other variant was matched just before.
-    unsafe { core::hint::unreachable_unchecked() }
 }
 
 /// A packet of a flow: its tuple, TCP header, when it arrived, how long it
