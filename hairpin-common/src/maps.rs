@@ -55,7 +55,13 @@ pub mod names {
 /// Program names as they appear in the eBPF object.
 pub mod programs {
     pub const XDP: &str = "hairpin";
+    /// TC ingress next to XDP: sends what XDP handed over.
     pub const TC_INGRESS: &str = "hairpin_neigh_redirect";
+    /// The whole datapath on skbs, for an interface attached in TC mode.
+    pub const TC: &str = "hairpin_tc";
+    /// The same on a device without an Ethernet header (tun, wireguard,
+    /// ppp): an Ethernet header is pushed first.
+    pub const TC_L3: &str = "hairpin_tc_l3";
 }
 
 pub const MAX_MAPPINGS: u32 = 65536;

@@ -391,6 +391,18 @@ pub fn hairpin_neigh_redirect(ctx: TcContext) -> i32 {
     tc::tc_ingress(&ctx)
 }
 
+/// The whole datapath on skbs (an interface attached in TC mode).
+#[classifier]
+pub fn hairpin_tc(ctx: TcContext) -> i32 {
+    tc::tc_ingress(&ctx)
+}
+
+/// The whole datapath on skbs of a device without an Ethernet header.
+#[classifier]
+pub fn hairpin_tc_l3(ctx: TcContext) -> i32 {
+    tc::tc_ingress(&ctx)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
