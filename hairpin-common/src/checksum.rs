@@ -44,6 +44,55 @@ pub const fn l4_after_rewrite(check: u16, from: &FlowKey, to: &FlowKey, udp: boo
     if udp && check == 0 { 0xffff } else { check }
 }
 
+/// One's complement sum that turns a checksum over `old` into one over
+/// `new` (a `__wsum` as `bpf_l4_csum_replace` takes it with no field size):
+/// `~old + new`, with the carries folded back in.
+#[inline(always)]
+pub const fn diff_u32(old: u32, new: u32) -> u32 {
+    let (sum, carry) = (!old).overflowing_add(new);
+    sum + carry as u32
+}
+
+/// Adds two 32-bit one's complement sums.
+#[inline(always)]
+pub const fn add32(a: u32, b: u32) -> u32 {
+    let (sum, carry) = a.overflowing_add(b);
+    sum + carry as u32
+}
+
+/// The change of the pseudo-header's addresses from `from` to `to`, for
+/// `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR`: on a packet whose
+/// checksum is left to offload (CHECKSUM_PARTIAL) the field holds the
+/// pseudo-header sum, and only this part changes it.
+#[inline(always)]
+pub const fn addresses_diff(from: &FlowKey, to: &FlowKey) -> u32 {
+    add32(diff_u32(from.src_addr, to.src_addr), diff_u32(from.dst_addr, to.dst_addr))
+}
+
+/// The change of the ports from `from` to `to` (covered by the checksum
+/// directly, so untouched on a CHECKSUM_PARTIAL packet).
+#[inline(always)]
+pub const fn ports_diff(from: &FlowKey, to: &FlowKey) -> u32 {
+    let old = from.src_port as u32 | (from.dst_port as u32) << 16;
+    let new = to.src_port as u32 | (to.dst_port as u32) << 16;
+    diff_u32(old, new)
+}
+
+/// A checksum after a change whose `diff` (see `diff_u32`) is known, as the
+/// kernel applies it to a complete checksum.
+#[inline(always)]
+pub const fn apply_diff(check: u16, diff: u32) -> u16 {
+    !fold(add32(diff, !check as u32))
+}
+
+/// The checksum field of a CHECKSUM_PARTIAL packet (the folded
+/// pseudo-header sum, which offload completes) after a pseudo-header change
+/// of `diff`, as the kernel applies it with `BPF_F_PSEUDO_HDR`.
+#[inline(always)]
+pub const fn apply_diff_partial(field: u16, diff: u32) -> u16 {
+    fold(add32(diff, field as u32))
+}
+
 /// The IPv4 header checksum after the addresses changed and the TTL was
 /// decremented. `ttl_proto` is the header's raw TTL/protocol word.
 #[inline(always)]
@@ -162,6 +211,52 @@ mod tests {
             prop_assert!(
                 incremental == expected || (!udp && (incremental | expected) == 0xffff && (incremental & expected) == 0),
                 "incremental {incremental:#06x} != full {expected:#06x}"
+            );
+        }
+    }
+
+    /// The folded pseudo-header sum a sender leaves in the checksum field
+    /// of a CHECKSUM_PARTIAL segment for offload to complete.
+    fn pseudo_header_field(tuple: &FlowKey, len: u16) -> u16 {
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&tuple.src_addr.to_ne_bytes());
+        pseudo.extend_from_slice(&tuple.dst_addr.to_ne_bytes());
+        pseudo.extend_from_slice(&[0, tuple.proto]);
+        pseudo.extend_from_slice(&len.to_be_bytes());
+        fold(sum_words(&pseudo, 0))
+    }
+
+    proptest! {
+        #[test]
+        fn address_and_port_diffs_equal_the_full_rewrite(
+            from in tuple(), to in tuple(),
+            payload in proptest::collection::vec(any::<u8>(), 20..200),
+        ) {
+            let to = FlowKey { proto: from.proto, ..to };
+            let check_at = if from.proto == 17 { 6 } else { 16 };
+            let before = l4_checksum(&from, &payload, check_at);
+            let expected = l4_checksum(&to, &payload, check_at);
+            let updated = apply_diff(
+                apply_diff(before, addresses_diff(&from, &to)),
+                ports_diff(&from, &to),
+            );
+            prop_assert!(
+                updated == expected || (updated | expected) == 0xffff && (updated & expected) == 0,
+                "diffs give {updated:#06x}, full {expected:#06x}"
+            );
+        }
+
+        #[test]
+        fn a_partial_checksum_takes_only_the_address_diff(
+            from in tuple(), to in tuple(), len in 8u16..9000,
+        ) {
+            let to = FlowKey { proto: from.proto, ..to };
+            let field = pseudo_header_field(&from, len);
+            let updated = apply_diff_partial(field, addresses_diff(&from, &to));
+            let expected = pseudo_header_field(&to, len);
+            prop_assert!(
+                updated == expected || (updated | expected) == 0xffff && (updated & expected) == 0,
+                "partial field {updated:#06x}, expected {expected:#06x}"
             );
         }
     }

@@ -138,6 +138,9 @@ counters! {
     /// A later fragment or an ICMP error of a flow whose TTL would expire
     /// here: dropped (no ICMP error is sent about either).
     TtlExpiredDropped => "ttl_expired_dropped",
+    /// The kernel could not update a translated skb's transport checksum
+    /// (TC): dropped rather than sent with a wrong one.
+    ChecksumFailed => "checksum_failed",
 }
 
 #[cfg(test)]

@@ -65,6 +65,7 @@ pub const fn error_rewrite(
 
 /// The ICMP checksum after the embedded header's addresses, ports and
 /// checksums changed; it covers the whole ICMP message.
+#[inline(always)]
 pub const fn checksum_after(
     check: u16,
     from: &FlowKey,

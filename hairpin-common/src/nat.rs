@@ -301,11 +301,41 @@ pub const fn new_flow_kind(role: u8, lan_source: bool) -> Result<bool, Counter> 
     }
 }
 
+/// The verdict counter of a translated packet of a flow: a reply going
+/// back, or a hairpinned or port-forwarded packet of its client.
+#[inline(always)]
+pub fn translated_counter(direction: u8, kind: u8) -> Counter {
+    if direction != DIRECTION_ORIGINAL {
+        Counter::TranslatedBack
+    } else if kind == KIND_HAIRPIN {
+        Counter::Hairpinned
+    } else {
+        Counter::PortForwarded
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rstest::rstest;
 
     use super::*;
+
+    #[rstest]
+    #[case::reply_of_a_hairpin(DIRECTION_REPLY, KIND_HAIRPIN, Counter::TranslatedBack)]
+    #[case::reply_of_a_forward(DIRECTION_REPLY, KIND_PORT_FORWARD, Counter::TranslatedBack)]
+    #[case::hairpin_client(DIRECTION_ORIGINAL, KIND_HAIRPIN, Counter::Hairpinned)]
+    #[case::wan_client(DIRECTION_ORIGINAL, KIND_PORT_FORWARD, Counter::PortForwarded)]
+    fn a_translated_packet_counts_by_direction_and_kind(
+        #[case] direction: u8,
+        #[case] kind: u8,
+        #[case] expected: Counter,
+    ) {
+        assert_eq!(
+            translated_counter(direction, kind),
+            expected,
+            "direction {direction} kind {kind}"
+        );
+    }
 
     const fn be(port: u16) -> u16 {
         port.to_be()

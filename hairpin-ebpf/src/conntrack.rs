@@ -8,7 +8,6 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::generated::bpf_get_prandom_u32,
     maps::lpm_trie::Key,
-    programs::XdpContext,
 };
 use hairpin_common::{
     Counter, DIRECTION_ORIGINAL, FlowEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAPPING_ALLOWLIST,
@@ -17,6 +16,7 @@ use hairpin_common::{
     tcp::{self, Segment},
 };
 
+use crate::context::Packet;
 use crate::maps::{
     CONNTRACK, CONNTRACK_NEW, DENY_NETWORKS, INTERFACES, LAN_NETWORKS, MAPPING_INTERFACES,
     MAPPING_SOURCES, MAPPINGS, NEW_FLOW_SCRATCH, account, count,
@@ -270,7 +270,7 @@ pub(crate) enum Admission {
 /// only as the mapping rule's restrictions and the deny set allow.
 #[inline(always)]
 pub(crate) fn admit_new_flow(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     packet: &FlowKey,
     tcp_flags: u8,
     settings: &Settings,
@@ -282,7 +282,7 @@ pub(crate) fn admit_new_flow(
         _pad: 0,
     };
     let server = *unsafe { MAPPINGS.get(&mapping_key) }.ok_or(Counter::PassNoMapping)?;
-    let ingress = ctx.ingress_ifindex() as u32;
+    let ingress = ctx.ingress();
     let role = *unsafe { INTERFACES.get(&ingress) }.ok_or(Counter::PassUnknownInterface)?;
     let lan_source = LAN_NETWORKS.get(Key::new(32, packet.src_addr)).is_some();
     let hairpin = nat::new_flow_kind(role, lan_source)?;
@@ -338,7 +338,7 @@ pub(crate) fn create_flow(
     let attempts = if admitted.hairpin { SNAT_PORT_ATTEMPTS } else { 1 };
     let start = unsafe { bpf_get_prandom_u32() };
     let flow = NEW_FLOW_SCRATCH.get_ptr_mut(0).ok_or(Counter::FlowRaceDropped)?;
-    // SAFETY: this CPU's scratch slot; XDP runs to completion on a CPU.
+    // SAFETY: this CPU's scratch slot; a program runs to completion on a CPU.
     let flow = unsafe { &mut *flow };
     // Built once; the retries change only the SNAT port.
     if admitted.hairpin {

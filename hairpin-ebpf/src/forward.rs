@@ -4,23 +4,21 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        bpf_fib_lookup as FibParams, xdp_action,
+        bpf_fib_lookup as FibParams,
     },
-    helpers::generated::{bpf_check_mtu, bpf_fib_lookup, bpf_xdp_adjust_meta},
-    programs::XdpContext,
+    helpers::generated::{bpf_check_mtu, bpf_fib_lookup},
 };
-use aya_log_ebpf::warn;
 use hairpin_common::{
-    CachedRoute, Counter, FlowKey, FragmentKey, NEIGH_REDIRECT_MAGIC, NeighRedirect,
-    TC_HANDOFF_MAGIC, TcHandoff, packet::EthHeader, route,
+    CachedRoute, Counter, FlowKey, FragmentKey, TC_HANDOFF_MAGIC, TcHandoff, packet::EthHeader,
+    route,
 };
 
 use crate::{
     conntrack::Flow,
-    maps::{EGRESS_DEVICES, ROUTE_CACHE, count},
+    context::Packet,
+    maps::{ROUTE_CACHE, count},
     packet::eth_addrs,
 };
 
@@ -28,7 +26,7 @@ pub(crate) const AF_INET: u8 = 2;
 
 /// Sets the MAC addresses and picks the action for a translated packet.
 #[inline(always)]
-pub(crate) fn send(
+pub(crate) fn send<C: Packet>(
     eth: &mut EthHeader,
     route: &Route,
     counter: Counter,
@@ -44,21 +42,23 @@ pub(crate) fn send(
             }
             Ok((action, counter))
         }
+        // Handed off already (`hand_to_kernel`): the TC program sends it
+        // once it is passed.
         Route::Unresolved { .. } => {
             count(Counter::NeighRedirected);
-            Ok((xdp_action::XDP_PASS, counter))
+            Ok((C::PASS, counter))
         }
-        Route::TooBig { .. } => Ok((xdp_action::XDP_DROP, Counter::TooBigDropped)),
+        Route::TooBig { .. } => Ok((C::DROP, Counter::TooBigDropped)),
     }
 }
 
 pub(crate) enum Route {
-    /// Sent on with `action`: XDP_TX back out of the ingress interface, or
-    /// XDP_REDIRECT with the egress device already chosen.
+    /// Sent on with `action`: back out of the ingress interface, or
+    /// redirected with the egress device already chosen.
     Resolved { action: u32, egress: u32, eth_addrs: [u32; 3], mtu: u16 },
     /// Routed out of `ifindex`, but sent by the kernel (TC,
-    /// `bpf_redirect_neigh`): the next hop's MAC is not known yet, or hairpin
-    /// does not manage the interface (no devmap entry to redirect to).
+    /// `bpf_redirect_neigh`): the next hop's MAC is not known yet, or XDP
+    /// cannot send there (no devmap entry to redirect to).
     Unresolved { ifindex: u32 },
     /// Larger than the egress MTU.
     TooBig { mtu: u16 },
@@ -80,20 +80,20 @@ impl Route {
 /// that is valid, else looked up (and cached, while caching is on).
 #[inline(always)]
 pub(crate) fn flow_route(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     flow: &Flow,
     translated: &FlowKey,
     tot_len: u16,
     now: u64,
 ) -> Result<Route, Counter> {
-    let ingress = ctx.ingress_ifindex() as u32;
+    let ingress = ctx.ingress();
     // Read before the lookup: a change the lookup misses has moved the
     // generation on after this read, so the result is cached as stale.
     let cache = ROUTE_CACHE.get(0).copied().unwrap_or_default();
     // SAFETY: a map value, only read here.
     let (cached, last_seen_ns) = unsafe { ((*flow.entry).route, (*flow.entry).last_seen_ns) };
     if route::cached_route_valid(&cache, &cached, last_seen_ns, ingress, tot_len, now) {
-        let Some(action) = forward_action(ingress, cached.egress) else {
+        let Some(action) = forward_action(ctx, cached.egress) else {
             return Ok(Route::Unresolved { ifindex: cached.egress });
         };
         let (egress, eth_addrs, mtu) = (cached.egress, cached.eth_addrs, cached.mtu);
@@ -112,22 +112,20 @@ pub(crate) fn flow_route(
     Ok(route)
 }
 
-/// XDP_TX back out of the ingress interface, or a redirect to a managed
-/// one; `None` for an interface hairpin does not manage.
+/// Back out of the ingress interface, or a redirect to `egress`; `None`
+/// where the program cannot send itself.
 #[inline(always)]
-pub(crate) fn forward_action(ingress: u32, egress: u32) -> Option<u32> {
-    if egress == ingress {
-        return Some(xdp_action::XDP_TX);
+pub(crate) fn forward_action(ctx: &impl Packet, egress: u32) -> Option<u32> {
+    if egress == ctx.ingress() {
+        return Some(ctx.tx());
     }
-    // Choosing the devmap target now, before anything is rewritten, is also
-    // the check that hairpin manages the egress interface.
-    EGRESS_DEVICES.redirect(egress, 0).ok()
+    ctx.redirect(egress)
 }
 
 /// Looks the route up, and gives the result to cache when it is one.
 #[inline(always)]
 pub(crate) fn fib_lookup(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     to: &FlowKey,
     tot_len: u16,
 ) -> Result<(Route, Option<CachedRoute>), Counter> {
@@ -148,12 +146,14 @@ pub(crate) fn fib_lookup(
     params.l4_protocol = to.proto;
     params.sport = to.src_port;
     params.dport = to.dst_port;
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.ifindex = ctx.ingress_ifindex() as u32;
+    // Never 0: for an skb that would check the whole skb against the
+    // egress MTU, a GSO aggregate included.
+    params.__bindgen_anon_1.tot_len = tot_len.max(1);
+    params.ifindex = ctx.ingress();
     params.__bindgen_anon_3.ipv4_src = to.src_addr;
     params.__bindgen_anon_4.ipv4_dst = to.dst_addr;
-    let ret = unsafe { bpf_fib_lookup(ctx.as_ptr(), params, size_of::<FibParams>() as i32, 0) };
-    let ingress = ctx.ingress_ifindex() as u32;
+    let ret = unsafe { bpf_fib_lookup(ctx.raw(), params, size_of::<FibParams>() as i32, 0) };
+    let ingress = ctx.ingress();
     match ret as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             let egress = params.ifindex;
@@ -162,7 +162,7 @@ pub(crate) fn fib_lookup(
             // before, the field still held tot_len, which is as safe a bound.
             let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
             let found = CachedRoute { generation: 0, mtu, ingress, egress, eth_addrs };
-            let route = match forward_action(ingress, egress) {
+            let route = match forward_action(ctx, egress) {
                 Some(action) => Route::Resolved { action, egress, eth_addrs, mtu },
                 None => Route::Unresolved { ifindex: egress },
             };
@@ -178,24 +178,20 @@ pub(crate) fn fib_lookup(
     }
 }
 
-/// Prepends the metadata that asks the TC ingress program to send the packet
-/// on with `bpf_redirect_neigh`, which resolves the next hop and queues the
-/// packet meanwhile, so even a flow's first packet is not lost.
+/// Leaves the packet for the TC ingress program to send on with
+/// `bpf_redirect_neigh`, which resolves the next hop and queues the packet
+/// meanwhile, so even a flow's first packet is not lost.
 #[inline(always)]
-pub(crate) fn hand_to_kernel(ctx: &XdpContext, ifindex: u32) -> Result<(), Counter> {
-    let prepended = prepend_metadata(ctx, NeighRedirect { magic: NEIGH_REDIRECT_MAGIC, ifindex });
-    if prepended.is_err() {
-        warn!(ctx, "no room for XDP metadata; packet dropped");
-    }
-    prepended
+pub(crate) fn hand_to_kernel(ctx: &impl Packet, ifindex: u32) -> Result<(), Counter> {
+    ctx.hand_to_neigh(ifindex)
 }
 
-/// Prepends the metadata that asks the TC ingress program to send the
-/// packet to `ifindex` (cut into fragments when larger than `mtu`), and
-/// after it the `queued` fragments held for `datagram` (see `TcHandoff`).
+/// Leaves the packet for the TC ingress program to send to `ifindex` (cut
+/// into fragments when larger than `mtu`), and after it the `queued`
+/// fragments held for `datagram` (see `TcHandoff`).
 #[inline(always)]
 pub(crate) fn hand_off(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     ifindex: u32,
     mtu: u16,
     datagram: &FragmentKey,
@@ -211,34 +207,17 @@ pub(crate) fn hand_off(
         flags,
         _pad: 0,
     };
-    prepend_metadata(ctx, handoff)
-}
-
-/// Puts `value` in front of the packet as its metadata, for the TC ingress
-/// program.
-#[inline(always)]
-fn prepend_metadata<T: Copy>(ctx: &XdpContext, value: T) -> Result<(), Counter> {
-    let len = size_of::<T>() as i32;
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
-        return Err(Counter::NoMetadataDropped);
-    }
-    let meta = ctx.metadata();
-    if meta + size_of::<T>() > ctx.data() {
-        return Err(Counter::NoMetadataDropped);
-    }
-    // SAFETY: bounds checked against the packet data just above.
-    unsafe { (meta as *mut T).write_unaligned(value) };
-    Ok(())
+    ctx.hand_off(&handoff)
 }
 
 /// The MTU of the device `ifindex` (for a route whose lookup did not say
 /// it); the IPv4 minimum when the kernel does not know the device.
 #[inline(always)]
-pub(crate) fn device_mtu(ctx: &XdpContext, ifindex: u32) -> u16 {
+pub(crate) fn device_mtu(ctx: &impl Packet, ifindex: u32) -> u16 {
     let mut mtu: u32 = 0;
     // SAFETY: the helper writes the device's MTU into `mtu`, whatever it
     // answers about this packet's length.
-    let checked = unsafe { bpf_check_mtu(ctx.ctx.cast(), ifindex, &mut mtu, 0, 0) };
+    let checked = unsafe { bpf_check_mtu(ctx.raw(), ifindex, &mut mtu, 0, 0) };
     if checked < 0 || mtu == 0 || mtu > u16::MAX as u32 {
         return 576;
     }

@@ -6,11 +6,7 @@
 //! until it comes: then the TC program sends them with it (translated by
 //! XDP in the queue), or hands them to the kernel as they came.
 
-use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST, xdp_action},
-    helpers::generated::bpf_xdp_load_bytes,
-    programs::XdpContext,
-};
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use hairpin_common::{
     Counter, FRAGMENT_HELD, FRAGMENT_PASSED, FRAGMENT_TRANSLATED, FlowKey, FragmentEntry,
     FragmentKey, HANDOFF_TO_KERNEL, MAX_QUEUED_FRAME, QueuedFragmentKey, Settings,
@@ -20,6 +16,7 @@ use hairpin_common::{
 };
 
 use crate::{
+    context::Packet,
     forward::{Route, device_mtu, forward_action, hand_off, hand_to_kernel, send},
     maps::{FLOW_ADDRESSES, FRAGMENT_QUEUE, FRAGMENTS, HOLD_SCRATCH, account},
     packet::{ptr_at, rewrite_ipv4},
@@ -36,7 +33,7 @@ pub(crate) fn held(datagram: &FragmentKey, ingress: u32, now: u64) -> u8 {
 /// The egress MTU of a route: the route's own, or the device's when the
 /// next hop is not resolved (the lookup then says nothing of it).
 #[inline(always)]
-pub(crate) fn route_mtu(ctx: &XdpContext, route: &Route) -> u16 {
+pub(crate) fn route_mtu(ctx: &impl Packet, route: &Route) -> u16 {
     match *route {
         Route::Resolved { mtu, .. } => mtu,
         Route::Unresolved { ifindex } => device_mtu(ctx, ifindex),
@@ -116,7 +113,7 @@ pub(crate) fn translated(
 /// passed: `pass_reason`.
 #[inline(always)]
 pub(crate) fn passed(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     datagram: &FragmentKey,
     ingress: u32,
     now: u64,
@@ -142,8 +139,8 @@ pub(crate) fn passed(
 /// fragment was, passed as it was, or held until it comes (when it may be
 /// a flow's; any other goes to the kernel untouched, whatever its order).
 #[inline(always)]
-pub(crate) fn later_fragment(
-    ctx: &XdpContext,
+pub(crate) fn later_fragment<C: Packet>(
+    ctx: &C,
     settings: &Settings,
     ingress: u32,
     now: u64,
@@ -176,7 +173,7 @@ pub(crate) fn later_fragment(
         Later::Pass => return Err(Counter::PassFragment),
         // Maybe a flow's, from another interface: no flow's there, and
         // never passed untranslated.
-        Later::WrongInterface => return Ok((xdp_action::XDP_DROP, Counter::WrongInterface)),
+        Later::WrongInterface => return Ok((C::DROP, Counter::WrongInterface)),
         Later::Hold(hold) => {
             return hold_fragment(ctx, &datagram, found, hold, ingress, now, tot_len);
         }
@@ -186,14 +183,14 @@ pub(crate) fn later_fragment(
     };
     // No ICMP error is sent about a fragment after the first.
     if nat::ttl_expires(ttl) {
-        return Ok((xdp_action::XDP_DROP, Counter::TtlExpiredDropped));
+        return Ok((C::DROP, Counter::TtlExpiredDropped));
     }
     // Too big for the egress link, it is cut again (fragments carry no DF).
     let too_big = tot_len > entry.mtu;
     let from = FlowKey::new(src_addr, dst_addr, 0, 0, proto);
     let to = FlowKey::new(entry.src_addr, entry.dst_addr, 0, 0, proto);
     account(entry.mapping_id, tot_len, false);
-    let route = match forward_action(ingress, entry.egress) {
+    let route = match forward_action(ctx, entry.egress) {
         Some(action) if entry.resolved != 0 => Route::Resolved {
             action,
             egress: entry.egress,
@@ -212,7 +209,7 @@ pub(crate) fn later_fragment(
         Ok(())
     };
     if let Err(failed) = handed {
-        return Ok((xdp_action::XDP_DROP, failed));
+        return Ok((C::DROP, failed));
     }
     // The metadata moved the packet: look the headers up again.
     let eth: *mut EthHeader = ptr_at(ctx, 0)?;
@@ -220,9 +217,9 @@ pub(crate) fn later_fragment(
     // SAFETY: bounds checked by ptr_at.
     let (action, counter) = unsafe {
         rewrite_ipv4(&mut *ip, &from, &to);
-        send(&mut *eth, &route, Counter::FragmentTranslated)?
+        send::<C>(&mut *eth, &route, Counter::FragmentTranslated)?
     };
-    Ok((if too_big { xdp_action::XDP_PASS } else { action }, counter))
+    Ok((if too_big { C::PASS } else { action }, counter))
 }
 
 /// Copies a fragment that came before its first fragment into the queue
@@ -230,8 +227,8 @@ pub(crate) fn later_fragment(
 /// inserting it there only if the place is free: two CPUs holding fragments
 /// of one datagram take two.
 #[inline(always)]
-fn hold_fragment(
-    ctx: &XdpContext,
+fn hold_fragment<C: Packet>(
+    ctx: &C,
     datagram: &FragmentKey,
     found: Option<*mut FragmentEntry>,
     hold: Hold,
@@ -242,10 +239,10 @@ fn hold_fragment(
     let frame_len = ETH_HEADER_LEN + tot_len as usize;
     // Maybe a flow's: too large to hold, it is dropped, never passed.
     if frame_len > MAX_QUEUED_FRAME {
-        return Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull));
+        return Ok((C::DROP, Counter::FragmentHoldFull));
     }
     let first_free = match (hold, found) {
-        (Hold::Full, _) => return Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull)),
+        (Hold::Full, _) => return Ok((C::DROP, Counter::FragmentHoldFull)),
         // SAFETY: a map value, read: a hint where the free places start.
         (Hold::Queue, Some(entry)) => unsafe { (*entry).queued },
         (_, found) => {
@@ -259,7 +256,7 @@ fn hold_fragment(
             // entered wins, and this fragment is lost to that race.
             let flags = if found.is_some() { BPF_ANY } else { BPF_NOEXIST };
             if FRAGMENTS.insert(datagram, &entry, flags as u64).is_err() {
-                return Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull));
+                return Ok((C::DROP, Counter::FragmentHoldFull));
             }
             // What an earlier datagram with the same IP ID left must not be
             // sent with this one.
@@ -273,12 +270,12 @@ fn hold_fragment(
     // Masked for the verifier: at most the frame buffer.
     let len = core::hint::black_box(frame_len as u32);
     if len < (ETH_HEADER_LEN + 20) as u32 || len > MAX_QUEUED_FRAME as u32 {
-        return Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull));
+        return Ok((C::DROP, Counter::FragmentHoldFull));
     }
     // SAFETY: this CPU's buffer; at most its frame's size is written.
     unsafe {
-        if bpf_xdp_load_bytes(ctx.ctx, 0, (*scratch).frame.as_mut_ptr().cast(), len) != 0 {
-            return Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull));
+        if !ctx.load_bytes(0, (*scratch).frame.as_mut_ptr().cast(), len) {
+            return Ok((C::DROP, Counter::FragmentHoldFull));
         }
         (*scratch).len = len as u16;
     }
@@ -293,8 +290,8 @@ fn hold_fragment(
                 // SAFETY: a map value; a lost update only makes the hint low.
                 unsafe { (*entry).queued = slot + 1 };
             }
-            return Ok((xdp_action::XDP_DROP, Counter::FragmentHeld));
+            return Ok((C::DROP, Counter::FragmentHeld));
         }
     }
-    Ok((xdp_action::XDP_DROP, Counter::FragmentHoldFull))
+    Ok((C::DROP, Counter::FragmentHoldFull))
 }

@@ -1,11 +1,6 @@
 //! ICMP: translating the errors of tracked flows, and the "destination
 //! unreachable" answers the datapath sends itself (rate-limited).
 
-use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    programs::XdpContext,
-};
 use hairpin_common::{
     Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Settings, checksum,
     icmp::{self, ICMP_HEADER_LEN, IPPROTO_ICMP},
@@ -19,12 +14,16 @@ use hairpin_common::{
 
 use crate::{
     conntrack::find_flow,
+    context::Packet,
     forward::{Route, fib_lookup, hand_to_kernel, send},
     maps::ICMP_RATE,
     packet::{ptr_at, rewrite_ipv4, set_mac, sum_words},
 };
 
 pub(crate) const IP_DONT_FRAGMENT: u16 = 0x4000;
+/// Offsets of the TCP and UDP checksum fields in their headers.
+pub(crate) const TCP_CHECK_OFFSET: usize = 16;
+pub(crate) const UDP_CHECK_OFFSET: usize = 6;
 
 /// An ICMP error about a packet of a tracked flow goes to that packet's
 /// sender, its outer and embedded headers translated back (RFC 5508).
@@ -32,8 +31,8 @@ pub(crate) const IP_DONT_FRAGMENT: u16 = 0x4000;
 /// too big, TTL spent) is dropped: handed to the kernel, it would go on
 /// with the server's address in it.
 #[inline(always)]
-pub(crate) fn try_icmp_error(
-    ctx: &XdpContext,
+pub(crate) fn try_icmp_error<C: Packet>(
+    ctx: &C,
     icmp_offset: usize,
     settings: &Settings,
     now: u64,
@@ -67,26 +66,26 @@ pub(crate) fn try_icmp_error(
     let embedded = FlowKey::new(inner_src, inner_dst, src_port, dst_port, inner_proto);
     // The error comes from where the flow's packets in the other direction
     // come from: the same interface binding applies.
-    let ingress = ctx.ingress_ifindex() as u32;
+    let ingress = ctx.ingress();
     let flow =
         find_flow(&embedded.reversed(), ingress, settings, now)?.ok_or(Counter::PassIcmpNoFlow)?;
     if nat::ttl_expires(ttl) {
-        return Ok((xdp_action::XDP_DROP, Counter::TtlExpiredDropped));
+        return Ok((C::DROP, Counter::TtlExpiredDropped));
     }
     let translated = unsafe { (*flow.entry).translated };
     let rewrite = icmp::error_rewrite(outer_src, &embedded, &translated);
     let outer_to = FlowKey::new(rewrite.outer_src, rewrite.outer_dst, 0, 0, IPPROTO_ICMP);
     let route = match fib_lookup(ctx, &outer_to, tot_len) {
         Ok((Route::TooBig { .. }, _)) => {
-            return Ok((xdp_action::XDP_DROP, Counter::TooBigDropped));
+            return Ok((C::DROP, Counter::TooBigDropped));
         }
         Ok((route, _)) => route,
-        Err(failed) => return Ok((xdp_action::XDP_DROP, failed)),
+        Err(failed) => return Ok((C::DROP, failed)),
     };
     if let Route::Unresolved { ifindex } = route
         && let Err(failed) = hand_to_kernel(ctx, ifindex)
     {
-        return Ok((xdp_action::XDP_DROP, failed));
+        return Ok((C::DROP, failed));
     }
 
     // hand_to_kernel may have moved the packet: look everything up again.
@@ -133,7 +132,7 @@ pub(crate) fn try_icmp_error(
         *ports = [to.src_port, to.dst_port];
         let outer_from = FlowKey::new((*ip).src_addr, (*ip).dst_addr, 0, 0, IPPROTO_ICMP);
         rewrite_ipv4(&mut *ip, &outer_from, &outer_to);
-        send(&mut *eth, &route, Counter::IcmpTranslated)
+        send::<C>(&mut *eth, &route, Counter::IcmpTranslated)
     }
 }
 
@@ -145,7 +144,7 @@ pub(crate) fn try_icmp_error(
 /// taken as the gateway's own.
 #[inline(always)]
 pub(crate) fn too_big(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     mtu: u16,
     to_public_address: bool,
     settings: &Settings,
@@ -160,7 +159,7 @@ pub(crate) fn too_big(
 /// (as netfilter translates the kernel's answer).
 #[inline(always)]
 pub(crate) fn time_exceeded(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     to_public_address: bool,
     settings: &Settings,
     now: u64,
@@ -174,7 +173,7 @@ pub(crate) fn time_exceeded(
 /// from the gateway's LAN address (a server's packet).
 #[inline(always)]
 fn answer_flow_packet(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     (icmp_type, code, mtu, counter): (u8, u8, u16, Counter),
     to_public_address: bool,
     settings: &Settings,
@@ -213,25 +212,59 @@ pub(crate) struct IcmpAnswer {
 /// and it goes back out where it came from. Over the ICMP rate limit, the
 /// packet is dropped instead; so is a packet with IP options (whose quote
 /// would be longer).
+///
+/// An skb whose transport checksum is left to offload (CHECKSUM_PARTIAL,
+/// from a local sender: a container or VM) keeps that: the kernel or the
+/// device completes the field over the bytes from the transport header on,
+/// which are now the quote's. The quote then keeps the whole field (20
+/// bytes of a TCP header), and the ICMP checksum covers the field as it
+/// will be completed.
 #[inline(always)]
-pub(crate) fn answer_icmp(
-    ctx: &XdpContext,
+pub(crate) fn answer_icmp<C: Packet>(
+    ctx: &C,
     answer: &IcmpAnswer,
     now: u64,
 ) -> Result<(u32, Counter), Counter> {
-    let IcmpAnswer { icmp_type, code, mtu, from_addr, tot_len, counter } = *answer;
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
     // SAFETY: bounds checked.
-    if unsafe { (*ip).version_ihl } != 0x45 {
-        return Ok((xdp_action::XDP_DROP, Counter::IcmpAnswerFailed));
+    let (version_ihl, proto) = unsafe { ((*ip).version_ihl, (*ip).proto) };
+    if version_ihl != 0x45 {
+        return Ok((C::DROP, Counter::IcmpAnswerFailed));
     }
     let bucket = ICMP_RATE.get_ptr_mut(0).ok_or(Counter::IcmpRateLimited)?;
-    // SAFETY: this CPU's bucket; XDP runs to completion on a CPU.
+    // SAFETY: this CPU's bucket; a program runs to completion on a CPU.
     if !ratelimit::take(unsafe { &mut *bucket }, now) {
-        return Ok((xdp_action::XDP_DROP, Counter::IcmpRateLimited));
+        return Ok((C::DROP, Counter::IcmpRateLimited));
     }
-    const QUOTE_LEN: usize = IPV4_HEADER_LEN + 8;
-    const ICMP_LEN: usize = ICMP_HEADER_LEN + QUOTE_LEN;
+    let offloaded = match proto {
+        IPPROTO_TCP => ctx.checksum_offloaded(L4_OFFSET + TCP_CHECK_OFFSET),
+        IPPROTO_UDP => ctx.checksum_offloaded(L4_OFFSET + UDP_CHECK_OFFSET),
+        _ => false,
+    };
+    match (offloaded, proto) {
+        (true, IPPROTO_TCP) => quote_and_answer::<C, 40, 24, 10>(ctx, answer, true),
+        (true, _) => quote_and_answer::<C, 28, 18, 4>(ctx, answer, true),
+        _ => quote_and_answer::<C, 28, 18, 4>(ctx, answer, false),
+    }
+}
+
+/// `answer_icmp` quoting `QUOTE_LEN` bytes (the IPv4 header and
+/// `L4_WORDS` 16-bit words after it); `ICMP_WORDS` is the ICMP message's
+/// length in words.
+#[inline(always)]
+fn quote_and_answer<
+    C: Packet,
+    const QUOTE_LEN: usize,
+    const ICMP_WORDS: usize,
+    const L4_WORDS: usize,
+>(
+    ctx: &C,
+    answer: &IcmpAnswer,
+    offloaded: bool,
+) -> Result<(u32, Counter), Counter> {
+    const { assert!(ICMP_WORDS * 2 == ICMP_HEADER_LEN + QUOTE_LEN) };
+    const { assert!(L4_WORDS * 2 + IPV4_HEADER_LEN == QUOTE_LEN) };
+    let IcmpAnswer { icmp_type, code, mtu, from_addr, tot_len, counter } = *answer;
     const PREPENDED: usize = IPV4_HEADER_LEN + ICMP_HEADER_LEN;
     const OLD_ETH: usize = PREPENDED;
     const QUOTE: usize = PREPENDED + ETH_HEADER_LEN;
@@ -240,18 +273,17 @@ pub(crate) fn answer_icmp(
     if frame_len < keep {
         return Err(Counter::PassMalformed);
     }
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep - frame_len) } != 0
-        || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(PREPENDED as i32)) } != 0
-    {
+    if !ctx.reshape(frame_len, keep, PREPENDED as i32) {
         // The packet may be half cut now: better dropped than sent on.
-        return Ok((xdp_action::XDP_DROP, Counter::IcmpAnswerFailed));
+        return Ok((C::DROP, Counter::IcmpAnswerFailed));
     }
     let new_eth: *mut EthHeader = ptr_at(ctx, 0)?;
     let old_eth: *mut EthHeader = ptr_at(ctx, OLD_ETH)?;
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
     let icmp_header: *mut IcmpHeader = ptr_at(ctx, L4_OFFSET)?;
     let quoted: *mut Ipv4Header = ptr_at(ctx, QUOTE)?;
-    let icmp_words: *mut [u16; ICMP_LEN / 2] = ptr_at(ctx, L4_OFFSET)?;
+    let icmp_words: *mut [u16; ICMP_WORDS] = ptr_at(ctx, L4_OFFSET)?;
+    let quoted_l4: *mut [u16; L4_WORDS] = ptr_at(ctx, QUOTE + IPV4_HEADER_LEN)?;
     let ip_words: *mut [u16; IPV4_HEADER_LEN / 2] = ptr_at(ctx, ETH_HEADER_LEN)?;
     unsafe {
         set_mac(&mut (*new_eth).dst, &(*old_eth).src);
@@ -261,7 +293,7 @@ pub(crate) fn answer_icmp(
         *ip = Ipv4Header {
             version_ihl: 0x45,
             tos: 0,
-            tot_len: ((IPV4_HEADER_LEN + ICMP_LEN) as u16).to_be(),
+            tot_len: ((IPV4_HEADER_LEN + ICMP_WORDS * 2) as u16).to_be(),
             id: 0,
             frag_off: 0,
             ttl: 64,
@@ -278,7 +310,16 @@ pub(crate) fn answer_icmp(
             check: 0,
             rest: u32::from_ne_bytes([0, 0, mtu[0], mtu[1]]),
         };
-        (*icmp_header).check = !checksum::fold(sum_words(&*icmp_words));
+        let mut check = !checksum::fold(sum_words(&*icmp_words));
+        if offloaded {
+            // The field's word is the last of the quoted UDP header and the
+            // ninth of the TCP one; completed, it is the checksum of the
+            // quoted transport bytes.
+            let field = (*quoted_l4)[if L4_WORDS == 4 { 3 } else { 8 }];
+            let completed = !checksum::fold(sum_words(&*quoted_l4));
+            check = checksum::replace_u16(check, field, completed);
+        }
+        (*icmp_header).check = check;
     }
-    Ok((xdp_action::XDP_TX, counter))
+    Ok((ctx.tx(), counter))
 }

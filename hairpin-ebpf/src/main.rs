@@ -11,6 +11,8 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod conntrack;
+mod context;
+mod datapath;
 mod forward;
 mod fragments;
 mod icmp_messages;
@@ -20,30 +22,14 @@ mod tc;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::bpf_ktime_get_coarse_ns,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use hairpin_common::{
-    Counter, DIRECTION_ORIGINAL, FlowKey, FragmentKey, HANDOFF_NEIGH, IPPROTO_TCP, KIND_HAIRPIN,
-    Settings,
-    fragment::Fragment,
-    icmp::{self, IPPROTO_ICMP},
-    nat::{self, Ipv4Layout, Sides},
-    packet::{ETH_HEADER_LEN, ETH_P_IPV4, EthHeader, Ipv4Header},
-    tcp::Segment,
-};
 
-use crate::{
-    conntrack::{Admission, Flow, admit_new_flow, create_flow, find_flow, track},
-    forward::{Route, fib_lookup, flow_route, hand_off, hand_to_kernel, send},
-    icmp_messages::{
-        IP_DONT_FRAGMENT, IcmpAnswer, answer_icmp, time_exceeded, too_big, try_icmp_error,
-    },
-    maps::{CONNTRACK_NEW, SETTINGS, account, count},
-    packet::{L4, l4_header, l4_offset, ptr_at, rewrite, tcp_segment},
-};
+use crate::{datapath::try_hairpin, maps::count};
 
+/// The datapath in native XDP, on interfaces where XDP can deliver what it
+/// translates.
 #[xdp(frags)]
 pub fn hairpin(ctx: XdpContext) -> u32 {
     let (action, counter) = match try_hairpin(&ctx) {
@@ -54,353 +40,27 @@ pub fn hairpin(ctx: XdpContext) -> u32 {
     action
 }
 
-/// Translates a packet of a tracked or new flow and sends it on, answers it
-/// or drops it (`Ok`), or names why the kernel gets it untouched (`Err`):
-/// only packets of no flow are passed untouched.
-#[inline(always)]
-fn try_hairpin(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
-    let eth: *mut EthHeader = ptr_at(ctx, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*eth).ether_type } != ETH_P_IPV4.to_be() {
-        return Err(Counter::PassNotIpv4);
-    }
-    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
-    let ip = unsafe { &mut *ip };
-    let layout = nat::check_ipv4(ip.version_ihl, ip.frag_off, ip.proto)?;
-    let settings = SETTINGS.get(0).ok_or(Counter::PassNotConfigured)?;
-    if settings.lan_addr == 0 {
-        return Err(Counter::PassNotConfigured);
-    }
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let ingress = ctx.ingress_ifindex() as u32;
-    if layout.fragment == Fragment::Later {
-        return fragments::later_fragment(ctx, settings, ingress, now);
-    }
-    match whole_or_first(ctx, ip, &layout, settings, now) {
-        // The later fragments of a datagram whose first goes to the kernel
-        // go there too, and any held ones with it.
-        Err(pass_reason) if layout.fragment == Fragment::First => {
-            let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
-            // SAFETY: bounds checked by ptr_at.
-            let datagram =
-                unsafe { FragmentKey::new((*ip).src_addr, (*ip).dst_addr, (*ip).id, (*ip).proto) };
-            fragments::passed(ctx, &datagram, ingress, now, pass_reason)
-        }
-        verdict => verdict,
-    }
-}
-
-/// A whole packet or a first fragment: an ICMP error, or a TCP or UDP
-/// packet of a flow.
-#[inline(always)]
-fn whole_or_first(
-    ctx: &XdpContext,
-    ip: &Ipv4Header,
-    layout: &Ipv4Layout,
-    settings: &Settings,
-    now: u64,
-) -> Result<(u32, Counter), Counter> {
-    let l4_offset = l4_offset(layout.header_len);
-    if ip.proto == IPPROTO_ICMP {
-        if layout.fragment != Fragment::Whole {
-            return Err(Counter::PassFragment);
-        }
-        return try_icmp_error(ctx, l4_offset, settings, now);
-    }
-    let tot_len = u16::from_be(ip.tot_len);
-    let l4 = l4_header(ctx, l4_offset, ip.proto)?;
-    let segment = if ip.proto == IPPROTO_TCP {
-        tcp_segment(ctx, l4_offset, layout.header_len, tot_len)?
-    } else {
-        Segment::default()
-    };
-    let [src_port, dst_port] = unsafe { *l4.ports };
-    let packet = FlowKey::new(ip.src_addr, ip.dst_addr, src_port, dst_port, ip.proto);
-    let fragmented = layout.fragment == Fragment::First;
-    let arrival = Arrival { packet, segment, now, tot_len, ttl: ip.ttl, fragmented };
-    translate(ctx, settings, &arrival, l4_offset, l4)
-}
-
-/// The packet of a tracked or new flow: translated and sent on, answered
-/// or dropped (`Ok`), or of no flow (`Err`, passed untouched). XDP sends it
-/// itself unless it needs the TC program: a next hop to resolve (or an
-/// interface hairpin does not manage), fragments held for it to release,
-/// or a size to cut it to.
-#[inline(always)]
-fn translate(
-    ctx: &XdpContext,
-    settings: &Settings,
-    arrival: &Arrival,
-    l4_offset: usize,
-    l4: L4,
-) -> Result<(u32, Counter), Counter> {
-    let packet = arrival.packet;
-    let ingress = ctx.ingress_ifindex() as u32;
-    let (outcome, created) = match find_flow(&packet, ingress, settings, arrival.now)? {
-        Some(flow) => (forward_tracked(ctx, &flow, arrival, settings)?, false),
-        None => (open_flow(ctx, settings, arrival)?, true),
-    };
-    let (to, route, counter, mapping_id, split_mtu) = match outcome {
-        Outcome::Translate { to, route, counter, mapping_id, split_mtu } => {
-            (to, route, counter, mapping_id, split_mtu)
-        }
-        Outcome::Answered(verdict) => return Ok(verdict),
-    };
-    if !arrival.fragmented
-        && split_mtu == 0
-        && let Route::Resolved { .. } = route
-    {
-        // The common case, sent by XDP: the L4 header as parsed, since no
-        // helper has moved the packet (the Ethernet and IPv4 headers cost a
-        // constant check again).
-        let eth: *mut EthHeader = ptr_at(ctx, 0)?;
-        let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
-        let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
-        rewrite(ip, &l4, &packet, &to);
-        return send(eth, &route, counter);
-    }
-    // A first fragment: its datagram, and the fragments held for it.
-    let (datagram, held) = if arrival.fragmented {
-        let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
-        // SAFETY: bounds checked by ptr_at; the packet is not rewritten yet.
-        let id = unsafe { (*ip).id };
-        let datagram = FragmentKey::new(packet.src_addr, packet.dst_addr, id, packet.proto);
-        (datagram, fragments::held(&datagram, ingress, arrival.now))
-    } else {
-        (FragmentKey::default(), 0)
-    };
-    let through_tc = split_mtu != 0 || held > 0;
-    // The egress MTU: what TC cuts to, and what the later fragments must fit.
-    let mtu = if split_mtu != 0 {
-        split_mtu
-    } else if arrival.fragmented {
-        fragments::route_mtu(ctx, &route)
-    } else {
-        0
-    };
-    let neigh = matches!(route, Route::Unresolved { .. });
-    let handed = if through_tc {
-        let flags = if neigh { HANDOFF_NEIGH } else { 0 };
-        hand_off(ctx, route.egress(), mtu, &datagram, held, flags)
-    } else if let Route::Unresolved { ifindex } = route {
-        hand_to_kernel(ctx, ifindex)
-    } else {
-        Ok(())
-    };
-    if let Err(counter) = handed {
-        if created {
-            let _ = CONNTRACK_NEW.remove(&packet);
-            let _ = CONNTRACK_NEW.remove(&to.reversed());
-        }
-        return Ok((xdp_action::XDP_DROP, counter));
-    }
-    if arrival.fragmented {
-        fragments::translated(
-            &datagram,
-            &to,
-            (ingress, &route, mtu),
-            mapping_id,
-            held,
-            arrival.now,
-        );
-    }
-    // Adding metadata invalidates packet pointers: look the headers up again.
-    let eth: *mut EthHeader = ptr_at(ctx, 0)?;
-    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
-    let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
-    let l4 = l4_header(ctx, l4_offset, ip.proto)?;
-    rewrite(ip, &l4, &packet, &to);
-    let (action, counter) = send(eth, &route, counter)?;
-    Ok((if through_tc { xdp_action::XDP_PASS } else { action }, counter))
-}
-
-/// A packet of a flow: its tuple, TCP header, when it arrived, how long it
-/// is (IPv4 total length), its TTL, and whether it is a datagram's first
-/// fragment.
-struct Arrival {
-    packet: FlowKey,
-    segment: Segment,
-    now: u64,
-    tot_len: u16,
-    ttl: u8,
-    fragmented: bool,
-}
-
-/// What becomes of a packet of a flow, tracked or new.
-enum Outcome {
-    /// Translate the packet to `to` and send it along `route`, cut into
-    /// fragments of `split_mtu` when that is not 0.
-    Translate { to: FlowKey, route: Route, counter: Counter, mapping_id: u16, split_mtu: u16 },
-    /// Answered or dropped instead (deny set, window check, ICMP, no route).
-    Answered((u32, Counter)),
-}
-
-/// A verdict that drops the packet.
-#[inline(always)]
-fn dropped(counter: Counter) -> Outcome {
-    Outcome::Answered((xdp_action::XDP_DROP, counter))
-}
-
-/// A packet of a tracked flow: the flow moved on by it, and its route.
-/// Everything is inlined into one stack frame: BPF sums the frames along a
-/// call chain against its 512 bytes, and split into calls the steps
-/// needed more than inlined. A packet of the flow that cannot be sent on is
-/// answered or dropped, never handed to the kernel untranslated.
-#[inline(always)]
-fn forward_tracked(
-    ctx: &XdpContext,
-    flow: &Flow,
-    arrival: &Arrival,
-    settings: &Settings,
-) -> Result<Outcome, Counter> {
-    let Arrival { ref packet, ref segment, now, tot_len, ttl, fragmented } = *arrival;
-    // SAFETY: a map value; see find_flow. Fields are read one by one: a
-    // copy of the whole entry does not fit the stack.
-    let (translated, direction, kind, mapping_id) = unsafe {
-        (
-            (*flow.entry).translated,
-            (*flow.entry).direction,
-            (*flow.entry).kind,
-            (*flow.entry).mapping_id,
-        )
-    };
-    let original = direction == DIRECTION_ORIGINAL;
-    if nat::ttl_expires(ttl) {
-        return time_exceeded(ctx, original, settings, now).map(Outcome::Answered);
-    }
-    // Tracked first: a packet the windows refuse costs no route lookup,
-    // caches no route and is answered with nothing.
-    if let Err(refused) = track(flow, packet, segment, fragmented, now, tot_len) {
-        return Ok(dropped(refused));
-    }
-    let route = match flow_route(ctx, flow, &translated, tot_len, now) {
-        Ok(route) => route,
-        Err(failed) => return Ok(dropped(failed)),
-    };
-    if let Route::TooBig { mtu } = route {
-        if may_fragment(ctx) {
-            return Ok(split_route(ctx, &translated, mtu, counter_of(original, kind), mapping_id));
-        }
-        return too_big(ctx, mtu, original, settings, now).map(Outcome::Answered);
-    }
-    let counter = counter_of(original, kind);
-    Ok(Outcome::Translate { to: translated, route, counter, mapping_id, split_mtu: 0 })
-}
-
-/// The verdict counter of a translated packet.
-#[inline(always)]
-fn counter_of(original: bool, kind: u8) -> Counter {
-    if !original {
-        Counter::TranslatedBack
-    } else if kind == KIND_HAIRPIN {
-        Counter::Hairpinned
-    } else {
-        Counter::PortForwarded
-    }
-}
-
-/// Whether the packet may be fragmented here (DF clear).
-#[inline(always)]
-fn may_fragment(ctx: &XdpContext) -> bool {
-    match ptr_at::<Ipv4Header>(ctx, ETH_HEADER_LEN) {
-        // SAFETY: bounds checked by ptr_at.
-        Ok(ip) => u16::from_be(unsafe { (*ip).frag_off }) & IP_DONT_FRAGMENT == 0,
-        Err(_) => false,
-    }
-}
-
-/// A packet too big for its egress link that may be fragmented: its route
-/// regardless of size, for the TC program to cut it to `mtu` and send the
-/// pieces.
-#[inline(always)]
-fn split_route(
-    ctx: &XdpContext,
-    to: &FlowKey,
-    mtu: u16,
-    counter: Counter,
-    mapping_id: u16,
-) -> Outcome {
-    match fib_lookup(ctx, to, 0) {
-        Ok((route @ (Route::Resolved { .. } | Route::Unresolved { .. }), _)) => {
-            Outcome::Translate { to: *to, route, counter, mapping_id, split_mtu: mtu }
-        }
-        _ => dropped(Counter::TooBigDropped),
-    }
-}
-
-/// A packet of no tracked flow: admitted, routed and entered as a new flow,
-/// or refused.
-#[inline(always)]
-fn open_flow(ctx: &XdpContext, settings: &Settings, arrival: &Arrival) -> Result<Outcome, Counter> {
-    let Arrival { ref packet, ref segment, now, tot_len, ttl, .. } = *arrival;
-    let admitted = match admit_new_flow(ctx, packet, segment.flags, settings)? {
-        Admission::Admitted(admitted) => admitted,
-        Admission::Denied => return Ok(dropped(Counter::Denied)),
-    };
-    if nat::ttl_expires(ttl) {
-        return time_exceeded(ctx, true, settings, now).map(Outcome::Answered);
-    }
-    // The route does not depend on the SNAT port: look it up before any
-    // state is created, so a routing failure leaves none behind.
-    let (route, split_mtu) = match fib_lookup(ctx, &admitted.provisional, tot_len) {
-        Ok((Route::TooBig { mtu }, _)) => {
-            if !may_fragment(ctx) {
-                return too_big(ctx, mtu, true, settings, now).map(Outcome::Answered);
-            }
-            match fib_lookup(ctx, &admitted.provisional, 0) {
-                Ok((route @ (Route::Resolved { .. } | Route::Unresolved { .. }), _)) => {
-                    (route, mtu)
-                }
-                _ => return Ok(dropped(Counter::TooBigDropped)),
-            }
-        }
-        Ok((route, _)) => (route, 0),
-        Err(failed) => return Ok(dropped(failed)),
-    };
-    let sides = Sides { original: ctx.ingress_ifindex() as u32, reply: route.egress() };
-    let flow = match create_flow(packet, &admitted, &sides, segment, settings, now, tot_len) {
-        Ok(flow) => flow,
-        // Refused cleanly: handed to the kernel, the packet could reach a
-        // service of the gateway's own on the public address.
-        Err(Counter::PortAllocFailed) => {
-            count(Counter::PortAllocFailed);
-            let refusal = IcmpAnswer {
-                icmp_type: icmp::ICMP_DEST_UNREACH,
-                code: icmp::ICMP_ADMIN_PROHIBITED,
-                mtu: 0,
-                from_addr: packet.dst_addr,
-                tot_len,
-                counter: Counter::FlowRefused,
-            };
-            return answer_icmp(ctx, &refusal, now).map(Outcome::Answered);
-        }
-        Err(Counter::FlowRaceDropped) => return Ok(dropped(Counter::FlowRaceDropped)),
-        Err(other) => return Err(other),
-    };
-    count(Counter::FlowCreated);
-    let mapping_id = admitted.server.id;
-    account(mapping_id, tot_len, true);
-    let counter = if admitted.hairpin { Counter::Hairpinned } else { Counter::PortForwarded };
-    Ok(Outcome::Translate { to: flow.translated, route, counter, mapping_id, split_mtu })
-}
-
-/// TC ingress: sends on what the XDP program translated but could not send
-/// itself (see `tc`).
+/// TC ingress next to the XDP program: sends on what it translated but
+/// could not send itself (see `tc`).
 #[classifier]
 pub fn hairpin_neigh_redirect(ctx: TcContext) -> i32 {
     tc::tc_ingress(&ctx)
 }
 
-/// The whole datapath on skbs (an interface attached in TC mode).
+/// The datapath on skbs (an interface attached in TC mode).
 #[classifier]
 pub fn hairpin_tc(ctx: TcContext) -> i32 {
-    tc::tc_ingress(&ctx)
+    tc::run_datapath(&ctx)
 }
 
-/// The whole datapath on skbs of a device without an Ethernet header.
+/// The datapath on skbs of a device without an Ethernet header (tun,
+/// wireguard, ppp): one is put in front first.
 #[classifier]
 pub fn hairpin_tc_l3(ctx: TcContext) -> i32 {
-    tc::tc_ingress(&ctx)
+    match tc::push_ethernet_header(&ctx) {
+        Ok(()) => tc::run_datapath(&ctx),
+        Err(verdict) => verdict,
+    }
 }
 
 #[cfg(not(test))]

@@ -9,7 +9,7 @@ use hairpin_common::{
     IcmpBucket, MAX_DENY_NETWORKS, MAX_EGRESS_DEVICES, MAX_FLOW_ADDRESSES, MAX_INTERFACES,
     MAX_LAN_NETWORKS, MAX_MAPPING_INTERFACES, MAX_MAPPING_RULES, MAX_MAPPING_SOURCES, MAX_MAPPINGS,
     MappingKey, MappingStats, MappingValue, QueuedFragment, QueuedFragmentKey, RouteCache,
-    RuleInterface, RuleSource, Settings,
+    RuleInterface, RuleSource, Settings, TcHandoff,
     fragment::{MAX_FRAGMENTED_DATAGRAMS, MAX_QUEUED_FRAGMENTS, MAX_SPLIT_PAYLOAD},
     nat::FlowPair,
     tcp::MAX_OPTIONS_LEN,
@@ -77,6 +77,11 @@ pub(crate) static MAPPING_INTERFACES: HashMap<RuleInterface, u8> =
 #[map]
 pub(crate) static TCP_OPTIONS_SCRATCH: PerCpuArray<[u8; MAX_OPTIONS_LEN]> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// The hand-off the TC datapath leaves itself: what XDP would have put in
+/// front of the packet for the TC program (see `tc::run_datapath`).
+#[map]
+pub(crate) static TC_PENDING: PerCpuArray<TcHandoff> = PerCpuArray::with_max_entries(1, 0);
 
 /// Token buckets for the ICMP messages the datapath generates.
 #[map]

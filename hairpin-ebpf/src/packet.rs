@@ -3,17 +3,16 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::{helpers::generated::bpf_xdp_load_bytes, programs::XdpContext};
 use hairpin_common::{
     Counter, FlowKey, IPPROTO_UDP, checksum,
     packet::{ETH_HEADER_LEN, Ipv4Header, TCP_SYN, TcpHeader, UdpHeader},
     tcp::{self, MAX_OPTIONS_LEN, NO_WINDOW_SCALE, Segment},
 };
 
-use crate::maps::TCP_OPTIONS_SCRATCH;
+use crate::{context::Packet, maps::TCP_OPTIONS_SCRATCH};
 
 #[inline(always)]
-pub(crate) fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Counter> {
+pub(crate) fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Result<*mut T, Counter> {
     let start = ctx.data();
     if start + offset + size_of::<T>() > ctx.data_end() {
         return Err(Counter::PassMalformed);
@@ -64,7 +63,7 @@ pub(crate) fn eth_addrs(dmac: &[u8; 6], smac: &[u8; 6]) -> [u32; 3] {
 }
 
 #[inline(always)]
-pub(crate) fn l4_header(ctx: &XdpContext, l4_offset: usize, proto: u8) -> Result<L4, Counter> {
+pub(crate) fn l4_header(ctx: &impl Packet, l4_offset: usize, proto: u8) -> Result<L4, Counter> {
     if proto == IPPROTO_UDP {
         let udp: *mut UdpHeader = ptr_at(ctx, l4_offset)?;
         return unsafe { Ok(L4 { check: &raw mut (*udp).check, ports: udp.cast() }) };
@@ -77,7 +76,7 @@ pub(crate) fn l4_header(ctx: &XdpContext, l4_offset: usize, proto: u8) -> Result
 /// bytes into the IPv4 packet of `tot_len`).
 #[inline(always)]
 pub(crate) fn tcp_segment(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     l4_offset: usize,
     ip_header_len: u32,
     tot_len: u16,
@@ -106,7 +105,7 @@ pub(crate) fn tcp_segment(
 /// The window scale a SYN announces, from its options, read into a per-CPU
 /// buffer (the stack has no room for it).
 #[inline(always)]
-pub(crate) fn syn_window_scale(ctx: &XdpContext, l4_offset: usize) -> u8 {
+pub(crate) fn syn_window_scale(ctx: &impl Packet, l4_offset: usize) -> u8 {
     const TCP_HEADER_WORDS: u32 = 5;
     let Ok(tcp) = ptr_at::<TcpHeader>(ctx, l4_offset) else {
         return NO_WINDOW_SCALE;
@@ -131,9 +130,8 @@ pub(crate) fn syn_window_scale(ctx: &XdpContext, l4_offset: usize) -> u8 {
         return NO_WINDOW_SCALE;
     };
     let offset = l4_offset as u32 + TCP_HEADER_WORDS * 4;
-    // SAFETY: copies at most MAX_OPTIONS_LEN bytes into this CPU's buffer.
-    let loaded = unsafe { bpf_xdp_load_bytes(ctx.ctx, offset, options.cast(), options_len) };
-    if loaded != 0 {
+    // At most MAX_OPTIONS_LEN bytes, into this CPU's buffer.
+    if !ctx.load_bytes(offset, options.cast(), options_len) {
         return NO_WINDOW_SCALE;
     }
     // SAFETY: this CPU's buffer, just written.
@@ -158,13 +156,4 @@ pub(crate) fn rewrite_ipv4(ip: &mut Ipv4Header, from: &FlowKey, to: &FlowKey) {
     ip.check = checksum::ipv4_after_rewrite(ip.check, from, to, old_ttl_proto, ttl_proto(ip));
     ip.src_addr = to.src_addr;
     ip.dst_addr = to.dst_addr;
-}
-
-#[inline(always)]
-pub(crate) fn rewrite(ip: &mut Ipv4Header, l4: &L4, from: &FlowKey, to: &FlowKey) {
-    rewrite_ipv4(ip, from, to);
-    unsafe {
-        *l4.check = checksum::l4_after_rewrite(*l4.check, from, to, from.proto == IPPROTO_UDP);
-        *l4.ports = [to.src_port, to.dst_port];
-    }
 }

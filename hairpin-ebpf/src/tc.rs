@@ -1,16 +1,18 @@
-//! The TC ingress program: what XDP translated but cannot send itself,
-//! handed over with metadata in front of the packet. It sends a packet
-//! whose next hop is unresolved with `bpf_redirect_neigh`, cuts a packet too
-//! big for its link into fragments, and releases the fragments held for a
-//! first fragment. Everything else goes on to the kernel.
+//! The TC ingress programs. Next to XDP: what XDP translated but cannot
+//! send itself, handed over with metadata in front of the packet. It sends
+//! a packet whose next hop is unresolved with `bpf_redirect_neigh`, cuts a
+//! packet too big for its link into fragments, and releases the fragments
+//! held for a first fragment. Everything else goes on to the kernel. In TC
+//! mode: the whole datapath on the skb, which leaves itself the same
+//! hand-off in a per-CPU slot instead of the metadata.
 
 use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT},
     helpers::generated::{
-        bpf_clone_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
-        bpf_skb_store_bytes,
+        bpf_clone_redirect, bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail,
+        bpf_skb_load_bytes, bpf_skb_pull_data, bpf_skb_store_bytes,
     },
     programs::TcContext,
 };
@@ -18,13 +20,105 @@ use hairpin_common::{
     Counter, HANDOFF_NEIGH, HANDOFF_TO_KERNEL, MAX_QUEUED_FRAME, NEIGH_MARK_MASK, NEIGH_MARK_TAG,
     NEIGH_REDIRECT_MAGIC, NeighRedirect, QueuedFragmentKey, TC_HANDOFF_MAGIC, TcHandoff, checksum,
     fragment::{self, MAX_QUEUED_PER_DATAGRAM, MAX_SPLIT_FRAGMENTS, MAX_SPLIT_PAYLOAD},
-    packet::{ETH_HEADER_LEN, IPV4_HEADER_LEN, Ipv4Header, L4_OFFSET},
+    packet::{ETH_HEADER_LEN, ETH_P_IPV4, EthHeader, IPV4_HEADER_LEN, Ipv4Header, L4_OFFSET},
 };
 
 use crate::{
-    maps::{FRAGMENT_QUEUE, SPLIT_SCRATCH, count},
-    packet::sum_words,
+    context::skb,
+    datapath::try_hairpin,
+    maps::{FRAGMENT_QUEUE, SPLIT_SCRATCH, TC_PENDING, count},
+    packet::{ptr_at, sum_words},
 };
+
+/// How much of the packet the datapath reads directly: the Ethernet
+/// header, an IPv4 header with options, and an ICMP error's quote of
+/// another (the TCP options are loaded with a helper).
+const HEADERS_LEN: u32 = 160;
+
+/// The whole datapath on an skb (TC mode): translated and redirected,
+/// answered, dropped, or passed to the kernel; a hand-off it left itself
+/// is carried out as the TC program next to XDP carries out XDP's.
+pub(crate) fn run_datapath(ctx: &TcContext) -> i32 {
+    let skb = skb(ctx);
+    // Also what an XDP program handed over: while an interface changes
+    // from XDP to TC mode, both run for a moment.
+    if let Some(verdict) = marked(skb).or_else(|| handed_over(skb)) {
+        return verdict;
+    }
+    // The headers must be in the skb's linear part to be read in place
+    // (a GRO aggregate or a local sender's skb may hold them in pages).
+    // SAFETY: the context's fields, read.
+    let (len, data, data_end) = unsafe { ((*skb).len, (*skb).data, (*skb).data_end) };
+    let wanted = if len < HEADERS_LEN { len } else { HEADERS_LEN };
+    if data_end.wrapping_sub(data) < wanted {
+        // SAFETY: a helper on this program's own packet.
+        unsafe { bpf_skb_pull_data(skb, wanted) };
+    }
+    let (action, counter) = match try_hairpin(ctx) {
+        Ok(verdict) => verdict,
+        Err(pass_reason) => (TC_ACT_OK as u32, pass_reason),
+    };
+    count(counter);
+    let Some(pending) = TC_PENDING.get_ptr_mut(0) else {
+        return action as i32;
+    };
+    // SAFETY: this CPU's slot, written by this run if at all.
+    let handoff = unsafe {
+        if (*pending).magic != TC_HANDOFF_MAGIC {
+            return action as i32;
+        }
+        (*pending).magic = 0;
+        *pending
+    };
+    if action != TC_ACT_OK as u32 {
+        return action as i32;
+    }
+    if handoff.flags == HANDOFF_NEIGH && handoff.queued == 0 && handoff.mtu == u16::MAX {
+        // SAFETY: a helper that records where the skb goes.
+        return unsafe { bpf_redirect_neigh(handoff.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    }
+    send_handed_off(skb, &handoff)
+}
+
+/// Puts an Ethernet header in front of an IPv4 packet of a device without
+/// one, so that the datapath finds its usual frame; the kernel takes it off
+/// again for such a device (passed, or sent out of one). Anything else is
+/// the kernel's (`Err`).
+#[inline(always)]
+pub(crate) fn push_ethernet_header(ctx: &TcContext) -> Result<(), i32> {
+    let skb = skb(ctx);
+    // SAFETY: the context's field, read.
+    if unsafe { (*skb).protocol } != (ETH_P_IPV4.to_be()) as u32 {
+        return Err(TC_ACT_OK);
+    }
+    // SAFETY: a helper on this program's own packet.
+    if unsafe { bpf_skb_change_head(skb, ETH_HEADER_LEN as u32, 0) } != 0 {
+        count(Counter::PassMalformed);
+        return Err(TC_ACT_OK);
+    }
+    let eth: *mut EthHeader = ptr_at(ctx, 0).map_err(|_| TC_ACT_OK)?;
+    // SAFETY: bounds checked by ptr_at; the helper zeroed the addresses.
+    unsafe { (*eth).ether_type = ETH_P_IPV4.to_be() };
+    Ok(())
+}
+
+/// A copy this program sent back into its interface (`Out::Neigh`,
+/// `Out::Kernel`): sent on with `bpf_redirect_neigh`, or passed.
+#[inline(always)]
+fn marked(skb: *mut __sk_buff) -> Option<i32> {
+    // SAFETY: the context's field, read and written.
+    let mark = unsafe { (*skb).mark };
+    if mark & NEIGH_MARK_MASK != NEIGH_MARK_TAG {
+        return None;
+    }
+    unsafe { (*skb).mark = 0 };
+    let ifindex = mark & !NEIGH_MARK_MASK;
+    if ifindex == 0 {
+        return Some(TC_ACT_OK);
+    }
+    // SAFETY: a helper that records where the skb goes.
+    Some(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+}
 
 /// The metadata as a `T`, when there is that much of it.
 #[inline(always)]
@@ -38,38 +132,32 @@ fn metadata<T>(skb: *mut __sk_buff) -> Option<*mut T> {
 }
 
 pub(crate) fn tc_ingress(ctx: &TcContext) -> i32 {
-    let skb = ctx.skb.skb;
-    // SAFETY: the context's field, read and written.
-    let mark = unsafe { (*skb).mark };
-    if mark & NEIGH_MARK_MASK == NEIGH_MARK_TAG {
-        unsafe {
-            (*skb).mark = 0;
-            return bpf_redirect_neigh(mark & !NEIGH_MARK_MASK, core::ptr::null_mut(), 0, 0) as i32;
-        }
-    }
-    let Some(magic) = metadata::<u32>(skb) else {
-        return TC_ACT_OK;
-    };
+    let skb = skb(ctx);
+    marked(skb).or_else(|| handed_over(skb)).unwrap_or(TC_ACT_OK)
+}
+
+/// What the XDP program handed over in front of the packet, sent on; `None`
+/// for a packet without a hand-off.
+#[inline(always)]
+fn handed_over(skb: *mut __sk_buff) -> Option<i32> {
+    let magic = metadata::<u32>(skb)?;
     // SAFETY: each is checked to lie inside the metadata before it is read.
     match unsafe { *magic } {
-        NEIGH_REDIRECT_MAGIC => match metadata::<NeighRedirect>(skb) {
-            Some(redirect) => unsafe {
+        NEIGH_REDIRECT_MAGIC => {
+            let redirect = metadata::<NeighRedirect>(skb)?;
+            unsafe {
                 (*redirect).magic = 0;
-                bpf_redirect_neigh((*redirect).ifindex, core::ptr::null_mut(), 0, 0) as i32
-            },
-            None => TC_ACT_OK,
-        },
-        TC_HANDOFF_MAGIC => match metadata::<TcHandoff>(skb) {
-            Some(handoff) => {
-                let handoff = unsafe { *handoff };
-                // The copies sent on carry the metadata too: they must not
-                // be taken for another hand-off when they come back in.
-                unsafe { *magic = 0 };
-                send_handed_off(skb, &handoff)
+                Some(bpf_redirect_neigh((*redirect).ifindex, core::ptr::null_mut(), 0, 0) as i32)
             }
-            None => TC_ACT_OK,
-        },
-        _ => TC_ACT_OK,
+        }
+        TC_HANDOFF_MAGIC => {
+            let handoff = unsafe { *metadata::<TcHandoff>(skb)? };
+            // The copies sent on carry the metadata too: they must not be
+            // taken for another hand-off when they come back in.
+            unsafe { *magic = 0 };
+            Some(send_handed_off(skb, &handoff))
+        }
+        _ => None,
     }
 }
 
@@ -81,7 +169,8 @@ enum Out {
     /// Out of this interface, through the kernel's neighbour resolution:
     /// each copy comes back in here, marked, for `bpf_redirect_neigh`.
     Neigh,
-    /// Into the kernel's stack, as if received.
+    /// Into the kernel's stack, as if received: each copy comes back in
+    /// here, marked, to be passed.
     Kernel,
 }
 
@@ -92,7 +181,7 @@ impl Out {
         if !neigh {
             return Some(Out::Egress(ifindex));
         }
-        if ifindex & NEIGH_MARK_MASK != 0 {
+        if ifindex & NEIGH_MARK_MASK != 0 || ifindex == 0 {
             return None;
         }
         // SAFETY: the context's field, written: every copy carries it.
@@ -126,6 +215,8 @@ fn send_copy(skb: *mut __sk_buff, out: Out) -> bool {
 #[inline(always)]
 fn send_handed_off(skb: *mut __sk_buff, handoff: &TcHandoff) -> i32 {
     let out = if handoff.flags & HANDOFF_TO_KERNEL != 0 {
+        // SAFETY: the context's field, written: every copy carries it.
+        unsafe { (*skb).mark = NEIGH_MARK_TAG };
         Some(Out::Kernel)
     } else {
         Out::of(skb, handoff.ifindex, handoff.flags & HANDOFF_NEIGH != 0)

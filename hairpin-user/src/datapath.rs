@@ -182,9 +182,10 @@ impl Datapath {
         let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
         let xdp: &mut Xdp = program(&mut ebpf, programs::XDP)?;
         xdp.load().map_err(|source| DatapathError::Program { name: programs::XDP, source })?;
-        let tc: &mut SchedClassifier = program(&mut ebpf, programs::TC_INGRESS)?;
-        tc.load()
-            .map_err(|source| DatapathError::Program { name: programs::TC_INGRESS, source })?;
+        for name in [programs::TC_INGRESS, programs::TC, programs::TC_L3] {
+            let tc: &mut SchedClassifier = program(&mut ebpf, name)?;
+            tc.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
         let mut maps = Maps::take(&mut ebpf)?;
         maps.stamp_layout()?;
         Ok(Self { ebpf, maps, pins: pins.cloned(), links: Vec::new(), attachments: Vec::new() })
@@ -365,6 +366,11 @@ impl Datapath {
 
     pub fn xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
         program(&mut self.ebpf, programs::XDP)
+    }
+
+    /// The TC datapath program (`programs::TC` or `programs::TC_L3`).
+    pub fn tc(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        program(&mut self.ebpf, name)
     }
 
     pub fn attachments(&self) -> &[Attachment] {

@@ -97,6 +97,27 @@ fn mac(m: [u8; 6]) -> String {
 /// and clients as permanent neighbours; `f` runs inside it with the
 /// datapath loaded and configured from `config`.
 fn with_datapath<R: Send>(config: &str, f: impl FnOnce(&mut Gateway) -> R + Send) -> R {
+    with_datapath_in(Mode::Xdp, config, f)
+}
+
+/// Which program the packets go through: the XDP one (on an `xdp_md`) or
+/// the TC datapath (on an skb).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Xdp,
+    Tc,
+}
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// `with_datapath`, with the packets run through the program of `mode`.
+fn with_datapath_in<R: Send>(
+    mode: Mode,
+    config: &str,
+    f: impl FnOnce(&mut Gateway) -> R + Send,
+) -> R {
     let netns = Netns::new("pkt");
     veth(&netns, "lan0", &netns, "lan0p");
     netns.ip(&["link", "set", "lan0", "address", &mac(GATEWAY_MAC)]);
@@ -125,12 +146,13 @@ fn with_datapath<R: Send>(config: &str, f: impl FnOnce(&mut Gateway) -> R + Send
         let lan0 = hairpin::datapath::if_index("lan0").expect("lan0");
         let lan1 = hairpin::datapath::if_index("lan1").expect("lan1");
         let wan0 = hairpin::datapath::if_index("wan0").expect("wan0");
-        f(&mut Gateway { wan0, datapath, lan0, lan1 })
+        f(&mut Gateway { wan0, datapath, lan0, lan1, mode })
     })
 }
 
 struct Gateway {
     datapath: Datapath,
+    mode: Mode,
     wan0: u32,
     lan0: u32,
     lan1: u32,
@@ -142,8 +164,30 @@ impl Gateway {
         self.run_on(self.lan0, packet)
     }
 
+    /// Sent back out of the interface it came in on.
+    fn tx(&self) -> u32 {
+        if self.mode == Mode::Xdp { XDP_TX } else { TC_ACT_REDIRECT }
+    }
+
+    /// Sent out of another interface (for TC, also the same one: the
+    /// verdict does not say which).
+    fn redirect(&self) -> u32 {
+        if self.mode == Mode::Xdp { XDP_REDIRECT } else { TC_ACT_REDIRECT }
+    }
+
+    fn pass(&self) -> u32 {
+        if self.mode == Mode::Xdp { XDP_PASS } else { TC_ACT_OK }
+    }
+
+    fn drop_verdict(&self) -> u32 {
+        if self.mode == Mode::Xdp { XDP_DROP } else { TC_ACT_SHOT }
+    }
+
     /// Runs one packet received on the interface `ingress`.
     fn run_on(&mut self, ingress: u32, packet: &[u8]) -> (u32, Vec<u8>) {
+        if self.mode == Mode::Tc {
+            return self.run_tc_on(ingress, packet);
+        }
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
         // rx_queue_index, egress_ifindex.
         let ctx: Vec<u8> = [0, packet.len() as u32, 0, ingress, 0, 0]
@@ -153,6 +197,28 @@ impl Gateway {
         let mut out = vec![0u8; packet.len() + 256];
         let xdp = self.datapath.xdp().expect("xdp program");
         let result = xdp
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Runs one packet through the TC datapath as an skb received on
+    /// `ingress`.
+    fn run_tc_on(&mut self, ingress: u32, packet: &[u8]) -> (u32, Vec<u8>) {
+        // struct __sk_buff: ingress_ifindex at 36, ifindex at 40. (The
+        // kernel refuses a GSO skb here: GSO is tested end to end.)
+        let mut ctx = vec![0u8; 44];
+        ctx[36..40].copy_from_slice(&ingress.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ingress.to_ne_bytes());
+        let mut out = vec![0u8; packet.len() + 256];
+        let tc = self.datapath.tc(hairpin_common::programs::TC).expect("tc program");
+        let result = tc
             .test_run(TestRunOptions {
                 data_in: Some(packet),
                 data_out: Some(&mut out),
@@ -265,13 +331,13 @@ fn inspect(packet: &[u8]) -> Seen {
     }
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn hairpin_forward_and_reply() {
+fn hairpin_forward_and_reply(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("hairpin_forward_and_reply");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let (verdict, out) = gw.run(&syn((CLIENT, 40000), (PUBLIC, 80)));
-        assert_eq!(verdict, XDP_TX, "the hairpin goes back out of lan0");
+        assert_eq!(verdict, gw.tx(), "the hairpin goes back out of lan0");
         let seen = inspect(&out);
         assert_eq!(
             seen,
@@ -287,7 +353,7 @@ fn hairpin_forward_and_reply() {
 
         let reply = tcp((SERVER, 8080), (GATEWAY, 40000), true, true, 64);
         let (verdict, out) = gw.run(&reply);
-        assert_eq!(verdict, XDP_TX);
+        assert_eq!(verdict, gw.tx());
         assert_eq!(
             inspect(&out),
             Seen {
@@ -301,7 +367,7 @@ fn hairpin_forward_and_reply() {
         );
 
         let (verdict, out) = gw.run(&tcp((CLIENT, 40000), (PUBLIC, 80), false, true, 64));
-        assert_eq!(verdict, XDP_TX, "the flow's later packets follow its entry");
+        assert_eq!(verdict, gw.tx(), "the flow's later packets follow its entry");
         assert_eq!(inspect(&out).dst, (SERVER, 8080));
 
         assert_eq!(gw.counter(Counter::Hairpinned), 2);
@@ -310,48 +376,50 @@ fn hairpin_forward_and_reply() {
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn udp_forward_and_reply() {
+fn udp_forward_and_reply(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("udp_forward_and_reply");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let (verdict, out) = gw.run(&udp((CLIENT, 33333), (PUBLIC, 53), b"query"));
-        assert_eq!(verdict, XDP_TX);
+        assert_eq!(verdict, gw.tx());
         let seen = inspect(&out);
         assert_eq!((seen.src, seen.dst), ((GATEWAY, 33333), (SERVER, 5353)));
         assert_eq!(&out[out.len() - 5..], b"query", "payload untouched");
 
         let (verdict, out) = gw.run(&udp((SERVER, 5353), (GATEWAY, 33333), b"answer"));
-        assert_eq!(verdict, XDP_TX);
+        assert_eq!(verdict, gw.tx());
         let seen = inspect(&out);
         assert_eq!((seen.src, seen.dst), ((PUBLIC, 53), (CLIENT, 33333)));
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn udp_zero_checksum_stays_zero() {
+fn udp_zero_checksum_stays_zero(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("udp_zero_checksum_stays_zero");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let mut packet = udp((CLIENT, 33334), (PUBLIC, 53), b"no checksum");
         packet[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
         let (verdict, out) = gw.run(&packet);
-        assert_eq!(verdict, XDP_TX);
+        assert_eq!(verdict, gw.tx());
         assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0], "a zero UDP checksum must stay zero");
         inspect(&out);
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn two_clients_with_the_same_source_port_get_distinct_tuples() {
+fn two_clients_with_the_same_source_port_get_distinct_tuples(
+    #[values(Mode::Xdp, Mode::Tc)] mode: Mode,
+) {
     require_root("two_clients_with_the_same_source_port_get_distinct_tuples");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let (verdict_a, out_a) = gw.run(&syn((CLIENT, 40000), (PUBLIC, 80)));
         let mut syn_b = syn((CLIENT_B, 40000), (PUBLIC, 80));
         syn_b[6..12].copy_from_slice(&CLIENT_B_MAC);
         let (verdict_b, out_b) = gw.run(&syn_b);
-        assert_eq!((verdict_a, verdict_b), (XDP_TX, XDP_TX));
+        assert_eq!((verdict_a, verdict_b), (gw.tx(), gw.tx()));
         let (a, b) = (inspect(&out_a), inspect(&out_b));
         assert_eq!(a.src, (GATEWAY, 40000), "the first client keeps its port");
         assert_eq!(b.src.0, GATEWAY);
@@ -360,7 +428,7 @@ fn two_clients_with_the_same_source_port_get_distinct_tuples() {
         for (seen, client, client_mac) in [(a, CLIENT, CLIENT_MAC), (b, CLIENT_B, CLIENT_B_MAC)] {
             let reply = tcp(seen.dst, seen.src, true, true, 64);
             let (verdict, out) = gw.run(&reply);
-            assert_eq!(verdict, XDP_TX);
+            assert_eq!(verdict, gw.tx());
             let back = inspect(&out);
             assert_eq!(back.dst, (client, 40000), "each reply reaches its own client");
             assert_eq!(back.dst_mac, client_mac);
@@ -368,19 +436,19 @@ fn two_clients_with_the_same_source_port_get_distinct_tuples() {
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn exhausted_snat_ports_refuse_the_flow() {
+fn exhausted_snat_ports_refuse_the_flow(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("exhausted_snat_ports_refuse_the_flow");
     let config = CONFIG.replace(
         "address = \"192.168.0.1\"",
         "address = \"192.168.0.1\"\nsnat_ports = \"20000-20001\"",
     );
-    with_datapath(&config, |gw| {
+    with_datapath_in(mode, &config, |gw| {
         let mut ports = Vec::new();
         for client_port in [40000, 40001] {
             let (verdict, out) = gw.run(&syn((CLIENT, client_port), (PUBLIC, 80)));
-            assert_eq!(verdict, XDP_TX);
+            assert_eq!(verdict, gw.tx());
             ports.push(inspect(&out).src.1);
         }
         ports.sort();
@@ -388,7 +456,7 @@ fn exhausted_snat_ports_refuse_the_flow() {
 
         let packet = syn((CLIENT, 40002), (PUBLIC, 80));
         let (verdict, out) = gw.run(&packet);
-        assert_eq!(verdict, XDP_TX, "no port left: the flow is refused, to the client");
+        assert_eq!(verdict, gw.tx(), "no port left: the flow is refused, to the client");
         let (src, dst, quoted) = inspect_icmp(&out);
         assert_eq!((src, dst), (PUBLIC, CLIENT));
         assert_eq!((out[34], out[35]), (3, 13), "communication administratively prohibited");
@@ -427,11 +495,15 @@ fn arp() -> Vec<u8> {
 #[case::arp(arp(), Counter::PassNotIpv4)]
 #[case::truncated_tcp(syn((CLIENT, 40000), (PUBLIC, 80))[..40].to_vec(), Counter::PassMalformed)]
 #[ignore = "needs root"]
-fn packets_hairpin_does_not_own_pass_untouched(#[case] packet: Vec<u8>, #[case] reason: Counter) {
+fn packets_hairpin_does_not_own_pass_untouched(
+    #[case] packet: Vec<u8>,
+    #[case] reason: Counter,
+    #[values(Mode::Xdp, Mode::Tc)] mode: Mode,
+) {
     require_root("packets_hairpin_does_not_own_pass_untouched");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let (verdict, out) = gw.run(&packet);
-        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(verdict, gw.pass());
         assert_eq!(out, packet, "a passed packet must be untouched");
         assert_eq!(gw.counter(reason), 1, "counted as {}", reason.name());
         assert_eq!(gw.counter(Counter::FlowCreated), 0, "no state for a passed packet");
@@ -449,10 +521,13 @@ enum Towards {
 #[case::client_to_the_public_address(Towards::PublicAddress)]
 #[case::server_to_the_gateway(Towards::Gateway)]
 #[ignore = "needs root"]
-fn ttl_one_of_a_tracked_flow_is_answered_with_time_exceeded(#[case] towards: Towards) {
+fn ttl_one_of_a_tracked_flow_is_answered_with_time_exceeded(
+    #[case] towards: Towards,
+    #[values(Mode::Xdp, Mode::Tc)] mode: Mode,
+) {
     require_root("ttl_one_of_a_tracked_flow_is_answered_with_time_exceeded");
-    with_datapath(CONFIG, |gw| {
-        assert_eq!(gw.run(&udp((CLIENT, 40020), (PUBLIC, 53), b"q")).0, XDP_TX);
+    with_datapath_in(mode, CONFIG, |gw| {
+        assert_eq!(gw.run(&udp((CLIENT, 40020), (PUBLIC, 53), b"q")).0, gw.tx());
         let (sender, packet, answered_from) = match towards {
             Towards::PublicAddress => {
                 (CLIENT, with_ttl(udp((CLIENT, 40020), (PUBLIC, 53), b"q"), 1), PUBLIC)
@@ -462,7 +537,7 @@ fn ttl_one_of_a_tracked_flow_is_answered_with_time_exceeded(#[case] towards: Tow
             }
         };
         let (verdict, out) = gw.run(&packet);
-        assert_eq!(verdict, XDP_TX, "answered where it came from, not passed");
+        assert_eq!(verdict, gw.tx(), "answered where it came from, not passed");
         let (src, dst, quoted) = inspect_icmp(&out);
         assert_eq!((src, dst), (answered_from, sender), "from the address the sender used");
         assert_eq!((out[34], out[35]), (11, 0), "time exceeded in transit");
@@ -477,14 +552,14 @@ fn with_ttl(mut packet: Vec<u8>, ttl: u8) -> Vec<u8> {
     packet
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn ip_options_are_kept_and_the_packet_translated() {
+fn ip_options_are_kept_and_the_packet_translated(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("ip_options_are_kept_and_the_packet_translated");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let packet = syn_with_ip_options();
         let (verdict, out) = gw.run(&packet);
-        assert_eq!(verdict, XDP_TX, "a new flow, options and all");
+        assert_eq!(verdict, gw.tx(), "a new flow, options and all");
         assert_eq!(out[14], 0x46, "the options are kept");
         assert_eq!(&out[34..38], &packet[34..38], "the option bytes unchanged");
         let seen = inspect(&out);
@@ -493,10 +568,10 @@ fn ip_options_are_kept_and_the_packet_translated() {
         // The server's SYN-ACK comes back without options; then the client's
         // ACK with options again, on the open flow.
         let syn_ack = segment((SERVER, 8080), seen.src, SYN | ACK, ISN, ISN + 1, 0);
-        assert_eq!(gw.run(&syn_ack).0, XDP_TX);
+        assert_eq!(gw.run(&syn_ack).0, gw.tx());
         let ack = with_ip_option(segment((CLIENT, 40010), (PUBLIC, 80), ACK, ISN + 1, ISN + 1, 10));
         let (verdict, out) = gw.run(&ack);
-        assert_eq!(verdict, XDP_TX);
+        assert_eq!(verdict, gw.tx());
         assert_eq!(inspect(&out).dst, (SERVER, 8080), "translated on the open flow");
         assert_eq!(gw.counter(Counter::Hairpinned), 2);
     });
@@ -555,19 +630,23 @@ fn unconfigured_program_passes_everything() {
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn hairpin_between_lan_interfaces_is_redirected() {
+fn hairpin_between_lan_interfaces_is_redirected(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("hairpin_between_lan_interfaces_is_redirected");
     let config =
         CONFIG.replace("interface = \"lan0\"", "interfaces = [\"lan0\", \"lan1\"]").replace(
             "networks = [\"192.168.0.0/24\"]",
             "networks = [\"192.168.0.0/24\", \"192.168.1.0/24\"]",
         );
-    with_datapath(&config, |gw| {
+    with_datapath_in(mode, &config, |gw| {
         let lan1 = gw.lan1;
         let (verdict, out) = gw.run_on(lan1, &syn((OTHER_LAN_CLIENT, 40040), (PUBLIC, 80)));
-        assert_eq!(verdict, XDP_REDIRECT, "the server is behind lan0: redirect through the devmap");
+        assert_eq!(
+            verdict,
+            gw.redirect(),
+            "the server is behind lan0: redirect through the devmap"
+        );
         let seen = inspect(&out);
         assert_eq!(
             (seen.src, seen.dst),
@@ -577,7 +656,7 @@ fn hairpin_between_lan_interfaces_is_redirected() {
         assert_eq!(seen.dst_mac, SERVER_MAC);
 
         let (verdict, out) = gw.run(&tcp((SERVER, 8080), (GATEWAY, 40040), true, true, 64));
-        assert_eq!(verdict, XDP_REDIRECT, "the reply goes back out of lan1");
+        assert_eq!(verdict, gw.redirect(), "the reply goes back out of lan1");
         assert_eq!(inspect(&out).dst, (OTHER_LAN_CLIENT, 40040));
     });
 }
@@ -637,16 +716,16 @@ fn flagged(src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: u8) -> Vec<u8> {
 
 const WAN_CLIENT: [u8; 4] = [198, 51, 100, 7];
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn wan_port_forward_keeps_the_client_address() {
+fn wan_port_forward_keeps_the_client_address(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("wan_port_forward_keeps_the_client_address");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let wan0 = gw.wan0;
         let mut packet = syn((WAN_CLIENT, 50000), (PUBLIC, 80));
         packet[..6].copy_from_slice(&GATEWAY_WAN_MAC);
         let (verdict, out) = gw.run_on(wan0, &packet);
-        assert_eq!(verdict, XDP_REDIRECT, "from the WAN interface to the LAN one");
+        assert_eq!(verdict, gw.redirect(), "from the WAN interface to the LAN one");
         let seen = inspect(&out);
         assert_eq!(
             (seen.src, seen.dst, seen.dst_mac),
@@ -655,7 +734,7 @@ fn wan_port_forward_keeps_the_client_address() {
         );
 
         let (verdict, out) = gw.run(&tcp((SERVER, 8080), (WAN_CLIENT, 50000), true, true, 64));
-        assert_eq!(verdict, XDP_REDIRECT, "the reply goes out of the WAN interface");
+        assert_eq!(verdict, gw.redirect(), "the reply goes out of the WAN interface");
         let seen = inspect(&out);
         assert_eq!(
             (seen.src, seen.dst, seen.src_mac, seen.dst_mac),
@@ -667,15 +746,15 @@ fn wan_port_forward_keeps_the_client_address() {
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn lan_source_arriving_on_the_wan_is_passed() {
+fn lan_source_arriving_on_the_wan_is_passed(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("lan_source_arriving_on_the_wan_is_passed");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let wan0 = gw.wan0;
         let packet = syn((CLIENT, 50001), (PUBLIC, 80));
         let (verdict, out) = gw.run_on(wan0, &packet);
-        assert_eq!((verdict, out), (XDP_PASS, packet), "a spoofed LAN source");
+        assert_eq!((verdict, out), (gw.pass(), packet), "a spoofed LAN source");
         assert_eq!(gw.counter(Counter::PassLanSourceOnWan), 1);
     });
 }
@@ -685,16 +764,20 @@ fn lan_source_arriving_on_the_wan_is_passed() {
 #[case(8005, 9005)]
 #[case(8009, 9009)]
 #[ignore = "needs root"]
-fn port_range_mapping(#[case] public_port: u16, #[case] server_port: u16) {
+fn port_range_mapping(
+    #[case] public_port: u16,
+    #[case] server_port: u16,
+    #[values(Mode::Xdp, Mode::Tc)] mode: Mode,
+) {
     require_root("port_range_mapping");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let (verdict, out) = gw.run(&syn((CLIENT, 40100), (PUBLIC, public_port)));
-        assert_eq!(verdict, XDP_TX);
+        assert_eq!(verdict, gw.tx());
         assert_eq!(inspect(&out).dst, (SERVER, server_port));
         let reply = tcp((SERVER, server_port), (GATEWAY, 40100), true, true, 64);
         assert_eq!(inspect(&gw.run(&reply).1).src, (PUBLIC, public_port));
         let outside = syn((CLIENT, 40101), (PUBLIC, 8010));
-        assert_eq!(gw.run(&outside).0, XDP_PASS, "8010 is outside the range");
+        assert_eq!(gw.run(&outside).0, gw.pass(), "8010 is outside the range");
     });
 }
 
@@ -733,11 +816,11 @@ const ACK: u8 = 0x10;
 const FIN: u8 = 0x01;
 const RST: u8 = 0x04;
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn tcp_states_follow_the_connection_and_it_moves_tables() {
+fn tcp_states_follow_the_connection_and_it_moves_tables(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("tcp_states_follow_the_connection_and_it_moves_tables");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let client = (CLIENT, 40200);
         let (public, server, gateway) = ((PUBLIC, 80), (SERVER, 8080), (GATEWAY, 40200));
         let original = key(client, public, 6);
@@ -764,7 +847,7 @@ fn tcp_states_follow_the_connection_and_it_moves_tables() {
                 segment(server, gateway, flags, seq, ack, len)
             };
             let (verdict, _) = gw.run(&packet);
-            assert_eq!(verdict, XDP_TX, "step {i}: packet not translated");
+            assert_eq!(verdict, gw.tx(), "step {i}: packet not translated");
             for k in [original, reply] {
                 assert_eq!(
                     gw.flow_state(k),
@@ -791,7 +874,7 @@ fn established_tcp(gw: &mut Gateway, client: ([u8; 4], u16)) {
         } else {
             segment(server, gateway, flags, seq, ack, 0)
         };
-        assert_eq!(gw.run(&packet).0, XDP_TX, "handshake packet {flags:#04x}");
+        assert_eq!(gw.run(&packet).0, gw.tx(), "handshake packet {flags:#04x}");
     }
     assert_eq!(gw.flow_state(key(client, public, 6)), Some((Table::Established, "ESTABLISHED")));
 }
@@ -801,13 +884,16 @@ fn established_tcp(gw: &mut Gateway, client: ([u8; 4], u16)) {
 #[case::behind(900_001u32.wrapping_sub(1 << 29))]
 #[case::half_way_round(900_001 + (1 << 31))]
 #[ignore = "needs root"]
-fn a_blind_rst_outside_the_window_is_dropped(#[case] seq: u32) {
+fn a_blind_rst_outside_the_window_is_dropped(
+    #[case] seq: u32,
+    #[values(Mode::Xdp, Mode::Tc)] mode: Mode,
+) {
     require_root("a_blind_rst_outside_the_window_is_dropped");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let client = (CLIENT, 40210);
         established_tcp(gw, client);
         let blind = segment((SERVER, 8080), (GATEWAY, 40210), RST, seq, 0, 0);
-        assert_eq!(gw.run(&blind).0, XDP_DROP, "an out-of-window RST is not sent on");
+        assert_eq!(gw.run(&blind).0, gw.drop_verdict(), "an out-of-window RST is not sent on");
         assert_eq!(gw.counter(Counter::TcpOutOfWindow), 1);
         assert_eq!(
             gw.flow_state(key(client, (PUBLIC, 80), 6)),
@@ -817,28 +903,28 @@ fn a_blind_rst_outside_the_window_is_dropped(#[case] seq: u32) {
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn a_rst_in_the_window_closes_only_when_exact() {
+fn a_rst_in_the_window_closes_only_when_exact(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("a_rst_in_the_window_closes_only_when_exact");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let client = (CLIENT, 40220);
         established_tcp(gw, client);
         let from_server = |seq| segment((SERVER, 8080), (GATEWAY, 40220), RST, seq, 0, 0);
-        assert_eq!(gw.run(&from_server(900_001 + 3000)).0, XDP_TX, "sent on for a challenge ACK");
+        assert_eq!(gw.run(&from_server(900_001 + 3000)).0, gw.tx(), "sent on for a challenge ACK");
         assert_eq!(gw.counter(Counter::TcpRstNotExact), 1);
         let original = key(client, (PUBLIC, 80), 6);
         assert_eq!(gw.flow_state(original), Some((Table::Established, "ESTABLISHED")));
-        assert_eq!(gw.run(&from_server(900_001)).0, XDP_TX);
+        assert_eq!(gw.run(&from_server(900_001)).0, gw.tx());
         assert_eq!(gw.flow_state(original), Some((Table::Established, "CLOSE")));
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn blind_fin_and_data_are_dropped() {
+fn blind_fin_and_data_are_dropped(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("blind_fin_and_data_are_dropped");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let client = (CLIENT, 40230);
         established_tcp(gw, client);
         let wild = 100_001 + 500_000_000;
@@ -847,7 +933,7 @@ fn blind_fin_and_data_are_dropped() {
             segment(client, (PUBLIC, 80), ACK, wild, 900_001, 100),
             segment(client, (PUBLIC, 80), ACK, 100_001, 900_001 + 5_000_000, 0),
         ] {
-            assert_eq!(gw.run(&packet).0, XDP_DROP);
+            assert_eq!(gw.run(&packet).0, gw.drop_verdict());
         }
         assert_eq!(gw.counter(Counter::TcpOutOfWindow), 3);
         assert_eq!(
@@ -855,7 +941,7 @@ fn blind_fin_and_data_are_dropped() {
             Some((Table::Established, "ESTABLISHED"))
         );
         let data = segment(client, (PUBLIC, 80), ACK, 100_001, 900_001, 100);
-        assert_eq!(gw.run(&data).0, XDP_TX, "the real data still flows");
+        assert_eq!(gw.run(&data).0, gw.tx(), "the real data still flows");
     });
 }
 
@@ -863,14 +949,17 @@ fn blind_fin_and_data_are_dropped() {
 #[case::acknowledging_more_than_the_syn(100_002)]
 #[case::guessed(12345)]
 #[ignore = "needs root"]
-fn a_forged_syn_ack_does_not_open_the_flow(#[case] ack: u32) {
+fn a_forged_syn_ack_does_not_open_the_flow(
+    #[case] ack: u32,
+    #[values(Mode::Xdp, Mode::Tc)] mode: Mode,
+) {
     require_root("a_forged_syn_ack_does_not_open_the_flow");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let client = (CLIENT, 40240);
         let (public, server, gateway) = ((PUBLIC, 80), (SERVER, 8080), (GATEWAY, 40240));
-        assert_eq!(gw.run(&segment(client, public, SYN, 100_000, 0, 0)).0, XDP_TX);
+        assert_eq!(gw.run(&segment(client, public, SYN, 100_000, 0, 0)).0, gw.tx());
         let forged = segment(server, gateway, SYN | ACK, 5, ack, 0);
-        assert_eq!(gw.run(&forged).0, XDP_DROP);
+        assert_eq!(gw.run(&forged).0, gw.drop_verdict());
         assert_eq!(gw.counter(Counter::TcpHandshakeInvalid), 1);
         // The client's ACK of what the forger sent establishes nothing.
         let ack_of_forgery = segment(client, public, ACK, 100_001, 6, 0);
@@ -879,11 +968,11 @@ fn a_forged_syn_ack_does_not_open_the_flow(#[case] ack: u32) {
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn a_syn_with_window_scaling_lets_the_window_grow() {
+fn a_syn_with_window_scaling_lets_the_window_grow(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("a_syn_with_window_scaling_lets_the_window_grow");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let client = (CLIENT, 40250);
         let (public, server, gateway) = ((PUBLIC, 80), (SERVER, 8080), (GATEWAY, 40250));
         let with_scale =
@@ -905,25 +994,25 @@ fn a_syn_with_window_scaling_lets_the_window_grow() {
                 fix_tcp_checksum(&mut packet);
                 packet
             };
-        assert_eq!(gw.run(&with_scale(client, public, SYN, 100_000, 0)).0, XDP_TX);
-        assert_eq!(gw.run(&with_scale(server, gateway, SYN | ACK, 900_000, 100_001)).0, XDP_TX);
-        assert_eq!(gw.run(&segment(client, public, ACK, 100_001, 900_001, 0)).0, XDP_TX);
+        assert_eq!(gw.run(&with_scale(client, public, SYN, 100_000, 0)).0, gw.tx());
+        assert_eq!(gw.run(&with_scale(server, gateway, SYN | ACK, 900_000, 100_001)).0, gw.tx());
+        assert_eq!(gw.run(&segment(client, public, ACK, 100_001, 900_001, 0)).0, gw.tx());
         // 1 MB ahead of the acknowledgments: inside 64240 << 7, far outside 64240.
         let ahead = segment(server, gateway, ACK, 900_001 + 1_000_000, 100_001, 100);
         assert_eq!(
             gw.run(&ahead).0,
-            XDP_TX,
+            gw.tx(),
             "the server's scaled window was read from its SYN-ACK"
         );
         assert_eq!(gw.counter(Counter::TcpOutOfWindow), 0);
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn udp_flow_is_established_by_the_reply() {
+fn udp_flow_is_established_by_the_reply(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("udp_flow_is_established_by_the_reply");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let original = key((CLIENT, 33400), (PUBLIC, 53), 17);
         gw.run(&udp((CLIENT, 33400), (PUBLIC, 53), b"q"));
         assert_eq!(gw.flow_state(original), Some((Table::New, "UNREPLIED")));
@@ -946,51 +1035,51 @@ fn udp_flow_is_established_by_the_reply() {
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn a_flows_tuple_from_the_wrong_interface_is_no_flows() {
+fn a_flows_tuple_from_the_wrong_interface_is_no_flows(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("a_flows_tuple_from_the_wrong_interface_is_no_flows");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let wan0 = gw.wan0;
         let (verdict, _) = gw.run(&udp((CLIENT, 33500), (PUBLIC, 53), b"q"));
-        assert_eq!(verdict, XDP_TX);
+        assert_eq!(verdict, gw.tx());
         // A WAN host sends the LAN client's tuple, then the server's reply tuple.
         for packet in [
             udp((CLIENT, 33500), (PUBLIC, 53), b"injected to the server"),
             udp((SERVER, 5353), (GATEWAY, 33500), b"injected to the client"),
         ] {
             let (verdict, out) = gw.run_on(wan0, &packet);
-            assert_eq!((verdict, out), (XDP_PASS, packet), "passed untouched, never translated");
+            assert_eq!((verdict, out), (gw.pass(), packet), "passed untouched, never translated");
         }
         assert_eq!(gw.counter(Counter::WrongInterface), 2);
         let (verdict, out) = gw.run(&udp((SERVER, 5353), (GATEWAY, 33500), b"a"));
-        assert_eq!(verdict, XDP_TX, "the flow still works from its own side");
+        assert_eq!(verdict, gw.tx(), "the flow still works from its own side");
         assert_eq!(inspect(&out).dst, (CLIENT, 33500));
         assert_eq!(gw.counter(Counter::FlowCreated), 1);
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn a_wan_tuple_arriving_on_the_lan_is_not_translated() {
+fn a_wan_tuple_arriving_on_the_lan_is_not_translated(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("a_wan_tuple_arriving_on_the_lan_is_not_translated");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let wan0 = gw.wan0;
         let (verdict, _) = gw.run_on(wan0, &syn((WAN_CLIENT, 50100), (PUBLIC, 80)));
-        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(verdict, gw.redirect());
         // The same tuple from a LAN host: not the WAN client's flow.
         let packet = flagged((WAN_CLIENT, 50100), (PUBLIC, 80), 0x10);
         let (verdict, out) = gw.run(&packet);
-        assert_eq!((verdict, out), (XDP_PASS, packet));
+        assert_eq!((verdict, out), (gw.pass(), packet));
         assert_eq!(gw.counter(Counter::WrongInterface), 1);
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn a_half_evicted_flow_never_shares_its_port() {
+fn a_half_evicted_flow_never_shares_its_port(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("a_half_evicted_flow_never_shares_its_port");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let (_, out) = gw.run(&udp((CLIENT, 40300), (PUBLIC, 53), b"first"));
         assert_eq!(inspect(&out).src, (GATEWAY, 40300));
         // The table evicts the cold reply entry alone.
@@ -1004,7 +1093,7 @@ fn a_half_evicted_flow_never_shares_its_port() {
         assert_eq!(second_source, (GATEWAY, 40300), "the port is free again");
 
         let (verdict, out) = gw.run(&udp((CLIENT, 40300), (PUBLIC, 53), b"first again"));
-        assert_eq!(verdict, XDP_TX);
+        assert_eq!(verdict, gw.tx());
         assert_ne!(
             inspect(&out).src,
             second_source,
@@ -1016,20 +1105,20 @@ fn a_half_evicted_flow_never_shares_its_port() {
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn generated_icmp_is_rate_limited() {
+fn generated_icmp_is_rate_limited(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("generated_icmp_is_rate_limited");
     let config = CONFIG.replace(
         "address = \"192.168.0.1\"",
         "address = \"192.168.0.1\"\nsnat_ports = \"20000-20000\"",
     );
-    with_datapath(&config, |gw| {
+    with_datapath_in(mode, &config, |gw| {
         gw.run(&syn((CLIENT, 41000), (PUBLIC, 80)));
         let mut answered = 0;
         for client_port in 41001..41201 {
             let (verdict, _) = gw.run(&syn((CLIENT, client_port), (PUBLIC, 80)));
-            answered += (verdict == XDP_TX) as u64;
+            answered += (verdict == gw.tx()) as u64;
         }
         let limited = gw.counter(Counter::IcmpRateLimited);
         assert!(
@@ -1109,18 +1198,20 @@ fn reclaim_keeps_a_flow_reopened_after_it_read_the_table() {
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn a_servers_packet_too_big_for_the_wan_is_answered_or_dropped() {
+fn a_servers_packet_too_big_for_the_wan_is_answered_or_dropped(
+    #[values(Mode::Xdp, Mode::Tc)] mode: Mode,
+) {
     require_root("a_servers_packet_too_big_for_the_wan_is_answered_or_dropped");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         // The WAN link is smaller than the LAN's packets.
         ip(&["link", "set", "wan0", "mtu", "1400"]);
         let wan0 = gw.wan0;
-        assert_eq!(gw.run_on(wan0, &udp((WAN_CLIENT, 50100), (PUBLIC, 53), b"q")).0, XDP_REDIRECT);
+        assert_eq!(gw.run_on(wan0, &udp((WAN_CLIENT, 50100), (PUBLIC, 53), b"q")).0, gw.redirect());
         let big = with_dont_fragment(udp((SERVER, 5353), (WAN_CLIENT, 50100), &[7u8; 1450]), true);
         let (verdict, out) = gw.run(&big);
-        assert_eq!(verdict, XDP_TX, "answered, never forwarded untranslated");
+        assert_eq!(verdict, gw.tx(), "answered, never forwarded untranslated");
         let (src, dst, quoted) = inspect_icmp(&out);
         assert_eq!((src, dst), (GATEWAY, SERVER), "from the router the server reached");
         assert_eq!((out[34], out[35]), (3, 4), "fragmentation needed");
@@ -1128,7 +1219,7 @@ fn a_servers_packet_too_big_for_the_wan_is_answered_or_dropped() {
         assert_eq!(quoted, big[14..14 + 28], "the server's own header");
         assert_eq!(gw.counter(Counter::FragNeededSent), 1);
         let small = udp((SERVER, 5353), (WAN_CLIENT, 50100), &[7u8; 1300]);
-        assert_eq!(gw.run(&small).0, XDP_REDIRECT);
+        assert_eq!(gw.run(&small).0, gw.redirect());
     });
 }
 
@@ -1192,16 +1283,19 @@ fn inspect_icmp(packet: &[u8]) -> ([u8; 4], [u8; 4], Vec<u8>) {
 #[case::whole_udp_header(28)]
 #[case::the_whole_datagram(576)]
 #[ignore = "needs root"]
-fn icmp_port_unreachable_from_the_server_reaches_the_hairpin_client(#[case] quote_len: usize) {
+fn icmp_port_unreachable_from_the_server_reaches_the_hairpin_client(
+    #[case] quote_len: usize,
+    #[values(Mode::Xdp, Mode::Tc)] mode: Mode,
+) {
     require_root("icmp_port_unreachable_from_the_server_reaches_the_hairpin_client");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let sent = udp((CLIENT, 33600), (PUBLIC, 53), b"anyone there?");
         let (verdict, delivered) = gw.run(&sent);
-        assert_eq!(verdict, XDP_TX);
+        assert_eq!(verdict, gw.tx());
         // The server has no socket on 5353: it reports on what it received.
         let error = icmp_error(SERVER, GATEWAY, 3, 3, &delivered[14..], quote_len);
         let (verdict, out) = gw.run(&error);
-        assert_eq!(verdict, XDP_TX, "the error goes back to the client");
+        assert_eq!(verdict, gw.tx(), "the error goes back to the client");
         let (src, dst, quoted) = inspect_icmp(&out);
         assert_eq!((src, dst), (PUBLIC, CLIENT), "as from the public address the client used");
         let client_sent = &sent[14..];
@@ -1223,23 +1317,25 @@ fn icmp_port_unreachable_from_the_server_reaches_the_hairpin_client(#[case] quot
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn icmp_time_exceeded_from_a_wan_router_reaches_the_server() {
+fn icmp_time_exceeded_from_a_wan_router_reaches_the_server(
+    #[values(Mode::Xdp, Mode::Tc)] mode: Mode,
+) {
     require_root("icmp_time_exceeded_from_a_wan_router_reaches_the_server");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let wan0 = gw.wan0;
-        assert_eq!(gw.run_on(wan0, &syn((WAN_CLIENT, 50200), (PUBLIC, 80))).0, XDP_REDIRECT);
+        assert_eq!(gw.run_on(wan0, &syn((WAN_CLIENT, 50200), (PUBLIC, 80))).0, gw.redirect());
         let server_sent = tcp((SERVER, 8080), (WAN_CLIENT, 50200), true, true, 64);
         let (verdict, forwarded) = gw.run(&server_sent);
-        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(verdict, gw.redirect());
         // A router upstream reports the reply's TTL expired, quoting 40 bytes.
         let error = icmp_error(UPSTREAM_ROUTER, WAN_CLIENT, 11, 0, &forwarded[14..], 48);
         let mut error = error;
         error[..6].copy_from_slice(&GATEWAY_WAN_MAC);
         // Addressed to the WAN client, but arriving here as the router's next hop would send it.
         let (verdict, out) = gw.run_on(wan0, &error);
-        assert_eq!(verdict, XDP_REDIRECT, "to the server, on the LAN");
+        assert_eq!(verdict, gw.redirect(), "to the server, on the LAN");
         let (src, dst, quoted) = inspect_icmp(&out);
         assert_eq!((src, dst), (UPSTREAM_ROUTER, SERVER), "a router keeps its own address");
         assert_eq!(&quoted[12..20], &server_sent[14 + 12..14 + 20]);
@@ -1256,11 +1352,15 @@ fn icmp_time_exceeded_from_a_wan_router_reaches_the_server() {
 #[case::echo_request(icmp_error(CLIENT, GATEWAY, 8, 0, &[0; 8], 8), Counter::PassNotTcpUdp)]
 #[case::truncated_quote(icmp_error(SERVER, GATEWAY, 3, 3, &udp((GATEWAY, 1), (SERVER, 2), b"x")[14..], 22), Counter::PassIcmpNoFlow)]
 #[ignore = "needs root"]
-fn icmp_that_belongs_to_no_flow_passes_untouched(#[case] packet: Vec<u8>, #[case] reason: Counter) {
+fn icmp_that_belongs_to_no_flow_passes_untouched(
+    #[case] packet: Vec<u8>,
+    #[case] reason: Counter,
+    #[values(Mode::Xdp, Mode::Tc)] mode: Mode,
+) {
     require_root("icmp_that_belongs_to_no_flow_passes_untouched");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let (verdict, out) = gw.run(&packet);
-        assert_eq!((verdict, out), (XDP_PASS, packet));
+        assert_eq!((verdict, out), (gw.pass(), packet));
         assert_eq!(gw.counter(reason), 1, "counted as {}", reason.name());
     });
 }
@@ -1331,20 +1431,21 @@ fn mappings_by_address_protocol_and_port(
     #[case] proto: u8,
     #[case] public: ([u8; 4], u16),
     #[case] server_port: u16,
+    #[values(Mode::Xdp, Mode::Tc)] mode: Mode,
 ) {
     require_root("mappings_by_address_protocol_and_port");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let (from_lan, from_wan) = if proto == 6 {
             (syn((CLIENT, 40400), public), syn((WAN_CLIENT, 50400), public))
         } else {
             (udp((CLIENT, 40400), public, b"l"), udp((WAN_CLIENT, 50400), public, b"w"))
         };
         let (verdict, out) = gw.run(&from_lan);
-        assert_eq!(verdict, XDP_TX, "hairpin");
+        assert_eq!(verdict, gw.tx(), "hairpin");
         assert_eq!(inspect(&out).dst, (SERVER, server_port));
         let wan0 = gw.wan0;
         let (verdict, out) = gw.run_on(wan0, &from_wan);
-        assert_eq!(verdict, XDP_REDIRECT, "port forward");
+        assert_eq!(verdict, gw.redirect(), "port forward");
         assert_eq!(inspect(&out).dst, (SERVER, server_port));
     });
 }
@@ -1366,23 +1467,23 @@ fn move_server_to(new_mac: [u8; 6]) {
 /// client packet.
 fn established_udp_flow(gw: &mut Gateway, client_port: u16) -> Vec<u8> {
     let first = udp((CLIENT, client_port), (PUBLIC, 53), b"query");
-    assert_eq!(gw.run(&first).0, XDP_TX, "the flow's first packet");
+    assert_eq!(gw.run(&first).0, gw.tx(), "the flow's first packet");
     let reply = udp((SERVER, 5353), (GATEWAY, client_port), b"answer");
-    assert_eq!(gw.run(&reply).0, XDP_TX, "the server's reply");
+    assert_eq!(gw.run(&reply).0, gw.tx(), "the server's reply");
     first
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn a_flows_route_is_cached_until_a_change_is_announced() {
+fn a_flows_route_is_cached_until_a_change_is_announced(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("a_flows_route_is_cached_until_a_change_is_announced");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let mut keeper = RouteCacheKeeper::start(&gw.datapath.maps).expect("route cache keeper");
         let packet = established_udp_flow(gw, 41000);
         let lookups_before = gw.counter(Counter::RouteCached);
         for n in 0..10 {
             let (verdict, out) = gw.run(&packet);
-            assert_eq!(verdict, XDP_TX, "packet {n}");
+            assert_eq!(verdict, gw.tx(), "packet {n}");
             assert_eq!(inspect(&out).dst_mac, SERVER_MAC, "packet {n}");
         }
         assert_eq!(
@@ -1397,7 +1498,7 @@ fn a_flows_route_is_cached_until_a_change_is_announced() {
             "the neighbour change is announced on rtnetlink"
         );
         let (verdict, out) = gw.run(&packet);
-        assert_eq!(verdict, XDP_TX);
+        assert_eq!(verdict, gw.tx());
         assert_eq!(
             inspect(&out).dst_mac,
             SERVER_NEW_MAC,
@@ -1407,21 +1508,23 @@ fn a_flows_route_is_cached_until_a_change_is_announced() {
     });
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn a_route_change_moves_a_cached_flow_to_the_new_next_hop() {
+fn a_route_change_moves_a_cached_flow_to_the_new_next_hop(
+    #[values(Mode::Xdp, Mode::Tc)] mode: Mode,
+) {
     require_root("a_route_change_moves_a_cached_flow_to_the_new_next_hop");
     const OTHER_ROUTER: &str = "203.0.113.253";
     const OTHER_ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfd];
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let mut keeper = RouteCacheKeeper::start(&gw.datapath.maps).expect("route cache keeper");
         let client = (WAN_CLIENT, 50700);
-        assert_eq!(gw.run_on(gw.wan0, &syn(client, (PUBLIC, 80))).0, XDP_REDIRECT);
-        assert_eq!(gw.run(&tcp((SERVER, 8080), client, true, true, 64)).0, XDP_REDIRECT);
+        assert_eq!(gw.run_on(gw.wan0, &syn(client, (PUBLIC, 80))).0, gw.redirect());
+        assert_eq!(gw.run(&tcp((SERVER, 8080), client, true, true, 64)).0, gw.redirect());
         let from_server = tcp((SERVER, 8080), client, false, true, 64);
         for _ in 0..3 {
             let (verdict, out) = gw.run(&from_server);
-            assert_eq!(verdict, XDP_REDIRECT, "the server's packets go out of wan0");
+            assert_eq!(verdict, gw.redirect(), "the server's packets go out of wan0");
             assert_eq!(inspect(&out).dst_mac, UPSTREAM_MAC, "through the upstream router");
         }
         let lookups_before = gw.counter(Counter::RouteCached);
@@ -1441,7 +1544,7 @@ fn a_route_change_moves_a_cached_flow_to_the_new_next_hop() {
             "the route change is announced on rtnetlink"
         );
         let (verdict, out) = gw.run(&from_server);
-        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(verdict, gw.redirect());
         assert_eq!(
             inspect(&out).dst_mac,
             OTHER_ROUTER_MAC,
@@ -1546,17 +1649,19 @@ fn reassembled(fragments: &[Vec<u8>]) -> Seen {
     inspect(&packet)
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways() {
+fn a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways(
+    #[values(Mode::Xdp, Mode::Tc)] mode: Mode,
+) {
     require_root("a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let query = ipv4_fragments(&big_udp((CLIENT, 40100), (PUBLIC, 53), 3000, 7), 1480);
         assert_eq!(query.len(), 3);
         let mut sent = Vec::new();
         for (index, fragment) in query.iter().enumerate() {
             let (verdict, out) = gw.run(fragment);
-            assert_eq!(verdict, XDP_TX, "fragment {index} sent back out to the server");
+            assert_eq!(verdict, gw.tx(), "fragment {index} sent back out to the server");
             let (src, dst, _) = inspect_fragment(&out);
             assert_eq!((src, dst), (GATEWAY, SERVER), "fragment {index} translated");
             assert_eq!(&out[0..6], &SERVER_MAC);
@@ -1574,7 +1679,7 @@ fn a_hairpinned_datagrams_fragments_are_translated_by_its_first_both_ways() {
             .iter()
             .map(|fragment| {
                 let (verdict, out) = gw.run(fragment);
-                assert_eq!(verdict, XDP_TX, "the answer's fragments go back to the client");
+                assert_eq!(verdict, gw.tx(), "the answer's fragments go back to the client");
                 out
             })
             .collect();
@@ -1722,19 +1827,19 @@ fn ip(args: &[&str]) {
     assert!(status.success(), "ip {}", args.join(" "));
 }
 
-#[test]
+#[rstest]
 #[ignore = "needs root"]
-fn a_flows_packet_with_no_route_is_dropped_not_passed() {
+fn a_flows_packet_with_no_route_is_dropped_not_passed(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
     require_root("a_flows_packet_with_no_route_is_dropped_not_passed");
-    with_datapath(CONFIG, |gw| {
+    with_datapath_in(mode, CONFIG, |gw| {
         let packet = udp((CLIENT, 40600), (PUBLIC, 53), b"q");
-        assert_eq!(gw.run(&packet).0, XDP_TX);
+        assert_eq!(gw.run(&packet).0, gw.tx());
         ip(&["route", "add", "prohibit", "192.168.0.2/32"]);
         let (verdict, _) = gw.run(&packet);
-        assert_eq!(verdict, XDP_DROP, "never passed to the kernel untranslated");
+        assert_eq!(verdict, gw.drop_verdict(), "never passed to the kernel untranslated");
         assert_eq!(gw.counter(Counter::RouteFailed), 1);
         let (verdict, _) = gw.run(&udp((CLIENT, 40601), (PUBLIC, 53), b"q"));
-        assert_eq!(verdict, XDP_DROP, "nor is a new flow's first packet");
+        assert_eq!(verdict, gw.drop_verdict(), "nor is a new flow's first packet");
         assert_eq!(gw.counter(Counter::RouteFailed), 2);
         assert_eq!(gw.counter(Counter::FlowCreated), 1, "no state for the unroutable flow");
     });
@@ -1823,5 +1928,40 @@ fn an_early_fragment_that_cannot_be_a_flows_passes_as_it_came() {
         let reply = ipv4_fragments(&big_udp((SERVER, 5353), (OUTSIDER, 41001), 3000, 52), 1480);
         assert_eq!(gw.run(&reply[2]).0, XDP_DROP);
         assert_eq!(gw.counter(Counter::FragmentHeld), 1);
+    });
+}
+
+#[test]
+#[ignore = "needs root"]
+fn tc_sends_a_packet_to_an_unresolved_next_hop_with_redirect_neigh() {
+    require_root("tc_sends_a_packet_to_an_unresolved_next_hop_with_redirect_neigh");
+    with_datapath_in(Mode::Tc, CONFIG, |gw| {
+        let (verdict, out) = gw.run(&syn((CLIENT, 40030), (PUBLIC, 81)));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "bpf_redirect_neigh resolves the next hop");
+        assert_eq!(gw.counter(Counter::NeighRedirected), 1);
+        let seen = inspect(&out);
+        assert_eq!((seen.src, seen.dst), ((GATEWAY, 40030), (UNRESOLVED_SERVER, 80)));
+        assert_eq!(seen.ttl, 63, "translated by the same program, no metadata");
+    });
+}
+
+#[test]
+#[ignore = "needs root"]
+fn tc_cuts_a_packet_too_big_without_dont_fragment() {
+    require_root("tc_cuts_a_packet_too_big_without_dont_fragment");
+    with_datapath_in(Mode::Tc, CONFIG, |gw| {
+        ip(&["link", "set", "lan0", "mtu", "1400"]);
+        let wan0 = gw.wan0;
+        let client = (WAN_CLIENT, 50320);
+        assert_eq!(gw.run_on(wan0, &syn(client, (PUBLIC, 80))).0, TC_ACT_REDIRECT);
+        assert_eq!(gw.run(&tcp((SERVER, 8080), client, true, true, 64)).0, TC_ACT_REDIRECT);
+        let ack = tcp(client, (PUBLIC, 80), false, true, 64);
+        assert_eq!(gw.run_on(wan0, &ack).0, TC_ACT_REDIRECT, "handshake done");
+
+        let may_fragment = big_tcp(client, (PUBLIC, 80), 1420, false);
+        let (verdict, _) = gw.run_on(wan0, &may_fragment);
+        assert_eq!(verdict, TC_ACT_SHOT, "sent as fragments; the skb itself is not");
+        assert_eq!(gw.counter(Counter::PacketFragmented), 1, "cut in TC");
+        assert_eq!(gw.counter(Counter::TooBigDropped), 0);
     });
 }
