@@ -72,7 +72,8 @@ enum Command {
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1")]
         watch: Option<u64>,
     },
-    /// Interfaces, XDP modes, programs, table fill, configuration file.
+    /// Interfaces with their attach modes and why, programs, table fill,
+    /// configuration file.
     Status {
         #[arg(long)]
         json: bool,
@@ -197,6 +198,9 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Check { config } => {
             let config = load_config(&config)?;
             println!("configuration is valid: {}", describe(&config));
+            for warning in config.warnings() {
+                println!("warning: {warning}");
+            }
             Ok(())
         }
         Command::Mapping(command) => mapping(&pins, command),
@@ -312,13 +316,21 @@ async fn run(
             }
         });
     }
+    datapath.plan(&config).context("choosing where the datapath runs")?;
     {
         let _lock = write_lock(pins)?;
         datapath.configure(&config).context("configuring the datapath")?;
     }
     let attachments = datapath.attach(&config).context("attaching the datapath")?;
     for a in &attachments {
-        info!("attached to {} ({}, ifindex {}): {}", a.interface, a.role, a.if_index, a.mode);
+        info!(
+            "attached to {} ({}, ifindex {}): {}{}",
+            a.interface,
+            a.role,
+            a.if_index,
+            a.describe(),
+            if a.taken_over { ", taken over" } else { "" }
+        );
     }
     write_state(pins, path, &config, &attachments);
     let route_cache = match RouteCacheKeeper::start(&datapath.maps) {
@@ -475,8 +487,8 @@ fn reload(
     if config.conntrack_capacity != running.conntrack_capacity {
         bail!("conntrack.capacity changed: restart hairpin to resize the tables");
     }
-    if config.xdp_mode != running.xdp_mode {
-        bail!("xdp.mode changed: restart hairpin to attach in another mode");
+    if config.attach != running.attach {
+        bail!("[datapath] attach changed: restart hairpin to attach in another mode");
     }
     if config.metrics_listen != running.metrics_listen {
         bail!("metrics.listen changed: restart hairpin to move the endpoint");
@@ -882,7 +894,13 @@ fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
             );
             println!("config:   {}", s.config.display());
             for a in &s.interfaces {
-                println!("  {:<12} {} ifindex {} XDP {}", a.interface, a.role, a.if_index, a.mode);
+                println!(
+                    "  {:<12} {} ifindex {} {}",
+                    a.interface,
+                    a.role,
+                    a.if_index,
+                    a.describe()
+                );
             }
         }
         None => println!("daemon:   unknown (no state file {})", state_file(pins).display()),
