@@ -1127,6 +1127,14 @@ interfaces = ["gw-wan"]"#,
     }
 
     #[test]
+    fn the_example_configuration_parses_without_warnings() {
+        let config: Config =
+            include_str!("../../examples/hairpin.toml").parse().expect("the example is valid");
+        assert_eq!(config.attach, Attach::default());
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+    }
+
+    #[test]
     fn skb_mode_is_refused_saying_why_and_what_to_use() {
         let text = SEED.replace("[datapath]\nattach = \"auto\"", "[xdp]\nmode = \"skb\"");
         let error = text.parse::<Config>().expect_err("skb mode accepted").to_string();
