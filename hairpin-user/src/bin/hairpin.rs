@@ -9,6 +9,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, Subcommand};
 use hairpin::{
+    attach::Hook,
     config::{Config, Mapping, Proto, parse_endpoint, parse_network},
     datapath::{Attachment, Datapath, PinDir, if_index, monotonic_coarse_ns},
     lock::WriteLock,
@@ -963,16 +964,22 @@ fn explain(
     if !pins.exists() {
         open(pins)?;
     }
+    let attachments = read_state(pins).map(|s| s.interfaces).unwrap_or_default();
     let iface = match iface {
         Some(iface) => iface,
-        None => read_state(pins)
-            .and_then(|s| s.interfaces.into_iter().find(|a| a.role == "lan").map(|a| a.interface))
+        None => attachments
+            .iter()
+            .find(|a| a.role == "lan")
+            .map(|a| a.interface.clone())
             .ok_or_else(|| anyhow!("give the interface the packet arrives on with --iface"))?,
     };
     let index = if_index(&iface)?;
-    let explanation = hairpin::explain::explain(pins, proto, src, dst, index)?;
+    // The program the interface runs; XDP for one the daemon did not say.
+    let hook = attachments.iter().find(|a| a.interface == iface).map_or(Hook::Xdp, |a| a.mode);
+    let explanation = hairpin::explain::explain(pins, proto, src, dst, index, hook)?;
     if json {
         let value = serde_json::json!({
+            "mode": hook,
             "action": explanation.action,
             "counters": explanation.counters,
             "input": explanation.input.to_string(),
@@ -981,7 +988,7 @@ fn explain(
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
-    println!("packet:  {} (arriving on {iface})", explanation.input);
+    println!("packet:  {} (arriving on {iface}, {hook})", explanation.input);
     println!("verdict: {}", explanation.action);
     let because: Vec<String> =
         explanation.counters.iter().map(|c| hairpin::explain::because(c)).collect();
