@@ -902,11 +902,7 @@ fn stats_status_and_conntrack_flush_follow_the_traffic() {
                 .collect()
         })
         .unwrap_or_default();
-    assert_eq!(
-        interfaces,
-        [("gw-lan", "lan", "xdp"), ("gw-wan", "wan", "xdp")],
-        "{status:#}"
-    );
+    assert_eq!(interfaces, [("gw-lan", "lan", "xdp"), ("gw-wan", "wan", "xdp")], "{status:#}");
     // The XDP program status names is the one the kernel runs on gw-lan.
     let link = seed.gateway.ip(&["-d", "link", "show", "dev", "gw-lan"]).stdout;
     let link = String::from_utf8_lossy(&link);
@@ -941,7 +937,8 @@ fn stats_status_and_conntrack_flush_follow_the_traffic() {
         text.contains(&format!("program id {attached}")),
         "status should name the XDP program {attached} attached to gw-lan:\n{text}"
     );
-    for expected in ["gw-lan", "gw-wan", "XDP native (configured)", &format!("config:   {config}")] {
+    for expected in ["gw-lan", "gw-wan", "XDP native (configured)", &format!("config:   {config}")]
+    {
         assert!(text.contains(expected), "status should show `{expected}`:\n{text}");
     }
 
