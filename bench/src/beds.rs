@@ -447,7 +447,7 @@ impl Bed {
         let udp_last = UDP_PORT + UDP_PORTS - 1;
         format!(
             "[lan]\ninterfaces = [{}]\nnetworks = [{}]\naddress = \"{GATEWAY_LAN}\"\n\n\
-             [xdp]\nmode = \"native\"\n\n\
+             [datapath]\nattach = \"xdp\"\n\n\
              [conntrack]\ncapacity = {conntrack_capacity}\n\n\
              [timeouts]\nudp = 3600\n\n\
              [[mapping]]\nproto = \"udp\"\npublic = \"{PUBLIC}:{UDP_PORT}-{udp_last}\"\nto = \"{SERVER}:{UDP_PORT}-{udp_last}\"\n\n\

@@ -1,8 +1,8 @@
 //! The TOML configuration, parsed and validated before anything is loaded.
 
-use std::{fmt, net::Ipv4Addr, path::Path, str::FromStr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::Path, str::FromStr};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -74,13 +74,42 @@ pub fn parse_network(text: &str) -> Result<Ipv4Net, String> {
     Ok(net)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum XdpMode {
-    /// Native (driver) mode, falling back to generic (skb) mode with a warning.
+/// Where the datapath runs on an interface, as `[datapath] attach` asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Decided per interface from what the kernel says of the device.
     #[default]
     Auto,
-    Native,
-    Skb,
+    /// Native (driver) XDP; generic (skb) XDP is never used.
+    Xdp,
+    /// The TC ingress classifier, on skbs.
+    Tc,
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttachMode::Auto => "auto",
+            AttachMode::Xdp => "xdp",
+            AttachMode::Tc => "tc",
+        })
+    }
+}
+
+/// `[datapath]`: the attach mode for every interface, and the interfaces
+/// that have one of their own.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Attach {
+    pub default: AttachMode,
+    pub interfaces: BTreeMap<String, AttachMode>,
+}
+
+impl Attach {
+    /// The mode `interface` is to be attached in.
+    pub fn mode_for(&self, interface: &str) -> AttachMode {
+        self.interfaces.get(interface).copied().unwrap_or(self.default)
+    }
 }
 
 /// An inclusive port range; a single port is a range of one.
@@ -222,7 +251,10 @@ pub struct Wan {
 pub struct Config {
     pub lan: Lan,
     pub wan: Option<Wan>,
-    pub xdp_mode: XdpMode,
+    pub attach: Attach,
+    /// The deprecated `[xdp] mode` this configuration still gives, if any
+    /// (`attach.default` holds what it means now).
+    pub legacy_xdp_mode: Option<String>,
     pub conntrack_capacity: u32,
     pub timeouts: Timeouts,
     /// Where the Prometheus endpoint listens; off when `None`.
@@ -237,6 +269,12 @@ impl Config {
     /// want, as sentences for the log.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        if let Some(mode) = &self.legacy_xdp_mode {
+            warnings.push(format!(
+                "`[xdp] mode = \"{mode}\"` is deprecated: write `[datapath] attach = \"{}\"` instead",
+                self.attach.default
+            ));
+        }
         let (t, min) = (self.timeouts, RFC_MINIMUM_TIMEOUTS);
         for (key, value, minimum, rfc) in [
             ("tcp_established", t.tcp_established, min.tcp_established, "RFC 5382 REQ-5"),
@@ -261,6 +299,7 @@ struct RawConfig {
     lan: RawLan,
     wan: Option<RawWan>,
     xdp: Option<RawXdp>,
+    datapath: Option<RawDatapath>,
     conntrack: Option<RawConntrack>,
     timeouts: Option<RawTimeouts>,
     metrics: Option<RawMetrics>,
@@ -317,6 +356,14 @@ struct RawXdp {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawDatapath {
+    attach: Option<AttachMode>,
+    #[serde(default)]
+    interfaces: BTreeMap<String, AttachMode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawConntrack {
     capacity: Option<i64>,
 }
@@ -349,17 +396,7 @@ impl FromStr for Config {
             toml::from_str(text).map_err(|e| ConfigError::Syntax(syntax_error(text, &e)))?;
         let lan = parse_lan(raw.lan)?;
         let wan = raw.wan.map(parse_wan).transpose()?;
-        let xdp_mode = match raw.xdp.and_then(|x| x.mode).as_deref() {
-            None | Some("auto") => XdpMode::Auto,
-            Some("native") => XdpMode::Native,
-            Some("skb") => XdpMode::Skb,
-            Some(other) => {
-                return Err(invalid(
-                    "xdp.mode",
-                    format!("unknown mode `{other}` (expected auto, native or skb)"),
-                ));
-            }
-        };
+        let legacy_xdp_mode = raw.xdp.and_then(|x| x.mode);
         let conntrack_capacity = match raw.conntrack.and_then(|c| c.capacity) {
             None => hairpin_common::DEFAULT_CONNTRACK_CAPACITY,
             Some(n) if (16..=(1 << 24)).contains(&n) => n as u32,
@@ -380,14 +417,15 @@ impl FromStr for Config {
                 )
             })?),
         };
-        let mut mappings: Vec<Mapping> = Vec::new();
-        let mut published_ports = 0u32;
         let managed: Vec<&str> = lan
             .interfaces
             .iter()
             .chain(wan.as_ref().map(|w| &w.interface))
             .map(String::as_str)
             .collect();
+        let attach = parse_attach(raw.datapath, legacy_xdp_mode.as_deref(), &managed)?;
+        let mut mappings: Vec<Mapping> = Vec::new();
+        let mut published_ports = 0u32;
         for (index, raw) in raw.mapping.into_iter().enumerate() {
             let mapping = parse_mapping(index, raw, &managed)?;
             if let Some(other) = mappings.iter().position(|m| m.overlaps(&mapping)) {
@@ -427,7 +465,8 @@ impl FromStr for Config {
         Ok(Config {
             lan,
             wan,
-            xdp_mode,
+            attach,
+            legacy_xdp_mode,
             conntrack_capacity,
             timeouts,
             metrics_listen,
@@ -437,18 +476,92 @@ impl FromStr for Config {
     }
 }
 
-/// A TOML error on one line: where, and what.
+/// A TOML error on one line: where, and what; for a bad value, whose.
 fn syntax_error(text: &str, error: &toml::de::Error) -> String {
     let message = error.message().trim().replace('\n', "; ");
     match error.span() {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
-            format!("line {line}, column {column}: {message}")
+            let line_start = before.rfind('\n').map_or(0, |at| at + 1);
+            let column = before.len() - line_start + 1;
+            match value_key(&text[..line_start], &before[line_start..]) {
+                Some(key) => format!("line {line}, column {column}: `{key}`: {message}"),
+                None => format!("line {line}, column {column}: {message}"),
+            }
         }
         None => message,
     }
+}
+
+/// The dotted key of the value that starts after `line_before` (`key = `),
+/// inside the last table header of `lines_before`.
+fn value_key(lines_before: &str, line_before: &str) -> Option<String> {
+    let (key, rest) = line_before.split_once('=')?;
+    let key = key.trim();
+    if key.is_empty() || !rest.trim().is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let table = lines_before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|line| line.starts_with('['))
+        .map(|header| header.trim_matches(|c| c == '[' || c == ']').trim());
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+/// `[datapath]`, or what the deprecated `[xdp] mode` means in its terms.
+fn parse_attach(
+    raw: Option<RawDatapath>,
+    legacy_xdp_mode: Option<&str>,
+    managed: &[&str],
+) -> Result<Attach, ConfigError> {
+    let (attach, interfaces) = match raw {
+        Some(raw) => (raw.attach, raw.interfaces),
+        None => (None, BTreeMap::new()),
+    };
+    let default = match (legacy_xdp_mode, attach) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "xdp.mode",
+                "give `[datapath] attach` only: `[xdp] mode` is its deprecated former name",
+            ));
+        }
+        (None, attach) => attach.unwrap_or_default(),
+        (Some("auto"), None) => AttachMode::Auto,
+        (Some("native"), None) => AttachMode::Xdp,
+        (Some("skb"), None) => {
+            return Err(invalid(
+                "xdp.mode",
+                "`skb` (generic XDP) is no longer supported: it breaks GRO aggregates and \
+                 offloaded (CHECKSUM_PARTIAL) checksums; use `[datapath] attach = \"tc\"`",
+            ));
+        }
+        (Some(other), None) => {
+            return Err(invalid(
+                "xdp.mode",
+                format!(
+                    "unknown mode `{other}` (`[xdp] mode` is deprecated: use `[datapath] attach = \"auto\" | \"xdp\" | \"tc\"`)"
+                ),
+            ));
+        }
+    };
+    for name in interfaces.keys() {
+        if !managed.contains(&name.as_str()) {
+            return Err(invalid(
+                format!("datapath.interfaces.{name}"),
+                format!(
+                    "`{name}` is not a configured LAN or WAN interface (those are {})",
+                    managed.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(Attach { default, interfaces })
 }
 
 fn parse_interface_name(key: &str, name: &str) -> Result<String, ConfigError> {
@@ -654,8 +767,8 @@ address = "192.168.0.1"
 interface = "gw-wan"
 addresses = ["203.0.113.1"]
 
-[xdp]
-mode = "auto"
+[datapath]
+attach = "auto"
 
 [[mapping]]
 proto = "tcp"
@@ -671,7 +784,8 @@ to = "192.168.0.2:80"
         assert_eq!(config.lan.address, Ipv4Addr::new(192, 168, 0, 1));
         assert_eq!(config.lan.snat_ports, DEFAULT_SNAT_PORTS);
         assert_eq!(config.wan.as_ref().unwrap().interface, "gw-wan");
-        assert_eq!(config.xdp_mode, XdpMode::Auto);
+        assert_eq!(config.attach, Attach::default());
+        assert_eq!(config.legacy_xdp_mode, None);
         assert_eq!(
             config.mappings,
             [Mapping {
@@ -723,12 +837,29 @@ to = "192.168.0.2:80"
         "lan.networks[0]"
     )]
     #[case::unknown_key(
-        r#"mode = "auto""#,
-        r#"mode = "auto"
+        r#"attach = "auto""#,
+        r#"attach = "auto"
 turbo = true"#,
         "turbo"
     )]
-    #[case::unknown_mode(r#"mode = "auto""#, r#"mode = "fast""#, "xdp.mode")]
+    #[case::unknown_attach_mode(r#"attach = "auto""#, r#"attach = "fast""#, "datapath.attach")]
+    #[case::unknown_interface_attach_mode(
+        r#"attach = "auto""#,
+        "attach = \"auto\"\n[datapath.interfaces]\ngw-wan = \"skb\"",
+        "datapath.interfaces.gw-wan"
+    )]
+    #[case::attach_for_an_unconfigured_interface(
+        r#"attach = "auto""#,
+        "attach = \"auto\"\n[datapath.interfaces]\neth9 = \"tc\"",
+        "datapath.interfaces.eth9"
+    )]
+    #[case::skb_mode_is_refused(
+        "[datapath]\nattach = \"auto\"",
+        "[xdp]\nmode = \"skb\"",
+        "xdp.mode"
+    )]
+    #[case::unknown_xdp_mode("[datapath]\nattach = \"auto\"", "[xdp]\nmode = \"fast\"", "xdp.mode")]
+    #[case::xdp_mode_and_attach("[datapath]", "[xdp]\nmode = \"native\"\n\n[datapath]", "xdp.mode")]
     #[case::public_port_zero(
         r#"public = "203.0.113.1:80""#,
         r#"public = "203.0.113.1:0""#,
@@ -759,13 +890,13 @@ turbo = true"#,
         "wan.addresses[0]"
     )]
     #[case::duplicate_mapping(
-        "[xdp]",
+        "[datapath]",
         r#"[[mapping]]
 proto = "tcp"
 public = "203.0.113.1:80"
 to = "192.168.0.5:80"
 
-[xdp]"#,
+[datapath]"#,
         "mapping[1].public"
     )]
     #[case::unequal_ranges(
@@ -779,20 +910,20 @@ to = "192.168.0.5:80"
         "mapping[0].public"
     )]
     #[case::overlapping_range(
-        "[xdp]",
+        "[datapath]",
         r#"[[mapping]]
 proto = "tcp"
 public = "203.0.113.1:70-85"
 to = "192.168.0.5:70-85"
 
-[xdp]"#,
+[datapath]"#,
         "mapping[1].public"
     )]
-    #[case::zero_timeout("[xdp]", "[timeouts]\nudp = 0\n\n[xdp]", "timeouts.udp")]
-    #[case::unknown_timeout("[xdp]", "[timeouts]\nicmp = 30\n\n[xdp]", "icmp")]
+    #[case::zero_timeout("[datapath]", "[timeouts]\nudp = 0\n\n[datapath]", "timeouts.udp")]
+    #[case::unknown_timeout("[datapath]", "[timeouts]\nicmp = 30\n\n[datapath]", "icmp")]
     #[case::bad_metrics_listen(
-        "[xdp]",
-        "[metrics]\nlisten = \"localhost\"\n\n[xdp]",
+        "[datapath]",
+        "[metrics]\nlisten = \"localhost\"\n\n[datapath]",
         "metrics.listen"
     )]
     #[case::bad_allow(
@@ -813,11 +944,15 @@ interfaces = ["eth9"]"#,
 interfaces = ["gw-lan", "gw-lan"]"#,
         "mapping[0].interfaces[1]"
     )]
-    #[case::bad_deny("[xdp]", "[deny]\nnetworks = [\"10.0.0.0/40\"]\n\n[xdp]", "deny.networks[0]")]
-    #[case::unknown_deny_key("[xdp]", "[deny]\nbans = []\n\n[xdp]", "bans")]
+    #[case::bad_deny(
+        "[datapath]",
+        "[deny]\nnetworks = [\"10.0.0.0/40\"]\n\n[datapath]",
+        "deny.networks[0]"
+    )]
+    #[case::unknown_deny_key("[datapath]", "[deny]\nbans = []\n\n[datapath]", "bans")]
     #[case::zero_opening_timeout(
-        "[xdp]",
-        "[timeouts]\ntcp_opening = 0\n\n[xdp]",
+        "[datapath]",
+        "[timeouts]\ntcp_opening = 0\n\n[datapath]",
         "timeouts.tcp_opening"
     )]
     #[case::reversed_snat_ports(
@@ -923,7 +1058,7 @@ snat_ports = "30000-20000""#,
 allow = ["198.51.100.0/24", "192.0.2.9"]
 interfaces = ["gw-wan"]"#,
             )
-            .replace("[xdp]", "[deny]\nnetworks = [\"203.0.113.128/25\"]\n\n[timeouts]\ntcp_opening = 20\n\n[xdp]");
+            .replace("[datapath]", "[deny]\nnetworks = [\"203.0.113.128/25\"]\n\n[timeouts]\ntcp_opening = 20\n\n[datapath]");
         let config: Config = text.parse().expect("valid");
         let mapping = &config.mappings[0];
         assert_eq!(
@@ -938,5 +1073,73 @@ interfaces = ["gw-wan"]"#,
             mapping.to_string(),
             "tcp 203.0.113.1:80 -> 192.168.0.2:80 from 198.51.100.0/24,192.0.2.9/32 on gw-wan"
         );
+    }
+    #[rstest]
+    #[case::nothing_given("", AttachMode::Auto, &[], None)]
+    #[case::attach_xdp("[datapath]\nattach = \"xdp\"\n", AttachMode::Xdp, &[], None)]
+    #[case::attach_tc("[datapath]\nattach = \"tc\"\n", AttachMode::Tc, &[], None)]
+    #[case::per_interface(
+        "[datapath]\nattach = \"auto\"\n[datapath.interfaces]\ngw-wan = \"tc\"\ngw-lan = \"xdp\"\n",
+        AttachMode::Auto,
+        &[("gw-lan", AttachMode::Xdp), ("gw-wan", AttachMode::Tc)],
+        None
+    )]
+    #[case::only_per_interface(
+        "[datapath.interfaces]\ngw-wan = \"tc\"\n",
+        AttachMode::Auto,
+        &[("gw-wan", AttachMode::Tc)],
+        None
+    )]
+    #[case::legacy_native("[xdp]\nmode = \"native\"\n", AttachMode::Xdp, &[], Some("native"))]
+    #[case::legacy_auto("[xdp]\nmode = \"auto\"\n", AttachMode::Auto, &[], Some("auto"))]
+    #[case::legacy_with_per_interface(
+        "[xdp]\nmode = \"native\"\n[datapath.interfaces]\ngw-wan = \"tc\"\n",
+        AttachMode::Xdp,
+        &[("gw-wan", AttachMode::Tc)],
+        Some("native")
+    )]
+    fn attach_modes(
+        #[case] section: &str,
+        #[case] default: AttachMode,
+        #[case] interfaces: &[(&str, AttachMode)],
+        #[case] legacy: Option<&str>,
+    ) {
+        let text = format!("{}\n{section}", SEED.replace("[datapath]\nattach = \"auto\"", ""));
+        let config: Config = text.parse().unwrap_or_else(|e| panic!("{section:?}: {e}"));
+        assert_eq!(config.attach.default, default);
+        let expected: BTreeMap<String, AttachMode> =
+            interfaces.iter().map(|(name, mode)| (name.to_string(), *mode)).collect();
+        assert_eq!(config.attach.interfaces, expected);
+        assert_eq!(config.legacy_xdp_mode.as_deref(), legacy);
+        for (name, mode) in interfaces {
+            assert_eq!(config.attach.mode_for(name), *mode);
+        }
+        let warnings = config.warnings();
+        match legacy {
+            Some(old) => {
+                assert_eq!(warnings.len(), 1, "{warnings:?}");
+                let wanted = format!("attach = \"{default}\"");
+                assert!(warnings[0].contains(old) && warnings[0].contains(&wanted), "{warnings:?}");
+                assert!(!warnings[0].contains('\n'), "not one line: {warnings:?}");
+            }
+            None => assert!(warnings.is_empty(), "{warnings:?}"),
+        }
+    }
+
+    #[test]
+    fn the_example_configuration_parses_without_warnings() {
+        let config: Config =
+            include_str!("../../examples/hairpin.toml").parse().expect("the example is valid");
+        assert_eq!(config.attach, Attach::default());
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+    }
+
+    #[test]
+    fn skb_mode_is_refused_saying_why_and_what_to_use() {
+        let text = SEED.replace("[datapath]\nattach = \"auto\"", "[xdp]\nmode = \"skb\"");
+        let error = text.parse::<Config>().expect_err("skb mode accepted").to_string();
+        for wanted in ["skb", "GRO", "CHECKSUM_PARTIAL", "attach = \"tc\""] {
+            assert!(error.contains(wanted), "{error:?} does not say {wanted:?}");
+        }
     }
 }

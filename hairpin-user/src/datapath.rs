@@ -14,7 +14,7 @@ use aya::{
         SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
-        xdp::{XdpLink, XdpMode as AttachMode},
+        xdp::{XdpLink, XdpMode as XdpAttachFlags},
     },
 };
 use hairpin_common::{ROLE_LAN, ROLE_WAN, Settings, maps::names, maps::programs};
@@ -23,8 +23,10 @@ use thiserror::Error;
 
 pub use crate::maps::{Table, host_addr, wire_addr};
 use crate::{
-    config::{Config, XdpMode},
+    attach::{self, AttachError, ChosenBy, Decision, Hook},
+    config::Config,
     maps::{Maps, MapsError},
+    netlink::{self, NetlinkError, XdpAttachMode},
 };
 
 #[derive(Debug, Error)]
@@ -41,10 +43,14 @@ pub enum DatapathError {
     Program { name: &'static str, source: aya::programs::ProgramError },
     #[error(transparent)]
     Maps(#[from] MapsError),
-    #[error("attaching XDP to `{interface}` in {mode} mode: {source}")]
-    AttachXdp { interface: String, mode: &'static str, source: aya::programs::ProgramError },
-    #[error("attaching the TC ingress program to `{interface}`: {source}")]
-    AttachTc { interface: String, source: aya::programs::ProgramError },
+    #[error("attaching native XDP to `{interface}`: {source}")]
+    AttachXdp { interface: String, source: aya::programs::ProgramError },
+    #[error("attaching the TC ingress program {program} to `{interface}`: {source}")]
+    AttachTc { interface: String, program: &'static str, source: aya::programs::ProgramError },
+    #[error("asking the kernel about `{interface}`: {source}")]
+    LinkFacts { interface: String, source: NetlinkError },
+    #[error(transparent)]
+    Attach(#[from] AttachError),
     #[error("pinning under {path}: {message}")]
     Pin { path: String, message: String },
     #[error("refusing the pin path {path}: it {reason}")]
@@ -78,13 +84,37 @@ pub fn if_name(index: u32) -> Option<String> {
     Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
 }
 
-/// An interface the XDP program is attached to.
+/// An interface the datapath is attached to, and how.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {
     pub interface: String,
     pub if_index: u32,
     pub role: String,
-    pub mode: String,
+    /// The hook the datapath runs in: `xdp` (native) or `tc`.
+    pub mode: Hook,
+    /// The program that sees the interface's packets first.
+    pub program: String,
+    pub chosen_by: ChosenBy,
+    /// Why `auto` chose the mode; empty when configured.
+    pub reason: String,
+    /// Whether the links a former run left pinned were taken over.
+    pub taken_over: bool,
+}
+
+impl Attachment {
+    /// `TC (auto: veth peer cannot take XDP frames)`, `XDP native (configured)`.
+    pub fn describe(&self) -> String {
+        attach::describe(self.mode, self.chosen_by, &self.reason)
+    }
+}
+
+/// Where an interface's datapath is to run, decided before attaching.
+#[derive(Clone, Debug)]
+pub struct PlannedAttachment {
+    pub interface: String,
+    pub if_index: u32,
+    pub role: u8,
+    pub decision: Decision,
 }
 
 /// Where a running instance keeps its maps and links in bpffs.
@@ -152,6 +182,9 @@ pub struct Datapath {
     pub maps: Maps,
     pins: Option<PinDir>,
     links: Vec<PinnedLink>,
+    /// Where `links` are pinned.
+    pinned: Vec<PathBuf>,
+    plan: Vec<PlannedAttachment>,
     attachments: Vec<Attachment>,
 }
 
@@ -188,7 +221,15 @@ impl Datapath {
         }
         let mut maps = Maps::take(&mut ebpf)?;
         maps.stamp_layout()?;
-        Ok(Self { ebpf, maps, pins: pins.cloned(), links: Vec::new(), attachments: Vec::new() })
+        Ok(Self {
+            ebpf,
+            maps,
+            pins: pins.cloned(),
+            links: Vec::new(),
+            pinned: Vec::new(),
+            plan: Vec::new(),
+            attachments: Vec::new(),
+        })
     }
 
     /// Takes the aya-log ring buffer, for the caller to drain.
@@ -208,6 +249,15 @@ impl Datapath {
         self.maps.set_settings(settings(config))?;
         self.maps.set_lan_networks(&config.lan.networks)?;
         self.maps.set_interfaces(&interfaces)?;
+        // XDP cannot redirect into an interface in TC mode: it hands such
+        // packets to TC, as for any interface hairpin does not manage.
+        let tc_mode = self.tc_mode_interfaces();
+        let egress: Vec<u32> = interfaces
+            .iter()
+            .map(|(index, _)| *index)
+            .filter(|index| !tc_mode.contains(index))
+            .collect();
+        self.maps.set_egress_devices(&egress)?;
         self.maps.set_config_deny(&config.deny)?;
         let (added, removed) = self.maps.replace_mappings(&config.mappings)?;
         for mapping in &removed {
@@ -219,31 +269,104 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches XDP and the TC ingress helper to every LAN and WAN
-    /// interface; an instance's pinned links are taken over, so traffic never
-    /// stops. On any failure, what this call attached is detached again.
+    /// Decides where each LAN and WAN interface's datapath runs (see
+    /// [`crate::attach`]). Called by [`Datapath::attach`] when not before;
+    /// called before [`Datapath::configure`], it keeps the TC-mode
+    /// interfaces out of `EGRESS_DEVICES` from the start.
+    pub fn plan(&mut self, config: &Config) -> Result<&[PlannedAttachment], DatapathError> {
+        let redirect_target = managed_interfaces(config).count() > 1;
+        self.plan = managed_interfaces(config)
+            .map(|(name, role)| {
+                let if_index = if_index(name)?;
+                let facts = netlink::link_facts(if_index, redirect_target).map_err(|source| {
+                    DatapathError::LinkFacts { interface: name.clone(), source }
+                })?;
+                let decision = attach::decide(name, config.attach.mode_for(name), &facts)?;
+                Ok(PlannedAttachment { interface: name.clone(), if_index, role, decision })
+            })
+            .collect::<Result<_, DatapathError>>()?;
+        Ok(&self.plan)
+    }
+
+    /// Attaches every LAN and WAN interface as [`Datapath::plan`] decided:
+    /// native XDP with the TC hand-off classifier next to it, or the TC
+    /// datapath alone. An instance's pinned links are taken over, so traffic
+    /// never stops; its links of another kind (the interface's mode changed)
+    /// or of interfaces no longer configured are removed once the new ones
+    /// are in place. On any failure, what this call attached is detached
+    /// again.
     pub fn attach(&mut self, config: &Config) -> Result<Vec<Attachment>, DatapathError> {
-        for (name, role) in managed_interfaces(config) {
-            if let Err(error) = self.attach_interface(name, role, config.xdp_mode) {
+        if self.plan.is_empty() {
+            self.plan(config)?;
+        }
+        for planned in self.plan.clone() {
+            if let Err(error) = self.attach_interface(planned) {
                 self.detach();
                 return Err(error);
             }
         }
+        let egress: Vec<u32> =
+            self.attachments.iter().filter(|a| a.mode == Hook::Xdp).map(|a| a.if_index).collect();
+        if let Err(error) = self.maps.set_egress_devices(&egress) {
+            self.detach();
+            return Err(error.into());
+        }
+        self.remove_stale_links();
         Ok(self.attachments.clone())
     }
 
-    fn attach_interface(
-        &mut self,
-        name: &str,
-        role: u8,
-        mode: XdpMode,
-    ) -> Result<(), DatapathError> {
-        let index = if_index(name)?;
-        let pins = self.pins.clone();
+    fn attach_interface(&mut self, planned: PlannedAttachment) -> Result<(), DatapathError> {
+        let PlannedAttachment { interface: name, if_index: index, role, mut decision } = planned;
+        if let Some(warning) = &decision.warning {
+            warn!("{warning}");
+        }
+        let mut taken_over = false;
+        if decision.hook == Hook::Xdp {
+            match self.attach_xdp(&name, index) {
+                Ok(reused) => {
+                    taken_over = reused;
+                    if decision.tc_if_native_xdp_fails {
+                        decision.native_xdp_worked();
+                    }
+                }
+                Err(DatapathError::AttachXdp { source, .. }) if decision.tc_if_native_xdp_fails => {
+                    decision.fall_back_to_tc(&source.to_string());
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        let tc_program = decision.tc_program();
+        taken_over |= self.attach_tc(&name, tc_program)?;
+        let role = if role == ROLE_WAN { "wan" } else { "lan" };
+        self.attachments.push(Attachment {
+            interface: name,
+            if_index: index,
+            role: role.into(),
+            mode: decision.hook,
+            program: decision.program().into(),
+            chosen_by: decision.chosen_by,
+            reason: decision.reason,
+            taken_over,
+        });
+        Ok(())
+    }
+
+    /// Native XDP on `name`, the pinned link taken over when there is one
+    /// in native mode; whether it was.
+    fn attach_xdp(&mut self, name: &str, index: u32) -> Result<bool, DatapathError> {
+        let xdp_pin = self.pins.as_ref().map(|p| p.link("xdp", name));
+        let mut pinned = xdp_pin.as_deref().and_then(|path| PinnedLink::from_pin(path).ok());
+        if pinned.is_some()
+            && netlink::link(index).is_ok_and(|l| l.xdp_attached == Some(XdpAttachMode::Skb))
+        {
+            warn!("{name}: replacing the generic (skb) XDP of a former run by native XDP");
+            if let Some(link) = pinned.take() {
+                drop(link.unpin());
+            }
+        }
         let xdp: &mut Xdp = program(&mut self.ebpf, programs::XDP)?;
-        let xdp_pin = pins.as_ref().map(|p| p.link("xdp", name));
-        let reused = match xdp_pin.as_deref().map(PinnedLink::from_pin) {
-            Some(Ok(pinned)) => {
+        let reused = match pinned {
+            Some(pinned) => {
                 let link =
                     XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_error(&xdp_pin, e))?;
                 match xdp.attach_to_link(link) {
@@ -258,41 +381,36 @@ impl Datapath {
                     }
                 }
             }
-            _ => None,
+            None => None,
         };
-        let (link_id, mode_name) = match reused {
-            Some(id) => (id, "taken over"),
-            None => {
-                let attempt = |xdp: &mut Xdp, flags, mode_name| {
-                    xdp.attach_to_if_index(index, flags).map_err(|source| {
-                        DatapathError::AttachXdp { interface: name.into(), mode: mode_name, source }
-                    })
-                };
-                match mode {
-                    XdpMode::Native => (attempt(xdp, AttachMode::Driver, "native")?, "native"),
-                    XdpMode::Skb => (attempt(xdp, AttachMode::Skb, "skb")?, "skb"),
-                    XdpMode::Auto => match attempt(xdp, AttachMode::Driver, "native") {
-                        Ok(link) => (link, "native"),
-                        Err(error) => {
-                            warn!("{error}; falling back to skb (generic) mode, which is slower");
-                            (attempt(xdp, AttachMode::Skb, "skb")?, "skb")
-                        }
-                    },
-                }
-            }
+        let taken_over = reused.is_some();
+        let link_id = match reused {
+            Some(id) => id,
+            None => xdp
+                .attach_to_if_index(index, XdpAttachFlags::Driver)
+                .map_err(|source| DatapathError::AttachXdp { interface: name.into(), source })?,
         };
         if let Some(path) = &xdp_pin {
-            let link = xdp.take_link(link_id).map_err(|source| DatapathError::AttachXdp {
-                interface: name.into(),
-                mode: mode_name,
-                source,
-            })?;
+            let link = xdp
+                .take_link(link_id)
+                .map_err(|source| DatapathError::AttachXdp { interface: name.into(), source })?;
             let fd_link = FdLink::try_from(link).map_err(|e| pin_error(&xdp_pin, e))?;
-            self.links.push(pin_link(fd_link, path)?);
+            self.pin(fd_link, path)?;
         }
+        Ok(taken_over)
+    }
 
-        let tc: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_INGRESS)?;
-        let tc_pin = pins.as_ref().map(|p| p.link("tc", name));
+    /// `program_name` on `name`'s TC ingress (TCX where the kernel has it,
+    /// else a clsact qdisc), the pinned link taken over (its program
+    /// replaced) when there is one; whether it was.
+    fn attach_tc(&mut self, name: &str, program_name: &'static str) -> Result<bool, DatapathError> {
+        let tc_pin = self.pins.as_ref().map(|p| p.link("tc", name));
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, program_name)?;
+        let attach_error = |source| DatapathError::AttachTc {
+            interface: name.into(),
+            program: program_name,
+            source,
+        };
         let taken_over = match tc_pin.as_deref().map(PinnedLink::from_pin) {
             Some(Ok(pinned)) => {
                 let link = SchedClassifierLink::try_from(FdLink::from(pinned))
@@ -307,6 +425,7 @@ impl Datapath {
             }
             _ => None,
         };
+        let reused = taken_over.is_some();
         let tc_id = match taken_over {
             Some(id) => id,
             None => match tc.attach(name, TcAttachType::Ingress) {
@@ -314,26 +433,46 @@ impl Datapath {
                 Err(source) => {
                     // Kernels before TCX (6.6) need a clsact qdisc first.
                     let _ = aya::programs::tc::qdisc_add_clsact(name);
-                    tc.attach(name, TcAttachType::Ingress)
-                        .map_err(|_| DatapathError::AttachTc { interface: name.into(), source })?
+                    tc.attach(name, TcAttachType::Ingress).map_err(|_| attach_error(source))?
                 }
             },
         };
         if let Some(path) = &tc_pin {
-            let link = tc
-                .take_link(tc_id)
-                .map_err(|source| DatapathError::AttachTc { interface: name.into(), source })?;
+            let link = tc.take_link(tc_id).map_err(attach_error)?;
             let fd_link = FdLink::try_from(link).map_err(|e| pin_error(&tc_pin, e))?;
-            self.links.push(pin_link(fd_link, path)?);
+            self.pin(fd_link, path)?;
         }
-        let role = if role == ROLE_WAN { "wan" } else { "lan" };
-        self.attachments.push(Attachment {
-            interface: name.into(),
-            if_index: index,
-            role: role.into(),
-            mode: mode_name.into(),
-        });
+        Ok(reused)
+    }
+
+    fn pin(&mut self, link: FdLink, path: &Path) -> Result<(), DatapathError> {
+        self.links.push(pin_link(link, path)?);
+        self.pinned.push(path.to_path_buf());
         Ok(())
+    }
+
+    /// Removes the pinned links this instance did not attach: those of a
+    /// kind an interface no longer has (an XDP link of an interface now in
+    /// TC mode) and those of interfaces no longer configured. Their programs
+    /// are detached with the last reference.
+    fn remove_stale_links(&mut self) {
+        let Some(pins) = &self.pins else { return };
+        let Ok(entries) = fs::read_dir(pins.links()) else { return };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            if self.pinned.contains(&path) {
+                continue;
+            }
+            match PinnedLink::from_pin(&path) {
+                Ok(link) => match link.unpin() {
+                    Ok(_detached) => {
+                        info!("detached the former link {}", entry.file_name().to_string_lossy())
+                    }
+                    Err(e) => warn!("removing the stale link {}: {e}", path.display()),
+                },
+                Err(e) => warn!("removing the stale link {}: {e}", path.display()),
+            }
+        }
     }
 
     /// Detaches from every interface. Pinned links are unpinned too.
@@ -344,6 +483,7 @@ impl Datapath {
             }
         }
         // Links still owned by the programs (no pins) go with the object.
+        self.pinned.clear();
         self.attachments.clear();
     }
 
@@ -375,6 +515,16 @@ impl Datapath {
 
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
+    }
+
+    /// The interfaces attached (else planned) in TC mode.
+    fn tc_mode_interfaces(&self) -> Vec<u32> {
+        if !self.attachments.is_empty() {
+            let tc = self.attachments.iter().filter(|a| a.mode == Hook::Tc);
+            return tc.map(|a| a.if_index).collect();
+        }
+        let tc = self.plan.iter().filter(|p| p.decision.hook == Hook::Tc);
+        tc.map(|p| p.if_index).collect()
     }
 }
 

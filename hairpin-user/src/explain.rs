@@ -7,8 +7,8 @@
 use std::{fmt, net::SocketAddrV4};
 
 use aya::{
-    EbpfLoader,
-    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use hairpin_common::{
     Counter, FlowKey,
@@ -16,9 +16,11 @@ use hairpin_common::{
 };
 
 use crate::{
+    attach::Hook,
     config::Proto,
     datapath::{DatapathError, PinDir},
     maps::{Maps, Table, host_addr, wire_addr},
+    netlink,
 };
 
 /// What the datapath does with a packet.
@@ -73,7 +75,8 @@ pub const PRIVATE_MAPS: [&str; 7] = [
 ];
 
 /// Builds a TCP SYN or a UDP datagram from `src` to `dst` as received on
-/// `if_index` and runs it through a copy of the program that reads the
+/// `if_index` and runs it through a copy of the program the interface is
+/// attached with (`hook`: XDP, or the TC datapath) that reads the
 /// instance's configuration tables, and has its own counters and its own
 /// copy of the conntrack tables (so the SNAT port it picks is the one the
 /// instance would pick now).
@@ -83,6 +86,7 @@ pub fn explain(
     src: SocketAddrV4,
     dst: SocketAddrV4,
     if_index: u32,
+    hook: Hook,
 ) -> Result<Explanation, DatapathError> {
     if crate::EBPF_OBJECT.is_empty() {
         return Err(DatapathError::NoEbpfObject);
@@ -114,55 +118,144 @@ pub fn explain(
             maps.put_flow(table, &key, &entry);
         }
     }
-    let xdp: &mut Xdp = ebpf
-        .program_mut(programs::XDP)
-        .ok_or(DatapathError::Program {
-            name: programs::XDP,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?
-        .try_into()
-        .map_err(|source| DatapathError::Program { name: programs::XDP, source })?;
-    xdp.load().map_err(|source| DatapathError::Program { name: programs::XDP, source })?;
-
     let segment = tcp_segment_for(&maps, proto, src, dst);
     let packet = build_packet(proto, src, dst, segment);
+    let verdict = match hook {
+        Hook::Xdp => run_xdp(&mut ebpf, &packet, if_index)?,
+        Hook::Tc => run_tc(&mut ebpf, &packet, if_index)?,
+    };
+    let counters: Vec<(Counter, u64)> = maps.counters()?;
+    let moved: Vec<&'static str> =
+        counters.iter().filter(|(_, v)| *v > 0).map(|(c, _)| c.name()).collect();
+    let input = parse(&packet).expect("a packet built here parses");
+    let (action, output) = match hook {
+        Hook::Xdp => xdp_action(&verdict, &moved, packet.len()),
+        Hook::Tc => tc_action(&verdict, &input),
+    };
+    Ok(Explanation { action, counters: moved, input, output })
+}
+
+/// A test run's answer: the program's return value and the packet after.
+struct Verdict {
+    return_value: u32,
+    packet: Vec<u8>,
+}
+
+fn run_xdp(ebpf: &mut Ebpf, packet: &[u8], if_index: u32) -> Result<Verdict, DatapathError> {
+    let xdp: &mut Xdp = program(ebpf, programs::XDP)?;
+    xdp.load().map_err(|source| DatapathError::Program { name: programs::XDP, source })?;
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+    // rx_queue_index, egress_ifindex.
     let ctx: Vec<u8> =
         [0, packet.len() as u32, 0, if_index, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
     let mut out = vec![0u8; packet.len() + 256];
     let result = xdp
         .test_run(TestRunOptions {
-            data_in: Some(&packet),
+            data_in: Some(packet),
             data_out: Some(&mut out),
             ctx_in: Some(&ctx),
             ..Default::default()
         })
         .map_err(|source| DatapathError::Program { name: programs::XDP, source })?;
     out.truncate(result.data_size_out as usize);
+    Ok(Verdict { return_value: result.return_value, packet: out })
+}
 
-    let counters: Vec<(Counter, u64)> = maps.counters()?;
-    let moved: Vec<&'static str> =
-        counters.iter().filter(|(_, v)| *v > 0).map(|(c, _)| c.name()).collect();
+/// The TC datapath on an skb received on `if_index`. A test run always
+/// hands a classifier an Ethernet frame, so `hairpin_tc` serves devices
+/// without an Ethernet header too: `hairpin_tc_l3` is `hairpin_tc` after
+/// pushing one.
+fn run_tc(ebpf: &mut Ebpf, packet: &[u8], if_index: u32) -> Result<Verdict, DatapathError> {
+    let tc: &mut SchedClassifier = program(ebpf, programs::TC)?;
+    tc.load().map_err(|source| DatapathError::Program { name: programs::TC, source })?;
+    let ctx = skb_context(if_index);
+    let mut out = vec![0u8; packet.len() + 256];
+    let result = tc
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .map_err(|source| DatapathError::Program { name: programs::TC, source })?;
+    out.truncate(result.data_size_out as usize);
+    Ok(Verdict { return_value: result.return_value, packet: out })
+}
+
+/// `struct __sk_buff` up to `ifindex`, the fields a test run takes from it
+/// (all others before it must be zero): received on `if_index`.
+fn skb_context(if_index: u32) -> Vec<u8> {
+    const INGRESS_IFINDEX: usize = 36;
+    const IFINDEX: usize = 40;
+    let mut ctx = vec![0u8; IFINDEX + 4];
+    ctx[INGRESS_IFINDEX..INGRESS_IFINDEX + 4].copy_from_slice(&if_index.to_ne_bytes());
+    ctx[IFINDEX..IFINDEX + 4].copy_from_slice(&if_index.to_ne_bytes());
+    ctx
+}
+
+fn xdp_action(
+    verdict: &Verdict,
+    moved: &[&'static str],
+    packet_len: usize,
+) -> (String, Option<Headers>) {
     const XDP_PASS: u32 = 2;
     let handed_on = moved.contains(&Counter::NeighRedirected.name());
     let sent =
-        matches!(result.return_value, 3 | 4) || (result.return_value == XDP_PASS && handed_on);
+        matches!(verdict.return_value, 3 | 4) || (verdict.return_value == XDP_PASS && handed_on);
     // A packet handed to the kernel has the TC program's metadata in front.
+    let out = &verdict.packet;
     let start =
-        if result.return_value == XDP_PASS { out.len().saturating_sub(packet.len()) } else { 0 };
+        if verdict.return_value == XDP_PASS { out.len().saturating_sub(packet_len) } else { 0 };
     let output = if sent { parse(&out[start..]) } else { None };
-
-    let action = XDP_ACTIONS.get(result.return_value as usize).copied().unwrap_or("unknown");
-    let action = if result.return_value == XDP_PASS && handed_on {
+    let action = XDP_ACTIONS.get(verdict.return_value as usize).copied().unwrap_or("unknown");
+    let action = if verdict.return_value == XDP_PASS && handed_on {
         "hand to the kernel translated, to send once the next hop's MAC is resolved"
     } else {
         action
     };
-    Ok(Explanation {
-        action: action.to_string(),
-        counters: moved,
-        input: parse(&packet).expect("a packet built here parses"),
-        output,
-    })
+    (action.to_string(), output)
+}
+
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// What the TC datapath's verdict means. A redirect names the interface
+/// the route to the packet's new destination leaves by: the test run does
+/// not say which one `bpf_redirect` or `bpf_redirect_neigh` chose.
+fn tc_action(verdict: &Verdict, input: &Headers) -> (String, Option<Headers>) {
+    let output = parse(&verdict.packet);
+    match verdict.return_value {
+        TC_ACT_REDIRECT => {
+            let out = output
+                .and_then(|headers| netlink::route_out_interface(*headers.dst.ip()).ok().flatten());
+            let action = match out.and_then(crate::datapath::if_name) {
+                Some(name) => format!("redirect out of {name} (TC)"),
+                None => "redirect to another interface (TC)".to_string(),
+            };
+            (action, output)
+        }
+        TC_ACT_OK | TC_ACT_UNSPEC => match output {
+            // Rewritten, then left to the kernel to route.
+            Some(headers) if headers != *input => {
+                ("pass to the kernel translated (TC)".to_string(), Some(headers))
+            }
+            _ => ("pass to the kernel".to_string(), None),
+        },
+        TC_ACT_SHOT => ("drop".to_string(), None),
+        other => (format!("unknown TC verdict {}", other as i32), None),
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 /// What a counter says about the packet, for `because:`.
@@ -296,8 +389,57 @@ fn parse(frame: &[u8]) -> Option<Headers> {
 #[cfg(test)]
 mod tests {
     use hairpin_common::Counter;
+    use rstest::rstest;
 
     use super::*;
+
+    fn endpoint(text: &str) -> SocketAddrV4 {
+        text.parse().expect("test endpoint")
+    }
+
+    #[rstest]
+    #[case::pass_unchanged(TC_ACT_OK, false, "pass to the kernel", false)]
+    #[case::unspec(TC_ACT_UNSPEC, false, "pass to the kernel", false)]
+    #[case::pass_translated(TC_ACT_OK, true, "pass to the kernel translated (TC)", true)]
+    #[case::drop(TC_ACT_SHOT, true, "drop", false)]
+    #[case::redirect(TC_ACT_REDIRECT, true, "redirect ", true)]
+    #[case::unknown(4, false, "unknown TC verdict 4", false)]
+    fn tc_verdicts(
+        #[case] return_value: u32,
+        #[case] rewritten: bool,
+        #[case] action: &str,
+        #[case] leaves: bool,
+    ) {
+        let segment = TcpSegment { flags: hairpin_common::packet::TCP_SYN, seq: 0, ack: 0 };
+        let (src, public) = (endpoint("192.168.0.3:40000"), endpoint("203.0.113.1:80"));
+        let packet = build_packet(Proto::Tcp, src, public, segment);
+        let after = if rewritten {
+            build_packet(
+                Proto::Tcp,
+                endpoint("192.168.0.1:40000"),
+                endpoint("192.168.0.2:80"),
+                segment,
+            )
+        } else {
+            packet.clone()
+        };
+        let input = parse(&packet).expect("parses");
+        let (said, output) = tc_action(&Verdict { return_value, packet: after }, &input);
+        assert!(said.starts_with(action), "{said:?} for {return_value}");
+        assert_eq!(output.is_some(), leaves, "{output:?} for {return_value}");
+        if let Some(output) = output {
+            assert_eq!(output.dst, endpoint("192.168.0.2:80"));
+        }
+    }
+
+    #[test]
+    fn the_skb_context_names_the_interface_received_on() {
+        let ctx = skb_context(7);
+        assert_eq!(ctx.len(), 44, "struct __sk_buff up to ifindex");
+        let field = |at: usize| u32::from_ne_bytes(ctx[at..at + 4].try_into().expect("4 bytes"));
+        assert_eq!((field(36), field(40)), (7, 7), "ingress_ifindex and ifindex");
+        assert!(ctx[..36].iter().all(|b| *b == 0), "the fields before must be zero");
+    }
 
     #[test]
     fn the_tables_the_datapath_writes_are_private() {

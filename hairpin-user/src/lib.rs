@@ -1,6 +1,7 @@
 //! hairpin's user space: configuration, loading and attaching the datapath,
 //! and typed access to its maps.
 
+pub mod attach;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;
@@ -9,6 +10,7 @@ pub mod import;
 pub mod lock;
 pub mod maps;
 pub mod metrics;
+pub mod netlink;
 pub mod routes;
 pub mod stats;
 

@@ -239,11 +239,24 @@ impl Maps {
         Ok(())
     }
 
-    /// Makes the managed interfaces exactly `interfaces` (index, role), each
-    /// also a possible egress device.
+    /// Makes the managed interfaces exactly `interfaces` (index, role).
     pub fn set_interfaces(&mut self, interfaces: &[(u32, u8)]) -> Result<(), MapsError> {
         for &(index, role) in interfaces {
             self.interfaces.insert(index, role, 0).map_err(map_error(names::INTERFACES))?;
+        }
+        let wanted: BTreeSet<u32> = interfaces.iter().map(|(index, _)| *index).collect();
+        let stale: Vec<u32> =
+            self.interfaces.keys().filter_map(Result::ok).filter(|i| !wanted.contains(i)).collect();
+        for index in stale {
+            let _ = self.interfaces.remove(&index);
+        }
+        Ok(())
+    }
+
+    /// Makes the devices XDP redirects into exactly `devices` (the
+    /// interfaces in XDP mode); packets for any other go to TC.
+    pub fn set_egress_devices(&mut self, devices: &[u32]) -> Result<(), MapsError> {
+        for &index in devices {
             self.egress.insert(index, index, None, 0).map_err(|e| match e {
                 aya::maps::xdp::XdpMapError::MapError(source) => {
                     MapsError::Map { name: names::EGRESS_DEVICES, source }
@@ -251,11 +264,9 @@ impl Maps {
                 other => MapsError::Mapping(format!("eBPF map `EGRESS_DEVICES`: {other}")),
             })?;
         }
-        let wanted: BTreeSet<u32> = interfaces.iter().map(|(index, _)| *index).collect();
         let stale: Vec<u32> =
-            self.interfaces.keys().filter_map(Result::ok).filter(|i| !wanted.contains(i)).collect();
+            self.egress.keys().filter_map(Result::ok).filter(|i| !devices.contains(i)).collect();
         for index in stale {
-            let _ = self.interfaces.remove(&index);
             let _ = self.egress.remove(index);
         }
         Ok(())

@@ -86,8 +86,11 @@ impl SeedBed {
         if let Some(ports) = &options.snat_ports {
             text.push_str(&format!("snat_ports = \"{ports}\"\n"));
         }
+        // XDP explicitly: TC-mode interfaces do not translate yet (the TC
+        // datapath's body is to come), and `auto` would pick TC on veths
+        // whose peers run no XDP.
         text.push_str(&format!(
-            "\n[wan]\ninterface = \"{GATEWAY_WAN_IF}\"\naddresses = [\"{PUBLIC}\"]\n\n[xdp]\nmode = \"native\"\n"
+            "\n[wan]\ninterface = \"{GATEWAY_WAN_IF}\"\naddresses = [\"{PUBLIC}\"]\n\n[datapath]\nattach = \"xdp\"\n"
         ));
         if let Some(listen) = &options.metrics_listen {
             text.push_str(&format!("\n[metrics]\nlisten = \"{listen}\"\n"));

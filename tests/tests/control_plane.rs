@@ -902,11 +902,7 @@ fn stats_status_and_conntrack_flush_follow_the_traffic() {
                 .collect()
         })
         .unwrap_or_default();
-    assert_eq!(
-        interfaces,
-        [("gw-lan", "lan", "native"), ("gw-wan", "wan", "native")],
-        "{status:#}"
-    );
+    assert_eq!(interfaces, [("gw-lan", "lan", "xdp"), ("gw-wan", "wan", "xdp")], "{status:#}");
     // The XDP program status names is the one the kernel runs on gw-lan.
     let link = seed.gateway.ip(&["-d", "link", "show", "dev", "gw-lan"]).stdout;
     let link = String::from_utf8_lossy(&link);
@@ -941,7 +937,8 @@ fn stats_status_and_conntrack_flush_follow_the_traffic() {
         text.contains(&format!("program id {attached}")),
         "status should name the XDP program {attached} attached to gw-lan:\n{text}"
     );
-    for expected in ["gw-lan", "gw-wan", "native", &format!("config:   {config}")] {
+    for expected in ["gw-lan", "gw-wan", "XDP native (configured)", &format!("config:   {config}")]
+    {
         assert!(text.contains(expected), "status should show `{expected}`:\n{text}");
     }
 
@@ -1011,10 +1008,10 @@ fn sighup_applies_a_good_configuration_and_keeps_the_running_one_on_a_bad_one() 
         .expect("UDP after a bad SIGHUP");
 
     // A valid file that cannot be applied without a restart is refused too.
-    let other_mode = seed.config(&[HTTP]).replace("mode = \"native\"", "mode = \"skb\"");
+    let other_mode = seed.config(&[HTTP]).replace("attach = \"xdp\"", "attach = \"tc\"");
     std::fs::write(daemon.config_path(), other_mode).expect("edit the config");
     daemon.reload();
-    daemon.wait_for_log("xdp.mode changed", TIMEOUT);
+    daemon.wait_for_log("attach changed", TIMEOUT);
     assert_eq!(mapping_triples(&cli.json(&["mapping", "list", "--json"])), triples(&[UDP, HTTP]));
     let _ = daemon.stop();
 }

@@ -9,6 +9,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, Subcommand};
 use hairpin::{
+    attach::Hook,
     config::{Config, Mapping, Proto, parse_endpoint, parse_network},
     datapath::{Attachment, Datapath, PinDir, if_index, monotonic_coarse_ns},
     lock::WriteLock,
@@ -72,7 +73,8 @@ enum Command {
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1")]
         watch: Option<u64>,
     },
-    /// Interfaces, XDP modes, programs, table fill, configuration file.
+    /// Interfaces with their attach modes and why, programs, table fill,
+    /// configuration file.
     Status {
         #[arg(long)]
         json: bool,
@@ -197,6 +199,9 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Check { config } => {
             let config = load_config(&config)?;
             println!("configuration is valid: {}", describe(&config));
+            for warning in config.warnings() {
+                println!("warning: {warning}");
+            }
             Ok(())
         }
         Command::Mapping(command) => mapping(&pins, command),
@@ -312,13 +317,21 @@ async fn run(
             }
         });
     }
+    datapath.plan(&config).context("choosing where the datapath runs")?;
     {
         let _lock = write_lock(pins)?;
         datapath.configure(&config).context("configuring the datapath")?;
     }
     let attachments = datapath.attach(&config).context("attaching the datapath")?;
     for a in &attachments {
-        info!("attached to {} ({}, ifindex {}): {}", a.interface, a.role, a.if_index, a.mode);
+        info!(
+            "attached to {} ({}, ifindex {}): {}{}",
+            a.interface,
+            a.role,
+            a.if_index,
+            a.describe(),
+            if a.taken_over { ", taken over" } else { "" }
+        );
     }
     write_state(pins, path, &config, &attachments);
     let route_cache = match RouteCacheKeeper::start(&datapath.maps) {
@@ -475,8 +488,8 @@ fn reload(
     if config.conntrack_capacity != running.conntrack_capacity {
         bail!("conntrack.capacity changed: restart hairpin to resize the tables");
     }
-    if config.xdp_mode != running.xdp_mode {
-        bail!("xdp.mode changed: restart hairpin to attach in another mode");
+    if config.attach != running.attach {
+        bail!("[datapath] attach changed: restart hairpin to attach in another mode");
     }
     if config.metrics_listen != running.metrics_listen {
         bail!("metrics.listen changed: restart hairpin to move the endpoint");
@@ -882,7 +895,13 @@ fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
             );
             println!("config:   {}", s.config.display());
             for a in &s.interfaces {
-                println!("  {:<12} {} ifindex {} XDP {}", a.interface, a.role, a.if_index, a.mode);
+                println!(
+                    "  {:<12} {} ifindex {} {}",
+                    a.interface,
+                    a.role,
+                    a.if_index,
+                    a.describe()
+                );
             }
         }
         None => println!("daemon:   unknown (no state file {})", state_file(pins).display()),
@@ -945,16 +964,22 @@ fn explain(
     if !pins.exists() {
         open(pins)?;
     }
+    let attachments = read_state(pins).map(|s| s.interfaces).unwrap_or_default();
     let iface = match iface {
         Some(iface) => iface,
-        None => read_state(pins)
-            .and_then(|s| s.interfaces.into_iter().find(|a| a.role == "lan").map(|a| a.interface))
+        None => attachments
+            .iter()
+            .find(|a| a.role == "lan")
+            .map(|a| a.interface.clone())
             .ok_or_else(|| anyhow!("give the interface the packet arrives on with --iface"))?,
     };
     let index = if_index(&iface)?;
-    let explanation = hairpin::explain::explain(pins, proto, src, dst, index)?;
+    // The program the interface runs; XDP for one the daemon did not say.
+    let hook = attachments.iter().find(|a| a.interface == iface).map_or(Hook::Xdp, |a| a.mode);
+    let explanation = hairpin::explain::explain(pins, proto, src, dst, index, hook)?;
     if json {
         let value = serde_json::json!({
+            "mode": hook,
             "action": explanation.action,
             "counters": explanation.counters,
             "input": explanation.input.to_string(),
@@ -963,7 +988,7 @@ fn explain(
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
-    println!("packet:  {} (arriving on {iface})", explanation.input);
+    println!("packet:  {} (arriving on {iface}, {hook})", explanation.input);
     println!("verdict: {}", explanation.action);
     let because: Vec<String> =
         explanation.counters.iter().map(|c| hairpin::explain::because(c)).collect();
