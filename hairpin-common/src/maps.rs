@@ -367,6 +367,28 @@ impl Settings {
     pub const fn expired(&self, flow_state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
         now_ns.saturating_sub(last_seen_ns) > self.timeout_ns(flow_state)
     }
+
+    /// Whether a flow in `flow_state` has expired at `now_ns`, one entry
+    /// last seen at `last_seen_ns`, its partner (the other direction) at
+    /// `partner_last_seen_ns` (`None`: gone). A flow is idle only when both
+    /// directions are, so that a one-way stream keeps it alive; an entry
+    /// without its partner expires on its own.
+    #[inline(always)]
+    pub const fn flow_expired(
+        &self,
+        flow_state: u8,
+        last_seen_ns: u64,
+        partner_last_seen_ns: Option<u64>,
+        now_ns: u64,
+    ) -> bool {
+        if !self.expired(flow_state, last_seen_ns, now_ns) {
+            return false;
+        }
+        match partner_last_seen_ns {
+            Some(partner) => self.expired(flow_state, partner, now_ns),
+            None => true,
+        }
+    }
 }
 
 pod! {

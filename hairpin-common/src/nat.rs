@@ -321,6 +321,29 @@ mod tests {
     use super::*;
 
     #[rstest]
+    #[case::both_fresh(5, Some(5), false)]
+    #[case::one_way_stream_keeps_the_flow(40, Some(5), false)]
+    #[case::the_other_way_too(5, Some(40), false)]
+    #[case::both_idle(40, Some(35), true)]
+    #[case::alone_and_idle(40, None, true)]
+    #[case::alone_and_fresh(5, None, false)]
+    fn a_flow_expires_when_both_directions_are_idle(
+        #[case] idle_s: u64,
+        #[case] partner_idle_s: Option<u64>,
+        #[case] expected: bool,
+    ) {
+        const SECOND: u64 = 1_000_000_000;
+        let settings = crate::Settings { udp_ns: 30 * SECOND, ..crate::Settings::default() };
+        let now = 100 * SECOND;
+        let partner = partner_idle_s.map(|idle| now - idle * SECOND);
+        assert_eq!(
+            settings.flow_expired(crate::state::UDP_REPLIED, now - idle_s * SECOND, partner, now),
+            expected,
+            "idle {idle_s} s, partner {partner_idle_s:?}"
+        );
+    }
+
+    #[rstest]
     #[case::reply_of_a_hairpin(DIRECTION_REPLY, KIND_HAIRPIN, Counter::TranslatedBack)]
     #[case::reply_of_a_forward(DIRECTION_REPLY, KIND_PORT_FORWARD, Counter::TranslatedBack)]
     #[case::hairpin_client(DIRECTION_ORIGINAL, KIND_HAIRPIN, Counter::Hairpinned)]

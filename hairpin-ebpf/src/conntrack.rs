@@ -32,6 +32,37 @@ pub(crate) struct Flow {
     pub(crate) established: bool,
 }
 
+/// What a packet's tuple is in the flow table (as cilium's CT_NEW,
+/// CT_ESTABLISHED, CT_REPLY): no live flow's, or a live flow's packet in
+/// the direction its client opened it, or a reply.
+pub(crate) enum FlowLookup {
+    New,
+    Original(Flow),
+    Reply(Flow),
+}
+
+impl FlowLookup {
+    /// The flow, whichever direction.
+    #[inline(always)]
+    pub(crate) fn flow(self) -> Option<Flow> {
+        match self {
+            FlowLookup::New => None,
+            FlowLookup::Original(flow) | FlowLookup::Reply(flow) => Some(flow),
+        }
+    }
+}
+
+/// Names a live flow's entry by its direction.
+#[inline(always)]
+fn tracked(flow: Flow) -> FlowLookup {
+    // SAFETY: a map value; the field is copied out.
+    if unsafe { (*flow.entry).direction } == DIRECTION_ORIGINAL {
+        FlowLookup::Original(flow)
+    } else {
+        FlowLookup::Reply(flow)
+    }
+}
+
 /// The live entry for `key` arriving on `ingress`: established flows first,
 /// then new ones. An entry idle past its timeout counts as live while its
 /// partner is not; once both are, the flow is removed and absent. A tuple
@@ -43,7 +74,7 @@ pub(crate) fn find_flow(
     ingress: u32,
     settings: &Settings,
     now: u64,
-) -> Result<Option<Flow>, Counter> {
+) -> Result<FlowLookup, Counter> {
     if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
         if !expired(key, entry, settings, now, true) {
             // SAFETY: a map value; fields are copied out.
@@ -62,18 +93,18 @@ pub(crate) fn find_flow(
                     None => {
                         let _ = CONNTRACK.remove(key);
                         count(Counter::FlowOrphaned);
-                        return Ok(None);
+                        return Ok(FlowLookup::New);
                     }
                 }
             }
-            return Ok(Some(Flow { entry, partner, established: true }));
+            return Ok(tracked(Flow { entry, partner, established: true }));
         }
     }
     let Some(entry) = CONNTRACK_NEW.get_ptr_mut(key) else {
-        return Ok(None);
+        return Ok(FlowLookup::New);
     };
     if expired(key, entry, settings, now, false) {
-        return Ok(None);
+        return Ok(FlowLookup::New);
     }
     let entry_ingress = unsafe { (*entry).ingress };
     if !nat::on_its_side(entry_ingress, ingress) {
@@ -87,10 +118,10 @@ pub(crate) fn find_flow(
         _ => {
             let _ = CONNTRACK_NEW.remove(key);
             count(Counter::FlowOrphaned);
-            return Ok(None);
+            return Ok(FlowLookup::New);
         }
     };
-    Ok(Some(Flow { entry, partner, established: false }))
+    Ok(tracked(Flow { entry, partner, established: false }))
 }
 
 /// Whether the flow of `entry` has expired; if so, removes both its entries.
@@ -105,6 +136,8 @@ pub(crate) fn expired(
     // SAFETY: a map value; fields are copied out.
     let (state, last_seen, partner_key) =
         unsafe { ((*entry).state, (*entry).last_seen_ns, (*entry).translated.reversed()) };
+    // Only looked at once this entry is idle: the common case costs no
+    // second lookup.
     if !settings.expired(state, last_seen, now) {
         return false;
     }
@@ -113,11 +146,10 @@ pub(crate) fn expired(
     } else {
         CONNTRACK_NEW.get_ptr(&partner_key)
     };
-    if let Some(partner) = partner {
-        // SAFETY: a map value.
-        if !settings.expired(state, unsafe { (*partner).last_seen_ns }, now) {
-            return false;
-        }
+    // SAFETY: a map value, read.
+    let partner_last_seen = partner.map(|partner| unsafe { (*partner).last_seen_ns });
+    if !settings.flow_expired(state, last_seen, partner_last_seen, now) {
+        return false;
     }
     if established {
         let _ = CONNTRACK.remove(key);

@@ -14,7 +14,7 @@ use hairpin_common::{
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 
 use crate::{
-    conntrack::{Admission, Flow, admit_new_flow, create_flow, find_flow, track},
+    conntrack::{Admission, Flow, FlowLookup, admit_new_flow, create_flow, find_flow, track},
     context::Packet,
     forward::{Route, fib_lookup, flow_route, hand_off, hand_to_kernel, send},
     fragments,
@@ -109,8 +109,10 @@ fn translate<C: Packet>(
     let packet = arrival.packet;
     let ingress = ctx.ingress();
     let (outcome, created) = match find_flow(&packet, ingress, settings, arrival.now)? {
-        Some(flow) => (forward_tracked(ctx, &flow, arrival, settings)?, false),
-        None => (open_flow(ctx, settings, arrival)?, true),
+        FlowLookup::Original(flow) | FlowLookup::Reply(flow) => {
+            (forward_tracked(ctx, &flow, arrival, settings)?, false)
+        }
+        FlowLookup::New => (open_flow(ctx, settings, arrival)?, true),
     };
     let (to, route, counter, mapping_id, split_mtu) = match outcome {
         Outcome::Translate { to, route, counter, mapping_id, split_mtu } => {

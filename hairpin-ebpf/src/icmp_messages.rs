@@ -67,8 +67,9 @@ pub(crate) fn try_icmp_error<C: Packet>(
     // The error comes from where the flow's packets in the other direction
     // come from: the same interface binding applies.
     let ingress = ctx.ingress();
-    let flow =
-        find_flow(&embedded.reversed(), ingress, settings, now)?.ok_or(Counter::PassIcmpNoFlow)?;
+    let flow = find_flow(&embedded.reversed(), ingress, settings, now)?
+        .flow()
+        .ok_or(Counter::PassIcmpNoFlow)?;
     if nat::ttl_expires(ttl) {
         return Ok((C::DROP, Counter::TtlExpiredDropped));
     }

@@ -13,12 +13,12 @@ pub fn expired_flows(
     now_ns: u64,
 ) -> Vec<FlowKey> {
     let by_key: HashMap<FlowKey, &FlowEntry> = entries.iter().map(|(k, e)| (*k, e)).collect();
-    let idle = |entry: &FlowEntry| settings.expired(entry.state, entry.last_seen_ns, now_ns);
     entries
         .iter()
         .filter(|(_, entry)| {
-            idle(entry)
-                && by_key.get(&entry.translated.reversed()).is_none_or(|partner| idle(partner))
+            let partner = by_key.get(&entry.translated.reversed());
+            let partner_last_seen = partner.map(|partner| partner.last_seen_ns);
+            settings.flow_expired(entry.state, entry.last_seen_ns, partner_last_seen, now_ns)
         })
         .map(|(key, _)| *key)
         .collect()
@@ -39,12 +39,15 @@ pub fn still_expired(
     let Some(current) = current else {
         return false;
     };
-    let idle = |entry: &FlowEntry| settings.expired(entry.state, entry.last_seen_ns, now_ns);
     current.created_s == first.created_s
         && current.translated == first.translated
         && current.direction == first.direction
-        && idle(current)
-        && partner.is_none_or(idle)
+        && settings.flow_expired(
+            current.state,
+            current.last_seen_ns,
+            partner.map(|partner| partner.last_seen_ns),
+            now_ns,
+        )
 }
 
 #[cfg(test)]
