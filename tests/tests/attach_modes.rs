@@ -138,7 +138,9 @@ fn owned(rows: &[(&str, &str, &str, &str, &str)]) -> Vec<(String, String, String
         .collect()
 }
 
-const PEER_CANNOT: &str = "veth peer cannot take XDP frames (no XDP program or GRO on the peer)";
+const PEER_CANNOT: &str = "veth: veth peer cannot take XDP frames (no XDP program or GRO on the \
+     peer), and local senders leave checksums to offload (CHECKSUM_PARTIAL), which XDP cannot \
+     complete";
 
 #[test]
 #[ignore = "needs root"]
