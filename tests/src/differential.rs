@@ -10,9 +10,10 @@ use std::{
 
 use crate::{
     apps::Servers,
+    cli::assert_datapath,
     daemon::Daemon,
     netfilter::{add_netfilter_probes, netfilter_probe_listing, netfilter_probe_packets},
-    seed::{DatapathCase, PUBLIC, SeedBed},
+    seed::{DatapathCase, GATEWAY_LAN_IF, GATEWAY_WAN_IF, PUBLIC, SeedBed},
 };
 
 pub const HTTP_PORT: u16 = 80;
@@ -66,6 +67,11 @@ impl Bed {
             Nat::Hairpin => {
                 let config = self.seed.config_with(mappings, &self.case.options());
                 self.daemon = Some(Daemon::start(&self.seed.gateway, &config));
+                assert_datapath(
+                    &self.seed.gateway,
+                    &[GATEWAY_LAN_IF, GATEWAY_WAN_IF],
+                    self.case.expects_tc(),
+                );
             }
         }
     }
