@@ -208,3 +208,35 @@ fn reader(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
         String::from_utf8_lossy(&bytes).into_owned()
     })
 }
+
+/// Panics unless `hairpin status --json` of the instance in `gateway` says
+/// each of `interfaces` is attached with the TC datapath (`tc`: true, its
+/// mode naming TC and no XDP link pinned for it) or with native XDP.
+#[track_caller]
+pub fn assert_datapath(gateway: &Netns, interfaces: &[&str], tc: bool) {
+    let status = Cli::new(gateway).json(&["status", "--json"]);
+    let rows = status["interfaces"].as_array().cloned().unwrap_or_default();
+    let links: Vec<String> = status["links"]
+        .as_array()
+        .map(|links| links.iter().filter_map(|l| l["name"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    for interface in interfaces {
+        let mode = rows
+            .iter()
+            .find(|row| row["interface"] == *interface)
+            .and_then(|row| row["mode"].as_str())
+            .unwrap_or_else(|| panic!("status --json shows no mode for {interface}:\n{status:#}"));
+        let xdp_link = links.iter().any(|link| *link == format!("xdp_{interface}"));
+        if tc {
+            assert!(
+                mode.to_ascii_lowercase().contains("tc") && !xdp_link,
+                "{interface} should be attached with the TC datapath, status --json says mode `{mode}`, links {links:?}:\n{status:#}"
+            );
+        } else {
+            assert_eq!(
+                mode, "native",
+                "{interface} should be attached in native XDP mode:\n{status:#}"
+            );
+        }
+    }
+}

@@ -10,9 +10,10 @@ use std::{
 
 use crate::{
     apps::Servers,
+    cli::assert_datapath,
     daemon::Daemon,
     netfilter::{add_netfilter_probes, netfilter_probe_listing, netfilter_probe_packets},
-    seed::{ConfigOptions, PUBLIC, SeedBed},
+    seed::{DatapathCase, GATEWAY_LAN_IF, GATEWAY_WAN_IF, PUBLIC, SeedBed},
 };
 
 pub const HTTP_PORT: u16 = 80;
@@ -32,6 +33,8 @@ pub enum Nat {
 /// gateway, netfilter probes counting the published services' packets.
 pub struct Bed {
     pub nat: Nat,
+    /// The kind of bed, and how hairpin attaches when it is the NAT.
+    pub case: DatapathCase,
     pub seed: SeedBed,
     _servers: Servers,
     daemon: Option<Daemon>,
@@ -41,9 +44,15 @@ impl Bed {
     /// The bed and its servers; no NAT yet, so the test can change the
     /// topology first.
     pub fn new(nat: Nat) -> Self {
-        let seed = SeedBed::new();
+        Self::on(nat, DatapathCase::Xdp)
+    }
+
+    /// Like [`Bed::new`], on `case`'s kind of bed (hairpin attaching as
+    /// `case` says).
+    pub fn on(nat: Nat, case: DatapathCase) -> Self {
+        let seed = case.bed();
         let servers = Servers::start(&seed.server, HTTP_PORT, UDP_SERVER_PORT);
-        Self { nat, seed, _servers: servers, daemon: None }
+        Self { nat, case, seed, _servers: servers, daemon: None }
     }
 
     /// Installs the probes (counting only packets up to `probe_max_ip_len`
@@ -56,8 +65,13 @@ impl Bed {
                 self.seed.load_port_forward_iptables(mappings);
             }
             Nat::Hairpin => {
-                let config = self.seed.config_with(mappings, &ConfigOptions::default());
+                let config = self.seed.config_with(mappings, &self.case.options());
                 self.daemon = Some(Daemon::start(&self.seed.gateway, &config));
+                assert_datapath(
+                    &self.seed.gateway,
+                    &[GATEWAY_LAN_IF, GATEWAY_WAN_IF],
+                    self.case.expects_tc(),
+                );
             }
         }
     }

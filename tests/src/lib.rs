@@ -10,6 +10,7 @@ pub mod differential;
 pub mod netfilter;
 pub mod raw;
 pub mod seed;
+pub mod tun;
 
 use std::{
     ffi::CString,

@@ -5,10 +5,16 @@
 //!  client 192.168.0.3 ─┐
 //!  server 192.168.0.2 ─┼─ br0 ─ gw-lan 192.168.0.1 [gateway] gw-wan 203.0.113.1 ─ wan host 203.0.113.9
 //! ```
+//!
+//! Two kinds of bed ([`BedKind`]): the native XDP bed works around the
+//! veth traps (see the test-bed notes), the container-host bed keeps what a
+//! real container host or VM lab has. The WAN link is a veth or, as an L3
+//! link without Ethernet header (like WireGuard or PPP), a tun pair joined
+//! by a relay ([`WanLink`]).
 
 use std::{net::Ipv4Addr, os::fd::OwnedFd};
 
-use crate::{Netns, attach_xdp_pass, veth};
+use crate::{Netns, attach_xdp_pass, tun::TunRelay, veth};
 
 pub const LAN_NETWORK: &str = "192.168.0.0/24";
 pub const GATEWAY_LAN: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
@@ -19,13 +25,42 @@ pub const WAN_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 pub const GATEWAY_LAN_IF: &str = "gw-lan";
 pub const GATEWAY_WAN_IF: &str = "gw-wan";
 
+/// What the bed's veths are like.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BedKind {
+    /// The traps worked around for native XDP: tx checksum offload off on
+    /// the hosts, a pass-through XDP program on the peer of every veth the
+    /// datapath transmits on.
+    #[default]
+    NativeXdp,
+    /// As on a container host or in a VM lab: every veth keeps its default
+    /// offloads (tx checksum offload, TSO/GSO), GRO is on at every end, and
+    /// no XDP program is attached to any peer.
+    ContainerHost,
+}
+
+/// The gateway's WAN link to the WAN host (`gw-wan` to the WAN host's
+/// `eth0` either way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WanLink {
+    /// A veth pair (Ethernet).
+    #[default]
+    Veth,
+    /// A tun device at each end (IP packets, no Ethernet header, like
+    /// WireGuard or PPP), joined by a relay thread of the test.
+    Tun,
+}
+
 pub struct SeedBed {
     pub gateway: Netns,
     pub server: Netns,
     pub client: Netns,
     pub wan: Netns,
     pub lan: Netns,
+    pub kind: BedKind,
+    pub wan_link: WanLink,
     _xdp_pass: Vec<OwnedFd>,
+    relay: Option<TunRelay>,
 }
 
 impl Default for SeedBed {
@@ -35,7 +70,18 @@ impl Default for SeedBed {
 }
 
 impl SeedBed {
+    /// The native XDP bed with a veth WAN.
     pub fn new() -> Self {
+        Self::with(BedKind::NativeXdp)
+    }
+
+    /// A bed of `kind` with a veth WAN.
+    pub fn with(kind: BedKind) -> Self {
+        Self::build(kind, WanLink::Veth)
+    }
+
+    /// A bed of `kind` whose WAN link is `wan_link`.
+    pub fn build(kind: BedKind, wan_link: WanLink) -> Self {
         let lan = Netns::new("lan");
         let gateway = Netns::new("gw");
         let server = Netns::new("srv");
@@ -50,7 +96,13 @@ impl SeedBed {
         for port in ["p-gw", "p-srv", "p-cli"] {
             lan.ip(&["link", "set", port, "master", "br0"]);
         }
-        veth(&gateway, GATEWAY_WAN_IF, &wan, "eth0");
+        let relay = match wan_link {
+            WanLink::Veth => {
+                veth(&gateway, GATEWAY_WAN_IF, &wan, "eth0");
+                None
+            }
+            WanLink::Tun => Some(TunRelay::start(&gateway, GATEWAY_WAN_IF, &wan, "eth0")),
+        };
 
         gateway.ip(&["addr", "add", &format!("{GATEWAY_LAN}/24"), "dev", GATEWAY_LAN_IF]);
         gateway.ip(&["addr", "add", &format!("{PUBLIC}/24"), "dev", GATEWAY_WAN_IF]);
@@ -61,15 +113,43 @@ impl SeedBed {
         }
         wan.ip(&["addr", "add", &format!("{WAN_HOST}/24"), "dev", "eth0"]);
 
-        // veth hands packets over with partial checksums; XDP_TX would send
-        // them on unfinished (a test-bed matter: real NICs deliver complete
-        // checksums).
-        for host in [&server, &client, &wan] {
-            host.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+        let mut xdp_pass = Vec::new();
+        match kind {
+            BedKind::NativeXdp => {
+                // veth hands packets over with partial checksums; XDP_TX
+                // would send them on unfinished (a test-bed matter: real
+                // NICs deliver complete checksums).
+                for host in [&server, &client] {
+                    host.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+                }
+                xdp_pass.push(attach_xdp_pass(&lan, "p-gw"));
+                if wan_link == WanLink::Veth {
+                    wan.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+                    xdp_pass.push(attach_xdp_pass(&wan, "eth0"));
+                }
+            }
+            BedKind::ContainerHost => {
+                gro_on(&gateway, GATEWAY_LAN_IF);
+                for port in ["p-gw", "p-srv", "p-cli"] {
+                    gro_on(&lan, port);
+                }
+                for host in [&server, &client] {
+                    gro_on(host, "eth0");
+                }
+                if wan_link == WanLink::Veth {
+                    gro_on(&gateway, GATEWAY_WAN_IF);
+                    gro_on(&wan, "eth0");
+                }
+            }
         }
-        let xdp_pass = vec![attach_xdp_pass(&lan, "p-gw"), attach_xdp_pass(&wan, "eth0")];
 
-        Self { gateway, server, client, wan, lan, _xdp_pass: xdp_pass }
+        Self { gateway, server, client, wan, lan, kind, wan_link, _xdp_pass: xdp_pass, relay }
+    }
+
+    /// Packets the tun relay of an L3 WAN link carried so far (`None` with a
+    /// veth WAN).
+    pub fn tun_relayed(&self) -> Option<u64> {
+        self.relay.as_ref().map(TunRelay::relayed)
     }
 
     /// The hairpin configuration for this bed with the given mappings
@@ -90,8 +170,9 @@ impl SeedBed {
         // datapath's body is to come), and `auto` would pick TC on veths
         // whose peers run no XDP.
         text.push_str(&format!(
-            "\n[wan]\ninterface = \"{GATEWAY_WAN_IF}\"\naddresses = [\"{PUBLIC}\"]\n\n[datapath]\nattach = \"xdp\"\n"
+            "\n[wan]\ninterface = \"{GATEWAY_WAN_IF}\"\naddresses = [\"{PUBLIC}\"]\n"
         ));
+        text.push_str(&datapath_config(options.attach));
         if let Some(listen) = &options.metrics_listen {
             text.push_str(&format!("\n[metrics]\nlisten = \"{listen}\"\n"));
         }
@@ -148,7 +229,8 @@ impl SeedBed {
     }
 
     /// Another host on the LAN bridge, `addr`/24 on its `eth0` with the
-    /// gateway as default route and complete checksums (like the client).
+    /// gateway as default route, and this bed's kind of veth (like the
+    /// client's).
     /// Its namespace is removed when the returned value is dropped.
     pub fn add_lan_host(&self, role: &str, addr: Ipv4Addr) -> Netns {
         let host = Netns::new(role);
@@ -157,9 +239,35 @@ impl SeedBed {
         self.lan.ip(&["link", "set", &port, "master", "br0"]);
         host.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         host.ip(&["route", "add", "default", "via", &GATEWAY_LAN.to_string()]);
-        host.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+        match self.kind {
+            BedKind::NativeXdp => {
+                host.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+            }
+            BedKind::ContainerHost => {
+                gro_on(&self.lan, &port);
+                gro_on(&host, "eth0");
+            }
+        }
         host
     }
+}
+
+/// `ethtool -K <interface> gro on`, as a container host with GRO has it.
+fn gro_on(netns: &Netns, interface: &str) {
+    netns.exec("ethtool", &["-K", interface, "gro", "on"]);
+}
+
+/// The offloads `ethtool -k` reports as on for `interface`, e.g.
+/// `tx-checksumming`, `generic-receive-offload`.
+pub fn offloads_on(netns: &Netns, interface: &str) -> Vec<String> {
+    let output = netns.exec("ethtool", &["-k", interface]);
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.trim().split_once(": ")?;
+            value.starts_with("on").then(|| name.to_string())
+        })
+        .collect()
 }
 
 impl Drop for SeedBed {
@@ -168,6 +276,79 @@ impl Drop for SeedBed {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(crate::daemon::pin_dir(&self.gateway));
         let _ = std::fs::remove_file(crate::daemon::state_file(&self.gateway));
+    }
+}
+
+/// How the datapath attaches: `[datapath] attach`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    Xdp,
+    Tc,
+    /// hairpin picks: TC on interfaces where native XDP cannot deliver
+    /// (veths with default offloads and nothing on the peer, L3 devices).
+    Auto,
+}
+
+impl Attach {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attach::Xdp => "xdp",
+            Attach::Tc => "tc",
+            Attach::Auto => "auto",
+        }
+    }
+}
+
+/// The configuration's datapath sections: without `attach`, only native
+/// XDP (what every hairpin so far understands); with it, `[datapath]
+/// attach`, and native XDP when that is XDP.
+fn datapath_config(attach: Option<Attach>) -> String {
+    // The native XDP bed's default: its traps are worked around for XDP.
+    let attach = attach.unwrap_or(Attach::Xdp);
+    format!("\n[datapath]\nattach = \"{}\"\n", attach.as_str())
+}
+
+/// One column of the end-to-end matrix: a kind of bed and how hairpin is
+/// told to attach on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatapathCase {
+    /// The native XDP bed, `attach = "xdp"`.
+    Xdp,
+    /// The container-host bed, `attach = "tc"`.
+    Tc,
+    /// The container-host bed, `attach = "auto"` (which must pick TC there).
+    AutoContainer,
+}
+
+impl DatapathCase {
+    pub fn bed_kind(self) -> BedKind {
+        match self {
+            DatapathCase::Xdp => BedKind::NativeXdp,
+            DatapathCase::Tc | DatapathCase::AutoContainer => BedKind::ContainerHost,
+        }
+    }
+
+    pub fn attach(self) -> Option<Attach> {
+        match self {
+            DatapathCase::Xdp => Some(Attach::Xdp),
+            DatapathCase::Tc => Some(Attach::Tc),
+            DatapathCase::AutoContainer => Some(Attach::Auto),
+        }
+    }
+
+    /// Whether hairpin should run its TC datapath on the bed's interfaces.
+    pub fn expects_tc(self) -> bool {
+        self.bed_kind() == BedKind::ContainerHost
+    }
+
+    /// A veth-WAN bed of this case's kind.
+    pub fn bed(self) -> SeedBed {
+        SeedBed::with(self.bed_kind())
+    }
+
+    /// [`ConfigOptions`] with this case's `attach`.
+    pub fn options(self) -> ConfigOptions {
+        ConfigOptions { attach: self.attach(), ..ConfigOptions::default() }
     }
 }
 
@@ -185,4 +366,7 @@ pub struct ConfigOptions {
     /// `[metrics] listen`, e.g. `"127.0.0.1:9654"` (inside the gateway's
     /// namespace).
     pub metrics_listen: Option<String>,
+    /// `[datapath] attach`; without it the configuration asks for native
+    /// XDP only.
+    pub attach: Option<Attach>,
 }

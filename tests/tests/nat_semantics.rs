@@ -24,9 +24,17 @@ use hairpin_tests::{
     differential::{Bed, HTTP_PORT, Nat, UDP_SERVER_PORT, counter, public},
     raw::PacketSocket,
     require_root,
-    seed::{ConfigOptions, GATEWAY_LAN, GATEWAY_LAN_IF, GATEWAY_WAN_IF, PUBLIC, SeedBed, WAN_HOST},
+    seed::{
+        ConfigOptions, DatapathCase, GATEWAY_LAN, GATEWAY_LAN_IF, GATEWAY_WAN_IF, PUBLIC, SeedBed,
+        WAN_HOST,
+    },
 };
 use rstest::rstest;
+
+/// The native XDP bed, native XDP.
+const XDP_BED: DatapathCase = DatapathCase::Xdp;
+/// The container-host bed, `attach = "auto"` when hairpin is the NAT.
+const CONTAINER: DatapathCase = DatapathCase::AutoContainer;
 
 const UDP_PUBLIC_PORT: u16 = 53;
 /// Published over UDP, but nothing listens on the server: it answers ICMP
@@ -144,14 +152,20 @@ enum Sender {
 /// unreachable reaches the sender at once, translated so that its connected
 /// socket recognises it (ECONNREFUSED on the next receive).
 #[rstest]
-#[case::iptables_lan_client(Nat::Iptables, Sender::LanClient)]
-#[case::iptables_wan_host(Nat::Iptables, Sender::WanHost)]
-#[case::hairpin_lan_client(Nat::Hairpin, Sender::LanClient)]
-#[case::hairpin_wan_host(Nat::Hairpin, Sender::WanHost)]
+#[case::iptables_lan_client(Nat::Iptables, Sender::LanClient, XDP_BED)]
+#[case::iptables_wan_host(Nat::Iptables, Sender::WanHost, XDP_BED)]
+#[case::hairpin_lan_client(Nat::Hairpin, Sender::LanClient, XDP_BED)]
+#[case::hairpin_wan_host(Nat::Hairpin, Sender::WanHost, XDP_BED)]
+#[case::hairpin_container_lan_client(Nat::Hairpin, Sender::LanClient, CONTAINER)]
+#[case::hairpin_container_wan_host(Nat::Hairpin, Sender::WanHost, CONTAINER)]
 #[ignore = "needs root"]
-fn icmp_port_unreachable_reaches_the_sender(#[case] nat: Nat, #[case] sender: Sender) {
+fn icmp_port_unreachable_reaches_the_sender(
+    #[case] nat: Nat,
+    #[case] sender: Sender,
+    #[case] case: DatapathCase,
+) {
     require_root("icmp_port_unreachable_reaches_the_sender");
-    let mut bed = Bed::new(nat);
+    let mut bed = Bed::on(nat, case);
     bed.start_nat(MAPPINGS, None);
     let from = match sender {
         Sender::LanClient => &bed.seed.client,
@@ -211,13 +225,18 @@ fn icmp_port_unreachable_reaches_the_sender(#[case] nat: Nat, #[case] sender: Se
 /// gateway must make the server learn the path MTU (ICMP fragmentation
 /// needed), not send them on oversized nor lose them.
 #[rstest]
-#[case::iptables(Nat::Iptables)]
-#[case::hairpin(Nat::Hairpin)]
+#[case::iptables(Nat::Iptables, XDP_BED)]
+#[case::hairpin(Nat::Hairpin, XDP_BED)]
+#[case::iptables_container(Nat::Iptables, CONTAINER)]
+#[case::hairpin_container(Nat::Hairpin, CONTAINER)]
 #[ignore = "needs root"]
-fn download_across_a_smaller_wan_mtu_uses_path_mtu_discovery(#[case] nat: Nat) {
+fn download_across_a_smaller_wan_mtu_uses_path_mtu_discovery(
+    #[case] nat: Nat,
+    #[case] case: DatapathCase,
+) {
     require_root("download_across_a_smaller_wan_mtu_uses_path_mtu_discovery");
     const WAN_MTU: u16 = 1400;
-    let mut bed = Bed::new(nat);
+    let mut bed = Bed::on(nat, case);
     bed.seed.gateway.ip(&["link", "set", GATEWAY_WAN_IF, "mtu", &WAN_MTU.to_string()]);
     for (netns, interface, role) in [
         (&bed.seed.wan, "eth0", "WAN host"),
@@ -235,6 +254,12 @@ fn download_across_a_smaller_wan_mtu_uses_path_mtu_discovery(#[case] nat: Nat) {
     // (veth delivers frames up to the receiver's MTU, whatever the sender's
     // is). No GRO, so that each packet is counted as it came.
     bed.seed.wan.exec("ethtool", &["-K", "eth0", "gro", "off"]);
+    // veth hands a GSO packet over whole, so what the WAN host counts would
+    // be the gateway's sends, not what a 1400-byte wire carries: the
+    // gateway segments at its WAN egress, as before a real wire (its LAN
+    // side keeps GRO and the server TSO, so the gateway still receives
+    // packets bigger than the WAN MTU on the container-host bed).
+    bed.seed.gateway.exec("ethtool", &["-K", GATEWAY_WAN_IF, "tso", "off", "gso", "off"]);
     let oversize = format!("{}:65535", WAN_MTU + 1);
     bed.seed.wan.exec(
         "iptables",

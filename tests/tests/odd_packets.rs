@@ -21,10 +21,15 @@ use hairpin_tests::{
     differential::{Bed, Nat, counter, public},
     raw::{PacketSocket, fix_ipv4_checksum, ipv4_fragments},
     require_root,
-    seed::{CLIENT, GATEWAY_LAN, GATEWAY_LAN_IF, GATEWAY_WAN_IF, PUBLIC, WAN_HOST},
+    seed::{CLIENT, DatapathCase, GATEWAY_LAN, GATEWAY_LAN_IF, GATEWAY_WAN_IF, PUBLIC, WAN_HOST},
     veth,
 };
 use rstest::rstest;
+
+/// The native XDP bed, native XDP.
+const XDP_BED: DatapathCase = DatapathCase::Xdp;
+/// The container-host bed, `attach = "auto"` when hairpin is the NAT.
+const CONTAINER: DatapathCase = DatapathCase::AutoContainer;
 
 const UDP_PORT: u16 = 53;
 const MAPPINGS: &[(&str, &str, &str)] =
@@ -78,20 +83,25 @@ fn assert_echoed(reply: &[u8], payload: &[u8], what: &str) {
 }
 
 #[rstest]
-#[case::iptables_hairpin_3000(Nat::Iptables, Sender::LanClient, 3000)]
-#[case::iptables_hairpin_8000(Nat::Iptables, Sender::LanClient, 8000)]
-#[case::iptables_forward_3000(Nat::Iptables, Sender::WanHost, 3000)]
-#[case::hairpin_hairpin_3000(Nat::Hairpin, Sender::LanClient, 3000)]
-#[case::hairpin_hairpin_8000(Nat::Hairpin, Sender::LanClient, 8000)]
-#[case::hairpin_forward_3000(Nat::Hairpin, Sender::WanHost, 3000)]
+#[case::iptables_hairpin_3000(Nat::Iptables, Sender::LanClient, 3000, XDP_BED)]
+#[case::iptables_hairpin_8000(Nat::Iptables, Sender::LanClient, 8000, XDP_BED)]
+#[case::iptables_forward_3000(Nat::Iptables, Sender::WanHost, 3000, XDP_BED)]
+#[case::hairpin_hairpin_3000(Nat::Hairpin, Sender::LanClient, 3000, XDP_BED)]
+#[case::hairpin_hairpin_8000(Nat::Hairpin, Sender::LanClient, 8000, XDP_BED)]
+#[case::hairpin_forward_3000(Nat::Hairpin, Sender::WanHost, 3000, XDP_BED)]
+#[case::iptables_container_hairpin_4000(Nat::Iptables, Sender::LanClient, 4000, CONTAINER)]
+#[case::iptables_container_forward_4000(Nat::Iptables, Sender::WanHost, 4000, CONTAINER)]
+#[case::hairpin_container_hairpin_4000(Nat::Hairpin, Sender::LanClient, 4000, CONTAINER)]
+#[case::hairpin_container_forward_4000(Nat::Hairpin, Sender::WanHost, 4000, CONTAINER)]
 #[ignore = "needs root"]
 fn large_udp_is_echoed_fragmented_both_ways(
     #[case] nat: Nat,
     #[case] sender: Sender,
     #[case] len: usize,
+    #[case] case: DatapathCase,
 ) {
     require_root("large_udp_is_echoed_fragmented_both_ways");
-    let mut bed = Bed::new(nat);
+    let mut bed = Bed::on(nat, case);
     bed.start_nat(MAPPINGS, None);
     let payload = pattern(len);
     let reply = udp_echo(sender.netns(&bed), public(UDP_PORT), &payload, TIMEOUT)
