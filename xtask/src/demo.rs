@@ -11,7 +11,9 @@ use hairpin_tests::{
     Netns,
     apps::{Servers, udp_echo},
     daemon::Daemon,
-    seed::{CLIENT, GATEWAY_LAN, PUBLIC, SERVER, SeedBed, WAN_HOST},
+    seed::{
+        Attach, BedKind, CLIENT, ConfigOptions, GATEWAY_LAN, PUBLIC, SERVER, SeedBed, WAN_HOST,
+    },
 };
 
 #[derive(clap::Args)]
@@ -22,7 +24,7 @@ const UDP_SERVER_PORT: u16 = 5353;
 
 pub fn demo(_: &Options) -> anyhow::Result<()> {
     if !crate::is_root() {
-        bail!("the demo needs root to create network namespaces and load XDP; run it as root");
+        bail!("the demo needs root to create network namespaces and load eBPF; run it as root");
     }
     crate::setup::ensure()?;
     let binary = crate::build_hairpin(false)?;
@@ -32,7 +34,9 @@ pub fn demo(_: &Options) -> anyhow::Result<()> {
         .context("handling SIGINT and SIGTERM")?;
 
     step("Building the seed's network in namespaces");
-    let bed = SeedBed::new();
+    // As a container host has it: veths with their default offloads (tx
+    // checksum offload, TSO, GRO) and no XDP program on any peer.
+    let bed = SeedBed::with(BedKind::ContainerHost);
     println!(
         "  client {CLIENT} and server {SERVER} share a LAN bridge with the gateway ({GATEWAY_LAN});\n  \
          the gateway's public address is {PUBLIC} (WAN host {WAN_HOST}).\n  \
@@ -51,7 +55,8 @@ pub fn demo(_: &Options) -> anyhow::Result<()> {
     let udp_before = udp(&bed.client);
 
     step("Starting hairpin on the gateway");
-    let config = bed.config(&mappings);
+    let options = ConfigOptions { attach: Some(Attach::Auto), ..ConfigOptions::default() };
+    let config = bed.config_with(&mappings, &options);
     println!("{}", indent(&config));
     let daemon = Daemon::start(&bed.gateway, &config);
     for line in daemon.log() {
