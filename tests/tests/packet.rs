@@ -1383,6 +1383,15 @@ fn big_tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), len: usize, dont_fragment: 
     packet
 }
 
+/// A WAN client's handshake through the TCP port forward, arriving on wan0.
+fn forwarded_handshake(gw: &mut Gateway, client: ([u8; 4], u16)) {
+    let wan0 = gw.wan0;
+    assert_eq!(gw.run_on(wan0, &syn(client, (PUBLIC, 80))).0, gw.redirect());
+    assert_eq!(gw.run(&tcp((SERVER, 8080), client, true, true, 64)).0, gw.redirect());
+    let ack = tcp(client, (PUBLIC, 80), false, true, 64);
+    assert_eq!(gw.run_on(wan0, &ack).0, gw.redirect(), "handshake done");
+}
+
 #[test]
 #[ignore = "needs root"]
 fn too_big_towards_the_server_is_answered_with_fragmentation_needed() {
@@ -1391,10 +1400,7 @@ fn too_big_towards_the_server_is_answered_with_fragmentation_needed() {
         ip(&["link", "set", "lan0", "mtu", "1400"]);
         let wan0 = gw.wan0;
         let client = (WAN_CLIENT, 50300);
-        assert_eq!(gw.run_on(wan0, &syn(client, (PUBLIC, 80))).0, XDP_REDIRECT);
-        assert_eq!(gw.run(&tcp((SERVER, 8080), client, true, true, 64)).0, XDP_REDIRECT);
-        let ack = tcp(client, (PUBLIC, 80), false, true, 64);
-        assert_eq!(gw.run_on(wan0, &ack).0, XDP_REDIRECT, "handshake done");
+        forwarded_handshake(gw, client);
 
         let big = big_tcp(client, (PUBLIC, 80), 1420, true);
         let (verdict, out) = gw.run_on(wan0, &big);
@@ -1953,10 +1959,7 @@ fn tc_cuts_a_packet_too_big_without_dont_fragment() {
         ip(&["link", "set", "lan0", "mtu", "1400"]);
         let wan0 = gw.wan0;
         let client = (WAN_CLIENT, 50320);
-        assert_eq!(gw.run_on(wan0, &syn(client, (PUBLIC, 80))).0, TC_ACT_REDIRECT);
-        assert_eq!(gw.run(&tcp((SERVER, 8080), client, true, true, 64)).0, TC_ACT_REDIRECT);
-        let ack = tcp(client, (PUBLIC, 80), false, true, 64);
-        assert_eq!(gw.run_on(wan0, &ack).0, TC_ACT_REDIRECT, "handshake done");
+        forwarded_handshake(gw, client);
 
         let may_fragment = big_tcp(client, (PUBLIC, 80), 1420, false);
         let (verdict, _) = gw.run_on(wan0, &may_fragment);
