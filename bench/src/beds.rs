@@ -66,29 +66,55 @@ pub enum Gateway {
     Iptables,
     /// The same rules written for nftables.
     Nftables,
+    /// hairpin in native XDP (`[datapath] attach = "xdp"`).
     Hairpin,
+    /// hairpin's TC datapath (`attach = "tc"`, `hairpin_tc` on tcx ingress):
+    /// it sees skbs and redirects skbs, like the kernel configurations.
+    HairpinTc,
     /// The XDP forwarder without NAT (`bench_forward`): the limit of any XDP
     /// gateway on this path; the client sends to the server's address.
     XdpForwarder,
 }
 
 impl Gateway {
-    pub const ALL: [Gateway; 5] = [
+    pub const ALL: [Gateway; 6] = [
         Gateway::KernelRouting,
         Gateway::Iptables,
         Gateway::Nftables,
         Gateway::Hairpin,
+        Gateway::HairpinTc,
         Gateway::XdpForwarder,
     ];
 
     /// Whether the client talks to the public address (else to the server's).
     pub fn translates(self) -> bool {
-        matches!(self, Gateway::Iptables | Gateway::Nftables | Gateway::Hairpin)
+        matches!(
+            self,
+            Gateway::Iptables | Gateway::Nftables | Gateway::Hairpin | Gateway::HairpinTc
+        )
     }
 
-    /// Whether an XDP program runs on the gateway's ingress interface.
+    /// Whether an XDP program runs on the gateway's ingress interface (and
+    /// so transmits XDP frames, which a veth peer takes only with an XDP
+    /// program of its own).
     pub fn is_xdp(self) -> bool {
         matches!(self, Gateway::Hairpin | Gateway::XdpForwarder)
+    }
+
+    /// What the end hosts need for TCP through this gateway: an XDP pass
+    /// program only where the gateway sends XDP frames; everything else
+    /// (the kernel, hairpin's TC datapath) hands skbs on.
+    pub fn tcp_hosts(self) -> Hosts {
+        if self.is_xdp() { Hosts::XdpPass } else { Hosts::Bare }
+    }
+
+    /// hairpin's `[datapath] attach` mode, for the hairpin configurations.
+    pub fn hairpin_attach(self) -> Option<&'static str> {
+        match self {
+            Gateway::Hairpin => Some("xdp"),
+            Gateway::HairpinTc => Some("tc"),
+            _ => None,
+        }
     }
 
     pub fn label(self) -> &'static str {
@@ -97,6 +123,7 @@ impl Gateway {
             Gateway::Iptables => "iptables (seed rules)",
             Gateway::Nftables => "nftables (same rules)",
             Gateway::Hairpin => "hairpin",
+            Gateway::HairpinTc => "hairpin, TC datapath",
             Gateway::XdpForwarder => "XDP forwarder, no NAT",
         }
     }
@@ -333,8 +360,9 @@ impl Bed {
             Gateway::KernelRouting => {}
             Gateway::Iptables => self.iptables(),
             Gateway::Nftables => self.nftables()?,
-            Gateway::Hairpin => {
-                let (datapath, keeper) = self.hairpin(conntrack_capacity)?;
+            Gateway::Hairpin | Gateway::HairpinTc => {
+                let attach = gateway.hairpin_attach().expect("a hairpin configuration");
+                let (datapath, keeper) = self.hairpin(attach, conntrack_capacity)?;
                 kept.push(Box::new(datapath));
                 kept.push(Box::new(keeper));
             }
@@ -436,8 +464,9 @@ impl Bed {
         Ok(())
     }
 
-    /// hairpin's configuration for this bed.
-    pub fn hairpin_config(&self, conntrack_capacity: u32) -> String {
+    /// hairpin's configuration for this bed, attached as `attach` says
+    /// (`xdp` or `tc`).
+    pub fn hairpin_config(&self, attach: &str, conntrack_capacity: u32) -> String {
         let interfaces: Vec<String> =
             self.gateway_interfaces().iter().map(|name| format!("\"{name}\"")).collect();
         let mut networks = vec![format!("\"{SERVER_NET}\"")];
@@ -447,7 +476,7 @@ impl Bed {
         let udp_last = UDP_PORT + UDP_PORTS - 1;
         format!(
             "[lan]\ninterfaces = [{}]\nnetworks = [{}]\naddress = \"{GATEWAY_LAN}\"\n\n\
-             [datapath]\nattach = \"xdp\"\n\n\
+             [datapath]\nattach = \"{attach}\"\n\n\
              [conntrack]\ncapacity = {conntrack_capacity}\n\n\
              [timeouts]\nudp = 3600\n\n\
              [[mapping]]\nproto = \"udp\"\npublic = \"{PUBLIC}:{UDP_PORT}-{udp_last}\"\nto = \"{SERVER}:{UDP_PORT}-{udp_last}\"\n\n\
@@ -459,9 +488,15 @@ impl Bed {
 
     /// Loads, configures and attaches hairpin on the gateway (no pins),
     /// with the route cache kept as `hairpin run` keeps it.
-    pub fn hairpin(&self, conntrack_capacity: u32) -> anyhow::Result<(Datapath, KeeperThread)> {
-        let config: Config =
-            self.hairpin_config(conntrack_capacity).parse().context("hairpin's configuration")?;
+    pub fn hairpin(
+        &self,
+        attach: &str,
+        conntrack_capacity: u32,
+    ) -> anyhow::Result<(Datapath, KeeperThread)> {
+        let config: Config = self
+            .hairpin_config(attach, conntrack_capacity)
+            .parse()
+            .context("hairpin's configuration")?;
         self.gateway().run_in(move || {
             let mut datapath = Datapath::load(&config, None).context("loading hairpin")?;
             datapath.configure(&config).context("configuring hairpin")?;

@@ -156,6 +156,12 @@ fn main() -> anyhow::Result<()> {
     if parts(Part::Cost) {
         log("program cost");
         results.cost = Some(cost::measure(plan.cost_runs_per_round, 3, cpu)?);
+        results.notes.push(
+            "program cost is hairpin's XDP program only: BPF_PROG_TEST_RUN on XDP frames; the \
+             TC datapath (`hairpin_tc`, on skbs) is not in it. Its cost shows in the \
+             delivered-rate and TCP parts."
+                .into(),
+        );
     }
     if parts(Part::Scale) {
         results.scale = Some(scale::flow_scale(
@@ -171,7 +177,13 @@ fn main() -> anyhow::Result<()> {
     }
     if parts(Part::Tcp) {
         results.tcp = Some(tcp::measure(
-            &[Gateway::KernelRouting, Gateway::Iptables, Gateway::Nftables, Gateway::Hairpin],
+            &[
+                Gateway::KernelRouting,
+                Gateway::Iptables,
+                Gateway::Nftables,
+                Gateway::Hairpin,
+                Gateway::HairpinTc,
+            ],
             plan.tcp_rounds,
             plan.bulk_seconds,
             plan.rr_seconds,
@@ -307,7 +319,7 @@ fn in_situ(
 ) -> anyhow::Result<Vec<(String, String, f64)>> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
     let mut rows = Vec::new();
-    for gateway in [Gateway::Hairpin, Gateway::XdpForwarder] {
+    for gateway in [Gateway::Hairpin, Gateway::HairpinTc, Gateway::XdpForwarder] {
         let bed = routed(beds, gateway).context("routed bed")?;
         let programs = bed_programs(bed)?;
         let before: Vec<(u64, Duration)> =
@@ -325,8 +337,8 @@ fn in_situ(
     Ok(rows)
 }
 
-/// The XDP programs attached in a bed's gateway namespace, each once with
-/// the interfaces it is on: (description, id).
+/// The XDP and TC programs attached in a bed's gateway namespace, each once
+/// with the interfaces it is on: (description, id).
 fn bed_programs(bed: &LoadBed) -> anyhow::Result<Vec<(String, u32)>> {
     let gateway = bed.bed().context("gateway bed")?.gateway();
     let output = gateway.exec("ip", &["-j", "link", "show"]);
@@ -338,6 +350,19 @@ fn bed_programs(bed: &LoadBed) -> anyhow::Result<Vec<(String, u32)>> {
         };
         let interface = link.get("ifname").and_then(|v| v.as_str()).unwrap_or("?");
         interfaces.entry(id as u32).or_default().push(interface.to_string());
+    }
+    // tcx links do not show in `ip link`; bpftool lists them.
+    let output = gateway.try_exec("bpftool", &["-j", "net", "show"]);
+    if let Ok(net) = serde_json::from_slice::<serde_json::Value>(&output.stdout) {
+        let tc = net.as_array().into_iter().flatten().filter_map(|n| n.get("tc"));
+        for attached in tc.filter_map(|t| t.as_array()).flatten() {
+            let Some(id) = attached.get("prog_id").and_then(|v| v.as_u64()) else {
+                continue;
+            };
+            let interface = attached.get("devname").and_then(|v| v.as_str()).unwrap_or("?");
+            let kind = attached.get("kind").and_then(|v| v.as_str()).unwrap_or("tc");
+            interfaces.entry(id as u32).or_default().push(format!("{interface} {kind}"));
+        }
     }
     let mut programs = Vec::new();
     for (id, on) in interfaces {

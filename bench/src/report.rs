@@ -163,6 +163,26 @@ impl Results {
             },
             _ => not_measured("routed bed: hairpin's share >= 3.5 x lower than iptables'"),
         });
+        targets.push(match (share(Gateway::HairpinTc), share(Gateway::Iptables)) {
+            (Some(tc), Some(iptables)) => Target {
+                what: "routed bed: hairpin TC's gateway share >= 2.5 x lower than iptables'".into(),
+                measured: format!("{:.2} x lower ({iptables:.0} / {tc:.0} ns)", iptables / tc),
+                pass: Some(iptables >= 2.5 * tc),
+                why: String::new(),
+            },
+            _ => not_measured("routed bed: hairpin TC's share >= 2.5 x lower than iptables'"),
+        });
+        let bridge_share =
+            |gateway| load.map(|l| l.share(BedKind::Bridge, gateway)).filter(|v| v.is_finite());
+        targets.push(match (bridge_share(Gateway::HairpinTc), bridge_share(Gateway::Iptables)) {
+            (Some(tc), Some(iptables)) => Target {
+                what: "bridge bed: hairpin TC's gateway share not worse than iptables'".into(),
+                measured: format!("{tc:.0} vs {iptables:.0} ns ({:.2} x lower)", iptables / tc),
+                pass: Some(tc <= iptables),
+                why: String::new(),
+            },
+            _ => not_measured("bridge bed: hairpin TC's share not worse than iptables'"),
+        });
         targets.push(match &self.scale {
             Some(scale) => {
                 let configured = scale.per_connection_configured();
@@ -594,8 +614,10 @@ fn tcp_section(tcp: &[TcpResult]) -> String {
          NAT). Requests: one byte each way on one connection, as fast as answered. \
          Connections: connect, one byte each way, close, one after another. The hosts send \
          without checksum offload (as the test bed must, for XDP_TX on veth), which also \
-         turns off TSO; kernel configurations have no XDP program on the gateway. Medians of \
-         the rounds.\n\n\
+         turns off TSO. Only the XDP gateways (hairpin in XDP) put XDP frames on the hosts' veths, \
+         so only their beds have XDP pass programs on the hosts; the kernel configurations and \
+         hairpin's TC datapath hand skbs on and run with nothing on the hosts, and with no XDP \
+         program on the gateway. Medians of the rounds.\n\n\
          | configuration | bulk Gbit/s | rounds | requests/s | connections/s | failed connections |\n\
          | --- | ---: | --- | ---: | ---: | ---: |\n",
     );
@@ -627,9 +649,12 @@ Neighbour entries are pinned (the sink drops ARP). The client's veth has a sink 
 server's replies.
 - A veth only takes XDP frames when its receiving end runs an XDP program: kernel \
 configurations get an XDP pass program on the gateway's interfaces (the frames become skbs \
-there), hairpin and the forwarder are that program.
-- hairpin is loaded through its library (`Datapath::load`, `configure`, `attach`, native \
-XDP), as `hairpin run` does, without pins.
+there), hairpin (XDP) and the forwarder are that program. hairpin's TC datapath gets the pass \
+program too and runs on the skbs it makes (tcx ingress, `bpf_redirect` of the skb to the other \
+side): its figure is the live frame turned into an skb, the TC program and the skb's redirect, \
+the same path as iptables' with hairpin's NAT instead of netfilter's.
+- hairpin is loaded through its library (`Datapath::load`, `configure`, `attach`; \
+`[datapath] attach = \"xdp\"`, or `\"tc\"` for the TC rows), as `hairpin run` does, without pins.
 - Everything runs in network namespaces this run creates and removes; the machine may be \
 shared, so other load shows up as noise (see the rounds).
 ";
@@ -681,7 +706,98 @@ pub fn chart(load: &LoadResults, png: &Path) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use rstest::{fixture, rstest};
+
     use super::*;
+
+    fn row(gateway: Gateway, ns: f64) -> LoadRow {
+        LoadRow {
+            gateway: Some(gateway),
+            label: gateway.label().into(),
+            rounds: vec![ns],
+            delivered: vec![1.0],
+        }
+    }
+
+    /// A floor of 1000 ns; iptables' share 2000 ns on the routed bed and
+    /// 1500 ns on the bridge bed; hairpin TC's shares as given (none: no row).
+    #[fixture]
+    fn tc_results(
+        #[default(None)] routed_tc: Option<f64>,
+        #[default(None)] bridge_tc: Option<f64>,
+    ) -> Results {
+        let mut routed = vec![row(Gateway::Iptables, 3000.0)];
+        let mut bridge = vec![row(Gateway::Iptables, 2500.0)];
+        routed.extend(routed_tc.map(|share| row(Gateway::HairpinTc, 1000.0 + share)));
+        bridge.extend(bridge_tc.map(|share| row(Gateway::HairpinTc, 1000.0 + share)));
+        Results {
+            load: Some(LoadResults {
+                floor: Some(LoadRow {
+                    gateway: None,
+                    label: String::new(),
+                    rounds: vec![1000.0],
+                    delivered: vec![1.0],
+                }),
+                beds: vec![(BedKind::Routed, routed), (BedKind::Bridge, bridge)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn pass(results: &Results, text: &str) -> Option<bool> {
+        let targets = results.targets();
+        let target = targets.iter().find(|t| t.what.contains(text));
+        target.unwrap_or_else(|| panic!("no target with {text:?}")).pass
+    }
+
+    #[rstest]
+    #[case::well_under(Some(500.0), Some(true))]
+    #[case::exactly_2_5_x(Some(800.0), Some(true))]
+    #[case::just_over(Some(801.0), Some(false))]
+    #[case::as_slow_as_iptables(Some(2000.0), Some(false))]
+    #[case::not_measured(None, None)]
+    fn tc_routed_target_wants_2_5_x_lower_than_iptables(
+        #[case] tc_share: Option<f64>,
+        #[case] expected: Option<bool>,
+    ) {
+        let results = tc_results(tc_share, Some(1000.0));
+        assert_eq!(pass(&results, "routed bed: hairpin TC's"), expected);
+    }
+
+    #[rstest]
+    #[case::lower(Some(1000.0), Some(true))]
+    #[case::equal(Some(1500.0), Some(true))]
+    #[case::worse(Some(1600.0), Some(false))]
+    #[case::not_measured(None, None)]
+    fn tc_bridge_target_wants_no_worse_than_iptables(
+        #[case] tc_share: Option<f64>,
+        #[case] expected: Option<bool>,
+    ) {
+        let results = tc_results(Some(500.0), tc_share);
+        assert_eq!(pass(&results, "bridge bed: hairpin TC's"), expected);
+    }
+
+    #[rstest]
+    fn tc_targets_do_not_move_the_xdp_ones(#[from(tc_results)] results: Results) {
+        // No hairpin XDP row: its targets are not measured, TC's row or not.
+        assert_eq!(pass(&results, "3.5 x"), None);
+        let with_tc = tc_results(Some(500.0), Some(1000.0));
+        assert_eq!(pass(&with_tc, "3.5 x"), None);
+        assert_eq!(pass(&with_tc, "1.2 x"), None);
+    }
+
+    #[test]
+    fn tc_rows_show_in_the_load_section_and_the_chart_order() {
+        let results = tc_results(Some(500.0), Some(1000.0));
+        let md = load_section(results.load.as_ref().unwrap(), None);
+        // Routed: 1500 ns, share 500 ns, iptables' 2000 ns; bridge: share 1000 vs 1500 ns.
+        assert!(md.contains("| hairpin, TC datapath | 1500 | 667 |"), "{md}");
+        assert!(md.contains("| 500 | NaN x | 4.00 x lower |"), "{md}");
+        assert!(md.contains("| hairpin, TC datapath | 2000 | 500 |"), "{md}");
+        assert!(md.contains("| 1000 | NaN x | 1.50 x lower |"), "{md}");
+        assert!(Gateway::ALL.contains(&Gateway::HairpinTc));
+    }
 
     #[test]
     fn counts_read_as_written() {
@@ -693,12 +809,6 @@ mod tests {
 
     #[test]
     fn targets_pass_and_fail_on_the_figures() {
-        let row = |gateway, ns: f64| LoadRow {
-            gateway: Some(gateway),
-            label: String::new(),
-            rounds: vec![ns],
-            delivered: vec![1.0],
-        };
         let results = Results {
             load: Some(LoadResults {
                 floor: Some(LoadRow {

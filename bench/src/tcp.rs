@@ -19,9 +19,7 @@ use anyhow::{Context as _, bail};
 use hairpin_tests::Netns;
 
 use crate::{
-    beds::{
-        Bed, BedKind, Gateway, Hosts, PUBLIC, SERVER, TCP_BULK_PORT, TCP_CRR_PORT, TCP_RR_PORT,
-    },
+    beds::{Bed, BedKind, Gateway, PUBLIC, SERVER, TCP_BULK_PORT, TCP_CRR_PORT, TCP_RR_PORT},
     stats::median,
 };
 
@@ -142,7 +140,7 @@ struct TcpBed {
 
 impl TcpBed {
     fn new(gateway: Gateway) -> anyhow::Result<Self> {
-        let bed = Bed::new(BedKind::Routed, Hosts::XdpPass);
+        let bed = Bed::new(BedKind::Routed, gateway.tcp_hosts());
         let configured = bed.configure(gateway, false, 262_144)?;
         // Connections per second: the client's ports come round again.
         bed.client().sysctl("net.ipv4.ip_local_port_range=1024 65535");
