@@ -194,18 +194,7 @@ impl Gateway {
             .iter()
             .flat_map(|v| v.to_ne_bytes())
             .collect();
-        let mut out = vec![0u8; packet.len() + 256];
-        let xdp = self.datapath.xdp().expect("xdp program");
-        let result = xdp
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        test_run(self.datapath.xdp().expect("xdp program"), packet, &ctx)
     }
 
     /// Runs one packet through the TC datapath as an skb received on
@@ -216,24 +205,32 @@ impl Gateway {
         let mut ctx = vec![0u8; 44];
         ctx[36..40].copy_from_slice(&ingress.to_ne_bytes());
         ctx[40..44].copy_from_slice(&ingress.to_ne_bytes());
-        let mut out = vec![0u8; packet.len() + 256];
-        let tc = self.datapath.tc(hairpin_common::programs::TC).expect("tc program");
-        let result = tc
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        test_run(self.datapath.tc(hairpin_common::programs::TC).expect("tc program"), packet, &ctx)
     }
 
     fn counter(&self, counter: Counter) -> u64 {
         let counters = self.datapath.maps.counters().expect("counters");
         counters.iter().find(|(c, _)| *c == counter).map(|(_, v)| *v).unwrap_or(0)
     }
+}
+
+/// Runs `packet` through `program` with the context `ctx`: its verdict and
+/// the packet after.
+fn test_run<P>(program: &P, packet: &[u8], ctx: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
+{
+    let mut out = vec![0u8; packet.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(ctx),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
 }
 
 struct Tcp {
