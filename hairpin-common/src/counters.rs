@@ -141,6 +141,17 @@ counters! {
     /// The kernel could not update a translated skb's transport checksum
     /// (TC): dropped rather than sent with a wrong one.
     ChecksumFailed => "checksum_failed",
+    /// A packet of a flow too big for its egress link, DF clear, that TC
+    /// cannot cut (checksum left to offload, or a GSO aggregate): translated
+    /// and handed to the kernel's forwarding, which cuts it.
+    FragmentedByKernel => "fragmented_by_kernel",
+    /// Such a packet whose translated source is the gateway's own address,
+    /// which the kernel does not forward either: answered with
+    /// "fragmentation needed" (also counted there) so its sender cuts it.
+    TooBigNotCut => "too_big_not_cut",
+    /// TC could not pull an skb's headers into its linear part: dropped,
+    /// since it could not be told whether it belongs to a flow.
+    PullFailed => "pull_failed",
 }
 
 #[cfg(test)]

@@ -314,11 +314,65 @@ pub fn translated_counter(direction: u8, kind: u8) -> Counter {
     }
 }
 
+/// How a packet of a flow that is too big for its egress link goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TooBigPath {
+    /// Cut into fragments by the datapath (TC).
+    Cut,
+    /// Translated and handed to the kernel's forwarding, which cuts it: the
+    /// datapath cannot (its transport checksum is left to offload, which
+    /// would then be completed over the first fragment alone, or it is a
+    /// GSO aggregate), and its source is not the gateway's own (the kernel
+    /// would drop it as a martian).
+    Kernel,
+    /// Answered with "fragmentation needed": DF is set.
+    FragNeeded,
+    /// Answered with "fragmentation needed" though DF is clear: neither the
+    /// datapath nor the kernel can cut it, and the answer lets its sender
+    /// cut the next ones itself (a Linux sender lowers its path MTU).
+    FragNeededUncut,
+}
+
+/// How a packet too big for its egress link goes on, given whether it
+/// has DF set, whether the datapath can cut it, and whether translating it
+/// keeps its source (the original direction of a port forward).
+#[inline(always)]
+pub const fn too_big_path(dont_fragment: bool, cuttable: bool, source_kept: bool) -> TooBigPath {
+    if dont_fragment {
+        TooBigPath::FragNeeded
+    } else if cuttable {
+        TooBigPath::Cut
+    } else if source_kept {
+        TooBigPath::Kernel
+    } else {
+        TooBigPath::FragNeededUncut
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rstest::rstest;
 
     use super::*;
+
+    #[rstest]
+    #[case::df_set(true, true, true, TooBigPath::FragNeeded)]
+    #[case::df_set_uncuttable(true, false, false, TooBigPath::FragNeeded)]
+    #[case::cut_by_the_datapath(false, true, false, TooBigPath::Cut)]
+    #[case::port_forward_left_to_offload(false, false, true, TooBigPath::Kernel)]
+    #[case::hairpin_left_to_offload(false, false, false, TooBigPath::FragNeededUncut)]
+    fn a_packet_too_big_is_cut_handed_to_the_kernel_or_answered(
+        #[case] dont_fragment: bool,
+        #[case] cuttable: bool,
+        #[case] source_kept: bool,
+        #[case] expected: TooBigPath,
+    ) {
+        assert_eq!(
+            too_big_path(dont_fragment, cuttable, source_kept),
+            expected,
+            "DF {dont_fragment}, cuttable {cuttable}, source kept {source_kept}"
+        );
+    }
 
     #[rstest]
     #[case::both_fresh(5, Some(5), false)]
