@@ -11,12 +11,13 @@ use core::{ffi::c_void, mem::size_of};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action,
+        __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode, xdp_action,
     },
     helpers::generated::{
-        bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail,
-        bpf_skb_load_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_meta, bpf_xdp_adjust_tail,
-        bpf_xdp_load_bytes,
+        bpf_csum_update, bpf_l4_csum_replace, bpf_redirect, bpf_skb_adjust_room,
+        bpf_skb_change_tail, bpf_skb_load_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
+        bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
     },
     programs::{TcContext, XdpContext},
 };
@@ -72,9 +73,12 @@ pub(crate) trait Packet {
     /// pseudo-header sum.
     fn checksum_offloaded(&self, offset: usize) -> bool;
 
-    /// Cuts the frame of `frame_len` bytes to its first `keep` and puts
-    /// `prepend` bytes in front, for an ICMP answer; whether it worked.
-    fn reshape(&self, frame_len: i32, keep: i32, prepend: i32) -> bool;
+    /// Cuts the frame of `frame_len` bytes to its first `keep` and makes
+    /// room for `prepend` bytes between the Ethernet header and the rest,
+    /// for an ICMP answer: the rest stays where it is, `prepend` bytes
+    /// further in than before. Where the received Ethernet header is then
+    /// (its bytes may overlap the room); `None` if it did not work.
+    fn reshape(&self, frame_len: i32, keep: i32, prepend: i32) -> Option<usize>;
 
     /// Leaves `handoff` for the TC program, which sends the packet on once
     /// this program passes it.
@@ -159,12 +163,14 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
-    fn reshape(&self, frame_len: i32, keep: i32, prepend: i32) -> bool {
+    fn reshape(&self, frame_len: i32, keep: i32, prepend: i32) -> Option<usize> {
         // SAFETY: helpers on this program's own frame.
-        unsafe {
+        let reshaped = unsafe {
             bpf_xdp_adjust_tail(self.ctx, keep - frame_len) == 0
                 && bpf_xdp_adjust_head(self.ctx, -prepend) == 0
-        }
+        };
+        // The room is in front: the old Ethernet header follows it.
+        reshaped.then_some(prepend as usize)
     }
 
     #[inline(always)]
@@ -279,6 +285,15 @@ impl Packet for TcContext {
         let skb = skb(self);
         let addresses = checksum::addresses_diff(from, to) as u64;
         let ports = checksum::ports_diff(from, to) as u64;
+        // SAFETY: a pointer into the packet, bounds checked by l4_header.
+        if udp && unsafe { *l4.check } == 0 {
+            // No UDP checksum to update, but the ports moved under the
+            // sum of a CHECKSUM_COMPLETE skb (the helper leaves a zero
+            // field, and that sum, alone).
+            // SAFETY: a helper on this program's own skb.
+            unsafe { bpf_csum_update(skb, ports as u32) };
+            return Ok(());
+        }
         // SAFETY: helpers on this program's own packet.
         let updated = unsafe {
             bpf_l4_csum_replace(
@@ -323,13 +338,18 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn reshape(&self, _frame_len: i32, keep: i32, prepend: i32) -> bool {
+    fn reshape(&self, _frame_len: i32, keep: i32, prepend: i32) -> Option<usize> {
         let skb = skb(self);
+        // Room after the MAC header, not in front of it: the kernel moves
+        // its network header with it (to the answer's IPv4 header), which
+        // a device without an Ethernet header is sent from, and keeps a
+        // left-to-offload checksum pointing into the quote.
         // SAFETY: helpers on this program's own packet.
-        unsafe {
+        let reshaped = unsafe {
             bpf_skb_change_tail(skb, keep as u32, 0) == 0
-                && bpf_skb_change_head(skb, prepend as u32, 0) == 0
-        }
+                && bpf_skb_adjust_room(skb, prepend, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, 0) == 0
+        };
+        reshaped.then_some(0)
     }
 
     #[inline(always)]

@@ -3,10 +3,11 @@
 //! program, answer, or drop and count).
 
 use hairpin_common::{
-    Counter, DIRECTION_ORIGINAL, FlowKey, FragmentKey, HANDOFF_NEIGH, IPPROTO_TCP, Settings,
+    Counter, DIRECTION_ORIGINAL, FlowKey, FragmentKey, HANDOFF_NEIGH, HANDOFF_TO_KERNEL,
+    IPPROTO_TCP, IPPROTO_UDP, Settings,
     fragment::Fragment,
     icmp::{self, IPPROTO_ICMP},
-    nat::{self, Ipv4Layout, Sides},
+    nat::{self, Ipv4Layout, Sides, TooBigPath},
     packet::{ETH_HEADER_LEN, ETH_P_IPV4, EthHeader, Ipv4Header, TcpHeader},
     tcp::Segment,
 };
@@ -19,7 +20,8 @@ use crate::{
     forward::{Route, fib_lookup, flow_route, hand_off, hand_to_kernel, send},
     fragments,
     icmp_messages::{
-        IP_DONT_FRAGMENT, IcmpAnswer, answer_icmp, time_exceeded, too_big, try_icmp_error,
+        IP_DONT_FRAGMENT, IcmpAnswer, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, answer_icmp,
+        time_exceeded, too_big, try_icmp_error,
     },
     maps::{CONNTRACK_NEW, SETTINGS, account, count},
     packet::{L4, l4_header, l4_offset, ptr_at, tcp_segment},
@@ -88,8 +90,19 @@ fn whole_or_first<C: Packet>(
     let [src_port, dst_port] = unsafe { *l4.ports };
     let packet = FlowKey::new(ip.src_addr, ip.dst_addr, src_port, dst_port, ip.proto);
     let fragmented = layout.fragment == Fragment::First;
-    let size = wire_size(ctx, tot_len, layout.header_len, l4_offset, ip.proto);
-    let arrival = Arrival { packet, segment, now, tot_len, size, ttl: ip.ttl, fragmented };
+    let gso_size = ctx.gso_size();
+    let size = wire_size(ctx, gso_size, tot_len, layout.header_len, l4_offset, ip.proto);
+    let arrival = Arrival {
+        packet,
+        segment,
+        now,
+        tot_len,
+        size,
+        ttl: ip.ttl,
+        fragmented,
+        l4_offset: l4_offset as u16,
+        aggregate: gso_size != 0,
+    };
     translate(ctx, settings, &arrival, l4_offset, l4)
 }
 
@@ -114,14 +127,15 @@ fn translate<C: Packet>(
         }
         FlowLookup::New => (open_flow(ctx, settings, arrival)?, true),
     };
-    let (to, route, counter, mapping_id, split_mtu) = match outcome {
-        Outcome::Translate { to, route, counter, mapping_id, split_mtu } => {
-            (to, route, counter, mapping_id, split_mtu)
+    let (to, route, counter, mapping_id, split_mtu, to_kernel) = match outcome {
+        Outcome::Translate { to, route, counter, mapping_id, split_mtu, to_kernel } => {
+            (to, route, counter, mapping_id, split_mtu, to_kernel)
         }
         Outcome::Answered(verdict) => return Ok(verdict),
     };
     if !arrival.fragmented
         && split_mtu == 0
+        && !to_kernel
         && let Route::Resolved { .. } = route
     {
         // The common case, sent by XDP: the L4 header as parsed, since no
@@ -146,7 +160,7 @@ fn translate<C: Packet>(
     } else {
         (FragmentKey::default(), 0)
     };
-    let through_tc = split_mtu != 0 || held > 0;
+    let through_tc = split_mtu != 0 || held > 0 || to_kernel;
     // The egress MTU: what TC cuts to, and what the later fragments must fit.
     let mtu = if split_mtu != 0 {
         split_mtu
@@ -157,7 +171,13 @@ fn translate<C: Packet>(
     };
     let neigh = matches!(route, Route::Unresolved { .. });
     let handed = if through_tc {
-        let flags = if neigh { HANDOFF_NEIGH } else { 0 };
+        let flags = if to_kernel {
+            HANDOFF_TO_KERNEL
+        } else if neigh {
+            HANDOFF_NEIGH
+        } else {
+            0
+        };
         hand_off(ctx, route.egress(), mtu, &datagram, held, flags)
     } else if let Route::Unresolved { ifindex } = route {
         hand_to_kernel(ctx, ifindex)
@@ -186,7 +206,10 @@ fn translate<C: Packet>(
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
     let (ip, eth) = unsafe { (&mut *ip, &mut *eth) };
     let l4 = l4_header(ctx, l4_offset, ip.proto)?;
-    let (action, counter) = send::<C>(eth, &route, counter)?;
+    // The kernel routes it again: it keeps the MAC addresses it came with,
+    // or the kernel would not take it for the gateway.
+    let (action, counter) =
+        if to_kernel { (C::PASS, counter) } else { send::<C>(eth, &route, counter)? };
     if let Err(failed) = ctx.rewrite(ip, &l4, l4_offset, &packet, &to) {
         return Ok((C::DROP, failed));
     }
@@ -196,7 +219,8 @@ fn translate<C: Packet>(
 /// A packet of a flow: its tuple, TCP header, when it arrived, how long it
 /// is (IPv4 total length), the largest packet it is sent as (`size`: a GSO
 /// aggregate's segments), its TTL, and whether it is a datagram's first
-/// fragment.
+/// fragment; where its transport header starts, and whether it is a GSO
+/// aggregate.
 struct Arrival {
     packet: FlowKey,
     segment: Segment,
@@ -205,6 +229,9 @@ struct Arrival {
     size: u16,
     ttl: u8,
     fragmented: bool,
+    l4_offset: u16,
+    /// A GSO aggregate.
+    aggregate: bool,
 }
 
 /// The largest packet this one is sent as: itself, or for a GSO aggregate
@@ -213,12 +240,12 @@ struct Arrival {
 #[inline(always)]
 fn wire_size(
     ctx: &impl Packet,
+    segment: u32,
     tot_len: u16,
     ip_header_len: u32,
     l4_offset: usize,
     proto: u8,
 ) -> u16 {
-    let segment = ctx.gso_size();
     if segment == 0 {
         return tot_len;
     }
@@ -238,8 +265,16 @@ fn wire_size(
 /// What becomes of a packet of a flow, tracked or new.
 enum Outcome {
     /// Translate the packet to `to` and send it along `route`, cut into
-    /// fragments of `split_mtu` when that is not 0.
-    Translate { to: FlowKey, route: Route, counter: Counter, mapping_id: u16, split_mtu: u16 },
+    /// fragments of `split_mtu` when that is not 0, or hand it to the
+    /// kernel's forwarding (`to_kernel`, TC) to be cut there.
+    Translate {
+        to: FlowKey,
+        route: Route,
+        counter: Counter,
+        mapping_id: u16,
+        split_mtu: u16,
+        to_kernel: bool,
+    },
     /// Answered or dropped instead (deny set, window check, ICMP, no route).
     Answered((u32, Counter)),
 }
@@ -262,7 +297,7 @@ fn forward_tracked<C: Packet>(
     arrival: &Arrival,
     settings: &Settings,
 ) -> Result<Outcome, Counter> {
-    let Arrival { ref packet, ref segment, now, tot_len, size, ttl, fragmented } = *arrival;
+    let Arrival { ref packet, ref segment, now, tot_len, size, ttl, fragmented, .. } = *arrival;
     // SAFETY: a map value; see find_flow. Fields are read one by one: a
     // copy of the whole entry does not fit the stack.
     let (translated, direction, kind, mapping_id) = unsafe {
@@ -286,20 +321,19 @@ fn forward_tracked<C: Packet>(
         Ok(route) => route,
         Err(failed) => return Ok(dropped::<C>(failed)),
     };
-    if let Route::TooBig { mtu } = route {
-        if may_fragment(ctx) {
-            return Ok(split_route(
-                ctx,
-                &translated,
-                mtu,
-                nat::translated_counter(direction, kind),
-                mapping_id,
-            ));
-        }
-        return too_big(ctx, mtu, original, settings, now).map(Outcome::Answered);
-    }
     let counter = nat::translated_counter(direction, kind);
-    Ok(Outcome::Translate { to: translated, route, counter, mapping_id, split_mtu: 0 })
+    if let Route::TooBig { mtu } = route {
+        let translation = Translation { to: &translated, counter, mapping_id };
+        return too_big_outcome(ctx, arrival, &translation, mtu, original, settings);
+    }
+    Ok(Outcome::Translate {
+        to: translated,
+        route,
+        counter,
+        mapping_id,
+        split_mtu: 0,
+        to_kernel: false,
+    })
 }
 
 /// Whether the packet may be fragmented here (DF clear).
@@ -312,23 +346,71 @@ fn may_fragment(ctx: &impl Packet) -> bool {
     }
 }
 
-/// A packet too big for its egress link that may be fragmented: its route
-/// regardless of size, for the TC program to cut it to `mtu` and send the
-/// pieces.
+/// Whether the datapath can cut the packet into fragments itself: not a
+/// GSO aggregate, and its transport checksum complete (one left to offload
+/// would be completed over the first fragment alone).
 #[inline(always)]
-fn split_route<C: Packet>(
-    ctx: &C,
-    to: &FlowKey,
-    mtu: u16,
+fn cuttable(ctx: &impl Packet, arrival: &Arrival) -> bool {
+    if arrival.aggregate {
+        return false;
+    }
+    let check_offset =
+        if arrival.packet.proto == IPPROTO_UDP { UDP_CHECK_OFFSET } else { TCP_CHECK_OFFSET };
+    !ctx.checksum_offloaded(arrival.l4_offset as usize + check_offset)
+}
+
+/// What a packet of a flow is translated to, and counted as.
+struct Translation<'a> {
+    to: &'a FlowKey,
     counter: Counter,
     mapping_id: u16,
-) -> Outcome {
-    match fib_lookup(ctx, to, 0) {
+}
+
+/// A packet of a flow too big for its egress link (`mtu`): cut by TC, cut
+/// by the kernel, or answered with "fragmentation needed" (see
+/// `nat::too_big_path`).
+#[inline(always)]
+fn too_big_outcome<C: Packet>(
+    ctx: &C,
+    arrival: &Arrival,
+    translation: &Translation,
+    mtu: u16,
+    to_public_address: bool,
+    settings: &Settings,
+) -> Result<Outcome, Counter> {
+    let Translation { to, counter, mapping_id } = *translation;
+    // No link has an MTU of 0, and a split MTU of 0 would take the fast
+    // path with the header pointers the checksum probe invalidated.
+    if mtu == 0 {
+        return Ok(dropped::<C>(Counter::TooBigDropped));
+    }
+    let dont_fragment = !may_fragment(ctx);
+    let cuttable = !dont_fragment && cuttable(ctx, arrival);
+    let source_kept = to.src_addr == arrival.packet.src_addr;
+    let to_kernel = match nat::too_big_path(dont_fragment, cuttable, source_kept) {
+        TooBigPath::Cut => false,
+        TooBigPath::Kernel => true,
+        TooBigPath::FragNeeded => {
+            return too_big(ctx, mtu, to_public_address, settings, arrival.now)
+                .map(Outcome::Answered);
+        }
+        TooBigPath::FragNeededUncut => {
+            count(Counter::TooBigNotCut);
+            return too_big(ctx, mtu, to_public_address, settings, arrival.now)
+                .map(Outcome::Answered);
+        }
+    };
+    if to_kernel {
+        count(Counter::FragmentedByKernel);
+    }
+    // Its route regardless of size, for the TC program to cut it to `mtu`
+    // and send the pieces.
+    Ok(match fib_lookup(ctx, to, 0) {
         Ok((route @ (Route::Resolved { .. } | Route::Unresolved { .. }), _)) => {
-            Outcome::Translate { to: *to, route, counter, mapping_id, split_mtu: mtu }
+            Outcome::Translate { to: *to, route, counter, mapping_id, split_mtu: mtu, to_kernel }
         }
         _ => dropped::<C>(Counter::TooBigDropped),
-    }
+    })
 }
 
 /// A packet of no tracked flow: admitted, routed and entered as a new flow,
@@ -349,19 +431,21 @@ fn open_flow<C: Packet>(
     }
     // The route does not depend on the SNAT port: look it up before any
     // state is created, so a routing failure leaves none behind.
-    let (route, split_mtu) = match fib_lookup(ctx, &admitted.provisional, size) {
+    let (route, split_mtu, to_kernel) = match fib_lookup(ctx, &admitted.provisional, size) {
         Ok((Route::TooBig { mtu }, _)) => {
-            if !may_fragment(ctx) {
-                return too_big(ctx, mtu, true, settings, now).map(Outcome::Answered);
-            }
-            match fib_lookup(ctx, &admitted.provisional, 0) {
-                Ok((route @ (Route::Resolved { .. } | Route::Unresolved { .. }), _)) => {
-                    (route, mtu)
+            let translation = Translation {
+                to: &admitted.provisional,
+                counter: Counter::FlowCreated,
+                mapping_id: 0,
+            };
+            match too_big_outcome(ctx, arrival, &translation, mtu, true, settings)? {
+                Outcome::Translate { route, split_mtu, to_kernel, .. } => {
+                    (route, split_mtu, to_kernel)
                 }
-                _ => return Ok(dropped::<C>(Counter::TooBigDropped)),
+                answered => return Ok(answered),
             }
         }
-        Ok((route, _)) => (route, 0),
+        Ok((route, _)) => (route, 0, false),
         Err(failed) => return Ok(dropped::<C>(failed)),
     };
     let sides = Sides { original: ctx.ingress(), reply: route.egress() };
@@ -388,5 +472,5 @@ fn open_flow<C: Packet>(
     let mapping_id = admitted.server.id;
     account(mapping_id, tot_len, true);
     let counter = if admitted.hairpin { Counter::Hairpinned } else { Counter::PortForwarded };
-    Ok(Outcome::Translate { to: flow.translated, route, counter, mapping_id, split_mtu })
+    Ok(Outcome::Translate { to: flow.translated, route, counter, mapping_id, split_mtu, to_kernel })
 }

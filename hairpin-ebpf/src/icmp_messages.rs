@@ -232,7 +232,9 @@ pub(crate) fn answer_icmp<C: Packet>(
     if version_ihl != 0x45 {
         return Ok((C::DROP, Counter::IcmpAnswerFailed));
     }
-    let bucket = ICMP_RATE.get_ptr_mut(0).ok_or(Counter::IcmpRateLimited)?;
+    let Some(bucket) = ICMP_RATE.get_ptr_mut(0) else {
+        return Ok((C::DROP, Counter::IcmpRateLimited));
+    };
     // SAFETY: this CPU's bucket; a program runs to completion on a CPU.
     if !ratelimit::take(unsafe { &mut *bucket }, now) {
         return Ok((C::DROP, Counter::IcmpRateLimited));
@@ -267,28 +269,40 @@ fn quote_and_answer<
     const { assert!(L4_WORDS * 2 + IPV4_HEADER_LEN == QUOTE_LEN) };
     let IcmpAnswer { icmp_type, code, mtu, from_addr, tot_len, counter } = *answer;
     const PREPENDED: usize = IPV4_HEADER_LEN + ICMP_HEADER_LEN;
-    const OLD_ETH: usize = PREPENDED;
     const QUOTE: usize = PREPENDED + ETH_HEADER_LEN;
     let frame_len = ETH_HEADER_LEN as i32 + tot_len as i32;
     let keep = (ETH_HEADER_LEN + QUOTE_LEN) as i32;
     if frame_len < keep {
-        return Err(Counter::PassMalformed);
-    }
-    if !ctx.reshape(frame_len, keep, PREPENDED as i32) {
-        // The packet may be half cut now: better dropped than sent on.
         return Ok((C::DROP, Counter::IcmpAnswerFailed));
     }
-    let new_eth: *mut EthHeader = ptr_at(ctx, 0)?;
-    let old_eth: *mut EthHeader = ptr_at(ctx, OLD_ETH)?;
-    let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
-    let icmp_header: *mut IcmpHeader = ptr_at(ctx, L4_OFFSET)?;
-    let quoted: *mut Ipv4Header = ptr_at(ctx, QUOTE)?;
-    let icmp_words: *mut [u16; ICMP_WORDS] = ptr_at(ctx, L4_OFFSET)?;
-    let quoted_l4: *mut [u16; L4_WORDS] = ptr_at(ctx, QUOTE + IPV4_HEADER_LEN)?;
-    let ip_words: *mut [u16; IPV4_HEADER_LEN / 2] = ptr_at(ctx, ETH_HEADER_LEN)?;
+    // Once reshaped, the packet is half an answer: anything failing now
+    // drops it rather than pass it on.
+    let Some(old_eth) = ctx.reshape(frame_len, keep, PREPENDED as i32) else {
+        return Ok((C::DROP, Counter::IcmpAnswerFailed));
+    };
+    let headers = || -> Result<_, Counter> {
+        Ok((
+            ptr_at::<EthHeader>(ctx, 0)?,
+            ptr_at::<EthHeader>(ctx, old_eth & 0x1f)?,
+            ptr_at::<Ipv4Header>(ctx, ETH_HEADER_LEN)?,
+            ptr_at::<IcmpHeader>(ctx, L4_OFFSET)?,
+            ptr_at::<Ipv4Header>(ctx, QUOTE)?,
+            ptr_at::<[u16; ICMP_WORDS]>(ctx, L4_OFFSET)?,
+            ptr_at::<[u16; L4_WORDS]>(ctx, QUOTE + IPV4_HEADER_LEN)?,
+            ptr_at::<[u16; IPV4_HEADER_LEN / 2]>(ctx, ETH_HEADER_LEN)?,
+        ))
+    };
+    let Ok((new_eth, old_eth, ip, icmp_header, quoted, icmp_words, quoted_l4, ip_words)) =
+        headers()
+    else {
+        return Ok((C::DROP, Counter::IcmpAnswerFailed));
+    };
     unsafe {
-        set_mac(&mut (*new_eth).dst, &(*old_eth).src);
-        set_mac(&mut (*new_eth).src, &(*old_eth).dst);
+        // Read before written: the received header may be where the new
+        // one goes (TC), or overlap the new IPv4 header (XDP).
+        let (sender_mac, own_mac) = ((*old_eth).src, (*old_eth).dst);
+        set_mac(&mut (*new_eth).dst, &sender_mac);
+        set_mac(&mut (*new_eth).src, &own_mac);
         (*new_eth).ether_type = ETH_P_IPV4.to_be();
         let sender = (*quoted).src_addr;
         *ip = Ipv4Header {

@@ -50,9 +50,16 @@ pub(crate) fn run_datapath(ctx: &TcContext) -> i32 {
     // SAFETY: the context's fields, read.
     let (len, data, data_end) = unsafe { ((*skb).len, (*skb).data, (*skb).data_end) };
     let wanted = if len < HEADERS_LEN { len } else { HEADERS_LEN };
-    if data_end.wrapping_sub(data) < wanted {
-        // SAFETY: a helper on this program's own packet.
-        unsafe { bpf_skb_pull_data(skb, wanted) };
+    // SAFETY: a helper on this program's own packet.
+    if data_end.wrapping_sub(data) < wanted && unsafe { bpf_skb_pull_data(skb, wanted) } != 0 {
+        count(Counter::PullFailed);
+        return TC_ACT_SHOT;
+    }
+    // A hand-off is only ever this run's (a run that left one always
+    // takes it, but a slot that says otherwise must not send this packet).
+    if let Some(pending) = TC_PENDING.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; a TC program runs to completion on it.
+        unsafe { (*pending).magic = 0 };
     }
     let (action, counter) = match try_hairpin(ctx) {
         Ok(verdict) => verdict,
