@@ -477,17 +477,26 @@ fn a_server_behind_a_lan_router_with_a_smaller_mtu(#[case] nat: Nat) {
 /// The LAN link is smaller than the WAN's (1400): a WAN host's datagram of
 /// 1500 bytes without DF must be fragmented on its way to the server, and
 /// one of 3000 (fragmented at 1500 by the WAN host) fragmented again; their
-/// echoes (fragmented by the server) come back.
+/// echoes (fragmented by the server) come back. On the container host the
+/// WAN host leaves the 1500-byte datagram's checksum to offload, which TC
+/// cannot cut: the kernel does, after hairpin translated it.
 #[rstest]
-#[case::iptables_1500(Nat::Iptables, 1472)]
-#[case::iptables_3000(Nat::Iptables, 3000)]
-#[case::hairpin_1500(Nat::Hairpin, 1472)]
-#[case::hairpin_3000(Nat::Hairpin, 3000)]
+#[case::iptables_1500(Nat::Iptables, 1472, XDP_BED)]
+#[case::iptables_3000(Nat::Iptables, 3000, XDP_BED)]
+#[case::hairpin_1500(Nat::Hairpin, 1472, XDP_BED)]
+#[case::hairpin_3000(Nat::Hairpin, 3000, XDP_BED)]
+#[case::iptables_container_1500(Nat::Iptables, 1472, CONTAINER)]
+#[case::hairpin_container_1500(Nat::Hairpin, 1472, CONTAINER)]
+#[case::hairpin_container_3000(Nat::Hairpin, 3000, CONTAINER)]
 #[ignore = "needs root"]
-fn a_datagram_too_big_for_the_lan_without_df_is_fragmented(#[case] nat: Nat, #[case] len: usize) {
+fn a_datagram_too_big_for_the_lan_without_df_is_fragmented(
+    #[case] nat: Nat,
+    #[case] len: usize,
+    #[case] case: DatapathCase,
+) {
     require_root("a_datagram_too_big_for_the_lan_without_df_is_fragmented");
     const LAN_MTU: &str = "1400";
-    let mut bed = Bed::new(nat);
+    let mut bed = Bed::on(nat, case);
     bed.seed.gateway.ip(&["link", "set", GATEWAY_LAN_IF, "mtu", LAN_MTU]);
     bed.seed.server.ip(&["link", "set", "eth0", "mtu", LAN_MTU]);
     bed.start_nat(MAPPINGS, None);
@@ -519,8 +528,109 @@ fn a_datagram_too_big_for_the_lan_without_df_is_fragmented(#[case] nat: Nat, #[c
     let counters = bed.finish();
     if nat == Nat::Hairpin {
         // The datagram, or each of its full-size fragments (1480 bytes of
-        // UDP header and payload each).
+        // UDP header and payload each); a whole datagram of a local sender
+        // on the container host by the kernel.
         let cut = ((len + 8) / 1480) as u64;
-        assert_eq!(counter(&counters, "packet_fragmented"), cut, "{counters:?}");
+        let (by_tc, by_kernel) = match case {
+            DatapathCase::Xdp => (cut, 0),
+            _ if len + 28 <= 1500 => (0, 1),
+            _ => (cut, 0),
+        };
+        assert_eq!(counter(&counters, "packet_fragmented"), by_tc, "{counters:?}");
+        assert_eq!(counter(&counters, "fragmented_by_kernel"), by_kernel, "{counters:?}");
+    }
+}
+
+const BIG_REPLY_PUBLIC_PORT: u16 = 54;
+const BIG_REPLY_SERVER_PORT: u16 = 5454;
+const BIG_REPLY_LEN: usize = 1472;
+
+/// A UDP server that answers every datagram with `BIG_REPLY_LEN` bytes
+/// sent without DF (`IP_PMTUDISC_DONT`, as DNS servers do), until `stop`.
+fn serve_big_replies(server: &Netns, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    server.spawn(move || {
+        let socket = UdpSocket::bind(("0.0.0.0", BIG_REPLY_SERVER_PORT)).expect("bind");
+        set_ip_option(
+            &socket,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            &libc::IP_PMTUDISC_DONT.to_ne_bytes(),
+        );
+        socket.set_read_timeout(Some(Duration::from_millis(100))).expect("read timeout");
+        ready_tx.send(()).expect("ready");
+        let reply = pattern(BIG_REPLY_LEN);
+        let mut buf = [0u8; 2048];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&reply, peer);
+            }
+        }
+    });
+    ready_rx.recv_timeout(TIMEOUT).expect("big-reply server ready");
+}
+
+/// A server's reply without DF too big for the WAN link: netfilter's
+/// kernel cuts it. hairpin cuts it in TC when its checksum is complete (the
+/// native XDP bed); on the container host the server leaves it to offload,
+/// which neither TC nor the kernel's forwarding (the translated source is
+/// the gateway's own) can cut: hairpin answers "fragmentation needed", the
+/// server cuts its next reply itself, and the WAN host's retry gets it.
+#[rstest]
+#[case::iptables(Nat::Iptables, XDP_BED)]
+#[case::hairpin(Nat::Hairpin, XDP_BED)]
+#[case::iptables_container(Nat::Iptables, CONTAINER)]
+#[case::hairpin_container(Nat::Hairpin, CONTAINER)]
+#[ignore = "needs root"]
+fn a_reply_too_big_for_the_wan_without_df_gets_through(
+    #[case] nat: Nat,
+    #[case] case: DatapathCase,
+) {
+    require_root("a_reply_too_big_for_the_wan_without_df_gets_through");
+    const WAN_MTU: &str = "1400";
+    let mut bed = Bed::on(nat, case);
+    bed.seed.gateway.ip(&["link", "set", GATEWAY_WAN_IF, "mtu", WAN_MTU]);
+    bed.seed.wan.ip(&["link", "set", "eth0", "mtu", WAN_MTU]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    serve_big_replies(&bed.seed.server, stop.clone());
+    let public_big = format!("{PUBLIC}:{BIG_REPLY_PUBLIC_PORT}");
+    let server_big = format!("192.168.0.2:{BIG_REPLY_SERVER_PORT}");
+    let mappings = [MAPPINGS[0], MAPPINGS[1], ("udp", public_big.as_str(), server_big.as_str())];
+    bed.start_nat(&mappings, None);
+    let socket = connected_udp(&bed.seed.wan, public(BIG_REPLY_PUBLIC_PORT)).expect("socket");
+    socket.set_read_timeout(Some(Duration::from_secs(1))).expect("read timeout");
+    let mut buf = [0u8; 4096];
+    let mut tries = 0;
+    let reply = loop {
+        tries += 1;
+        socket.send(b"query").expect("send");
+        match socket.recv(&mut buf) {
+            Ok(len) => break buf[..len].to_vec(),
+            Err(e) if tries < 3 => println!("try {tries}: {e}"),
+            Err(e) => {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let counters = bed.finish();
+                panic!("no reply in {tries} tries ({nat:?}, {case:?}): {e}; {counters:?}")
+            }
+        }
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        reply == pattern(BIG_REPLY_LEN),
+        "big reply ({nat:?}, {case:?}): {} bytes back for {BIG_REPLY_LEN}, or damaged",
+        reply.len()
+    );
+    let counters = bed.finish();
+    match (nat, case) {
+        (Nat::Iptables, _) => assert_eq!(tries, 1, "the kernel cuts the first reply"),
+        (Nat::Hairpin, DatapathCase::Xdp) => {
+            assert_eq!(tries, 1, "TC cuts the first reply: {counters:?}");
+            assert_eq!(counter(&counters, "packet_fragmented"), 1, "{counters:?}");
+        }
+        (Nat::Hairpin, _) => {
+            assert_eq!(tries, 2, "the server cuts its second reply: {counters:?}");
+            assert_eq!(counter(&counters, "too_big_not_cut"), 1, "{counters:?}");
+            assert_eq!(counter(&counters, "frag_needed_sent"), 1, "{counters:?}");
+        }
     }
 }
