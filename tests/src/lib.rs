@@ -11,6 +11,7 @@ pub mod netfilter;
 pub mod raw;
 pub mod seed;
 pub mod tun;
+pub mod wireguard;
 
 use std::{
     ffi::CString,

@@ -8,13 +8,13 @@
 //!
 //! Two kinds of bed ([`BedKind`]): the native XDP bed works around the
 //! veth traps (see the test-bed notes), the container-host bed keeps what a
-//! real container host or VM lab has. The WAN link is a veth or, as an L3
-//! link without Ethernet header (like WireGuard or PPP), a tun pair joined
-//! by a relay ([`WanLink`]).
+//! real container host or VM lab has. The WAN link is a veth or an L3 link
+//! without Ethernet header: a tun pair joined by a relay (like WireGuard or
+//! PPP), or a real WireGuard tunnel run by wireguard-go ([`WanLink`]).
 
 use std::{net::Ipv4Addr, os::fd::OwnedFd};
 
-use crate::{Netns, attach_xdp_pass, tun::TunRelay, veth};
+use crate::{Netns, attach_xdp_pass, tun::TunRelay, veth, wireguard::WireGuardLink};
 
 pub const LAN_NETWORK: &str = "192.168.0.0/24";
 pub const GATEWAY_LAN: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
@@ -49,6 +49,16 @@ pub enum WanLink {
     /// A tun device at each end (IP packets, no Ethernet header, like
     /// WireGuard or PPP), joined by a relay thread of the test.
     Tun,
+    /// A real WireGuard tunnel: wireguard-go at each end (its interface a
+    /// tun device, MTU 1420), the encrypted packets on an underlay veth pair
+    /// in 198.51.100.0/24 between the gateway and the WAN host.
+    WireGuard,
+}
+
+/// What carries an L3 WAN link.
+enum L3Link {
+    Tun(TunRelay),
+    WireGuard(WireGuardLink),
 }
 
 pub struct SeedBed {
@@ -60,7 +70,7 @@ pub struct SeedBed {
     pub kind: BedKind,
     pub wan_link: WanLink,
     _xdp_pass: Vec<OwnedFd>,
-    relay: Option<TunRelay>,
+    l3_link: Option<L3Link>,
 }
 
 impl Default for SeedBed {
@@ -96,12 +106,20 @@ impl SeedBed {
         for port in ["p-gw", "p-srv", "p-cli"] {
             lan.ip(&["link", "set", port, "master", "br0"]);
         }
-        let relay = match wan_link {
+        let l3_link = match wan_link {
             WanLink::Veth => {
                 veth(&gateway, GATEWAY_WAN_IF, &wan, "eth0");
                 None
             }
-            WanLink::Tun => Some(TunRelay::start(&gateway, GATEWAY_WAN_IF, &wan, "eth0")),
+            WanLink::Tun => {
+                Some(L3Link::Tun(TunRelay::start(&gateway, GATEWAY_WAN_IF, &wan, "eth0")))
+            }
+            WanLink::WireGuard => Some(L3Link::WireGuard(WireGuardLink::start(
+                &gateway,
+                GATEWAY_WAN_IF,
+                &wan,
+                "eth0",
+            ))),
         };
 
         gateway.ip(&["addr", "add", &format!("{GATEWAY_LAN}/24"), "dev", GATEWAY_LAN_IF]);
@@ -112,6 +130,9 @@ impl SeedBed {
             host.ip(&["route", "add", "default", "via", &GATEWAY_LAN.to_string()]);
         }
         wan.ip(&["addr", "add", &format!("{WAN_HOST}/24"), "dev", "eth0"]);
+        if let Some(L3Link::WireGuard(link)) = &l3_link {
+            link.wait_for_handshake(&gateway, &WAN_HOST.to_string());
+        }
 
         let mut xdp_pass = Vec::new();
         match kind {
@@ -143,13 +164,26 @@ impl SeedBed {
             }
         }
 
-        Self { gateway, server, client, wan, lan, kind, wan_link, _xdp_pass: xdp_pass, relay }
+        Self { gateway, server, client, wan, lan, kind, wan_link, _xdp_pass: xdp_pass, l3_link }
     }
 
-    /// Packets the tun relay of an L3 WAN link carried so far (`None` with a
-    /// veth WAN).
+    /// Packets the tun relay of a tun WAN link carried so far (`None` with
+    /// another WAN link).
     pub fn tun_relayed(&self) -> Option<u64> {
-        self.relay.as_ref().map(TunRelay::relayed)
+        match &self.l3_link {
+            Some(L3Link::Tun(relay)) => Some(relay.relayed()),
+            _ => None,
+        }
+    }
+
+    /// Bytes the gateway's end of a WireGuard WAN link received and sent
+    /// through the tunnel so far, from `wg show` (`None` with another WAN
+    /// link).
+    pub fn wireguard_transfer(&self) -> Option<(u64, u64)> {
+        match &self.l3_link {
+            Some(L3Link::WireGuard(link)) => Some(link.transfer()),
+            _ => None,
+        }
     }
 
     /// The hairpin configuration for this bed with the given mappings
@@ -273,7 +307,10 @@ pub fn offloads_on(netns: &Netns, interface: &str) -> Vec<String> {
 impl Drop for SeedBed {
     /// Whatever hairpin left pinned for this bed's gateway (after a kill, or
     /// `--keep-attached`) goes with the bed: nothing else may use its pins.
+    /// An L3 WAN link stops first (its processes, wireguard-go's, live in
+    /// the bed's namespaces).
     fn drop(&mut self) {
+        drop(self.l3_link.take());
         let _ = std::fs::remove_dir_all(crate::daemon::pin_dir(&self.gateway));
         let _ = std::fs::remove_file(crate::daemon::state_file(&self.gateway));
     }

@@ -1,11 +1,14 @@
-//! A gateway whose WAN is an L3 device: a tun device (IP packets without an
-//! Ethernet header, as WireGuard or PPP give), joined to the WAN host's tun
-//! by a relay thread. The gateway has no netfilter rule at all, so a port
-//! forward can only work if hairpin translates it (its TC program for L3
-//! devices on the tun): the test shows it failing before hairpin starts and
-//! after it stops.
+//! A gateway whose WAN is an L3 device (IP packets without an Ethernet
+//! header): a tun device joined to the WAN host's tun by a relay thread, or
+//! a real WireGuard tunnel run by wireguard-go over an underlay veth pair.
+//! The gateway has no netfilter rule at all, so a port forward can only work
+//! if hairpin translates it (its TC program for L3 devices on the WAN
+//! interface): the test shows it failing before hairpin starts and after it
+//! stops.
 
 use std::{io, net::SocketAddrV4, time::Duration};
+
+use rstest::rstest;
 
 use hairpin_tests::{
     Netns,
@@ -51,10 +54,10 @@ fn wan_echo(wan: &Netns, payload: &[u8]) -> io::Result<String> {
 /// translates them.
 fn assert_untranslated(bed: &SeedBed, when: &str) {
     if let Ok(body) = wan_get(&bed.wan) {
-        panic!("{when}: TCP through the tun WAN worked without hairpin (got `{body}`)");
+        panic!("{when}: TCP through the L3 WAN worked without hairpin (got `{body}`)");
     }
     if let Ok(reply) = wan_echo(&bed.wan, b"control") {
-        panic!("{when}: UDP through the tun WAN worked without hairpin (got `{reply}`)");
+        panic!("{when}: UDP through the L3 WAN worked without hairpin (got `{reply}`)");
     }
 }
 
@@ -75,18 +78,33 @@ fn assert_no_netfilter_nat(gateway: &Netns) {
     );
 }
 
-#[test]
+/// Bytes the gateway's WireGuard interface sent so far (`wg show`).
+fn wireguard_sent(bed: &SeedBed) -> u64 {
+    bed.wireguard_transfer().expect("a WireGuard WAN").1
+}
+
+#[rstest]
+#[case::tun_relay(WanLink::Tun)]
+#[case::wireguard_go(WanLink::WireGuard)]
 #[ignore = "needs root"]
-fn a_port_forward_through_a_tun_wan_is_translated_by_hairpin_alone() {
-    require_root("a_port_forward_through_a_tun_wan_is_translated_by_hairpin_alone");
-    let bed = SeedBed::build(BedKind::ContainerHost, WanLink::Tun);
+fn a_port_forward_through_an_l3_wan_is_translated_by_hairpin_alone(#[case] wan_link: WanLink) {
+    require_root("a_port_forward_through_an_l3_wan_is_translated_by_hairpin_alone");
+    let bed = SeedBed::build(BedKind::ContainerHost, wan_link);
     let _servers = Servers::start(&bed.server, HTTP_PORT, UDP_SERVER_PORT);
     assert_no_netfilter_nat(&bed.gateway);
+    let sent_before_control = bed.wireguard_transfer().map(|(_, sent)| sent);
     assert_untranslated(&bed, "before hairpin started");
-    assert!(
-        bed.tun_relayed().is_some_and(|relayed| relayed > 0),
-        "the negative control's packets should have crossed the tun relay"
-    );
+    match wan_link {
+        WanLink::Tun => assert!(
+            bed.tun_relayed().is_some_and(|relayed| relayed > 0),
+            "the negative control's packets should have crossed the tun relay"
+        ),
+        WanLink::WireGuard => {
+            let sent = wireguard_sent(&bed) - sent_before_control.expect("a WireGuard WAN");
+            assert!(sent > 0, "the gateway's refusals should have gone out through WireGuard");
+        }
+        WanLink::Veth => unreachable!("an L3 WAN test"),
+    }
 
     let m = mappings();
     let refs: Vec<_> = m.iter().map(|(p, a, b)| (*p, a.as_str(), b.as_str())).collect();
@@ -95,27 +113,37 @@ fn a_port_forward_through_a_tun_wan_is_translated_by_hairpin_alone() {
     assert_datapath(&bed.gateway, &[GATEWAY_LAN_IF, GATEWAY_WAN_IF], true);
 
     let hello = wan_get(&bed.wan)
-        .unwrap_or_else(|e| panic!("TCP from the WAN host through the tun WAN: {e}"));
+        .unwrap_or_else(|e| panic!("TCP from the WAN host through the {wan_link:?} WAN: {e}"));
     assert!(
         hello.starts_with(&format!("hello {WAN_HOST}:")),
         "the server should see the WAN host's own address: {hello}"
     );
     let echo = wan_echo(&bed.wan, b"over tun")
-        .unwrap_or_else(|e| panic!("UDP from the WAN host through the tun WAN: {e}"));
+        .unwrap_or_else(|e| panic!("UDP from the WAN host through the {wan_link:?} WAN: {e}"));
     assert!(
         echo.starts_with(&format!("{WAN_HOST}:")) && echo.ends_with(" over tun"),
         "UDP echo: {echo}"
     );
+    let sent_before_download = bed.wireguard_transfer().map(|(_, sent)| sent);
     let (status, body) = http_get(
         &bed.wan,
         SocketAddrV4::new(PUBLIC, HTTP_PORT).into(),
         "/big",
         Duration::from_secs(20),
     )
-    .unwrap_or_else(|e| panic!("1 MiB download through the tun WAN: {e}"));
+    .unwrap_or_else(|e| panic!("1 MiB download through the {wan_link:?} WAN: {e}"));
     assert_eq!(status, "HTTP/1.0 200 OK");
     assert_eq!(body.len(), BIG_LEN, "downloaded length");
     assert!(body == big_body(BIG_LEN), "the 1 MiB body arrived corrupted");
+    if let Some(before) = sent_before_download {
+        let (received, sent) = bed.wireguard_transfer().expect("a WireGuard WAN");
+        println!("wg show transfer (gateway): received {received} B, sent {sent} B");
+        assert!(
+            sent - before >= BIG_LEN as u64,
+            "the 1 MiB download should have left through wireguard-go: {} B sent",
+            sent - before
+        );
+    }
 
     let counters = daemon.stop();
     println!("hairpin's counters: {counters:?}");

@@ -30,6 +30,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("tcpdump", "tcpdump"),
     ("iputils-ping", "ping"),
+    ("wireguard-go", "wireguard-go"),
+    ("wireguard-tools", "wg"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
