@@ -197,8 +197,9 @@ impl Drop for Endpoint {
     /// SIGTERM (wireguard-go removes its interface), SIGKILL after 2 s.
     fn drop(&mut self) {
         let pid = self.child.id();
-        // SAFETY: signalling our own child, not yet reaped.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        if let Some(child) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process(child, rustix::process::Signal::TERM);
+        }
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
