@@ -21,7 +21,7 @@ use hairpin::{
 };
 use hairpin_tests::{Netns, attach_xdp_pass, seed::SeedBed, veth};
 
-use crate::programs::Forwarder;
+use crate::programs::{Forwarder, TcForwarder};
 
 pub const PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const SERVER: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 2);
@@ -58,7 +58,7 @@ impl fmt::Display for BedKind {
 }
 
 /// What the gateway does with the client's packets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Gateway {
     /// Kernel forwarding, no NAT: the client sends to the server's address.
     KernelRouting,
@@ -74,16 +74,20 @@ pub enum Gateway {
     /// The XDP forwarder without NAT (`bench_forward`): the limit of any XDP
     /// gateway on this path; the client sends to the server's address.
     XdpForwarder,
+    /// The same forwarder on skbs (`bench_forward_tc` on tcx ingress): the
+    /// limit of any TC gateway on this path.
+    TcForwarder,
 }
 
 impl Gateway {
-    pub const ALL: [Gateway; 6] = [
+    pub const ALL: [Gateway; 7] = [
         Gateway::KernelRouting,
         Gateway::Iptables,
         Gateway::Nftables,
         Gateway::Hairpin,
         Gateway::HairpinTc,
         Gateway::XdpForwarder,
+        Gateway::TcForwarder,
     ];
 
     /// Whether the client talks to the public address (else to the server's).
@@ -125,6 +129,7 @@ impl Gateway {
             Gateway::Hairpin => "hairpin",
             Gateway::HairpinTc => "hairpin, TC datapath",
             Gateway::XdpForwarder => "XDP forwarder, no NAT",
+            Gateway::TcForwarder => "TC forwarder, no NAT",
         }
     }
 }
@@ -372,6 +377,10 @@ impl Bed {
                 if receive_xdp && client_if != server_if {
                     kept.push(Box::new(attach_xdp_pass(self.gateway(), server_if)));
                 }
+            }
+            Gateway::TcForwarder => {
+                let (client_if, _) = self.gateway_sides();
+                kept.push(Box::new(TcForwarder::attach(self.gateway(), client_if)?));
             }
         }
         Ok(Box::new(kept))

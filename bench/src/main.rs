@@ -53,6 +53,10 @@ struct Options {
     /// Run only these parts.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Part>,
+    /// Measure only these configurations in the delivered-rate part (a
+    /// target whose figures are missing shows as not measured).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    gateways: Vec<Gateway>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -149,9 +153,12 @@ fn main() -> anyhow::Result<()> {
     if !options.only.is_empty() {
         results.notes.push(format!("only these parts ran: {:?}", options.only));
     }
+    if !options.gateways.is_empty() {
+        results.notes.push(format!("only these configurations ran: {:?}", options.gateways));
+    }
 
     if parts(Part::Load) {
-        results.load = Some(load_part(&plan, cpu, &mut results.notes)?);
+        results.load = Some(load_part(&plan, &options.gateways, cpu, &mut results.notes)?);
     }
     if parts(Part::Cost) {
         log("program cost");
@@ -244,12 +251,19 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The delivered-rate bench on every configuration of both beds.
-fn load_part(plan: &Plan, cpu: usize, notes: &mut Vec<String>) -> anyhow::Result<LoadResults> {
+fn load_part(
+    plan: &Plan,
+    gateways: &[Gateway],
+    cpu: usize,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<LoadResults> {
     log("delivered rate: building the beds");
     let mut beds = vec![LoadBed::floor(plan.flows)?];
     for kind in [BedKind::Routed, BedKind::Bridge] {
         for gateway in Gateway::ALL {
-            beds.push(LoadBed::new(kind, gateway, plan.flows, 65_536)?);
+            if gateways.is_empty() || gateways.contains(&gateway) {
+                beds.push(LoadBed::new(kind, gateway, plan.flows, 65_536)?);
+            }
         }
     }
     for bed in &mut beds {
@@ -299,9 +313,14 @@ fn load_part(plan: &Plan, cpu: usize, notes: &mut Vec<String>) -> anyhow::Result
         Ok(rows) => results.in_situ = rows,
         Err(e) => notes.push(format!("program run time in the datapath not measured: {e:#}")),
     }
-    match profile(&mut beds, plan.frames, cpu) {
-        Ok(text) => results.profile = Some(text),
-        Err(e) => notes.push(format!("no perf profile: {e:#}")),
+    for gateway in [Gateway::Hairpin, Gateway::HairpinTc] {
+        if !gateways.is_empty() && !gateways.contains(&gateway) {
+            continue;
+        }
+        match profile(&mut beds, gateway, plan.frames, cpu) {
+            Ok(text) => results.profiles.push((gateway.label().to_string(), text)),
+            Err(e) => notes.push(format!("no perf profile of {}: {e:#}", gateway.label())),
+        }
     }
     Ok(results)
 }
@@ -319,8 +338,12 @@ fn in_situ(
 ) -> anyhow::Result<Vec<(String, String, f64)>> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
     let mut rows = Vec::new();
-    for gateway in [Gateway::Hairpin, Gateway::HairpinTc, Gateway::XdpForwarder] {
-        let bed = routed(beds, gateway).context("routed bed")?;
+    for gateway in
+        [Gateway::Hairpin, Gateway::HairpinTc, Gateway::XdpForwarder, Gateway::TcForwarder]
+    {
+        let Some(bed) = routed(beds, gateway) else {
+            continue;
+        };
         let programs = bed_programs(bed)?;
         let before: Vec<(u64, Duration)> =
             programs.iter().map(|(_, id)| program_stats(*id)).collect::<anyhow::Result<_>>()?;
@@ -386,10 +409,15 @@ fn program_stats(id: u32) -> anyhow::Result<(u64, Duration)> {
 }
 
 /// perf's cpu-clock samples on the generator's CPU during one routed
-/// hairpin measurement, summarised by symbol.
-fn profile(beds: &mut [LoadBed], frames: u32, cpu: usize) -> anyhow::Result<String> {
+/// measurement of `gateway`, summarised by symbol.
+fn profile(
+    beds: &mut [LoadBed],
+    gateway: Gateway,
+    frames: u32,
+    cpu: usize,
+) -> anyhow::Result<String> {
     let data = std::env::temp_dir().join(format!("hairpin-bench-{}.perf", std::process::id()));
-    let bed = routed(beds, Gateway::Hairpin).context("routed hairpin bed")?;
+    let bed = routed(beds, gateway).context("routed bed")?;
     let mut perf = Command::new("perf")
         .args(["record", "-q", "-e", "cpu-clock", "-F", "10000", "-C", &cpu.to_string(), "-o"])
         .arg(&data)

@@ -1,6 +1,6 @@
-//! The benchmark's own XDP programs (the `hairpin-bench` eBPF object): the
+//! The benchmark's own programs (the `hairpin-bench` eBPF object): the
 //! live-frame generator, the counting sink, the empty program and the
-//! no-NAT forwarder.
+//! no-NAT forwarders (XDP and TC).
 
 use std::time::{Duration, Instant};
 
@@ -8,18 +8,25 @@ use anyhow::{Context as _, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, PerCpuArray, PerCpuValues},
-    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, xdp::XdpMode},
+    programs::{
+        SchedClassifier, TcAttachType, TestRun, TestRunAttrs, TestRunOptions, Xdp, xdp::XdpMode,
+    },
     util::nr_cpus,
 };
 use hairpin_common::bench::{GENERATOR_FRAME_LEN, GeneratorConfig, SINK_UDP, names, programs};
 use hairpin_tests::Netns;
 
-/// A fresh copy of the bench object (its own maps), with `program` loaded.
-fn load(program: &str) -> anyhow::Result<Ebpf> {
+/// A fresh copy of the bench object (its own maps), nothing loaded.
+fn object() -> anyhow::Result<Ebpf> {
     if hairpin::BENCH_EBPF_OBJECT.is_empty() {
         bail!("built without the eBPF programs: run it through `cargo xtask bench`");
     }
-    let mut ebpf = EbpfLoader::new().load(hairpin::BENCH_EBPF_OBJECT).context("loading")?;
+    EbpfLoader::new().load(hairpin::BENCH_EBPF_OBJECT).context("loading")
+}
+
+/// A fresh copy of the bench object, with the XDP `program` loaded.
+fn load(program: &str) -> anyhow::Result<Ebpf> {
+    let mut ebpf = object()?;
     xdp(&mut ebpf, program)?.load().with_context(|| format!("loading {program}"))?;
     Ok(ebpf)
 }
@@ -93,6 +100,32 @@ impl Forwarder {
             xdp(&mut ebpf, programs::FORWARD)?
                 .attach_to_if_index(index, XdpMode::Driver)
                 .with_context(|| format!("attaching the forwarder to {ingress}"))?;
+            anyhow::Ok(ebpf)
+        })?;
+        Ok(Self { _ebpf: ebpf })
+    }
+}
+
+/// The forwarder without NAT on skbs, on a gateway's ingress interface's
+/// tcx ingress (it redirects anywhere; the egress needs no devmap).
+pub struct TcForwarder {
+    _ebpf: Ebpf,
+}
+
+impl TcForwarder {
+    pub fn attach(netns: &Netns, ingress: &str) -> anyhow::Result<Self> {
+        let ingress = ingress.to_string();
+        let ebpf = netns.run_in(move || {
+            let mut ebpf = object()?;
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(programs::FORWARD_TC)
+                .context("no TC forwarder")?
+                .try_into()
+                .context("the TC forwarder is not a classifier")?;
+            program.load().context("loading the TC forwarder")?;
+            program
+                .attach(&ingress, TcAttachType::Ingress)
+                .with_context(|| format!("attaching the TC forwarder to {ingress}"))?;
             anyhow::Ok(ebpf)
         })?;
         Ok(Self { _ebpf: ebpf })

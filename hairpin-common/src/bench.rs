@@ -25,6 +25,8 @@ pub mod programs {
     pub const SINK: &str = "bench_sink";
     /// A router without NAT: `bpf_fib_lookup`, MAC rewrite, TTL, redirect.
     pub const FORWARD: &str = "bench_forward";
+    /// The same router on skbs (tcx ingress): `bpf_redirect` instead.
+    pub const FORWARD_TC: &str = "bench_forward_tc";
     /// Rewrites the ports of its frame to the next flow and sends it out.
     pub const GENERATOR: &str = "bench_generator";
 }

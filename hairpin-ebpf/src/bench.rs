@@ -1,6 +1,7 @@
-//! The benchmark's XDP programs (`cargo xtask bench`): a traffic generator
-//! for live frames, a counting sink, the empty program and a forwarder
-//! without NAT, the limit of any XDP gateway on the same path.
+//! The benchmark's programs (`cargo xtask bench`): a traffic generator for
+//! live frames, a counting sink, the empty program, and a forwarder without
+//! NAT in XDP and in TC, the limit of any XDP or TC gateway on the same
+//! path.
 #![no_std]
 #![no_main]
 
@@ -8,11 +9,11 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
-    helpers::generated::bpf_fib_lookup,
-    macros::{map, xdp},
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup as FibParams, xdp_action},
+    helpers::generated::{bpf_fib_lookup, bpf_redirect},
+    macros::{classifier, map, xdp},
     maps::{Array, DevMapHash, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use hairpin_common::{
     IPPROTO_UDP,
@@ -106,19 +107,42 @@ pub fn bench_generator(ctx: XdpContext) -> u32 {
 /// cannot route goes to the kernel.
 #[xdp]
 pub fn bench_forward(ctx: XdpContext) -> u32 {
-    try_forward(&ctx).unwrap_or(xdp_action::XDP_PASS)
+    let (start, end, ingress) = (ctx.data(), ctx.data_end(), ctx.ingress_ifindex() as u32);
+    match route(ctx.as_ptr(), start, end, ingress) {
+        Some(egress) if egress == ingress => xdp_action::XDP_TX,
+        Some(egress) => FORWARD_DEVICES.redirect(egress, 0).unwrap_or(xdp_action::XDP_PASS),
+        None => xdp_action::XDP_PASS,
+    }
 }
 
+/// The same forwarder on skbs (tcx ingress): `bpf_redirect` out of the
+/// egress interface.
+#[classifier]
+pub fn bench_forward_tc(ctx: TcContext) -> i32 {
+    // SAFETY: the context's field, read.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    match route(ctx.as_ptr(), ctx.data(), ctx.data_end(), ingress) {
+        // SAFETY: a helper that only records where the skb goes.
+        Some(egress) => unsafe { bpf_redirect(egress, 0) as i32 },
+        None => TC_ACT_OK,
+    }
+}
+
+/// Routes the IPv4 packet between `start` and `end` (an XDP frame's or a
+/// linear skb's) in place, arrived on `ingress`: the egress interface, or
+/// `None` for the kernel.
 #[inline(always)]
-fn try_forward(ctx: &XdpContext) -> Option<u32> {
-    let eth = ptr_at::<EthHeader>(ctx, 0)?;
-    let ip = ptr_at::<Ipv4Header>(ctx, ETH_HEADER_LEN)?;
-    // SAFETY: bounds checked by ptr_at.
-    let (eth, ip) = unsafe { (&mut *eth, &mut *ip) };
+fn route(ctx: *mut core::ffi::c_void, start: usize, end: usize, ingress: u32) -> Option<u32> {
+    if start + ETH_HEADER_LEN + size_of::<Ipv4Header>() > end {
+        return None;
+    }
+    // SAFETY: bounds checked just above.
+    let (eth, ip) = unsafe {
+        (&mut *(start as *mut EthHeader), &mut *((start + ETH_HEADER_LEN) as *mut Ipv4Header))
+    };
     if eth.ether_type != ETH_P_IPV4.to_be() || ip.ttl <= 1 {
         return None;
     }
-    let ingress = ctx.ingress_ifindex() as u32;
     let mut storage = core::mem::MaybeUninit::<FibParams>::uninit();
     let params = storage.as_mut_ptr();
     // SAFETY: the parameters are zeroed word by word in place (`mem::zeroed`
@@ -134,7 +158,7 @@ fn try_forward(ctx: &XdpContext) -> Option<u32> {
         (*params).ifindex = ingress;
         (*params).__bindgen_anon_3.ipv4_src = ip.src_addr;
         (*params).__bindgen_anon_4.ipv4_dst = ip.dst_addr;
-        if bpf_fib_lookup(ctx.as_ptr(), params, size_of::<FibParams>() as i32, 0) as u32
+        if bpf_fib_lookup(ctx, params, size_of::<FibParams>() as i32, 0) as u32
             != BPF_FIB_LKUP_RET_SUCCESS
         {
             return None;
@@ -147,10 +171,7 @@ fn try_forward(ctx: &XdpContext) -> Option<u32> {
     ip.check = checksum::replace_u16(ip.check, old, ttl_proto(ip));
     eth.src = params.smac;
     eth.dst = params.dmac;
-    if params.ifindex == ingress {
-        return Some(xdp_action::XDP_TX);
-    }
-    FORWARD_DEVICES.redirect(params.ifindex, 0).ok()
+    Some(params.ifindex)
 }
 
 const _: () = assert!(size_of::<FibParams>() % 8 == 0);
