@@ -152,6 +152,10 @@ counters! {
     /// TC could not pull an skb's headers into its linear part: dropped,
     /// since it could not be told whether it belongs to a flow.
     PullFailed => "pull_failed",
+    /// An IPv4 BIG TCP aggregate (a TCP GSO skb over 64 KiB, IPv4 total
+    /// length 0): its length taken from the skb (a flow's is translated and
+    /// tracked at that length).
+    BigTcpAggregate => "big_tcp_aggregate",
 }
 
 #[cfg(test)]

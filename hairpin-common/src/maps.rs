@@ -539,7 +539,7 @@ pod! {
 
 /// Changes whenever a map's layout or meaning changes, so that a running
 /// instance's pinned maps are never used with another layout.
-pub const LAYOUT_VERSION: u64 = 8 << 48
+pub const LAYOUT_VERSION: u64 = 9 << 48
     | (core::mem::size_of::<FlowKey>() as u64) << 40
     | (core::mem::size_of::<FlowEntry>() as u64) << 32
     | (core::mem::size_of::<MappingKey>() as u64) << 24

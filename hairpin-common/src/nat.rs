@@ -349,11 +349,58 @@ pub const fn too_big_path(dont_fragment: bool, cuttable: bool, source_kept: bool
     }
 }
 
+/// How long an IPv4 packet is, from its IPv4 header on: its total length,
+/// or for an IPv4 BIG TCP aggregate (a TCP GSO skb over 64 KiB, whose total
+/// length is 0, as the kernel's `iph_totlen` reads it) what the skb holds
+/// from the IPv4 header on (`skb_ip_len`). A total length shorter than the
+/// header is malformed (the kernel drops such a packet).
+#[inline(always)]
+pub const fn ipv4_len(
+    tot_len: u16,
+    header_len: u32,
+    proto: u8,
+    gso: bool,
+    skb_ip_len: u32,
+) -> Result<u32, Counter> {
+    if tot_len == 0 && gso && proto == IPPROTO_TCP && skb_ip_len > header_len {
+        return Ok(skb_ip_len);
+    }
+    if (tot_len as u32) < header_len {
+        return Err(Counter::PassMalformed);
+    }
+    Ok(tot_len as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use rstest::rstest;
 
     use super::*;
+
+    #[rstest]
+    #[case::whole_packet(1500, IPPROTO_TCP, false, 1500, Ok(1500))]
+    #[case::gso_aggregate_under_64k(64_000, IPPROTO_TCP, true, 64_000, Ok(64_000))]
+    #[case::big_tcp_aggregate(0, IPPROTO_TCP, true, 185_000, Ok(185_000))]
+    #[case::zero_without_gso(0, IPPROTO_TCP, false, 185_000, Err(Counter::PassMalformed))]
+    #[case::zero_udp_gso(0, IPPROTO_UDP, true, 185_000, Err(Counter::PassMalformed))]
+    #[case::zero_gso_without_payload(0, IPPROTO_TCP, true, 20, Err(Counter::PassMalformed))]
+    #[case::shorter_than_its_header(19, IPPROTO_UDP, false, 1500, Err(Counter::PassMalformed))]
+    // The skb's length only stands in for a total length of 0: a lying
+    // total length is the packet's own (the kernel trims the skb to it).
+    #[case::total_length_under_the_skb(100, IPPROTO_TCP, true, 185_000, Ok(100))]
+    fn an_ipv4_packets_length_is_its_total_length_or_a_big_tcp_skbs(
+        #[case] tot_len: u16,
+        #[case] proto: u8,
+        #[case] gso: bool,
+        #[case] skb_ip_len: u32,
+        #[case] expected: Result<u32, Counter>,
+    ) {
+        assert_eq!(
+            ipv4_len(tot_len, 20, proto, gso, skb_ip_len),
+            expected,
+            "total length {tot_len}, proto {proto}, GSO {gso}, skb {skb_ip_len}"
+        );
+    }
 
     #[rstest]
     #[case::df_set(true, true, true, TooBigPath::FragNeeded)]

@@ -171,7 +171,7 @@ pub(crate) fn track(
     segment: &Segment,
     fragmented: bool,
     now: u64,
-    len: u16,
+    len: u32,
 ) -> Result<(), Counter> {
     const REFRESH_NS: u64 = 1_000_000_000;
     let entry = flow.entry;
@@ -364,7 +364,7 @@ pub(crate) fn create_flow(
     syn: &Segment,
     settings: &Settings,
     now: u64,
-    tot_len: u16,
+    ip_len: u32,
 ) -> Result<Created, Counter> {
     let client_port = u16::from_be(packet.src_port);
     let attempts = if admitted.hairpin { SNAT_PORT_ATTEMPTS } else { 1 };
@@ -380,7 +380,7 @@ pub(crate) fn create_flow(
         nat::port_forward_flow(flow, packet, &admitted.server, sides, now);
     }
     flow.original.packets = 1;
-    flow.original.bytes = tot_len as u64;
+    flow.original.bytes = ip_len as u64;
     if packet.proto == IPPROTO_TCP {
         flow.original.tcp = tcp::open(syn);
     }

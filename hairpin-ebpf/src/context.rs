@@ -49,6 +49,8 @@ pub(crate) trait Packet {
     /// The largest segment a GSO packet (an aggregate of TCP or UDP
     /// segments, from GRO or a local sender) is sent as; 0 for others.
     fn gso_size(&self) -> u32;
+    /// The whole packet's length, linear or not (an skb's `len`).
+    fn len(&self) -> u32;
 
     /// Back out of the interface it came in on.
     fn tx(&self) -> u32;
@@ -123,6 +125,12 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn gso_size(&self) -> u32 {
         0
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        // Only ever asked of a GSO packet, which a frame never is.
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
     }
 
     #[inline(always)]
@@ -244,6 +252,12 @@ impl Packet for TcContext {
     fn gso_size(&self) -> u32 {
         // SAFETY: the context's field, read.
         unsafe { (*skb(self)).gso_size }
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        // SAFETY: the context's field, read.
+        unsafe { (*skb(self)).len }
     }
 
     #[inline(always)]

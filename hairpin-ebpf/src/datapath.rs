@@ -80,23 +80,28 @@ fn whole_or_first<C: Packet>(
         }
         return try_icmp_error(ctx, l4_offset, settings, now);
     }
+    let gso_size = ctx.gso_size();
+    let skb_ip_len = ctx.len().saturating_sub(ETH_HEADER_LEN as u32);
     let tot_len = u16::from_be(ip.tot_len);
+    let ip_len = nat::ipv4_len(tot_len, layout.header_len, ip.proto, gso_size != 0, skb_ip_len)?;
+    if ip_len > u16::MAX as u32 {
+        count(Counter::BigTcpAggregate);
+    }
     let l4 = l4_header(ctx, l4_offset, ip.proto)?;
     let segment = if ip.proto == IPPROTO_TCP {
-        tcp_segment(ctx, l4_offset, layout.header_len, tot_len)?
+        tcp_segment(ctx, l4_offset, layout.header_len, ip_len)?
     } else {
         Segment::default()
     };
     let [src_port, dst_port] = unsafe { *l4.ports };
     let packet = FlowKey::new(ip.src_addr, ip.dst_addr, src_port, dst_port, ip.proto);
     let fragmented = layout.fragment == Fragment::First;
-    let gso_size = ctx.gso_size();
-    let size = wire_size(ctx, gso_size, tot_len, layout.header_len, l4_offset, ip.proto);
+    let size = wire_size(ctx, gso_size, ip_len, layout.header_len, l4_offset, ip.proto);
     let arrival = Arrival {
         packet,
         segment,
         now,
-        tot_len,
+        ip_len,
         size,
         ttl: ip.ttl,
         fragmented,
@@ -217,7 +222,7 @@ fn translate<C: Packet>(
 }
 
 /// A packet of a flow: its tuple, TCP header, when it arrived, how long it
-/// is (IPv4 total length), the largest packet it is sent as (`size`: a GSO
+/// is from its IPv4 header on (over 64 KiB for a BIG TCP aggregate), the largest packet it is sent as (`size`: a GSO
 /// aggregate's segments), its TTL, and whether it is a datagram's first
 /// fragment; where its transport header starts, and whether it is a GSO
 /// aggregate.
@@ -225,7 +230,7 @@ struct Arrival {
     packet: FlowKey,
     segment: Segment,
     now: u64,
-    tot_len: u16,
+    ip_len: u32,
     size: u16,
     ttl: u8,
     fragmented: bool,
@@ -241,25 +246,27 @@ struct Arrival {
 fn wire_size(
     ctx: &impl Packet,
     segment: u32,
-    tot_len: u16,
+    ip_len: u32,
     ip_header_len: u32,
     l4_offset: usize,
     proto: u8,
 ) -> u16 {
+    // Only a GSO aggregate is longer than 64 KiB.
+    let whole = if ip_len > u16::MAX as u32 { u16::MAX } else { ip_len as u16 };
     if segment == 0 {
-        return tot_len;
+        return whole;
     }
     let l4_header_len = if proto == IPPROTO_TCP {
         match ptr_at::<TcpHeader>(ctx, l4_offset) {
             // SAFETY: bounds checked by ptr_at.
             Ok(tcp) => ((unsafe { (*tcp).data_offset } >> 4) as u32) * 4,
-            Err(_) => return tot_len,
+            Err(_) => return whole,
         }
     } else {
         8
     };
     let size = ip_header_len + l4_header_len + segment;
-    if size < tot_len as u32 { size as u16 } else { tot_len }
+    if size < ip_len { size as u16 } else { whole }
 }
 
 /// What becomes of a packet of a flow, tracked or new.
@@ -297,7 +304,7 @@ fn forward_tracked<C: Packet>(
     arrival: &Arrival,
     settings: &Settings,
 ) -> Result<Outcome, Counter> {
-    let Arrival { ref packet, ref segment, now, tot_len, size, ttl, fragmented, .. } = *arrival;
+    let Arrival { ref packet, ref segment, now, ip_len, size, ttl, fragmented, .. } = *arrival;
     // SAFETY: a map value; see find_flow. Fields are read one by one: a
     // copy of the whole entry does not fit the stack.
     let (translated, direction, kind, mapping_id) = unsafe {
@@ -314,7 +321,7 @@ fn forward_tracked<C: Packet>(
     }
     // Tracked first: a packet the windows refuse costs no route lookup,
     // caches no route and is answered with nothing.
-    if let Err(refused) = track(flow, packet, segment, fragmented, now, tot_len) {
+    if let Err(refused) = track(flow, packet, segment, fragmented, now, ip_len) {
         return Ok(dropped::<C>(refused));
     }
     let route = match flow_route(ctx, flow, &translated, size, now) {
@@ -421,7 +428,7 @@ fn open_flow<C: Packet>(
     settings: &Settings,
     arrival: &Arrival,
 ) -> Result<Outcome, Counter> {
-    let Arrival { ref packet, ref segment, now, tot_len, size, ttl, .. } = *arrival;
+    let Arrival { ref packet, ref segment, now, ip_len, size, ttl, .. } = *arrival;
     let admitted = match admit_new_flow(ctx, packet, segment.flags, settings)? {
         Admission::Admitted(admitted) => admitted,
         Admission::Denied => return Ok(dropped::<C>(Counter::Denied)),
@@ -449,7 +456,7 @@ fn open_flow<C: Packet>(
         Err(failed) => return Ok(dropped::<C>(failed)),
     };
     let sides = Sides { original: ctx.ingress(), reply: route.egress() };
-    let flow = match create_flow(packet, &admitted, &sides, segment, settings, now, tot_len) {
+    let flow = match create_flow(packet, &admitted, &sides, segment, settings, now, ip_len) {
         Ok(flow) => flow,
         // Refused cleanly: handed to the kernel, the packet could reach a
         // service of the gateway's own on the public address.
@@ -460,7 +467,7 @@ fn open_flow<C: Packet>(
                 code: icmp::ICMP_ADMIN_PROHIBITED,
                 mtu: 0,
                 from_addr: packet.dst_addr,
-                tot_len,
+                tot_len: if ip_len > u16::MAX as u32 { u16::MAX } else { ip_len as u16 },
                 counter: Counter::FlowRefused,
             };
             return answer_icmp(ctx, &refusal, now).map(Outcome::Answered);
@@ -470,7 +477,7 @@ fn open_flow<C: Packet>(
     };
     count(Counter::FlowCreated);
     let mapping_id = admitted.server.id;
-    account(mapping_id, tot_len, true);
+    account(mapping_id, ip_len, true);
     let counter = if admitted.hairpin { Counter::Hairpinned } else { Counter::PortForwarded };
     Ok(Outcome::Translate { to: flow.translated, route, counter, mapping_id, split_mtu, to_kernel })
 }

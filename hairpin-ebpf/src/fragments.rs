@@ -189,7 +189,7 @@ pub(crate) fn later_fragment<C: Packet>(
     let too_big = tot_len > entry.mtu;
     let from = FlowKey::new(src_addr, dst_addr, 0, 0, proto);
     let to = FlowKey::new(entry.src_addr, entry.dst_addr, 0, 0, proto);
-    account(entry.mapping_id, tot_len, false);
+    account(entry.mapping_id, tot_len as u32, false);
     let route = match forward_action(ctx, entry.egress) {
         Some(action) if entry.resolved != 0 => Route::Resolved {
             action,

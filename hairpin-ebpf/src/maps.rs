@@ -129,7 +129,7 @@ pub(crate) fn count(counter: Counter) {
 
 /// Adds a packet (and a flow, when it opens one) to its mapping rule's traffic.
 #[inline(always)]
-pub(crate) fn account(mapping_id: u16, len: u16, new_flow: bool) {
+pub(crate) fn account(mapping_id: u16, len: u32, new_flow: bool) {
     if let Some(stats) = MAPPING_STATS.get_ptr_mut(mapping_id as u32) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe {

@@ -79,7 +79,7 @@ pub(crate) fn tcp_segment(
     ctx: &impl Packet,
     l4_offset: usize,
     ip_header_len: u32,
-    tot_len: u16,
+    ip_len: u32,
 ) -> Result<Segment, Counter> {
     let tcp: *mut TcpHeader = ptr_at(ctx, l4_offset)?;
     // SAFETY: bounds checked by ptr_at.
@@ -89,7 +89,7 @@ pub(crate) fn tcp_segment(
     if header_len < 20 {
         return Err(Counter::PassMalformed);
     }
-    let payload_len = (tot_len as u32).saturating_sub(ip_header_len + header_len);
+    let payload_len = ip_len.saturating_sub(ip_header_len + header_len);
     let window_scale =
         if flags & TCP_SYN != 0 { syn_window_scale(ctx, l4_offset) } else { NO_WINDOW_SCALE };
     Ok(Segment {

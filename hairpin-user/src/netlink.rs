@@ -163,6 +163,19 @@ fn genl_family_id(name: &'static str) -> Result<u16, NetlinkError> {
         .ok_or(NetlinkError::NoFamily(name))
 }
 
+/// Sets `attributes` of interface `if_index` (RTM_SETLINK), in the
+/// caller's network namespace.
+pub fn set_link_attributes(
+    if_index: u32,
+    attributes: Vec<LinkAttribute>,
+) -> Result<(), NetlinkError> {
+    let mut request = LinkMessage::default();
+    request.header.index = if_index;
+    request.attributes = attributes;
+    request_route(RouteNetlinkMessage::SetLink(request), NLM_F_REQUEST)?;
+    Ok(())
+}
+
 fn request_route(
     message: RouteNetlinkMessage,
     flags: u16,

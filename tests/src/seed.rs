@@ -14,6 +14,8 @@
 
 use std::{net::Ipv4Addr, os::fd::OwnedFd};
 
+use netlink_packet_route::link::LinkAttribute;
+
 use crate::{Netns, attach_xdp_pass, tun::TunRelay, veth, wireguard::WireGuardLink};
 
 pub const LAN_NETWORK: &str = "192.168.0.0/24";
@@ -165,6 +167,41 @@ impl SeedBed {
         }
 
         Self { gateway, server, client, wan, lan, kind, wan_link, _xdp_pass: xdp_pass, l3_link }
+    }
+
+    /// Lets every veth of the bed carry IPv4 GSO packets of up to `size`
+    /// bytes (IPv4 BIG TCP, `gso_ipv4_max_size` and `gro_ipv4_max_size`):
+    /// a sender's TCP then hands aggregates over 64 KiB, whose IPv4 total
+    /// length is 0, across the bed.
+    pub fn enable_big_tcp(&self, size: u32) {
+        let mut ends: Vec<(&Netns, &str)> = vec![
+            (&self.gateway, GATEWAY_LAN_IF),
+            (&self.lan, "p-gw"),
+            (&self.lan, "p-srv"),
+            (&self.lan, "p-cli"),
+            (&self.server, "eth0"),
+            (&self.client, "eth0"),
+        ];
+        if self.wan_link == WanLink::Veth {
+            ends.extend([(&self.gateway, GATEWAY_WAN_IF), (&self.wan, "eth0")]);
+        }
+        // Set over netlink: Debian 12's `ip` does not know these yet.
+        for (netns, interface) in ends {
+            let name = interface.to_string();
+            netns
+                .run_in(move || {
+                    let index = hairpin::datapath::if_index(&name).map_err(|e| e.to_string())?;
+                    hairpin::netlink::set_link_attributes(
+                        index,
+                        vec![
+                            LinkAttribute::GsoIpv4MaxSize(size),
+                            LinkAttribute::GroIpv4MaxSize(size),
+                        ],
+                    )
+                    .map_err(|e| e.to_string())
+                })
+                .unwrap_or_else(|e| panic!("BIG TCP of {size} bytes on {interface}: {e}"));
+        }
     }
 
     /// Packets the tun relay of a tun WAN link carried so far (`None` with

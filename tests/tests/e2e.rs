@@ -241,6 +241,56 @@ fn one_mib_download_arrives_intact(
     assert!(body == big_body(BIG_LEN), "{from:?}: the 1 MiB body arrived corrupted ({case:?})");
 }
 
+/// With IPv4 BIG TCP on every veth of the container host, the server's and
+/// the client's TCP send aggregates over 64 KiB whose IPv4 total length is
+/// 0: they are translated and tracked at their real length (a tracker that
+/// took them for empty segments would refuse the acknowledgments of their
+/// data, and the transfers would stall), and 1 MiB gets through intact
+/// both ways.
+#[rstest]
+#[ignore = "needs root"]
+fn big_tcp_aggregates_are_translated_at_their_length(
+    #[values(Sender::LanClient, Sender::WanHost)] from: Sender,
+) {
+    require_root("big_tcp_aggregates_are_translated_at_their_length");
+    let case = DatapathCase::Tc;
+    let s = scenario(case);
+    s.bed.enable_big_tcp(185_000);
+    let daemon = start_hairpin(&s);
+    let mut stream = tcp_connect(from.netns(&s.bed), public_http(), TIMEOUT)
+        .unwrap_or_else(|e| panic!("{from:?}: connect via the public address: {e}"));
+    let (status, body) = http_request(&mut stream, public_http(), "/big", BIG_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{from:?}: 1 MiB download with BIG TCP: {e}"));
+    assert_eq!(status, "HTTP/1.0 200 OK");
+    assert!(body == big_body(BIG_LEN), "{from:?}: the 1 MiB body arrived short or corrupted");
+    let upload = big_body(BIG_LEN);
+    let mut stream = tcp_connect(from.netns(&s.bed), public_echo(), TIMEOUT)
+        .unwrap_or_else(|e| panic!("{from:?}: connect to the echo service: {e}"));
+    stream.set_read_timeout(Some(BIG_TIMEOUT)).expect("read timeout");
+    let mut writer = stream.try_clone().expect("clone the stream");
+    let sent = upload.clone();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&sent)?;
+        writer.shutdown(std::net::Shutdown::Write)
+    });
+    let mut echoed = Vec::with_capacity(BIG_LEN);
+    let read = stream.read_to_end(&mut echoed);
+    sender
+        .join()
+        .expect("the upload thread panicked")
+        .unwrap_or_else(|e| panic!("{from:?}: 1 MiB upload with BIG TCP: {e}"));
+    if let Err(e) = read {
+        panic!("{from:?}: the echo stopped after {} of {BIG_LEN} bytes: {e}", echoed.len());
+    }
+    assert!(echoed == upload, "{from:?}: the 1 MiB upload came back short or corrupted");
+    let counters = daemon.stop();
+    assert!(
+        counter(&counters, "big_tcp_aggregate") > 0,
+        "{from:?}: no BIG TCP aggregate reached the datapath, so this tested nothing: {counters:?}"
+    );
+    assert_eq!(counter(&counters, "tcp_out_of_window"), 0, "{from:?}: {counters:?}");
+}
+
 /// 1 MiB sent to the echo server through the public address comes back
 /// whole: the client's segments (checksums left to offload, GSO on the
 /// container-host bed) are translated as intact as the server's.
