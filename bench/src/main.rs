@@ -243,9 +243,16 @@ fn main() -> anyhow::Result<()> {
     fs::write(&path, &markdown).with_context(|| format!("writing {}", path.display()))?;
     println!("{}", results.summary());
     println!("results: {}", path.display());
-    if let (Some(readme), false) = (&options.readme, options.quick) {
-        update_readme(readme, &results, &path)?;
-        println!("README: {} updated", readme.display());
+    // Only a full run of every part and configuration stands for the
+    // README's figures.
+    let full = !options.quick && options.only.is_empty() && options.gateways.is_empty();
+    match &options.readme {
+        Some(readme) if full => {
+            update_readme(readme, &results, &path)?;
+            println!("README: {} updated", readme.display());
+        }
+        Some(readme) => println!("README: {} left alone (not a full run)", readme.display()),
+        None => {}
     }
     Ok(())
 }

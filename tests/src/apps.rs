@@ -3,6 +3,7 @@
 use std::{
     io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -153,6 +154,22 @@ pub fn connected_udp(netns: &Netns, server: SocketAddr) -> io::Result<UdpSocket>
         socket.connect(server)?;
         Ok(socket)
     })
+}
+
+/// Sets an IP-level (or any) socket option no std or rustix call covers
+/// (`IP_RECVERR`, `IP_OPTIONS`); panics if the kernel refuses it.
+pub fn set_ip_option(socket: &UdpSocket, level: i32, name: i32, value: &[u8]) {
+    // SAFETY: a valid socket and a buffer of the given length.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(done, 0, "setsockopt {name}: {}", io::Error::last_os_error());
 }
 
 /// A TCP echo server in a namespace: every connection gets back what it

@@ -12,7 +12,7 @@ use rstest::rstest;
 
 use hairpin_tests::{
     Netns,
-    apps::{BIG_LEN, Servers, big_body, http_get, udp_echo},
+    apps::{BIG_LEN, Servers, big_body, connected_udp, http_get, set_ip_option, udp_echo},
     cli::assert_datapath,
     daemon::Daemon,
     require_root,
@@ -151,4 +151,57 @@ fn a_port_forward_through_an_l3_wan_is_translated_by_hairpin_alone(#[case] wan_l
     assert!(port_forwarded >= 3, "three flows were forwarded: {counters:?}");
 
     assert_untranslated(&bed, "after hairpin stopped");
+}
+
+/// A datagram of the WAN host's forwarded flow that arrives with TTL 1 over
+/// the L3 WAN is answered "time exceeded" by hairpin, out of the same L3
+/// device: the answer is built in front of the packet's quote and sent
+/// without the Ethernet header the TC program put there. Handed to the
+/// kernel untranslated instead, it would have met the gateway's own closed
+/// port (ECONNREFUSED), or nothing.
+#[rstest]
+#[case::tun_relay(WanLink::Tun)]
+#[case::wireguard_go(WanLink::WireGuard)]
+#[ignore = "needs root"]
+fn ttl_one_over_an_l3_wan_is_answered_time_exceeded(#[case] wan_link: WanLink) {
+    require_root("ttl_one_over_an_l3_wan_is_answered_time_exceeded");
+    let bed = SeedBed::build(BedKind::ContainerHost, wan_link);
+    let _servers = Servers::start(&bed.server, HTTP_PORT, UDP_SERVER_PORT);
+    let m = mappings();
+    let refs: Vec<_> = m.iter().map(|(p, a, b)| (*p, a.as_str(), b.as_str())).collect();
+    let options = ConfigOptions { attach: Some(Attach::Auto), ..ConfigOptions::default() };
+    let daemon = Daemon::start(&bed.gateway, &bed.config_with(&refs, &options));
+    assert_datapath(&bed.gateway, &[GATEWAY_LAN_IF, GATEWAY_WAN_IF], true);
+
+    let socket = connected_udp(&bed.wan, SocketAddrV4::new(PUBLIC, UDP_PUBLIC_PORT).into())
+        .expect("a connected UDP socket");
+    socket.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
+    let mut buf = [0u8; 2048];
+    socket.send(b"first").expect("send");
+    let len = socket
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("the first echo over the {wan_link:?} WAN: {e}"));
+    assert!(buf[..len].ends_with(b" first"), "echo: {:?}", &buf[..len]);
+
+    set_ip_option(&socket, libc::IPPROTO_IP, libc::IP_RECVERR, &1i32.to_ne_bytes());
+    socket.set_ttl(1).expect("TTL 1");
+    socket.send(b"expiring").expect("send");
+    let answer = loop {
+        match socket.recv(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => break other,
+        }
+    };
+    match answer {
+        Err(e) if e.raw_os_error() == Some(libc::EHOSTUNREACH) => {}
+        other => panic!(
+            "over the {wan_link:?} WAN: expected EHOSTUNREACH from time exceeded, got {other:?}"
+        ),
+    }
+    let counters = daemon.stop();
+    assert_eq!(
+        counters.get("time_exceeded_sent").copied().unwrap_or(0),
+        1,
+        "hairpin should have answered it: {counters:?}"
+    );
 }

@@ -9,14 +9,13 @@
 use std::{
     io::{self, Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd,
     time::Duration,
 };
 
 use etherparse::PacketBuilder;
 use hairpin_tests::{
     Netns,
-    apps::{connected_udp, udp_echo},
+    apps::{connected_udp, set_ip_option, udp_echo},
     capture::{Capture, Captured},
     differential::{Bed, Nat, counter, public},
     raw::{PacketSocket, fix_ipv4_checksum, ipv4_fragments},
@@ -280,20 +279,6 @@ fn fragments_of_no_flow_reach_their_destination_in_any_order(
         assert_eq!(counter(&counters, "fragment_released"), released, "{counters:?}");
         assert_eq!(counter(&counters, "fragment_translated"), 0, "{counters:?}");
     }
-}
-
-fn set_ip_option(socket: &UdpSocket, level: i32, name: i32, value: &[u8]) {
-    // SAFETY: a valid socket and a buffer of the given length.
-    let done = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            value.as_ptr().cast(),
-            value.len() as libc::socklen_t,
-        )
-    };
-    assert_eq!(done, 0, "setsockopt {name}: {}", io::Error::last_os_error());
 }
 
 #[rstest]
