@@ -1,7 +1,10 @@
 //! Translating ICMP errors of tracked flows (RFC 5508 REQ-4, REQ-5, REQ-7):
 //! the outer addresses, the embedded header and every checksum over them.
 
-use crate::{FlowKey, checksum};
+use crate::{
+    FlowKey, checksum,
+    packet::{IPV4_HEADER_LEN, IcmpHeader, Ipv4Header},
+};
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const ICMP_DEST_UNREACH: u8 = 3;
@@ -79,6 +82,73 @@ pub const fn checksum_after(
     check = checksum::replace_u16(check, from.dst_port, to.dst_port);
     check = checksum::replace_u16(check, embedded_ip_check.0, embedded_ip_check.1);
     checksum::replace_u16(check, embedded_l4_check.0, embedded_l4_check.1)
+}
+
+/// The TTL of the ICMP errors the datapath sends.
+pub const ANSWER_TTL: u8 = 64;
+
+/// The IPv4 header of an ICMP error the datapath sends from `from_addr` to
+/// `to_addr`, carrying `icmp_len` bytes (the ICMP header and its quote),
+/// with its checksum.
+#[inline(always)]
+pub const fn answer_ipv4_header(from_addr: u32, to_addr: u32, icmp_len: u16) -> Ipv4Header {
+    let mut header = Ipv4Header {
+        version_ihl: 0x45,
+        tos: 0,
+        tot_len: (IPV4_HEADER_LEN as u16 + icmp_len).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: ANSWER_TTL,
+        proto: IPPROTO_ICMP,
+        check: 0,
+        src_addr: from_addr,
+        dst_addr: to_addr,
+    };
+    header.check = ipv4_header_checksum(&header);
+    header
+}
+
+/// The checksum of an IPv4 header without options (its `check` field
+/// taken as 0), over its words as they lie in memory.
+#[inline(always)]
+pub const fn ipv4_header_checksum(header: &Ipv4Header) -> u16 {
+    let [s0, s1, s2, s3] = header.src_addr.to_ne_bytes();
+    let [d0, d1, d2, d3] = header.dst_addr.to_ne_bytes();
+    let words = [
+        u16::from_ne_bytes([header.version_ihl, header.tos]),
+        header.tot_len,
+        header.id,
+        header.frag_off,
+        u16::from_ne_bytes([header.ttl, header.proto]),
+        u16::from_ne_bytes([s0, s1]),
+        u16::from_ne_bytes([s2, s3]),
+        u16::from_ne_bytes([d0, d1]),
+        u16::from_ne_bytes([d2, d3]),
+    ];
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < words.len() {
+        sum += words[i] as u32;
+        i += 1;
+    }
+    !checksum::fold(sum)
+}
+
+/// The ICMP header of an error the datapath sends: its type and code, and
+/// for "fragmentation needed" the next hop's MTU in its last two bytes
+/// (RFC 1191); its checksum 0, to be computed over the whole message.
+#[inline(always)]
+pub const fn answer_icmp_header(icmp_type: u8, code: u8, mtu: u16) -> IcmpHeader {
+    let [mtu_high, mtu_low] = mtu.to_be_bytes();
+    IcmpHeader { icmp_type, code, check: 0, rest: u32::from_ne_bytes([0, 0, mtu_high, mtu_low]) }
+}
+
+/// The ICMP checksum `check` of an answer whose quote holds a transport
+/// checksum left to offload (`field`, the pseudo-header sum), made right
+/// for the quote as it will be once offload completes it (`completed`).
+#[inline(always)]
+pub const fn check_with_completed_quote(check: u16, field: u16, completed: u16) -> u16 {
+    checksum::replace_u16(check, field, completed)
 }
 
 #[cfg(test)]
@@ -236,5 +306,46 @@ mod tests {
                 "incremental {incremental:#06x} != full {full:#06x}"
             );
         }
+    }
+
+    fn ipv4_bytes(header: &Ipv4Header) -> [u8; IPV4_HEADER_LEN] {
+        let mut bytes = [0u8; IPV4_HEADER_LEN];
+        bytes[0] = header.version_ihl;
+        bytes[1] = header.tos;
+        bytes[2..4].copy_from_slice(&header.tot_len.to_ne_bytes());
+        bytes[4..6].copy_from_slice(&header.id.to_ne_bytes());
+        bytes[6..8].copy_from_slice(&header.frag_off.to_ne_bytes());
+        bytes[8] = header.ttl;
+        bytes[9] = header.proto;
+        bytes[10..12].copy_from_slice(&header.check.to_ne_bytes());
+        bytes[12..16].copy_from_slice(&header.src_addr.to_ne_bytes());
+        bytes[16..20].copy_from_slice(&header.dst_addr.to_ne_bytes());
+        bytes
+    }
+
+    #[test]
+    fn an_answers_ipv4_header_is_valid_and_says_what_it_carries() {
+        let header = answer_ipv4_header(addr([203, 0, 113, 1]), addr([198, 51, 100, 7]), 36);
+        let bytes = ipv4_bytes(&header);
+        assert_eq!(bytes[..12], [0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, bytes[10], bytes[11]]);
+        assert_eq!(bytes[12..], [203, 0, 113, 1, 198, 51, 100, 7]);
+        assert_eq!(checksum::full(&bytes), 0, "the header's checksum verifies: {bytes:?}");
+    }
+
+    proptest! {
+        #[test]
+        fn an_answers_ipv4_header_checksum_verifies(from: u32, to: u32, len in 8u16..1500) {
+            let bytes = ipv4_bytes(&answer_ipv4_header(from, to, len));
+            prop_assert_eq!(checksum::full(&bytes), 0);
+        }
+    }
+
+    #[test]
+    fn frag_needed_carries_the_mtu_in_network_order() {
+        let header = answer_icmp_header(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 1400);
+        assert_eq!((header.icmp_type, header.code, header.check), (3, 4, 0));
+        assert_eq!(header.rest.to_ne_bytes(), [0, 0, 0x05, 0x78], "next-hop MTU 1400");
+        let header = answer_icmp_header(ICMP_TIME_EXCEEDED, 0, 0);
+        assert_eq!((header.icmp_type, header.rest), (11, 0), "time exceeded has no MTU");
     }
 }

@@ -289,12 +289,9 @@ fn quote_and_answer<
             ptr_at::<Ipv4Header>(ctx, QUOTE)?,
             ptr_at::<[u16; ICMP_WORDS]>(ctx, L4_OFFSET)?,
             ptr_at::<[u16; L4_WORDS]>(ctx, QUOTE + IPV4_HEADER_LEN)?,
-            ptr_at::<[u16; IPV4_HEADER_LEN / 2]>(ctx, ETH_HEADER_LEN)?,
         ))
     };
-    let Ok((new_eth, old_eth, ip, icmp_header, quoted, icmp_words, quoted_l4, ip_words)) =
-        headers()
-    else {
+    let Ok((new_eth, old_eth, ip, icmp_header, quoted, icmp_words, quoted_l4)) = headers() else {
         return Ok((C::DROP, Counter::IcmpAnswerFailed));
     };
     unsafe {
@@ -305,26 +302,8 @@ fn quote_and_answer<
         set_mac(&mut (*new_eth).src, &own_mac);
         (*new_eth).ether_type = ETH_P_IPV4.to_be();
         let sender = (*quoted).src_addr;
-        *ip = Ipv4Header {
-            version_ihl: 0x45,
-            tos: 0,
-            tot_len: ((IPV4_HEADER_LEN + ICMP_WORDS * 2) as u16).to_be(),
-            id: 0,
-            frag_off: 0,
-            ttl: 64,
-            proto: IPPROTO_ICMP,
-            check: 0,
-            src_addr: from_addr,
-            dst_addr: sender,
-        };
-        (*ip).check = !checksum::fold(sum_words(&*ip_words));
-        let mtu = mtu.to_be_bytes();
-        *icmp_header = IcmpHeader {
-            icmp_type,
-            code,
-            check: 0,
-            rest: u32::from_ne_bytes([0, 0, mtu[0], mtu[1]]),
-        };
+        *ip = icmp::answer_ipv4_header(from_addr, sender, (ICMP_WORDS * 2) as u16);
+        *icmp_header = icmp::answer_icmp_header(icmp_type, code, mtu);
         let mut check = !checksum::fold(sum_words(&*icmp_words));
         if offloaded {
             // The field's word is the last of the quoted UDP header and the
@@ -332,7 +311,7 @@ fn quote_and_answer<
             // quoted transport bytes.
             let field = (*quoted_l4)[if L4_WORDS == 4 { 3 } else { 8 }];
             let completed = !checksum::fold(sum_words(&*quoted_l4));
-            check = checksum::replace_u16(check, field, completed);
+            check = icmp::check_with_completed_quote(check, field, completed);
         }
         (*icmp_header).check = check;
     }
