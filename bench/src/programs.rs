@@ -123,9 +123,13 @@ impl TcForwarder {
                 .try_into()
                 .context("the TC forwarder is not a classifier")?;
             program.load().context("loading the TC forwarder")?;
-            program
-                .attach(&ingress, TcAttachType::Ingress)
-                .with_context(|| format!("attaching the TC forwarder to {ingress}"))?;
+            // tcx where the kernel has it, else a clsact qdisc (as hairpin).
+            if program.attach(&ingress, TcAttachType::Ingress).is_err() {
+                let _ = aya::programs::tc::qdisc_add_clsact(&ingress);
+                program
+                    .attach(&ingress, TcAttachType::Ingress)
+                    .with_context(|| format!("attaching the TC forwarder to {ingress}"))?;
+            }
             anyhow::Ok(ebpf)
         })?;
         Ok(Self { _ebpf: ebpf })

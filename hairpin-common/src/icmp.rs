@@ -340,6 +340,26 @@ mod tests {
         }
     }
 
+    proptest! {
+        #[test]
+        fn the_answers_checksum_follows_the_completed_quote(
+            words: [u16; 8],
+            at in 0usize..8,
+            completed: u16,
+        ) {
+            let bytes = |words: &[u16; 8]| -> Vec<u8> {
+                words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+            };
+            let check = checksum::full(&bytes(&words));
+            let mut sent = words;
+            sent[at] = completed;
+            prop_assert_eq!(
+                check_with_completed_quote(check, words[at], completed),
+                checksum::full(&bytes(&sent))
+            );
+        }
+    }
+
     #[test]
     fn frag_needed_carries_the_mtu_in_network_order() {
         let header = answer_icmp_header(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 1400);

@@ -182,13 +182,21 @@ fn answer_flow_packet(
 ) -> Result<(u32, Counter), Counter> {
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
     // SAFETY: bounds checked.
-    let (tot_len, dst_addr) = unsafe { ((*ip).tot_len, (*ip).dst_addr) };
+    let (tot_len, dst_addr) = unsafe { (u16::from_be((*ip).tot_len), (*ip).dst_addr) };
+    // A BIG TCP aggregate says 0 (the datapath admitted it as one): its
+    // length is the skb's, and the answer quotes only its start anyway.
+    let tot_len = if tot_len == 0 {
+        let skb_ip_len = ctx.len().saturating_sub(ETH_HEADER_LEN as u32);
+        if skb_ip_len > u16::MAX as u32 { u16::MAX } else { skb_ip_len as u16 }
+    } else {
+        tot_len
+    };
     let answer = IcmpAnswer {
         icmp_type,
         code,
         mtu,
         from_addr: icmp::answer_source(to_public_address, dst_addr, settings.lan_addr),
-        tot_len: u16::from_be(tot_len),
+        tot_len,
         counter,
     };
     answer_icmp(ctx, &answer, now)
