@@ -2,8 +2,8 @@
 //! it, and keeping it in bpffs (pinned) so that it outlives the daemon.
 
 use std::{
-    ffi::CString,
     fs,
+    os::fd::OwnedFd,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
@@ -62,26 +62,24 @@ pub enum DatapathError {
     Capacity { dir: String, pinned: u32, configured: u32 },
 }
 
+/// A socket to ask the kernel about interfaces with, in the calling
+/// thread's network namespace.
+fn interface_socket() -> std::io::Result<OwnedFd> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, socket_with};
+    Ok(socket_with(AddressFamily::INET, SocketType::DGRAM, SocketFlags::CLOEXEC, None)?)
+}
+
 /// The interface index of `name` in the calling thread's network namespace.
 pub fn if_index(name: &str) -> Result<u32, DatapathError> {
-    let c_name = CString::new(name).map_err(|_| DatapathError::UnknownInterface(name.into()))?;
-    // SAFETY: a valid C string.
-    match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
-        0 => Err(DatapathError::UnknownInterface(name.into())),
-        index => Ok(index),
-    }
+    let unknown = || DatapathError::UnknownInterface(name.into());
+    let socket = interface_socket().map_err(|_| unknown())?;
+    rustix::net::netdevice::name_to_index(&socket, name).map_err(|_| unknown())
 }
 
 /// The name of interface `index`, if it exists.
 pub fn if_name(index: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: a buffer of IF_NAMESIZE bytes, as if_indextoname needs.
-    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if name.is_null() {
-        return None;
-    }
-    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
-    Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    let socket = interface_socket().ok()?;
+    rustix::net::netdevice::index_to_name(&socket, index).ok()
 }
 
 /// An interface the datapath is attached to, and how.
@@ -579,12 +577,9 @@ pub const BPFFS_MOUNT_OPTIONS: &std::ffi::CStr = c"mode=0700";
 
 fn is_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let Ok(c_path) = CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid path and statfs buffer.
-    unsafe { libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC }
+    // `f_type`'s integer type differs between architectures.
+    #[allow(clippy::useless_conversion)]
+    rustix::fs::statfs(path).is_ok_and(|stat| i64::from(stat.f_type) == BPF_FS_MAGIC)
 }
 
 fn check_capacity(pins: &PinDir, configured: u32) -> Result<(), DatapathError> {
@@ -618,9 +613,7 @@ const NANOS: u64 = 1_000_000_000;
 
 /// The clock the datapath stamps entries with (`bpf_ktime_get_coarse_ns`).
 pub fn monotonic_coarse_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
     now.tv_sec as u64 * NANOS + now.tv_nsec as u64
 }
 

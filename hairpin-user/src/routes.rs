@@ -10,7 +10,6 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -21,6 +20,8 @@ use std::{
 
 use aya::maps::{Array, MapData};
 use hairpin_common::{RouteCache, route::LIFETIME_NS};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use thiserror::Error;
 
 use crate::{
@@ -51,92 +52,56 @@ const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 const RTMGRP_IPV4_RULE: u32 = 0x80;
 const RTNLGRP_NEXTHOP: u32 = 32;
-const SOL_NETLINK: i32 = 270;
-const NETLINK_ADD_MEMBERSHIP: i32 = 1;
 
 /// A non-blocking rtnetlink socket subscribed to everything that can change
 /// where `bpf_fib_lookup` sends a packet.
 pub struct RouteChanges {
-    socket: OwnedFd,
+    socket: Socket,
 }
 
 impl RouteChanges {
     /// Subscribes in the calling thread's network namespace.
     pub fn subscribe() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the descriptor is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nobody else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: all zeros is a valid sockaddr_nl.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups =
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        let groups =
             RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE;
-        // SAFETY: a valid address of the size given.
-        let bound = unsafe {
-            libc::bind(
-                fd,
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if bound != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        socket.bind(&SocketAddr::new(0, groups))?;
         // Nexthop objects (`ip nexthop`) only have a group above 31.
         // Kernels without them refuse; routes then carry their next hops.
-        let group = RTNLGRP_NEXTHOP;
-        // SAFETY: a valid option value of the size given.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                SOL_NETLINK,
-                NETLINK_ADD_MEMBERSHIP,
-                (&raw const group).cast(),
-                size_of::<u32>() as libc::socklen_t,
-            )
-        };
+        if let Err(e) = socket.add_membership(RTNLGRP_NEXTHOP) {
+            log::debug!("no nexthop notifications ({e}): routes carry their next hops");
+        }
+        socket.set_non_blocking(true)?;
         Ok(Self { socket })
     }
 
     /// Reads every pending notification; whether there was any. Notifications
     /// lost to a full socket buffer count as a change too.
     pub fn drain(&self) -> io::Result<bool> {
-        let mut buffer = [0u8; 16 * 1024];
+        let mut buffer = vec![0u8; 16 * 1024];
         let mut changed = false;
         loop {
-            // SAFETY: a valid buffer of the length given.
-            let read = unsafe {
-                libc::recv(
-                    self.socket.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if read > 0 {
-                changed = true;
-                continue;
+            match self.socket.recv(&mut &mut buffer[..], 0) {
+                Ok(0) => return Ok(changed),
+                Ok(_) => changed = true,
+                Err(e) => match e.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(changed),
+                    io::ErrorKind::Interrupted => {}
+                    // ENOBUFS: notifications were lost, which is a change.
+                    _ if e.raw_os_error() == Some(libc::ENOBUFS) => changed = true,
+                    _ => return Err(e),
+                },
             }
-            if read == 0 {
-                return Ok(changed);
-            }
-            let error = io::Error::last_os_error();
-            match error.raw_os_error() {
-                Some(libc::EAGAIN) => return Ok(changed),
-                Some(libc::EINTR) => continue,
-                Some(libc::ENOBUFS) => changed = true,
-                _ => return Err(error),
-            }
+        }
+    }
+
+    /// Waits up to `timeout` for a notification.
+    fn wait(&self, timeout: Duration) -> io::Result<()> {
+        let mut fds = [PollFd::new(&self.socket, PollFlags::IN)];
+        let timeout = Timespec::try_from(timeout).map_err(io::Error::other)?;
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 }
@@ -234,14 +199,8 @@ impl RouteCacheKeeper {
     fn keep_until(&mut self, stop: &AtomicBool) -> Result<(), RouteCacheError> {
         let mut next_keep_alive = Instant::now() + KEEP_ALIVE_PERIOD;
         while !stop.load(Ordering::Relaxed) {
-            let mut poll = libc::pollfd {
-                fd: self.changes.socket.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
             // Short, so that `stop` is noticed soon.
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut poll, 1, 100) };
+            self.changes.wait(Duration::from_millis(100)).map_err(RouteCacheError::Read)?;
             self.on_changes()?;
             if Instant::now() >= next_keep_alive {
                 self.keep_alive()?;
