@@ -644,11 +644,36 @@ impl Maps {
     }
 
     pub fn conntrack(&self, table: Table) -> Result<Vec<(FlowKey, FlowEntry)>, MapsError> {
+        self.conntrack_entries(table).collect()
+    }
+
+    /// The entries of one conntrack table as they are read, one at a time:
+    /// the table is not copied.
+    pub fn conntrack_entries(
+        &self,
+        table: Table,
+    ) -> impl Iterator<Item = Result<(FlowKey, FlowEntry), MapsError>> + '_ {
         let (map, name) = match table {
             Table::Established => (&self.established, names::CONNTRACK),
             Table::New => (&self.new, names::CONNTRACK_NEW),
         };
-        map.iter().collect::<Result<_, _>>().map_err(map_error(name))
+        map.iter().map(move |entry| entry.map_err(map_error(name)))
+    }
+
+    /// How many entries each conntrack table holds at most, as the pinned
+    /// map says (not a configuration that may have changed since).
+    pub fn conntrack_capacity(&self) -> Result<u32, MapsError> {
+        use aya::maps::IterableMap as _;
+        let info = self.established.map().info().map_err(map_error(names::CONNTRACK))?;
+        Ok(info.max_entries())
+    }
+
+    /// The entry keyed by `key` in `table`, if it is there.
+    pub fn flow_in(&self, table: Table, key: &FlowKey) -> Option<FlowEntry> {
+        match table {
+            Table::Established => self.established.get(key, 0).ok(),
+            Table::New => self.new.get(key, 0).ok(),
+        }
     }
 
     /// The entry keyed by `key`, from whichever table holds it.

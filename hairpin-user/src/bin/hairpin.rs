@@ -1,5 +1,5 @@
 use std::{
-    io::Read as _,
+    io::{Read as _, Write as _},
     net::SocketAddrV4,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -17,7 +17,7 @@ use hairpin::{
     routes::RouteCacheKeeper,
     stats::{Snapshot, format_values},
 };
-use hairpin_common::{Counter, DIRECTION_ORIGINAL, FlowEntry, FlowKey, state};
+use hairpin_common::{Counter, DIRECTION_ORIGINAL, state};
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
@@ -676,28 +676,29 @@ fn endpoint(addr: u32, port: u16) -> String {
     format!("{}:{}", hairpin::maps::host_addr(addr), u16::from_be(port))
 }
 
-/// Both entries of each flow, from the entry of its original direction.
-fn flows(maps: &Maps) -> anyhow::Result<Vec<FlowJson>> {
+/// Both entries of each flow, from the entry of its original direction,
+/// handed to `row` one flow at a time as the tables are read (a gateway may
+/// hold millions: neither table is copied); how many flows.
+fn for_each_flow(
+    maps: &Maps,
+    mut row: impl FnMut(FlowJson) -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
     let settings = maps.settings()?;
     let now = monotonic_coarse_ns();
-    let mut rows = Vec::new();
+    let mut flows = 0;
     for (table, table_name) in [(Table::Established, "established"), (Table::New, "new")] {
-        let entries = maps.conntrack(table)?;
-        // The reply entries by key: one pass, not a search per flow.
-        let replies: std::collections::HashMap<FlowKey, FlowEntry> = entries
-            .iter()
-            .filter(|(_, e)| e.direction != DIRECTION_ORIGINAL)
-            .map(|(k, e)| (*k, *e))
-            .collect();
-        let find = |key: &FlowKey| replies.get(key).copied();
-        for (key, entry) in entries.iter().filter(|(_, e)| e.direction == DIRECTION_ORIGINAL) {
-            let reply: Option<FlowEntry> = find(&entry.translated.reversed());
+        for entry in maps.conntrack_entries(table) {
+            let (key, entry) = entry?;
+            if entry.direction != DIRECTION_ORIGINAL {
+                continue;
+            }
+            let reply = maps.flow_in(table, &entry.translated.reversed());
             let last_seen =
                 reply.map_or(entry.last_seen_ns, |r| r.last_seen_ns.max(entry.last_seen_ns));
             let idle = now.saturating_sub(last_seen);
             let timeout = settings.timeout_ns(entry.state);
             let t = &entry.translated;
-            rows.push(FlowJson {
+            row(FlowJson {
                 proto: if key.proto == 6 { "tcp" } else { "udp" },
                 kind: if entry.kind == hairpin_common::KIND_HAIRPIN {
                     "hairpin"
@@ -721,23 +722,38 @@ fn flows(maps: &Maps) -> anyhow::Result<Vec<FlowJson>> {
                 timeout_left_s: timeout.saturating_sub(idle) / 1_000_000_000,
                 packets: entry.packets as u64 + reply.map_or(0, |r| r.packets as u64),
                 bytes: entry.bytes + reply.map_or(0, |r| r.bytes),
-            });
+            })?;
+            flows += 1;
         }
     }
-    Ok(rows)
+    Ok(flows)
 }
 
 fn conntrack(pins: &PinDir, command: ConntrackCommand) -> anyhow::Result<()> {
     match command {
         ConntrackCommand::List { json } => {
             let maps = open(pins)?;
-            let rows = flows(&maps)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                // A JSON array written row by row as the flows are read.
+                out.write_all(b"[")?;
+                let mut separator: &[u8] = b"\n";
+                let flows = for_each_flow(&maps, |r| {
+                    out.write_all(separator)?;
+                    separator = b",\n";
+                    serde_json::to_writer(&mut out, &r)?;
+                    Ok(())
+                })?;
+                if flows > 0 {
+                    out.write_all(b"\n")?;
+                }
+                out.write_all(b"]\n")?;
+                out.flush()?;
                 return Ok(());
             }
-            for r in &rows {
-                println!(
+            let flows = for_each_flow(&maps, |r| {
+                writeln!(
+                    out,
                     "{} {:<11} {} -> server sees {} (client {}, {}) age {}s timeout {}s packets {} bytes {}",
                     r.proto,
                     r.state,
@@ -749,9 +765,11 @@ fn conntrack(pins: &PinDir, command: ConntrackCommand) -> anyhow::Result<()> {
                     r.timeout_left_s,
                     r.packets,
                     r.bytes
-                );
-            }
-            println!("{} flow(s)", rows.len());
+                )?;
+                Ok(())
+            })?;
+            writeln!(out, "{flows} flow(s)")?;
+            out.flush()?;
             Ok(())
         }
         ConntrackCommand::Flush => {
@@ -829,7 +847,7 @@ struct StatsJson {
 async fn stats(pins: &PinDir, json: bool, watch: Option<u64>) -> anyhow::Result<()> {
     loop {
         let maps = open(pins)?;
-        let capacity = read_state(pins).map_or(0, |s| s.conntrack_capacity);
+        let capacity = maps.conntrack_capacity()?;
         let snapshot = Snapshot::read(&maps, capacity)?;
         let mappings = mapping_rows(&maps)?;
         if json {
@@ -868,13 +886,14 @@ fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
     let links = pinned_links(pins);
     let route_cache = maps.route_cache()?;
     let route_cache_on = route_cache.usable(monotonic_coarse_ns());
+    let capacity = maps.conntrack_capacity()?;
     if json {
         let value = serde_json::json!({
             "pin_dir": pins.0,
             "daemon": state.as_ref().map(|s| serde_json::json!({"pid": s.pid, "running": daemon_alive, "config": s.config})),
             "interfaces": state.as_ref().map(|s| &s.interfaces),
             "links": links.iter().map(|l| serde_json::json!({"name": l.name, "link_id": l.link_id, "program_id": l.program_id})).collect::<Vec<_>>(),
-            "conntrack": {"established": established, "new": new, "capacity": state.as_ref().map(|s| s.conntrack_capacity)},
+            "conntrack": {"established": established, "new": new, "capacity": capacity},
             "mappings": maps.mapping_rules()?.len(),
             "route_cache": {"on": route_cache_on, "generation": route_cache.generation},
         });
@@ -912,7 +931,6 @@ fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
             link.name, link.link_id, link.program_id
         );
     }
-    let capacity = state.as_ref().map_or(0, |s| s.conntrack_capacity);
     println!(
         "flows:    established {established}/{capacity} entries, new {new}/{capacity} entries"
     );
