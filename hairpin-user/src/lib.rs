@@ -2,6 +2,7 @@
 //! and typed access to its maps.
 
 pub mod attach;
+pub mod batch;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;

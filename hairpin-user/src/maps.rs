@@ -38,6 +38,21 @@ pub enum MapsError {
     Layout { dir: String, found: u64, expected: u64 },
     #[error("{0}")]
     Mapping(String),
+    #[error("reading eBPF map `{name}` in batches: {source}")]
+    Batch { name: &'static str, source: std::io::Error },
+}
+
+/// Why a batch walk stopped early: the map could not be read, or the
+/// caller's callback failed (its error kept aside).
+enum BatchStop {
+    Read(std::io::Error),
+    Callback,
+}
+
+impl From<std::io::Error> for BatchStop {
+    fn from(error: std::io::Error) -> Self {
+        BatchStop::Read(error)
+    }
 }
 
 fn map_error(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
@@ -644,20 +659,43 @@ impl Maps {
     }
 
     pub fn conntrack(&self, table: Table) -> Result<Vec<(FlowKey, FlowEntry)>, MapsError> {
-        self.conntrack_entries(table).collect()
+        let mut entries = Vec::new();
+        self.for_each_conntrack_entry(table, |key, entry| {
+            entries.push((*key, *entry));
+            Ok(())
+        })?;
+        Ok(entries)
     }
 
-    /// The entries of one conntrack table as they are read, one at a time:
-    /// the table is not copied.
-    pub fn conntrack_entries(
-        &self,
-        table: Table,
-    ) -> impl Iterator<Item = Result<(FlowKey, FlowEntry), MapsError>> + '_ {
-        let (map, name) = match table {
+    fn conntrack_map(&self, table: Table) -> (&HashMap<MapData, FlowKey, FlowEntry>, &'static str) {
+        match table {
             Table::Established => (&self.established, names::CONNTRACK),
             Table::New => (&self.new, names::CONNTRACK_NEW),
-        };
-        map.iter().map(move |entry| entry.map_err(map_error(name)))
+        }
+    }
+
+    /// Calls `each` with every entry of one conntrack table as it is read,
+    /// thousands per system call: the table is not copied.
+    pub fn for_each_conntrack_entry<E: From<MapsError>>(
+        &self,
+        table: Table,
+        mut each: impl FnMut(&FlowKey, &FlowEntry) -> Result<(), E>,
+    ) -> Result<(), E> {
+        use aya::maps::IterableMap as _;
+        let (map, name) = self.conntrack_map(table);
+        let read_error = |source: std::io::Error| MapsError::Batch { name, source };
+        let mut failed: Option<E> = None;
+        let walked = crate::batch::for_each_entry(map.map().fd().as_fd(), |key, entry| {
+            each(key, entry).map_err(|e| {
+                failed = Some(e);
+                BatchStop::Callback
+            })
+        });
+        match (walked, failed) {
+            (_, Some(e)) => Err(e),
+            (Err(BatchStop::Read(source)), None) => Err(read_error(source).into()),
+            _ => Ok(()),
+        }
     }
 
     /// How many entries each conntrack table holds at most, as the pinned
@@ -718,17 +756,14 @@ impl Maps {
         map.keys().collect::<Result<_, _>>().map_err(map_error(name))
     }
 
-    /// How many entries one conntrack table holds, counted by key.
+    /// How many entries one conntrack table holds, counted as it is read in
+    /// batches.
     pub fn conntrack_len(&self, table: Table) -> Result<usize, MapsError> {
-        let (map, name) = match table {
-            Table::Established => (&self.established, names::CONNTRACK),
-            Table::New => (&self.new, names::CONNTRACK_NEW),
-        };
         let mut len = 0;
-        for key in map.keys() {
-            key.map_err(map_error(name))?;
+        self.for_each_conntrack_entry(table, |_, _| -> Result<(), MapsError> {
             len += 1;
-        }
+            Ok(())
+        })?;
         Ok(len)
     }
 

@@ -1316,3 +1316,64 @@ fn a_pin_dir_that_is_a_symlink_is_refused_not_followed() {
     let through_real = bed.cli().json(&["mapping", "list", "--json"]);
     assert_eq!(mapping_triples(&through_real), triples(&[HTTP]), "nothing written: {through_real}");
 }
+
+/// Many more flows than one batch read of a table holds (the CLI reads the
+/// conntrack tables thousands of entries per system call): `conntrack list`
+/// shows each flow once, `status` counts every entry, with the daemon
+/// running. The flows are written into the pinned tables directly, as the
+/// datapath would enter established hairpin flows.
+#[test]
+#[ignore = "needs root"]
+fn conntrack_list_and_status_see_every_one_of_ten_thousand_flows() {
+    use bytemuck::Zeroable as _;
+    use hairpin::{
+        datapath::{PinDir, monotonic_coarse_ns},
+        maps::{Maps, Table},
+    };
+    use hairpin_common::{DIRECTION_ORIGINAL, FlowEntry, FlowKey, KIND_HAIRPIN, state};
+
+    require_root("conntrack_list_and_status_see_every_one_of_ten_thousand_flows");
+    const FLOWS: u32 = 10_000;
+    let bed = SeedBed::new();
+    let options = ConfigOptions { conntrack_capacity: Some(32_768), ..ConfigOptions::default() };
+    let _daemon = Daemon::start(&bed.gateway, &bed.config_with(&[HTTP], &options));
+    let cli = Cli::new(&bed.gateway);
+    let mut maps = Maps::open_pinned(&PinDir(cli.pin_dir().to_path_buf()).maps())
+        .expect("the instance's pinned maps");
+    let now = monotonic_coarse_ns();
+    let wire = |addr: std::net::Ipv4Addr| u32::from(addr).to_be();
+    for i in 0..FLOWS {
+        let client = wire(std::net::Ipv4Addr::new(10, 9, (i >> 8) as u8, i as u8));
+        let key = FlowKey::new(client, wire(PUBLIC), 40_000u16.to_be(), 80u16.to_be(), 6);
+        let snat = (20_000 + i as u16).to_be();
+        let translated = FlowKey::new(wire(GATEWAY_LAN), wire(SERVER), snat, 80u16.to_be(), 6);
+        let mut original = FlowEntry::zeroed();
+        original.translated = translated;
+        original.direction = DIRECTION_ORIGINAL;
+        original.state = state::TCP_ESTABLISHED;
+        original.kind = KIND_HAIRPIN;
+        original.last_seen_ns = now;
+        let mut reply = original;
+        reply.direction = DIRECTION_ORIGINAL + 1;
+        reply.translated = key.reversed();
+        maps.put_flow(Table::Established, &key, &original);
+        maps.put_flow(Table::Established, &translated.reversed(), &reply);
+    }
+
+    let flows = cli.json(&["conntrack", "list", "--json"]);
+    let rows = flows.as_array().expect("a JSON array of flows");
+    let listed: std::collections::BTreeSet<&str> =
+        rows.iter().filter_map(|row| row["original"].as_str()).collect();
+    assert_eq!(rows.len(), FLOWS as usize, "one row per flow");
+    assert_eq!(listed.len(), FLOWS as usize, "no flow listed twice");
+    assert!(
+        rows.iter().all(|row| row["state"] == "ESTABLISHED" && row["table"] == "established"),
+        "every flow established: {:#}",
+        rows[0]
+    );
+    let text = cli.ok(&["conntrack", "list"]);
+    assert!(text.ends_with(&format!("{FLOWS} flow(s)\n")), "the text listing's count");
+    let status = cli.json(&["status", "--json"]);
+    assert_eq!(status["conntrack"]["established"], json!(2 * FLOWS), "{status:#}");
+    assert_eq!(status["conntrack"]["capacity"], json!(32_768), "{status:#}");
+}

@@ -687,10 +687,9 @@ fn for_each_flow(
     let now = monotonic_coarse_ns();
     let mut flows = 0;
     for (table, table_name) in [(Table::Established, "established"), (Table::New, "new")] {
-        for entry in maps.conntrack_entries(table) {
-            let (key, entry) = entry?;
+        maps.for_each_conntrack_entry(table, |key, entry| -> anyhow::Result<()> {
             if entry.direction != DIRECTION_ORIGINAL {
-                continue;
+                return Ok(());
             }
             let reply = maps.flow_in(table, &entry.translated.reversed());
             let last_seen =
@@ -724,7 +723,8 @@ fn for_each_flow(
                 bytes: entry.bytes + reply.map_or(0, |r| r.bytes),
             })?;
             flows += 1;
-        }
+            Ok(())
+        })?;
     }
     Ok(flows)
 }
