@@ -279,24 +279,8 @@ fn big_tcp_aggregates_are_translated_at_their_length(
     );
     // Longer than the download, for the client's aggregates to grow.
     let upload = big_body(UPLOAD_LEN);
-    let mut stream = tcp_connect(from.netns(&s.bed), public_echo(), TIMEOUT)
-        .unwrap_or_else(|e| panic!("{from:?}: connect to the echo service: {e}"));
-    stream.set_read_timeout(Some(BIG_TIMEOUT)).expect("read timeout");
-    let mut writer = stream.try_clone().expect("clone the stream");
-    let sent = upload.clone();
-    let sender = std::thread::spawn(move || {
-        writer.write_all(&sent)?;
-        writer.shutdown(std::net::Shutdown::Write)
-    });
-    let mut echoed = Vec::with_capacity(UPLOAD_LEN);
-    let read = stream.read_to_end(&mut echoed);
-    sender
-        .join()
-        .expect("the upload thread panicked")
-        .unwrap_or_else(|e| panic!("{from:?}: 4 MiB upload with BIG TCP: {e}"));
-    if let Err(e) = read {
-        panic!("{from:?}: the echo stopped after {} of {UPLOAD_LEN} bytes: {e}", echoed.len());
-    }
+    let echoed =
+        echo_through_the_public_address(from, &s, &upload, &format!("{from:?} with BIG TCP"));
     assert!(echoed == upload, "{from:?}: the 4 MiB upload came back short or corrupted");
     // Not asserted: that the upload's own aggregates passed 64 KiB. The
     // client's TCP sizes them by its pacing rate and the echo's window, and
@@ -307,6 +291,36 @@ fn big_tcp_aggregates_are_translated_at_their_length(
     );
     let counters = daemon.stop();
     assert_eq!(counter(&counters, "tcp_out_of_window"), 0, "{from:?}: {counters:?}");
+}
+
+/// Sends `upload` to the echo service through the public address from
+/// `from` and reads back what comes, until the echo closes; panics naming
+/// `what` if the transfer fails.
+fn echo_through_the_public_address(
+    from: Sender,
+    s: &Scenario,
+    upload: &[u8],
+    what: &str,
+) -> Vec<u8> {
+    let mut stream = tcp_connect(from.netns(&s.bed), public_echo(), TIMEOUT)
+        .unwrap_or_else(|e| panic!("{what}: connect to the echo service: {e}"));
+    stream.set_read_timeout(Some(BIG_TIMEOUT)).expect("read timeout");
+    let mut writer = stream.try_clone().expect("clone the stream");
+    let sent = upload.to_vec();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&sent)?;
+        writer.shutdown(std::net::Shutdown::Write)
+    });
+    let mut echoed = Vec::with_capacity(upload.len());
+    let read = stream.read_to_end(&mut echoed);
+    sender
+        .join()
+        .expect("the upload thread panicked")
+        .unwrap_or_else(|e| panic!("{what}: upload of {} bytes: {e}", upload.len()));
+    if let Err(e) = read {
+        panic!("{what}: the echo stopped after {} of {} bytes: {e}", echoed.len(), upload.len());
+    }
+    echoed
 }
 
 /// 1 MiB sent to the echo server through the public address comes back
@@ -325,27 +339,8 @@ fn one_mib_upload_is_echoed_intact(
     let s = scenario(case);
     let _daemon = start_hairpin(&s);
     let upload = big_body(BIG_LEN);
-    let mut stream = tcp_connect(from.netns(&s.bed), public_echo(), TIMEOUT)
-        .unwrap_or_else(|e| panic!("{from:?}: connect to the echo service ({case:?}): {e}"));
-    stream.set_read_timeout(Some(BIG_TIMEOUT)).expect("read timeout");
-    let mut writer = stream.try_clone().expect("clone the stream");
-    let sent = upload.clone();
-    let sender = std::thread::spawn(move || {
-        writer.write_all(&sent)?;
-        writer.shutdown(std::net::Shutdown::Write)
-    });
-    let mut echoed = Vec::with_capacity(BIG_LEN);
-    let read = stream.read_to_end(&mut echoed);
-    sender
-        .join()
-        .expect("the upload thread panicked")
-        .unwrap_or_else(|e| panic!("{from:?}: 1 MiB upload ({case:?}): {e}"));
-    if let Err(e) = read {
-        panic!(
-            "{from:?}: the echo stopped after {} of {BIG_LEN} bytes ({case:?}): {e}",
-            echoed.len()
-        );
-    }
+    let echoed =
+        echo_through_the_public_address(from, &s, &upload, &format!("{from:?} ({case:?})"));
     assert_eq!(echoed.len(), BIG_LEN, "{from:?}: echoed length ({case:?})");
     assert!(echoed == upload, "{from:?}: the 1 MiB upload came back corrupted ({case:?})");
 }
