@@ -401,11 +401,22 @@ impl Maps {
         }
         // An id still counted by live flows of a withdrawn mapping is not
         // given out again: their traffic would show under the new mapping.
-        let mut used: BTreeSet<u16> = rules.iter().map(|r| r.id).collect();
+        // One flag per id, set as the tables are read in batches (nothing
+        // copied: a gateway may hold millions of flows).
+        let mut used = vec![false; MAX_MAPPING_RULES as usize];
+        let mut mark = |id: u16| {
+            if let Some(slot) = used.get_mut(id as usize) {
+                *slot = true;
+            }
+        };
+        rules.iter().for_each(|r| mark(r.id));
         for table in [Table::Established, Table::New] {
-            used.extend(self.conntrack(table)?.iter().map(|(_, entry)| entry.mapping_id));
+            self.for_each_conntrack_entry(table, |_, entry| -> Result<(), MapsError> {
+                mark(entry.mapping_id);
+                Ok(())
+            })?;
         }
-        let id = (0..MAX_MAPPING_RULES as u16).find(|id| !used.contains(id)).ok_or_else(|| {
+        let id = used.iter().position(|used| !used).map(|id| id as u16).ok_or_else(|| {
             MapsError::Mapping(format!("no room for more than {MAX_MAPPING_RULES} mapping rules"))
         })?;
         let stats_zero = aya::maps::PerCpuValues::try_from(vec![
