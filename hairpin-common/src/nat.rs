@@ -371,11 +371,23 @@ pub const fn ipv4_len(
     Ok(tot_len as u32)
 }
 
+/// An IPv4 packet's length (see [`ipv4_len`]) where a 16-bit one is
+/// wanted: a BIG TCP aggregate's counts as 64 KiB - 1.
+#[inline(always)]
+pub const fn len_u16(ip_len: u32) -> u16 {
+    if ip_len > u16::MAX as u32 { u16::MAX } else { ip_len as u16 }
+}
+
 #[cfg(test)]
 mod tests {
     use rstest::rstest;
 
     use super::*;
+
+    #[test]
+    fn a_length_over_16_bits_saturates() {
+        assert_eq!((len_u16(1500), len_u16(65_535), len_u16(185_000)), (1500, 65_535, 65_535));
+    }
 
     #[rstest]
     #[case::whole_packet(1500, IPPROTO_TCP, false, 1500, Ok(1500))]

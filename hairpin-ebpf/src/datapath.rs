@@ -222,8 +222,8 @@ fn translate<C: Packet>(
 }
 
 /// A packet of a flow: its tuple, TCP header, when it arrived, how long it
-/// is from its IPv4 header on (over 64 KiB for a BIG TCP aggregate), the largest packet it is sent as (`size`: a GSO
-/// aggregate's segments), its TTL, and whether it is a datagram's first
+/// is from its IPv4 header on (over 64 KiB for a BIG TCP aggregate), the
+/// largest packet it is sent as (`size`: a GSO aggregate's segments), its TTL, and whether it is a datagram's first
 /// fragment; where its transport header starts, and whether it is a GSO
 /// aggregate.
 struct Arrival {
@@ -252,7 +252,7 @@ fn wire_size(
     proto: u8,
 ) -> u16 {
     // Only a GSO aggregate is longer than 64 KiB.
-    let whole = if ip_len > u16::MAX as u32 { u16::MAX } else { ip_len as u16 };
+    let whole = nat::len_u16(ip_len);
     if segment == 0 {
         return whole;
     }
@@ -317,7 +317,8 @@ fn forward_tracked<C: Packet>(
     };
     let original = direction == DIRECTION_ORIGINAL;
     if nat::ttl_expires(ttl) {
-        return time_exceeded(ctx, original, settings, now).map(Outcome::Answered);
+        let answered = (original, nat::len_u16(ip_len));
+        return time_exceeded(ctx, answered, settings, now).map(Outcome::Answered);
     }
     // Tracked first: a packet the windows refuse costs no route lookup,
     // caches no route and is answered with nothing.
@@ -391,6 +392,7 @@ fn too_big_outcome<C: Packet>(
     if mtu == 0 {
         return Ok(dropped::<C>(Counter::TooBigDropped));
     }
+    let answered = (to_public_address, nat::len_u16(arrival.ip_len));
     let dont_fragment = !may_fragment(ctx);
     let cuttable = !dont_fragment && cuttable(ctx, arrival);
     let source_kept = to.src_addr == arrival.packet.src_addr;
@@ -398,13 +400,11 @@ fn too_big_outcome<C: Packet>(
         TooBigPath::Cut => false,
         TooBigPath::Kernel => true,
         TooBigPath::FragNeeded => {
-            return too_big(ctx, mtu, to_public_address, settings, arrival.now)
-                .map(Outcome::Answered);
+            return too_big(ctx, mtu, answered, settings, arrival.now).map(Outcome::Answered);
         }
         TooBigPath::FragNeededUncut => {
             count(Counter::TooBigNotCut);
-            return too_big(ctx, mtu, to_public_address, settings, arrival.now)
-                .map(Outcome::Answered);
+            return too_big(ctx, mtu, answered, settings, arrival.now).map(Outcome::Answered);
         }
     };
     if to_kernel {
@@ -434,7 +434,8 @@ fn open_flow<C: Packet>(
         Admission::Denied => return Ok(dropped::<C>(Counter::Denied)),
     };
     if nat::ttl_expires(ttl) {
-        return time_exceeded(ctx, true, settings, now).map(Outcome::Answered);
+        let answered = (true, nat::len_u16(ip_len));
+        return time_exceeded(ctx, answered, settings, now).map(Outcome::Answered);
     }
     // The route does not depend on the SNAT port: look it up before any
     // state is created, so a routing failure leaves none behind.
@@ -467,7 +468,7 @@ fn open_flow<C: Packet>(
                 code: icmp::ICMP_ADMIN_PROHIBITED,
                 mtu: 0,
                 from_addr: packet.dst_addr,
-                tot_len: if ip_len > u16::MAX as u32 { u16::MAX } else { ip_len as u16 },
+                tot_len: nat::len_u16(ip_len),
                 counter: Counter::FlowRefused,
             };
             return answer_icmp(ctx, &refusal, now).map(Outcome::Answered);

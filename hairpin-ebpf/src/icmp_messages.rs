@@ -147,12 +147,12 @@ pub(crate) fn try_icmp_error<C: Packet>(
 pub(crate) fn too_big(
     ctx: &impl Packet,
     mtu: u16,
-    to_public_address: bool,
+    (to_public_address, ip_len): (bool, u16),
     settings: &Settings,
     now: u64,
 ) -> Result<(u32, Counter), Counter> {
     let answer = (icmp::ICMP_DEST_UNREACH, icmp::ICMP_FRAG_NEEDED, mtu, Counter::FragNeededSent);
-    answer_flow_packet(ctx, answer, to_public_address, settings, now)
+    answer_flow_packet(ctx, answer, (to_public_address, ip_len), settings, now)
 }
 
 /// A packet of a flow whose TTL would expire here: answered with "time
@@ -161,12 +161,12 @@ pub(crate) fn too_big(
 #[inline(always)]
 pub(crate) fn time_exceeded(
     ctx: &impl Packet,
-    to_public_address: bool,
+    (to_public_address, ip_len): (bool, u16),
     settings: &Settings,
     now: u64,
 ) -> Result<(u32, Counter), Counter> {
     let answer = (icmp::ICMP_TIME_EXCEEDED, 0, 0, Counter::TimeExceededSent);
-    answer_flow_packet(ctx, answer, to_public_address, settings, now)
+    answer_flow_packet(ctx, answer, (to_public_address, ip_len), settings, now)
 }
 
 /// Answers a packet of a flow with the ICMP error `(type, code, mtu,
@@ -176,27 +176,19 @@ pub(crate) fn time_exceeded(
 fn answer_flow_packet(
     ctx: &impl Packet,
     (icmp_type, code, mtu, counter): (u8, u8, u16, Counter),
-    to_public_address: bool,
+    (to_public_address, ip_len): (bool, u16),
     settings: &Settings,
     now: u64,
 ) -> Result<(u32, Counter), Counter> {
     let ip: *mut Ipv4Header = ptr_at(ctx, ETH_HEADER_LEN)?;
     // SAFETY: bounds checked.
-    let (tot_len, dst_addr) = unsafe { (u16::from_be((*ip).tot_len), (*ip).dst_addr) };
-    // A BIG TCP aggregate says 0 (the datapath admitted it as one): its
-    // length is the skb's, and the answer quotes only its start anyway.
-    let tot_len = if tot_len == 0 {
-        let skb_ip_len = ctx.len().saturating_sub(ETH_HEADER_LEN as u32);
-        if skb_ip_len > u16::MAX as u32 { u16::MAX } else { skb_ip_len as u16 }
-    } else {
-        tot_len
-    };
+    let dst_addr = unsafe { (*ip).dst_addr };
     let answer = IcmpAnswer {
         icmp_type,
         code,
         mtu,
         from_addr: icmp::answer_source(to_public_address, dst_addr, settings.lan_addr),
-        tot_len,
+        tot_len: ip_len,
         counter,
     };
     answer_icmp(ctx, &answer, now)
