@@ -4,7 +4,7 @@
 //! order; one's complement addition does not care about byte order as long
 //! as every operand is loaded the same way.
 
-use crate::FlowKey;
+use crate::{FlowKey, packet::Ipv4Header};
 
 #[inline(always)]
 pub const fn fold(mut sum: u32) -> u16 {
@@ -128,6 +128,32 @@ pub fn sum_words(data: &[u8], initial: u32) -> u32 {
 /// The checksum of `data` computed from scratch (used by tests and user space).
 pub fn full(data: &[u8]) -> u16 {
     !fold(sum_words(data, 0))
+}
+
+/// The checksum of an IPv4 header without options (its `check` field
+/// taken as 0), over its words as they lie in memory.
+#[inline(always)]
+pub const fn ipv4_header(header: &Ipv4Header) -> u16 {
+    let [s0, s1, s2, s3] = header.src_addr.to_ne_bytes();
+    let [d0, d1, d2, d3] = header.dst_addr.to_ne_bytes();
+    let words = [
+        u16::from_ne_bytes([header.version_ihl, header.tos]),
+        header.tot_len,
+        header.id,
+        header.frag_off,
+        u16::from_ne_bytes([header.ttl, header.proto]),
+        u16::from_ne_bytes([s0, s1]),
+        u16::from_ne_bytes([s2, s3]),
+        u16::from_ne_bytes([d0, d1]),
+        u16::from_ne_bytes([d2, d3]),
+    ];
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < words.len() {
+        sum += words[i] as u32;
+        i += 1;
+    }
+    !fold(sum)
 }
 
 #[cfg(test)]

@@ -104,34 +104,8 @@ pub const fn answer_ipv4_header(from_addr: u32, to_addr: u32, icmp_len: u16) -> 
         src_addr: from_addr,
         dst_addr: to_addr,
     };
-    header.check = ipv4_header_checksum(&header);
+    header.check = checksum::ipv4_header(&header);
     header
-}
-
-/// The checksum of an IPv4 header without options (its `check` field
-/// taken as 0), over its words as they lie in memory.
-#[inline(always)]
-pub const fn ipv4_header_checksum(header: &Ipv4Header) -> u16 {
-    let [s0, s1, s2, s3] = header.src_addr.to_ne_bytes();
-    let [d0, d1, d2, d3] = header.dst_addr.to_ne_bytes();
-    let words = [
-        u16::from_ne_bytes([header.version_ihl, header.tos]),
-        header.tot_len,
-        header.id,
-        header.frag_off,
-        u16::from_ne_bytes([header.ttl, header.proto]),
-        u16::from_ne_bytes([s0, s1]),
-        u16::from_ne_bytes([s2, s3]),
-        u16::from_ne_bytes([d0, d1]),
-        u16::from_ne_bytes([d2, d3]),
-    ];
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < words.len() {
-        sum += words[i] as u32;
-        i += 1;
-    }
-    !checksum::fold(sum)
 }
 
 /// The ICMP header of an error the datapath sends: its type and code, and

@@ -27,7 +27,7 @@ use crate::{
     context::skb,
     datapath::try_hairpin,
     maps::{FRAGMENT_QUEUE, SPLIT_SCRATCH, TC_PENDING, count},
-    packet::{ptr_at, sum_words},
+    packet::ptr_at,
 };
 
 /// How much of the packet the datapath reads directly: the Ethernet
@@ -343,10 +343,7 @@ fn try_split(skb: *mut __sk_buff, mtu: u16, out: Out) -> Result<(), ()> {
         }
         header.tot_len = ((IPV4_HEADER_LEN as u32 + len) as u16).to_be();
         header.frag_off = piece.frag_off_be;
-        header.check = 0;
-        // SAFETY: the header is 20 bytes, ten 16-bit words.
-        let words = unsafe { &*(&raw const header).cast::<[u16; IPV4_HEADER_LEN / 2]>() };
-        header.check = !checksum::fold(sum_words(words));
+        header.check = checksum::ipv4_header(&header);
         // SAFETY: helpers on this program's own packet; the payload is read
         // from inside this CPU's buffer.
         let sent = unsafe {
