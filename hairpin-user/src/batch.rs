@@ -27,14 +27,23 @@ struct BatchAttr {
 /// How many entries one call asks for.
 pub const BATCH_LEN: usize = 4096;
 
+/// Why a walk stopped before the end.
+#[derive(Debug)]
+pub enum Stopped<E> {
+    /// The kernel could not read the map.
+    Read(io::Error),
+    /// The caller's callback failed.
+    By(E),
+}
+
 /// Calls `each` with every entry of the hash map `map` (keys `K`, values
 /// `V`, not per-CPU), `BATCH_LEN` entries per system call. An entry the
 /// datapath adds or removes meanwhile may or may not be seen, as with any
 /// walk of a live map; none is seen twice.
-pub fn for_each_entry<K: Pod, V: Pod, E: From<io::Error>>(
+pub fn for_each_entry<K: Pod, V: Pod, E>(
     map: BorrowedFd<'_>,
     mut each: impl FnMut(&K, &V) -> Result<(), E>,
-) -> Result<(), E> {
+) -> Result<(), Stopped<E>> {
     let mut keys = vec![K::zeroed(); BATCH_LEN];
     let mut values = vec![V::zeroed(); BATCH_LEN];
     // A hash map's batch token is the index of the bucket to go on from.
@@ -69,12 +78,12 @@ pub fn for_each_entry<K: Pod, V: Pod, E: From<io::Error>>(
             match error.raw_os_error() {
                 // The walk is over; `count` says what the last call found.
                 Some(libc::ENOENT) => true,
-                _ => return Err(error.into()),
+                _ => return Err(Stopped::Read(error)),
             }
         };
         let found = (attr.count as usize).min(BATCH_LEN);
         for (key, value) in keys[..found].iter().zip(&values[..found]) {
-            each(key, value)?;
+            each(key, value).map_err(Stopped::By)?;
         }
         if done {
             return Ok(());

@@ -42,19 +42,6 @@ pub enum MapsError {
     Batch { name: &'static str, source: std::io::Error },
 }
 
-/// Why a batch walk stopped early: the map could not be read, or the
-/// caller's callback failed (its error kept aside).
-enum BatchStop {
-    Read(std::io::Error),
-    Callback,
-}
-
-impl From<std::io::Error> for BatchStop {
-    fn from(error: std::io::Error) -> Self {
-        BatchStop::Read(error)
-    }
-}
-
 fn map_error(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
     move |source| MapsError::Map { name, source }
 }
@@ -694,19 +681,12 @@ impl Maps {
     ) -> Result<(), E> {
         use aya::maps::IterableMap as _;
         let (map, name) = self.conntrack_map(table);
-        let read_error = |source: std::io::Error| MapsError::Batch { name, source };
-        let mut failed: Option<E> = None;
-        let walked = crate::batch::for_each_entry(map.map().fd().as_fd(), |key, entry| {
-            each(key, entry).map_err(|e| {
-                failed = Some(e);
-                BatchStop::Callback
-            })
-        });
-        match (walked, failed) {
-            (_, Some(e)) => Err(e),
-            (Err(BatchStop::Read(source)), None) => Err(read_error(source).into()),
-            _ => Ok(()),
-        }
+        crate::batch::for_each_entry(map.map().fd().as_fd(), &mut each).map_err(|stopped| {
+            match stopped {
+                crate::batch::Stopped::Read(source) => MapsError::Batch { name, source }.into(),
+                crate::batch::Stopped::By(error) => error,
+            }
+        })
     }
 
     /// How many entries each conntrack table holds at most, as the pinned
@@ -719,10 +699,7 @@ impl Maps {
 
     /// The entry keyed by `key` in `table`, if it is there.
     pub fn flow_in(&self, table: Table, key: &FlowKey) -> Option<FlowEntry> {
-        match table {
-            Table::Established => self.established.get(key, 0).ok(),
-            Table::New => self.new.get(key, 0).ok(),
-        }
+        self.conntrack_map(table).0.get(key, 0).ok()
     }
 
     /// The entry keyed by `key`, from whichever table holds it.
@@ -760,10 +737,7 @@ impl Maps {
 
     /// The keys of one conntrack table, without copying its entries.
     pub fn conntrack_keys(&self, table: Table) -> Result<Vec<FlowKey>, MapsError> {
-        let (map, name) = match table {
-            Table::Established => (&self.established, names::CONNTRACK),
-            Table::New => (&self.new, names::CONNTRACK_NEW),
-        };
+        let (map, name) = self.conntrack_map(table);
         map.keys().collect::<Result<_, _>>().map_err(map_error(name))
     }
 
