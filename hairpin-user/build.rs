@@ -10,7 +10,7 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed={REQUIRE_EBPF}");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     // One object per binary of hairpin-ebpf, named after it by aya-build.
-    let objects = ["hairpin", "hairpin-bench"].map(|name| out_dir.join(name));
+    let objects = ["hairpin", "hairpin-bench", "hairpin-count"].map(|name| out_dir.join(name));
     let required = env::var(REQUIRE_EBPF).is_ok_and(|v| v == "1");
 
     if let Some(missing) = missing_toolchain() {

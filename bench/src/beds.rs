@@ -19,7 +19,7 @@ use hairpin::{
     datapath::Datapath,
     routes::{KeeperThread, RouteCacheKeeper},
 };
-use hairpin_tests::{Netns, attach_xdp_pass, seed::SeedBed, veth};
+use hairpin_tests::{Netns, attach_xdp_pass, daemon::Daemon, seed::SeedBed, veth};
 
 use crate::programs::{Forwarder, TcForwarder};
 
@@ -77,7 +77,14 @@ pub enum Gateway {
     /// The same forwarder on skbs (`bench_forward_tc` on tcx ingress): the
     /// limit of any TC gateway on this path.
     TcForwarder,
+    /// `hairpin run`, the daemon an operator runs (XDP, pinned maps, its
+    /// metrics on [`METRICS_LISTEN`] in the gateway's namespace): what the
+    /// control-plane part measures the CLI and the scrapes against.
+    HairpinDaemon,
 }
+
+/// Where [`Gateway::HairpinDaemon`] serves its metrics.
+pub const METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 impl Gateway {
     pub const ALL: [Gateway; 7] = [
@@ -94,7 +101,11 @@ impl Gateway {
     pub fn translates(self) -> bool {
         matches!(
             self,
-            Gateway::Iptables | Gateway::Nftables | Gateway::Hairpin | Gateway::HairpinTc
+            Gateway::Iptables
+                | Gateway::Nftables
+                | Gateway::Hairpin
+                | Gateway::HairpinTc
+                | Gateway::HairpinDaemon
         )
     }
 
@@ -102,7 +113,7 @@ impl Gateway {
     /// so transmits XDP frames, which a veth peer takes only with an XDP
     /// program of its own).
     pub fn is_xdp(self) -> bool {
-        matches!(self, Gateway::Hairpin | Gateway::XdpForwarder)
+        matches!(self, Gateway::Hairpin | Gateway::HairpinDaemon | Gateway::XdpForwarder)
     }
 
     /// What the end hosts need for TCP through this gateway: an XDP pass
@@ -115,7 +126,7 @@ impl Gateway {
     /// hairpin's `[datapath] attach` mode, for the hairpin configurations.
     pub fn hairpin_attach(self) -> Option<&'static str> {
         match self {
-            Gateway::Hairpin => Some("xdp"),
+            Gateway::Hairpin | Gateway::HairpinDaemon => Some("xdp"),
             Gateway::HairpinTc => Some("tc"),
             _ => None,
         }
@@ -130,6 +141,7 @@ impl Gateway {
             Gateway::HairpinTc => "hairpin, TC datapath",
             Gateway::XdpForwarder => "XDP forwarder, no NAT",
             Gateway::TcForwarder => "TC forwarder, no NAT",
+            Gateway::HairpinDaemon => "hairpin run (the daemon)",
         }
     }
 }
@@ -370,6 +382,13 @@ impl Bed {
                 let (datapath, keeper) = self.hairpin(attach, conntrack_capacity)?;
                 kept.push(Box::new(datapath));
                 kept.push(Box::new(keeper));
+            }
+            Gateway::HairpinDaemon => {
+                let config = format!(
+                    "{}\n[metrics]\nlisten = \"{METRICS_LISTEN}\"\n",
+                    self.hairpin_config("xdp", conntrack_capacity)
+                );
+                kept.push(Box::new(Daemon::start(self.gateway(), &config)));
             }
             Gateway::XdpForwarder => {
                 let (client_if, server_if) = self.gateway_sides();

@@ -3,6 +3,7 @@
 //! without NAT. Run it through `cargo xtask bench [--quick]`, as root.
 
 mod beds;
+mod control;
 mod cost;
 mod load;
 mod programs;
@@ -65,6 +66,8 @@ enum Part {
     Cost,
     Scale,
     Tcp,
+    /// The CLI and the metrics against `hairpin run` with up to a million flows.
+    Control,
 }
 
 /// How much of everything a run does.
@@ -81,6 +84,8 @@ struct Plan {
     tcp_rounds: usize,
     bulk_seconds: u32,
     rr_seconds: f64,
+    control_flows: Vec<u32>,
+    control_rounds: usize,
 }
 
 impl Plan {
@@ -99,6 +104,8 @@ impl Plan {
                 tcp_rounds: 3,
                 bulk_seconds: 2,
                 rr_seconds: 1.0,
+                control_flows: vec![30_000, 1_000_000],
+                control_rounds: 1,
             }
         } else {
             Self {
@@ -116,6 +123,8 @@ impl Plan {
                 tcp_rounds: 5,
                 bulk_seconds: 10,
                 rr_seconds: 4.0,
+                control_flows: vec![30_000, 1_000_000],
+                control_rounds: 3,
             }
         }
     }
@@ -181,6 +190,15 @@ fn main() -> anyhow::Result<()> {
         )?);
         log("nf_conntrack memory");
         results.conntrack = Some(scale::conntrack_memory(plan.conntrack_flows, cpu)?);
+    }
+    if parts(Part::Control) {
+        results.control = Some(control::measure(
+            &plan.control_flows,
+            plan.scale_capacity,
+            plan.control_rounds,
+            cpu,
+            &log,
+        )?);
     }
     if parts(Part::Tcp) {
         results.tcp = Some(tcp::measure(

@@ -87,6 +87,7 @@ pub struct Results {
     pub scale: Option<Scale>,
     pub conntrack: Option<ConntrackMemory>,
     pub tcp: Option<Vec<TcpResult>>,
+    pub control: Option<Vec<crate::control::ControlPoint>>,
     /// What did not work, or was left out, and why.
     pub notes: Vec<String>,
 }
@@ -256,6 +257,7 @@ impl Results {
             },
             _ => not_measured("TCP bulk >= iptables"),
         });
+        targets.extend(crate::control::targets(self.control.as_deref().unwrap_or_default()));
         targets
     }
 
@@ -299,6 +301,9 @@ impl Results {
         }
         if let Some(tcp) = &self.tcp {
             md.push_str(&tcp_section(tcp));
+        }
+        if let Some(control) = &self.control {
+            md.push_str(&crate::control::section(control));
         }
         md.push_str(METHOD);
         if !self.notes.is_empty() {

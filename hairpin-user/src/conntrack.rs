@@ -1,27 +1,24 @@
 //! Reading the conntrack tables: which flows have expired.
 
-use std::collections::HashMap;
-
 use hairpin_common::{FlowEntry, FlowKey, Settings};
 
-/// The keys of both entries of every flow in `entries` that has expired:
-/// a flow is idle when both directions are, so that a one-way stream keeps
-/// its flow alive. An entry whose partner is missing expires on its own.
-pub fn expired_flows(
-    entries: &[(FlowKey, FlowEntry)],
+/// Whether the flow of `entry` has expired: a flow is idle when both
+/// directions are, so that a one-way stream keeps its flow alive; an entry
+/// whose partner is missing expires on its own. `partner` finds the other
+/// direction's entry by its key; it is asked only when `entry` itself is
+/// idle, which in a live table is the rare case (one lookup per candidate,
+/// not per entry).
+pub fn flow_expired(
+    entry: &FlowEntry,
+    partner: impl FnOnce(&FlowKey) -> Option<FlowEntry>,
     settings: &Settings,
     now_ns: u64,
-) -> Vec<FlowKey> {
-    let by_key: HashMap<FlowKey, &FlowEntry> = entries.iter().map(|(k, e)| (*k, e)).collect();
-    entries
-        .iter()
-        .filter(|(_, entry)| {
-            let partner = by_key.get(&entry.translated.reversed());
-            let partner_last_seen = partner.map(|partner| partner.last_seen_ns);
-            settings.flow_expired(entry.state, entry.last_seen_ns, partner_last_seen, now_ns)
-        })
-        .map(|(key, _)| *key)
-        .collect()
+) -> bool {
+    if !settings.expired(entry.state, entry.last_seen_ns, now_ns) {
+        return false;
+    }
+    let partner_last_seen = partner(&entry.translated.reversed()).map(|p| p.last_seen_ns);
+    settings.flow_expired(entry.state, entry.last_seen_ns, partner_last_seen, now_ns)
 }
 
 /// Whether an entry found expired (`first`) may be deleted now that it
@@ -55,6 +52,38 @@ mod tests {
     use hairpin_common::{FlowKey, MappingValue, nat, state};
 
     use super::*;
+
+    /// The keys of every entry in `entries` whose flow has expired, the
+    /// partners looked up among `entries`.
+    fn expired_flows(
+        entries: &[(FlowKey, FlowEntry)],
+        settings: &Settings,
+        now_ns: u64,
+    ) -> Vec<FlowKey> {
+        let by_key: std::collections::HashMap<FlowKey, FlowEntry> =
+            entries.iter().copied().collect();
+        entries
+            .iter()
+            .filter(|(_, entry)| {
+                flow_expired(entry, |key| by_key.get(key).copied(), settings, now_ns)
+            })
+            .map(|(key, _)| *key)
+            .collect()
+    }
+
+    #[test]
+    fn the_partner_is_looked_up_only_for_an_idle_entry() {
+        let entries = flow(3000, state::UDP_REPLIED, 20 * SECOND, 0);
+        let asked = std::cell::Cell::new(0);
+        let lookup = |_: &FlowKey| {
+            asked.set(asked.get() + 1);
+            Some(entries[0].1)
+        };
+        assert!(!flow_expired(&entries[0].1, lookup, &settings(), 31 * SECOND));
+        assert_eq!(asked.get(), 0, "a direction seen 11 s ago is not idle: no lookup");
+        assert!(!flow_expired(&entries[1].1, lookup, &settings(), 31 * SECOND));
+        assert_eq!(asked.get(), 1, "an idle direction asks for its partner, which is not idle");
+    }
 
     const SECOND: u64 = 1_000_000_000;
 

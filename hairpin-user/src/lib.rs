@@ -3,10 +3,13 @@
 
 pub mod attach;
 pub mod batch;
+pub mod cli;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;
+pub mod entry_count;
 pub mod explain;
+pub mod flows;
 pub mod import;
 pub mod lock;
 pub mod maps;
@@ -23,3 +26,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// program and forwarder; empty like [`EBPF_OBJECT`] without the toolchain.
 pub static BENCH_EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hairpin-bench"));
+
+/// The program that counts the conntrack tables' entries in the kernel
+/// ([`entry_count`]); empty like [`EBPF_OBJECT`] without the toolchain.
+pub static COUNT_EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hairpin-count"));

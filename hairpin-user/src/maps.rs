@@ -80,6 +80,8 @@ pub struct MappingRule {
 }
 
 pub struct Maps {
+    /// The pin directory these maps were opened from, if they were.
+    pinned_at: Option<std::path::PathBuf>,
     layout: Array<MapData, u64>,
     settings: Array<MapData, Settings>,
     route_cache: Array<MapData, RouteCache>,
@@ -156,10 +158,12 @@ impl Maps {
     /// another layout than this build's.
     pub fn open_pinned(dir: &Path) -> Result<Self, MapsError> {
         check_layout(dir)?;
-        Self::build(|name| {
+        let mut maps = Self::build(|name| {
             let data = MapData::from_pin(dir.join(name)).map_err(map_error(name))?;
             Map::from_map_data(data).map_err(map_error(name))
-        })
+        })?;
+        maps.pinned_at = Some(dir.to_path_buf());
+        Ok(maps)
     }
 
     fn build(
@@ -176,6 +180,7 @@ impl Maps {
         };
         let route_cache_fd = dup(data.fd().as_fd(), names::ROUTE_CACHE)?;
         Ok(Self {
+            pinned_at: None,
             route_cache: route_cache.try_into().map_err(map_error(names::ROUTE_CACHE))?,
             route_cache_fd,
             layout: typed!(names::LAYOUT),
@@ -752,6 +757,19 @@ impl Maps {
         Ok(len)
     }
 
+    /// How many entries the established and the new-flow table hold. Pinned
+    /// tables are counted in the kernel ([`crate::entry_count`]); where
+    /// that cannot run, they are read in batches.
+    pub fn conntrack_entry_counts(&self) -> Result<[usize; 2], MapsError> {
+        if let Some(dir) = &self.pinned_at {
+            match crate::entry_count::conntrack_entries(dir, self.conntrack_capacity()?) {
+                Ok(counts) => return Ok(counts.map(|count| count as usize)),
+                Err(e) => log::debug!("counting the tables in the kernel: {e}; reading them"),
+            }
+        }
+        Ok([self.conntrack_len(Table::Established)?, self.conntrack_len(Table::New)?])
+    }
+
     /// Empties both conntrack tables; how many entries there were.
     pub fn flush_conntrack(&mut self) -> Result<usize, MapsError> {
         let mut removed = 0;
@@ -774,7 +792,8 @@ impl Maps {
     }
 
     /// The entries of flows expired at `now_ns`, as read, by table
-    /// (established, new): what `remove_if_still_expired` may remove.
+    /// (established, new): what `remove_if_still_expired` may remove. The
+    /// tables are read in batches; only the expired entries are kept.
     pub fn expired_entries(
         &self,
         settings: &Settings,
@@ -782,13 +801,15 @@ impl Maps {
     ) -> Result<[Vec<(FlowKey, FlowEntry)>; 2], MapsError> {
         let mut plan = [Vec::new(), Vec::new()];
         for (slot, table) in [Table::Established, Table::New].into_iter().enumerate() {
-            let entries = self.conntrack(table)?;
-            let read: std::collections::HashMap<FlowKey, FlowEntry> =
-                entries.iter().copied().collect();
-            plan[slot] = crate::conntrack::expired_flows(&entries, settings, now_ns)
-                .into_iter()
-                .filter_map(|key| read.get(&key).map(|entry| (key, *entry)))
-                .collect();
+            let (map, _) = self.conntrack_map(table);
+            let expired = &mut plan[slot];
+            self.for_each_conntrack_entry(table, |key, entry| -> Result<(), MapsError> {
+                let partner = |partner: &FlowKey| map.get(partner, 0).ok();
+                if crate::conntrack::flow_expired(entry, partner, settings, now_ns) {
+                    expired.push((*key, *entry));
+                }
+                Ok(())
+            })?;
         }
         Ok(plan)
     }

@@ -22,14 +22,23 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads the counters and the tables' fill.
     pub fn read(maps: &crate::maps::Maps, capacity: u32) -> Result<Self, crate::maps::MapsError> {
-        use crate::maps::Table;
+        Self::read_counted(maps, capacity, maps.conntrack_entry_counts()?)
+    }
+
+    /// Reads the counters, the tables' fill counted already (established,
+    /// new).
+    pub fn read_counted(
+        maps: &crate::maps::Maps,
+        capacity: u32,
+        [established_entries, new_entries]: [usize; 2],
+    ) -> Result<Self, crate::maps::MapsError> {
         let counters = maps.counters()?;
         let value = |c: Counter| counters.iter().find(|(k, _)| *k == c).map_or(0, |(_, v)| *v);
         Ok(Snapshot {
             reclaimed_established: value(Counter::ReclaimedEstablished),
             reclaimed_new: value(Counter::ReclaimedNew),
-            established_entries: maps.conntrack_len(Table::Established)?,
-            new_entries: maps.conntrack_len(Table::New)?,
+            established_entries,
+            new_entries,
             capacity,
             counters,
         })

@@ -9,8 +9,9 @@ use anyhow::{Context as _, bail};
 
 use crate::setup;
 
-/// Needed: iperf3 for TCP bulk throughput.
-const BENCH_TOOLS: &[(&str, &str)] = &[("iperf3", "iperf3")];
+/// Needed: iperf3 for TCP bulk throughput, curl to scrape the daemon's
+/// metrics in the control-plane part.
+const BENCH_TOOLS: &[(&str, &str)] = &[("iperf3", "iperf3"), ("curl", "curl")];
 
 /// Wanted: gnuplot draws the chart, perf samples where the time goes. The
 /// benchmark says so in its results when they are missing.
@@ -57,6 +58,9 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
             "--release",
             "--package",
             "hairpin-bench",
+            // The control-plane part runs the `hairpin` binary itself.
+            "--package",
+            "hairpin-user",
         ]),
     )?;
     let mut command_line = String::from("cargo xtask bench");
@@ -72,6 +76,7 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
     let runner = root.join("target/release/hairpin-bench");
     let mut run = Command::new(&runner);
     run.current_dir(&root)
+        .env("HAIRPIN_BIN", root.join("target/release/hairpin"))
         .arg("--out")
         .arg(root.join("bench/results"))
         .arg("--readme")

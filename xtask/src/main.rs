@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask <setup|run|test|demo|bench>`.
+//! Project tasks: `cargo xtask <setup|run|test|demo|bench|deb>`.
 
 mod bench;
+mod deb;
 mod demo;
 mod run;
 mod setup;
@@ -27,6 +28,10 @@ enum Task {
     /// Measure hairpin against the kernel, iptables, nftables and an XDP
     /// forwarder in network namespaces; writes bench/results/ (needs root).
     Bench(bench::Options),
+    /// Build the Debian package (binary, systemd unit, example
+    /// configuration, man page, completions) into target/debian/; `--check`
+    /// installs it and runs it on a namespace bed (needs root).
+    Deb(deb::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test(options) => test::test(&options),
         Task::Demo(options) => demo::demo(&options),
         Task::Bench(options) => bench::bench(&options),
+        Task::Deb(options) => deb::deb(&options),
     }
 }
 

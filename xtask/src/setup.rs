@@ -532,6 +532,13 @@ fn warn_if_off_path(linker: &Path) {
     }
 }
 
+/// The program `name` on PATH, else in cargo's bin folder (where `cargo
+/// install` puts it, which PATH may lack).
+pub fn cargo_bin(name: &str) -> Option<PathBuf> {
+    find_program(name)
+        .or_else(|| cargo_home().map(|home| home.join("bin").join(name)).filter(|p| p.is_file()))
+}
+
 fn cargo_home() -> Option<PathBuf> {
     env::var_os("CARGO_HOME")
         .map(PathBuf::from)

@@ -7,151 +7,23 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser as _};
 use hairpin::{
     attach::Hook,
+    cli::{Cli, Command, ConntrackCommand, DenyCommand, MappingCommand},
     config::{Config, Mapping, Proto, parse_endpoint, parse_network},
     datapath::{Attachment, Datapath, PinDir, if_index, monotonic_coarse_ns},
+    entry_count::EntryCounter,
+    flows::FlowRow,
     lock::WriteLock,
-    maps::{DenyOrigin, Maps, Table},
+    maps::{DenyOrigin, Maps},
     routes::RouteCacheKeeper,
     stats::{Snapshot, format_values},
 };
-use hairpin_common::{Counter, DIRECTION_ORIGINAL, state};
+use hairpin_common::Counter;
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
-
-/// hairpin: hairpin NAT and port forwards for Linux gateways, in XDP.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {
-    /// Where a running instance keeps its maps and links (bpffs).
-    #[arg(long, global = true, env = "HAIRPIN_PIN_DIR", default_value = "/sys/fs/bpf/hairpin")]
-    pin_dir: PathBuf,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Load the datapath (or take over a running one's), attach it and stay in
-    /// the foreground. SIGHUP re-reads the configuration; SIGINT or SIGTERM
-    /// detach and remove everything.
-    Run {
-        /// The configuration file (TOML).
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Print the counters every this many seconds (0: only at exit).
-        #[arg(long, default_value_t = 0)]
-        stats_interval: u64,
-        /// On SIGINT/SIGTERM leave the datapath attached with its state, for
-        /// an upgrade: the next `hairpin run` takes it over.
-        #[arg(long)]
-        keep_attached: bool,
-    },
-    /// Check a configuration file and print what it would do.
-    Check {
-        /// The configuration file (TOML).
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Publish, withdraw or list mappings of the running instance.
-    #[command(subcommand)]
-    Mapping(MappingCommand),
-    /// List or flush the running instance's flows.
-    #[command(subcommand)]
-    Conntrack(ConntrackCommand),
-    /// Refuse new WAN flows from networks (for ban tools such as fail2ban).
-    #[command(subcommand)]
-    Deny(DenyCommand),
-    /// Counters per verdict and per mapping, table fill.
-    Stats {
-        #[arg(long)]
-        json: bool,
-        /// Print again every this many seconds.
-        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1")]
-        watch: Option<u64>,
-    },
-    /// Interfaces with their attach modes and why, programs, table fill,
-    /// configuration file.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Run one packet through the running instance's program and show what
-    /// it does (verdict, rewritten headers), leaving no state behind.
-    Explain {
-        proto: Proto,
-        /// Source, ADDRESS:PORT.
-        src: SocketAddrV4,
-        /// Destination, ADDRESS:PORT.
-        dst: SocketAddrV4,
-        /// The interface the packet arrives on (default: the first LAN one).
-        #[arg(long)]
-        iface: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Turn iptables-save output's DNAT port forwards into mappings.
-    ImportIptables {
-        /// The iptables-save output; `-` or nothing for standard input.
-        file: Option<PathBuf>,
-        /// Only print what would be published.
-        #[arg(long)]
-        dry_run: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum MappingCommand {
-    /// Publish PUBLIC (ADDRESS:PORT[-PORT]) at SERVER (ADDRESS:PORT[-PORT]).
-    Add {
-        proto: Proto,
-        public: String,
-        server: String,
-        /// Accept new flows only from this source network (repeatable).
-        #[arg(long = "allow", value_name = "CIDR")]
-        allow: Vec<String>,
-        /// Accept new flows only arriving on this LAN or WAN interface
-        /// (repeatable).
-        #[arg(long = "interface", value_name = "NAME")]
-        interfaces: Vec<String>,
-    },
-    /// Withdraw the mapping publishing PUBLIC (ADDRESS:PORT[-PORT]). Its
-    /// established flows go on until they end or expire.
-    Del { proto: Proto, public: String },
-    /// List the published mappings.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum DenyCommand {
-    /// Deny new WAN flows from CIDR, and end its open port-forward flows.
-    /// Kept across reloads until `deny del`.
-    Add { cidr: String },
-    /// Remove exactly CIDR from the deny set.
-    Del { cidr: String },
-    /// The deny set, with where each network came from.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum ConntrackCommand {
-    /// The tracked flows, like `conntrack -L`.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Remove every tracked flow (their packets then go to the kernel).
-    Flush,
-}
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -213,6 +85,14 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             explain(&pins, proto, src, dst, iface, json)
         }
         Command::ImportIptables { file, dry_run } => import_iptables(&pins, file, dry_run),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "hairpin", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
     }
 }
 
@@ -346,9 +226,13 @@ async fn run(
         if let Ok(addr) = listener.local_addr() {
             info!("metrics at http://{addr}/metrics");
         }
+        // Loaded at the first scrape and kept: one counting program for all
+        // scrapes, which take turns with it.
+        let counter = std::sync::Arc::new(std::sync::Mutex::new(None));
         tokio::spawn(async move {
             let served =
-                hairpin::metrics::serve(listener, move || scrape(&scrape_pins, capacity)).await;
+                hairpin::metrics::serve(listener, move || scrape(&scrape_pins, capacity, &counter))
+                    .await;
             if let Err(e) = served {
                 error!("the metrics endpoint stopped: {e}");
             }
@@ -366,6 +250,10 @@ async fn run(
         Duration::from_secs(if stats_interval == 0 { u64::MAX / 4 } else { stats_interval });
     let mut stats_ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let mut reclaim_ticker = reclaim_ticker(&config);
+    // Reclaim reads both tables, seconds at a million flows: on the blocking
+    // pool, so that signals, reloads and scrapes are answered meanwhile;
+    // one at a time.
+    let mut reclaiming: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -379,8 +267,21 @@ async fn run(
                 Err(e) => error!("configuration not reloaded, the running one stays: {}", one_line(&e)),
             },
             _ = stats_ticker.tick() => print_counters(&datapath.maps, &config, "counters"),
-            _ = reclaim_ticker.tick() => reclaim(pins, &mut datapath.maps, &config),
+            _ = reclaim_ticker.tick() => {
+                if reclaiming.as_ref().is_none_or(|task| task.is_finished()) {
+                    let (pins, config) = (pins.clone(), config.clone());
+                    reclaiming = Some(tokio::task::spawn_blocking(move || {
+                        match Maps::open_pinned(&pins.maps()) {
+                            Ok(mut maps) => reclaim(&pins, &mut maps, &config),
+                            Err(e) => warn!("reclaiming expired flows: {e}"),
+                        }
+                    }));
+                }
+            }
         }
+    }
+    if let Some(task) = reclaiming {
+        let _ = task.await;
     }
     // Turns the cache off: nobody watches for routing changes any more.
     drop(route_cache);
@@ -397,9 +298,27 @@ async fn run(
 }
 
 /// The Prometheus exposition, read from the pinned maps.
-fn scrape(pins: &PinDir, capacity: u32) -> Result<String, String> {
+fn scrape(
+    pins: &PinDir,
+    capacity: u32,
+    counter: &std::sync::Mutex<Option<EntryCounter>>,
+) -> Result<String, String> {
     let maps = Maps::open_pinned(&pins.maps()).map_err(|e| e.to_string())?;
-    let snapshot = Snapshot::read(&maps, capacity).map_err(|e| e.to_string())?;
+    let counted = {
+        let mut counter = counter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if counter.is_none() {
+            let tables = maps.conntrack_capacity().unwrap_or(capacity);
+            *counter = EntryCounter::load(&pins.maps(), tables)
+                .inspect_err(|e| warn!("metrics: counting the tables in the kernel: {e}"))
+                .ok();
+        }
+        counter.as_mut().and_then(|c| c.count().ok())
+    };
+    let snapshot = match counted {
+        Some(counts) => Snapshot::read_counted(&maps, capacity, counts.map(|n| n as usize)),
+        None => Snapshot::read(&maps, capacity),
+    }
+    .map_err(|e| e.to_string())?;
     let traffic = mapping_rows(&maps).map_err(|e| e.to_string())?;
     let mappings: Vec<hairpin::metrics::MappingTraffic> = traffic
         .into_iter()
@@ -654,79 +573,16 @@ fn mapping(pins: &PinDir, command: MappingCommand) -> anyhow::Result<()> {
     }
 }
 
-#[derive(Serialize)]
-struct FlowJson {
-    proto: &'static str,
-    kind: &'static str,
-    state: &'static str,
-    table: &'static str,
-    /// client → public, as the client sent it.
-    original: String,
-    /// as the server sees it.
-    translated: String,
-    /// The real client behind the translated source.
-    client: String,
-    age_s: u64,
-    timeout_left_s: u64,
-    packets: u64,
-    bytes: u64,
-}
-
-fn endpoint(addr: u32, port: u16) -> String {
-    format!("{}:{}", hairpin::maps::host_addr(addr), u16::from_be(port))
-}
-
-/// Both entries of each flow, from the entry of its original direction,
-/// handed to `row` one flow at a time as the tables are read (a gateway may
-/// hold millions: neither table is copied); how many flows.
+/// Every flow's row, handed to `row` as the tables are read; how many.
 fn for_each_flow(
     maps: &Maps,
-    mut row: impl FnMut(FlowJson) -> anyhow::Result<()>,
+    mut row: impl FnMut(FlowRow) -> anyhow::Result<()>,
 ) -> anyhow::Result<usize> {
     let settings = maps.settings()?;
     let now = monotonic_coarse_ns();
-    let mut flows = 0;
-    for (table, table_name) in [(Table::Established, "established"), (Table::New, "new")] {
-        maps.for_each_conntrack_entry(table, |key, entry| -> anyhow::Result<()> {
-            if entry.direction != DIRECTION_ORIGINAL {
-                return Ok(());
-            }
-            let reply = maps.flow_in(table, &entry.translated.reversed());
-            let last_seen =
-                reply.map_or(entry.last_seen_ns, |r| r.last_seen_ns.max(entry.last_seen_ns));
-            let idle = now.saturating_sub(last_seen);
-            let timeout = settings.timeout_ns(entry.state);
-            let t = &entry.translated;
-            row(FlowJson {
-                proto: if key.proto == 6 { "tcp" } else { "udp" },
-                kind: if entry.kind == hairpin_common::KIND_HAIRPIN {
-                    "hairpin"
-                } else {
-                    "forward"
-                },
-                state: state::name(entry.state),
-                table: table_name,
-                original: format!(
-                    "{} -> {}",
-                    endpoint(key.src_addr, key.src_port),
-                    endpoint(key.dst_addr, key.dst_port)
-                ),
-                translated: format!(
-                    "{} -> {}",
-                    endpoint(t.src_addr, t.src_port),
-                    endpoint(t.dst_addr, t.dst_port)
-                ),
-                client: endpoint(key.src_addr, key.src_port),
-                age_s: (now / 1_000_000_000).saturating_sub(entry.created_s as u64),
-                timeout_left_s: timeout.saturating_sub(idle) / 1_000_000_000,
-                packets: entry.packets as u64 + reply.map_or(0, |r| r.packets as u64),
-                bytes: entry.bytes + reply.map_or(0, |r| r.bytes),
-            })?;
-            flows += 1;
-            Ok(())
-        })?;
-    }
-    Ok(flows)
+    hairpin::flows::for_each_flow(maps, |table, flow| {
+        row(FlowRow::new(table, &flow, &settings, now))
+    })
 }
 
 fn conntrack(pins: &PinDir, command: ConntrackCommand) -> anyhow::Result<()> {
@@ -881,8 +737,7 @@ fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
     let maps = open(pins)?;
     let state = read_state(pins);
     let daemon_alive = state.as_ref().is_some_and(|s| daemon_alive(s.pid));
-    let established = maps.conntrack_len(Table::Established)?;
-    let new = maps.conntrack_len(Table::New)?;
+    let [established, new] = maps.conntrack_entry_counts()?;
     let links = pinned_links(pins);
     let route_cache = maps.route_cache()?;
     let route_cache_on = route_cache.usable(monotonic_coarse_ns());
