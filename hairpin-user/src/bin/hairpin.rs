@@ -269,10 +269,10 @@ async fn run(
             _ = stats_ticker.tick() => print_counters(&datapath.maps, &config, "counters"),
             _ = reclaim_ticker.tick() => {
                 if reclaiming.as_ref().is_none_or(|task| task.is_finished()) {
-                    let (pins, config) = (pins.clone(), config.clone());
+                    let pins = pins.clone();
                     reclaiming = Some(tokio::task::spawn_blocking(move || {
                         match Maps::open_pinned(&pins.maps()) {
-                            Ok(mut maps) => reclaim(&pins, &mut maps, &config),
+                            Ok(mut maps) => reclaim(&pins, &mut maps),
                             Err(e) => warn!("reclaiming expired flows: {e}"),
                         }
                     }));
@@ -367,11 +367,16 @@ fn reclaim_ticker_for(config: &Config) -> tokio::time::Interval {
     tokio::time::interval_at(tokio::time::Instant::now() + period, period)
 }
 
-fn reclaim(pins: &PinDir, maps: &mut Maps, config: &Config) {
-    let settings = hairpin::datapath::settings(config);
+fn reclaim(pins: &PinDir, maps: &mut Maps) {
     let _lock = match write_lock(pins) {
         Ok(lock) => lock,
         Err(e) => return warn!("reclaiming expired flows: {}", one_line(&e)),
+    };
+    // The timeouts in force now, read under the lock: a reload may have
+    // changed them since this reclaim was started.
+    let settings = match maps.settings() {
+        Ok(settings) => settings,
+        Err(e) => return warn!("reclaiming expired flows: {e}"),
     };
     match maps.reclaim_expired(&settings, monotonic_coarse_ns()) {
         Ok([established, new]) => {
