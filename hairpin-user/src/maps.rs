@@ -767,6 +767,11 @@ impl Maps {
                 Err(e) => log::debug!("counting the tables in the kernel: {e}; reading them"),
             }
         }
+        self.conntrack_entry_counts_read()
+    }
+
+    /// [`Maps::conntrack_entry_counts`] by reading both tables in batches.
+    pub fn conntrack_entry_counts_read(&self) -> Result<[usize; 2], MapsError> {
         Ok([self.conntrack_len(Table::Established)?, self.conntrack_len(Table::New)?])
     }
 

@@ -314,11 +314,13 @@ fn scrape(
         }
         counter.as_mut().and_then(|c| c.count().ok())
     };
-    let snapshot = match counted {
-        Some(counts) => Snapshot::read_counted(&maps, capacity, counts.map(|n| n as usize)),
-        None => Snapshot::read(&maps, capacity),
-    }
-    .map_err(|e| e.to_string())?;
+    // Without the counting program the tables are read, not a second
+    // program loaded.
+    let counts = match counted {
+        Some(counts) => counts.map(|n| n as usize),
+        None => maps.conntrack_entry_counts_read().map_err(|e| e.to_string())?,
+    };
+    let snapshot = Snapshot::read_counted(&maps, capacity, counts).map_err(|e| e.to_string())?;
     let traffic = mapping_rows(&maps).map_err(|e| e.to_string())?;
     let mappings: Vec<hairpin::metrics::MappingTraffic> = traffic
         .into_iter()
