@@ -3,12 +3,15 @@
 //!
 //! The tables are read once, in batches, in the kernel's order, so a flow's
 //! two entries come at unrelated moments. Each waits in a hash map, keyed
-//! by the reply direction's key, until its partner comes: one pass over the
-//! table and no lookup system call per flow. What waits is at most the
-//! table's size (an original direction waits whole, a reply direction only
-//! its totals). The maps hash with foldhash, seeded at random: several
-//! times faster than SipHash on these 16-byte keys, and a WAN sender who
-//! picks its ports still cannot aim at its buckets.
+//! by its own key, until its partner comes: one pass over the table and no
+//! lookup system call per flow. What waits is at most the table's size (an
+//! original direction waits whole, a reply direction only its totals). Two
+//! entries pair only when each names the other: after the new-flow table
+//! evicted one direction of a flow, the survivor may point at a key a later
+//! flow took, and is shown alone rather than with a stranger's totals. The
+//! maps hash with foldhash, seeded at random: several times faster than
+//! SipHash on these 16-byte keys, and a WAN sender who picks its ports
+//! still cannot aim at its buckets.
 
 use std::fmt;
 
@@ -47,8 +50,11 @@ pub struct Flow {
 /// original direction alone).
 #[derive(Default)]
 pub struct Pairing {
-    originals: HashMap<FlowKey, (FlowKey, FlowEntry)>,
-    replies: HashMap<FlowKey, ReplyTotals>,
+    /// Original directions waiting, by their key.
+    originals: HashMap<FlowKey, FlowEntry>,
+    /// Reply directions waiting, by their key: the original direction they
+    /// name, and their totals.
+    replies: HashMap<FlowKey, (FlowKey, ReplyTotals)>,
 }
 
 impl Pairing {
@@ -58,30 +64,29 @@ impl Pairing {
         entry: &FlowEntry,
         flow: &mut impl FnMut(Flow) -> Result<(), E>,
     ) -> Result<(), E> {
+        // Each direction's entry holds the other's key, reversed.
+        let partner = entry.translated.reversed();
         if entry.direction == DIRECTION_ORIGINAL {
-            let reply_key = entry.translated.reversed();
-            match self.replies.remove(&reply_key) {
-                Some(reply) => flow(Flow { key: *key, original: *entry, reply: Some(reply) }),
-                None => {
-                    self.originals.insert(reply_key, (*key, *entry));
-                    Ok(())
-                }
+            if self.replies.get(&partner).is_some_and(|(named, _)| named == key) {
+                let reply = self.replies.remove(&partner).map(|(_, reply)| reply);
+                return flow(Flow { key: *key, original: *entry, reply });
             }
+            self.originals.insert(*key, *entry);
         } else {
-            match self.originals.remove(key) {
-                Some((key, original)) => flow(Flow { key, original, reply: Some(entry.into()) }),
-                None => {
-                    self.replies.insert(*key, entry.into());
-                    Ok(())
-                }
+            if self.originals.get(&partner).is_some_and(|o| o.translated.reversed() == *key)
+                && let Some(original) = self.originals.remove(&partner)
+            {
+                return flow(Flow { key: partner, original, reply: Some(entry.into()) });
             }
+            self.replies.insert(*key, (partner, entry.into()));
         }
+        Ok(())
     }
 
     /// The flows whose reply entry never came; a reply entry without its
     /// original direction is no flow to show.
     pub fn finish<E>(self, flow: &mut impl FnMut(Flow) -> Result<(), E>) -> Result<(), E> {
-        for (_, (key, original)) in self.originals {
+        for (key, original) in self.originals {
             flow(Flow { key, original, reply: None })?;
         }
         Ok(())
@@ -260,6 +265,28 @@ mod tests {
         assert_eq!(flows.len(), 1, "{flows:?}");
         assert_eq!(flows[0].key, original.0);
         assert_eq!(flows[0].reply, None);
+    }
+
+    /// After an eviction: flow 1's original survives, but its reply key was
+    /// taken by flow 2, whose reply names flow 2's original. In any order,
+    /// flow 2 is paired with its own reply and flow 1 is shown alone.
+    #[rstest::rstest]
+    #[case::orphan_first(&[0, 1, 2])]
+    #[case::reply_first(&[2, 0, 1])]
+    #[case::own_original_first(&[1, 2, 0])]
+    #[case::reply_between(&[1, 0, 2])]
+    fn an_orphan_sharing_a_reply_key_is_shown_alone(#[case] order: &[usize]) {
+        let [(orphan_key, mut orphan), _] = flow(1);
+        let [(key, original), (reply_key, reply)] = flow(2);
+        orphan.translated = reply_key.reversed();
+        let entries = [(orphan_key, orphan), (key, original), (reply_key, reply)];
+        let ordered: Vec<_> = order.iter().map(|&i| entries[i]).collect();
+        let mut flows = paired(&ordered);
+        flows.sort_by_key(|flow| flow.key.src_addr.to_ne_bytes());
+        assert_eq!(flows.len(), 2, "both originals are shown: {flows:?}");
+        assert_eq!((flows[0].key, flows[0].reply), (orphan_key, None), "the orphan alone");
+        assert_eq!(flows[1].key, key);
+        assert_eq!(flows[1].reply, Some((&reply).into()), "flow 2 with its own reply");
     }
 
     #[test]
