@@ -15,6 +15,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+use hairpin_common::nat::UDP_STREAM_AFTER_S;
 use hairpin_tests::{Netns, cli::Cli, daemon::Daemon};
 
 use crate::{
@@ -30,8 +31,10 @@ pub const CONCURRENT_SCRAPES: usize = 10;
 #[derive(Clone, Debug, Default)]
 pub struct ControlPoint {
     pub flows: u32,
-    /// Entries of the established table, as `stats --json` counts them.
+    /// Entries of the established and the new-flow table, as `stats
+    /// --json` counts them.
     pub established_entries: u64,
+    pub new_entries: u64,
     /// Rows `conntrack list --json` printed (one per flow).
     pub listed: usize,
     pub list: Vec<f64>,
@@ -71,6 +74,10 @@ pub fn measure(
         log(&format!("control plane: opening {flows} flows through hairpin run"));
         let mut bed = LoadBed::new(BedKind::Routed, Gateway::HairpinDaemon, flows, capacity)?;
         bed.open_flows(cpu)?;
+        // An answered UDP flow moves to the established table with its
+        // first packet after UDP_STREAM_AFTER_S: each flow sends once more.
+        thread::sleep(Duration::from_secs(u64::from(UDP_STREAM_AFTER_S) + 1));
+        bed.measure(flows, cpu)?;
         let gateway = bed.bed().context("the gateway bed")?.gateway();
         let daemon = daemon(&bed)?;
         let point = measure_point(gateway, daemon.pid(), flows, rounds, log)?;
@@ -117,9 +124,12 @@ fn measure_point(
 
         let (took, output) = timed(|| cli.run(&["stats", "--json"]));
         ensure!(output.success(), "stats failed: {output}");
-        point.established_entries = output.json()["counters"]["established_entries"]
+        let counters = &output.json()["counters"];
+        point.established_entries = counters["established_entries"]
             .as_u64()
             .context("stats --json has no established_entries")?;
+        point.new_entries =
+            counters["new_entries"].as_u64().context("stats --json has no new_entries")?;
         point.stats.push(took);
 
         let (took, body) = timed(|| scrape(gateway));
@@ -151,6 +161,14 @@ fn measure_point(
         point.listed as u64 * 100 >= u64::from(flows) * 95,
         "conntrack list showed {} rows for {flows} flows",
         point.listed
+    );
+    // Two entries per established flow: the figures are of established
+    // flows, not of not-yet-answered ones.
+    ensure!(
+        point.established_entries * 100 >= 2 * u64::from(flows) * 95,
+        "only {} established entries for {flows} flows ({} in the new-flow table)",
+        point.established_entries,
+        point.new_entries
     );
     let (slowest, before, peak) = concurrent_scrapes(gateway, pid)?;
     point.concurrent_slowest = slowest;
@@ -282,20 +300,23 @@ pub fn section(points: &[ControlPoint]) -> String {
     let mut md = String::from(
         "\n## Control plane at scale\n\n\
          `hairpin run` (the daemon, XDP, pinned maps, metrics on) on the routed bed; the flows \
-         are opened by packets as in the flow-scale part and answered, so they are established. \
+         are opened by packets as in the flow-scale part, answered, and sent to once more after \
+         `UDP_STREAM_AFTER_S`, so that they move to the established table (its entries are \
+         counted below, two per flow). \
          Each command is timed from start to exit (the CLI's process start included), medians \
          of the rounds; the scrape is `curl` of `/metrics` in the gateway's namespace. The \
          memory is the daemon's `VmRSS`, sampled every 2 ms while \
          ten scrapes started together.\n\n\
-         | flows | established entries | listed | `conntrack list --json` (s) | `stats --json` (s) | scrape (s) | slowest of 10 concurrent scrapes (s) | RSS before (MiB) | RSS growth (MiB) | `mapping add` (s) |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         | flows | established entries | new-flow entries | listed | `conntrack list --json` (s) | `stats --json` (s) | scrape (s) | slowest of 10 concurrent scrapes (s) | RSS before (MiB) | RSS growth (MiB) | `mapping add` (s) |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for p in points {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {:.3} |",
+            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {:.3} |",
             crate::report::count(p.flows),
             p.established_entries,
+            p.new_entries,
             p.listed,
             seconds(&p.list),
             seconds(&p.stats),
