@@ -8,6 +8,7 @@ pub mod checksum;
 pub mod counters;
 pub mod fragment;
 pub mod icmp;
+pub mod mapping_ids;
 pub mod maps;
 pub mod nat;
 pub mod packet;

@@ -28,9 +28,10 @@ pub mod names {
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const FRAGMENT_QUEUE: &str = "FRAGMENT_QUEUE";
     pub const FLOW_ADDRESSES: &str = "FLOW_ADDRESSES";
+    pub const MAPPING_IDS: &str = "MAPPING_IDS";
 
     /// The maps a running instance keeps (pinned) and its tools share.
-    pub const SHARED: [&str; 18] = [
+    pub const SHARED: [&str; 19] = [
         LAYOUT,
         SETTINGS,
         ROUTE_CACHE,
@@ -49,6 +50,7 @@ pub mod names {
         FRAGMENTS,
         FRAGMENT_QUEUE,
         FLOW_ADDRESSES,
+        MAPPING_IDS,
     ];
 }
 
@@ -539,7 +541,7 @@ pod! {
 
 /// Changes whenever a map's layout or meaning changes, so that a running
 /// instance's pinned maps are never used with another layout.
-pub const LAYOUT_VERSION: u64 = 9 << 48
+pub const LAYOUT_VERSION: u64 = 10 << 48
     | (core::mem::size_of::<FlowKey>() as u64) << 40
     | (core::mem::size_of::<FlowEntry>() as u64) << 32
     | (core::mem::size_of::<MappingKey>() as u64) << 24

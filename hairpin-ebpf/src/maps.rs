@@ -115,6 +115,11 @@ pub(crate) static SPLIT_SCRATCH: PerCpuArray<[u8; 2 * MAX_SPLIT_PAYLOAD]> =
 pub(crate) static FLOW_ADDRESSES: HashMap<u32, u8> =
     HashMap::with_max_entries(MAX_FLOW_ADDRESSES, 0);
 
+/// Which mapping rule ids user space may give out (`mapping_ids`); the
+/// datapath never reads it.
+#[map]
+pub(crate) static MAPPING_IDS: Array<u64> = Array::with_max_entries(MAX_MAPPING_RULES, 0);
+
 /// `LAYOUT_VERSION` of the user space that created the maps.
 #[map]
 pub(crate) static LAYOUT: Array<u64> = Array::with_max_entries(1, 0);

@@ -91,9 +91,13 @@ pub enum Command {
     /// Print the completions for SHELL (e.g. `hairpin completions bash >
     /// /etc/bash_completion.d/hairpin`).
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff), as the package installs it.
+    /// Print the man page (roff), or write it and one page per command
+    /// (`hairpin-mapping-add.1`, ...) into DIR, as the package installs them.
     #[command(hide = true)]
-    Man,
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]

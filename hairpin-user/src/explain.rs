@@ -113,11 +113,7 @@ pub fn explain(
     }
     let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
     let mut maps = Maps::take(&mut ebpf)?;
-    for table in [Table::Established, Table::New] {
-        for (key, entry) in instance.conntrack(table)? {
-            maps.put_flow(table, &key, &entry);
-        }
-    }
+    copy_flow_entries(&instance, &mut maps, &flow_key(proto, src, dst));
     let segment = tcp_segment_for(&maps, proto, src, dst);
     let packet = build_packet(proto, src, dst, segment);
     let verdict = match hook {
@@ -133,6 +129,37 @@ pub fn explain(
         Hook::Tc => tc_action(&verdict, &input),
     };
     Ok(Explanation { action, counters: moved, input, output })
+}
+
+/// The packet's conntrack key, as the datapath builds it (network order).
+fn flow_key(proto: Proto, src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey {
+    FlowKey::new(
+        wire_addr(*src.ip()),
+        wire_addr(*dst.ip()),
+        src.port().to_be(),
+        dst.port().to_be(),
+        proto.number(),
+    )
+}
+
+/// Copies into the run's private tables the only entries the program can
+/// find for this packet: its own key's, in either table, and their
+/// partners (the other direction of the same flow). A copy of whole tables
+/// would cost a second per million flows and show nothing more. The port a
+/// new flow is given is drawn at random by the datapath, so its search
+/// among taken ports is not replayed: a new flow is explained as opened.
+fn copy_flow_entries(instance: &Maps, maps: &mut Maps, key: &FlowKey) {
+    let tables = [Table::Established, Table::New];
+    for table in tables {
+        let Some(entry) = instance.flow_in(table, key) else { continue };
+        maps.put_flow(table, key, &entry);
+        let partner = entry.translated.reversed();
+        for partner_table in tables {
+            if let Some(other) = instance.flow_in(partner_table, &partner) {
+                maps.put_flow(partner_table, &partner, &other);
+            }
+        }
+    }
 }
 
 /// A test run's answer: the program's return value and the packet after.

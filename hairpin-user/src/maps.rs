@@ -19,7 +19,7 @@ use hairpin_common::{
     FragmentKey, KIND_PORT_FORWARD, LAYOUT_VERSION, MAPPING_ALLOWLIST, MAPPING_INTERFACE_BOUND,
     MAX_DENY_NETWORKS, MAX_MAPPING_INTERFACES, MAX_MAPPING_RULES, MAX_MAPPING_SOURCES,
     MAX_MAPPINGS, MappingKey, MappingStats, MappingValue, RouteCache, RuleInterface, RuleSource,
-    Settings, maps::names,
+    Settings, mapping_ids, maps::names,
 };
 use thiserror::Error;
 
@@ -100,6 +100,19 @@ pub struct Maps {
     mapping_interfaces: HashMap<MapData, RuleInterface, u8>,
     fragments: HashMap<MapData, FragmentKey, FragmentEntry>,
     flow_addresses: HashMap<MapData, u32, u8>,
+    mapping_ids: Array<MapData, u64>,
+}
+
+/// What one read of both tables found for a reclaim: the entries of
+/// expired flows, and which mapping rule ids live flows carry.
+#[derive(Debug)]
+pub struct ReclaimPlan {
+    /// The expired entries as read, by table (established, new).
+    pub expired: [Vec<(FlowKey, FlowEntry)>; 2],
+    /// By rule id: whether an entry carrying it was read.
+    pub ids_seen: Vec<bool>,
+    /// When the read began (CLOCK_MONOTONIC_COARSE).
+    pub read_from_ns: u64,
 }
 
 /// Why a network is in the deny set (the `DENY_NETWORKS` value; the datapath
@@ -198,6 +211,7 @@ impl Maps {
             mapping_interfaces: typed!(names::MAPPING_INTERFACES),
             fragments: typed!(names::FRAGMENTS),
             flow_addresses: typed!(names::FLOW_ADDRESSES),
+            mapping_ids: typed!(names::MAPPING_IDS),
         })
     }
 
@@ -391,26 +405,7 @@ impl Maps {
                 mapping.public_ports.len()
             )));
         }
-        // An id still counted by live flows of a withdrawn mapping is not
-        // given out again: their traffic would show under the new mapping.
-        // One flag per id, set as the tables are read in batches (nothing
-        // copied: a gateway may hold millions of flows).
-        let mut used = vec![false; MAX_MAPPING_RULES as usize];
-        let mut mark = |id: u16| {
-            if let Some(slot) = used.get_mut(id as usize) {
-                *slot = true;
-            }
-        };
-        rules.iter().for_each(|r| mark(r.id));
-        for table in [Table::Established, Table::New] {
-            self.for_each_conntrack_entry(table, |_, entry| -> Result<(), MapsError> {
-                mark(entry.mapping_id);
-                Ok(())
-            })?;
-        }
-        let id = used.iter().position(|used| !used).map(|id| id as u16).ok_or_else(|| {
-            MapsError::Mapping(format!("no room for more than {MAX_MAPPING_RULES} mapping rules"))
-        })?;
+        let id = self.free_mapping_id(&rules)?;
         let stats_zero = aya::maps::PerCpuValues::try_from(vec![
             MappingStats::default();
             aya::util::nr_cpus().map_err(
@@ -421,13 +416,17 @@ impl Maps {
         self.mapping_stats
             .set(id as u32, stats_zero, 0)
             .map_err(map_error(names::MAPPING_STATS))?;
+        self.set_mapping_id(id, mapping_ids::PUBLISHED)?;
 
         // The restrictions go in before the ports that need them, so that no
         // packet sees a flag without its entries; and whatever a rule with
         // this id left behind (a crash between two writes) goes first.
-        self.remove_restrictions(id)?;
-        if let Err(error) = self.add_restrictions(id, mapping, &if_indexes) {
+        let restricted = self
+            .remove_restrictions(id)
+            .and_then(|()| self.add_restrictions(id, mapping, &if_indexes));
+        if let Err(error) = restricted {
             let _ = self.remove_restrictions(id);
+            let _ = self.set_mapping_id(id, mapping_ids::FREE);
             return Err(error);
         }
         let flags = if mapping.allow.is_empty() { 0 } else { MAPPING_ALLOWLIST }
@@ -444,6 +443,8 @@ impl Maps {
                 _pad1: 0,
             };
             if let Err(source) = self.mappings.insert(key, value, BPF_NOEXIST) {
+                // The ports published meanwhile may have opened flows.
+                let _ = self.retire_mapping_id(id);
                 for key in inserted {
                     let _ = self.mappings.remove(&key);
                 }
@@ -454,6 +455,82 @@ impl Maps {
         }
         self.refresh_flow_addresses()?;
         Ok(id)
+    }
+
+    fn mapping_id_slots(&self) -> Result<Vec<u64>, MapsError> {
+        (0..MAX_MAPPING_RULES)
+            .map(|id| self.mapping_ids.get(&id, 0).map_err(map_error(names::MAPPING_IDS)))
+            .collect()
+    }
+
+    fn set_mapping_id(&mut self, id: u16, slot: u64) -> Result<(), MapsError> {
+        self.mapping_ids.set(u32::from(id), slot, 0).map_err(map_error(names::MAPPING_IDS))
+    }
+
+    fn retire_mapping_id(&mut self, id: u16) -> Result<(), MapsError> {
+        self.set_mapping_id(id, mapping_ids::retired(crate::datapath::monotonic_coarse_ns()))
+    }
+
+    /// An id for a new rule: a free one, found in `MAPPING_IDS` alone. Only
+    /// when every id is published or retired are the tables read, to find
+    /// the retired ids no flow carries any more (the daemon's reclaim
+    /// frees them as it goes, so without a daemon this is how they come
+    /// back).
+    fn free_mapping_id(&mut self, rules: &[MappingRule]) -> Result<u16, MapsError> {
+        let mut published = vec![false; MAX_MAPPING_RULES as usize];
+        for rule in rules {
+            if let Some(slot) = published.get_mut(rule.id as usize) {
+                *slot = true;
+            }
+        }
+        let slots = self.mapping_id_slots()?;
+        let free = |slots: &[u64]| {
+            slots
+                .iter()
+                .zip(&published)
+                .position(|(&slot, &published)| mapping_ids::is_free(slot, published))
+                .map(|id| id as u16)
+        };
+        if let Some(id) = free(&slots) {
+            return Ok(id);
+        }
+        let read_from_ns = crate::datapath::monotonic_coarse_ns();
+        let mut ids_seen = vec![false; MAX_MAPPING_RULES as usize];
+        for table in [Table::Established, Table::New] {
+            self.for_each_conntrack_entry(table, |_, entry| -> Result<(), MapsError> {
+                if let Some(seen) = ids_seen.get_mut(entry.mapping_id as usize) {
+                    *seen = true;
+                }
+                Ok(())
+            })?;
+        }
+        // A published slot without its rule is what an add that stopped
+        // half-way leaves: free once no flow carries it.
+        for (id, slot) in slots.iter().enumerate() {
+            let abandoned = *slot == mapping_ids::PUBLISHED && !published[id];
+            let settled = mapping_ids::may_free(*slot, read_from_ns) || abandoned;
+            if settled && !ids_seen[id] {
+                self.set_mapping_id(id as u16, mapping_ids::FREE)?;
+            }
+        }
+        free(&self.mapping_id_slots()?).ok_or_else(|| {
+            MapsError::Mapping(format!(
+                "no room for more than {MAX_MAPPING_RULES} mapping rules (ids of withdrawn rules come back once their flows are gone)"
+            ))
+        })
+    }
+
+    /// Frees the retired ids `plan` found no flow of (see
+    /// [`mapping_ids::may_free`]); how many.
+    pub fn free_retired_mapping_ids(&mut self, plan: &ReclaimPlan) -> Result<usize, MapsError> {
+        let mut freed = 0;
+        for (id, slot) in self.mapping_id_slots()?.into_iter().enumerate() {
+            if mapping_ids::may_free(slot, plan.read_from_ns) && !plan.ids_seen[id] {
+                self.set_mapping_id(id as u16, mapping_ids::FREE)?;
+                freed += 1;
+            }
+        }
+        Ok(freed)
     }
 
     /// Makes `FLOW_ADDRESSES` say which addresses are the published rules'
@@ -626,6 +703,9 @@ impl Maps {
             .ok_or_else(|| {
                 MapsError::Mapping(format!("no mapping publishes {proto} {public}:{ports}"))
             })?;
+        // Retired before its ports go: a crash in between leaves the id
+        // retired, never free while its flows may live.
+        self.retire_mapping_id(rule.id)?;
         for (public_port, _) in rule.mapping.port_pairs() {
             let key = mapping_key(proto, public, public_port);
             self.mappings.remove(&key).map_err(map_error(names::MAPPINGS))?;
@@ -761,8 +841,8 @@ impl Maps {
     /// tables are counted in the kernel ([`crate::entry_count`]); where
     /// that cannot run, they are read in batches.
     pub fn conntrack_entry_counts(&self) -> Result<[usize; 2], MapsError> {
-        if let Some(dir) = &self.pinned_at {
-            match crate::entry_count::conntrack_entries(dir, self.conntrack_capacity()?) {
+        if self.pinned_at.is_some() {
+            match crate::entry_count::conntrack_entries(self) {
                 Ok(counts) => return Ok(counts.map(|count| count as usize)),
                 Err(e) => log::debug!("counting the tables in the kernel: {e}; reading them"),
             }
@@ -770,45 +850,74 @@ impl Maps {
         self.conntrack_entry_counts_read()
     }
 
+    /// The pin directory these maps were opened from, if they were.
+    pub fn pinned_at(&self) -> Option<&Path> {
+        self.pinned_at.as_deref()
+    }
+
+    /// The kernel's ids of the established and the new-flow table.
+    pub fn conntrack_table_ids(&self) -> Result<[u32; 2], MapsError> {
+        use aya::maps::IterableMap as _;
+        let id = |map: &HashMap<MapData, FlowKey, FlowEntry>, name| {
+            map.map().info().map(|info| info.id()).map_err(map_error(name))
+        };
+        Ok([id(&self.established, names::CONNTRACK)?, id(&self.new, names::CONNTRACK_NEW)?])
+    }
+
     /// [`Maps::conntrack_entry_counts`] by reading both tables in batches.
     pub fn conntrack_entry_counts_read(&self) -> Result<[usize; 2], MapsError> {
         Ok([self.conntrack_len(Table::Established)?, self.conntrack_len(Table::New)?])
     }
 
-    /// Empties both conntrack tables; how many entries there were.
+    /// Empties both conntrack tables; how many entries there were. The ids
+    /// of rules withdrawn before it began are free again: no flow carries
+    /// them any more.
     pub fn flush_conntrack(&mut self) -> Result<usize, MapsError> {
+        let started_ns = crate::datapath::monotonic_coarse_ns();
         let mut removed = 0;
         for table in [Table::Established, Table::New] {
             let keys = self.conntrack_keys(table)?;
             removed += self.remove_flows(table, &keys);
         }
+        for (id, slot) in self.mapping_id_slots()?.into_iter().enumerate() {
+            if mapping_ids::may_free(slot, started_ns) {
+                self.set_mapping_id(id as u16, mapping_ids::FREE)?;
+            }
+        }
         Ok(removed)
     }
 
-    /// Removes the entries of flows expired at `now_ns` from both tables;
-    /// how many from each (established, new).
+    /// Removes the entries of flows expired at `now_ns` from both tables,
+    /// and frees the retired rule ids no flow carries; how many entries
+    /// from each table (established, new).
     pub fn reclaim_expired(
         &mut self,
         settings: &Settings,
         now_ns: u64,
     ) -> Result<[usize; 2], MapsError> {
-        let plan = self.expired_entries(settings, now_ns)?;
+        let plan = self.reclaim_plan(settings, now_ns)?;
+        self.free_retired_mapping_ids(&plan)?;
         Ok(self.remove_if_still_expired(&plan, settings, now_ns))
     }
 
-    /// The entries of flows expired at `now_ns`, as read, by table
-    /// (established, new): what `remove_if_still_expired` may remove. The
-    /// tables are read in batches; only the expired entries are kept.
-    pub fn expired_entries(
-        &self,
-        settings: &Settings,
-        now_ns: u64,
-    ) -> Result<[Vec<(FlowKey, FlowEntry)>; 2], MapsError> {
-        let mut plan = [Vec::new(), Vec::new()];
+    /// Reads both tables in batches, from `now_ns` on: the entries of flows
+    /// expired at `now_ns` (only those are kept), what
+    /// `remove_if_still_expired` may remove, and the rule ids the entries
+    /// carry.
+    pub fn reclaim_plan(&self, settings: &Settings, now_ns: u64) -> Result<ReclaimPlan, MapsError> {
+        let mut plan = ReclaimPlan {
+            expired: [Vec::new(), Vec::new()],
+            ids_seen: vec![false; MAX_MAPPING_RULES as usize],
+            read_from_ns: now_ns,
+        };
         for (slot, table) in [Table::Established, Table::New].into_iter().enumerate() {
             let (map, _) = self.conntrack_map(table);
-            let expired = &mut plan[slot];
+            let expired = &mut plan.expired[slot];
+            let ids_seen = &mut plan.ids_seen;
             self.for_each_conntrack_entry(table, |key, entry| -> Result<(), MapsError> {
+                if let Some(seen) = ids_seen.get_mut(entry.mapping_id as usize) {
+                    *seen = true;
+                }
                 let partner = |partner: &FlowKey| map.get(partner, 0).ok();
                 if crate::conntrack::flow_expired(entry, partner, settings, now_ns) {
                     expired.push((*key, *entry));
@@ -827,7 +936,7 @@ impl Maps {
     /// from each table.
     pub fn remove_if_still_expired(
         &mut self,
-        plan: &[Vec<(FlowKey, FlowEntry)>; 2],
+        plan: &ReclaimPlan,
         settings: &Settings,
         now_ns: u64,
     ) -> [usize; 2] {
@@ -837,7 +946,7 @@ impl Maps {
                 Table::Established => &mut self.established,
                 Table::New => &mut self.new,
             };
-            for (key, first) in &plan[slot] {
+            for (key, first) in &plan.expired[slot] {
                 let current = map.get(key, 0).ok();
                 let partner = current.and_then(|c| map.get(&c.translated.reversed(), 0).ok());
                 let still = crate::conntrack::still_expired(

@@ -1179,8 +1179,8 @@ fn reclaim_keeps_a_flow_reopened_after_it_read_the_table() {
         std::thread::sleep(std::time::Duration::from_millis(2100));
         let settings = hairpin::datapath::settings(&config.parse().unwrap());
         let now = monotonic_coarse_ns();
-        let plan = gw.datapath.maps.expired_entries(&settings, now).expect("read the tables");
-        assert_eq!(plan[1].len(), 2, "reclaim read the expired flow's two entries");
+        let plan = gw.datapath.maps.reclaim_plan(&settings, now).expect("read the tables");
+        assert_eq!(plan.expired[1].len(), 2, "reclaim read the expired flow's two entries");
 
         // Meanwhile the client sends again: the datapath removes the expired
         // flow and opens a new one under the same keys.
@@ -1192,6 +1192,46 @@ fn reclaim_keeps_a_flow_reopened_after_it_read_the_table() {
         let (verdict, out) = gw.run(&udp((SERVER, 5353), (GATEWAY, 33600), b"a"));
         assert_eq!(verdict, XDP_TX, "the reopened flow still translates");
         assert_eq!(inspect(&out).dst, (CLIENT, 33600));
+    });
+}
+
+/// A withdrawn rule's id is not given to the next rule while a flow of it
+/// lives (that flow's traffic would count under the next rule), and comes
+/// back once a reclaim found no flow carrying it.
+#[test]
+#[ignore = "needs root"]
+fn a_withdrawn_rules_id_comes_back_only_once_its_flows_are_gone() {
+    require_root("a_withdrawn_rules_id_comes_back_only_once_its_flows_are_gone");
+    let config = format!("{CONFIG}\n[timeouts]\nudp = 1\n");
+    with_datapath(&config, |gw| {
+        let rules = gw.datapath.maps.mapping_rules().expect("the published rules");
+        let rule = rules
+            .iter()
+            .find(|rule| rule.mapping.public_ports.first == 53)
+            .unwrap_or_else(|| panic!("no UDP rule in {rules:?}"))
+            .clone();
+        assert_eq!(gw.run(&udp((CLIENT, 33600), (PUBLIC, 53), b"q")).0, XDP_TX, "a flow");
+        let (proto, public, ports) =
+            (rule.mapping.proto, rule.mapping.public, rule.mapping.public_ports);
+        let maps = &mut gw.datapath.maps;
+        maps.remove_mapping(proto, public, ports).expect("withdraw the UDP rule");
+
+        // A reclaim long after the withdrawal, but while the flow lives.
+        let settings = hairpin::datapath::settings(&config.parse().unwrap());
+        let later = monotonic_coarse_ns() + 3 * hairpin_common::mapping_ids::SETTLE_NS;
+        let plan = maps.reclaim_plan(&settings, later).expect("read the tables");
+        assert!(plan.ids_seen[usize::from(rule.id)], "the live flow carries the withdrawn id");
+        assert_eq!(maps.free_retired_mapping_ids(&plan).expect("free ids"), 0);
+        let next = maps.add_mapping(&rule.mapping).expect("publish it again");
+        assert_ne!(next, rule.id, "the id of a rule whose flow lives was given out again");
+
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let now = monotonic_coarse_ns();
+        assert_eq!(maps.reclaim_expired(&settings, now).expect("reclaim"), [0, 2], "the flow");
+        assert_eq!(maps.reclaim_expired(&settings, now).expect("reclaim"), [0, 0]);
+        maps.remove_mapping(proto, public, ports).expect("withdraw it again");
+        let last = maps.add_mapping(&rule.mapping).expect("publish it once more");
+        assert_eq!(last, rule.id, "the lowest id, free again once its flow was gone");
     });
 }
 

@@ -1,7 +1,8 @@
 //! What `examples/hairpin.service` promises: hairpin runs with only the
 //! capabilities the unit grants. `cargo xtask deb --check` runs this test
 //! again against the installed package: `HAIRPIN_UNIT` names the installed
-//! unit and `HAIRPIN_BIN` its `ExecStart` program.
+//! unit and `HAIRPIN_BIN` the installed binary, which the unit's
+//! `ExecStart` must run.
 
 use std::{net::SocketAddrV4, time::Duration};
 

@@ -19,9 +19,12 @@ use crate::{run_command, setup, workspace_root};
 /// The cargo-deb release the package is built with (`cargo install --locked`).
 const CARGO_DEB_VERSION: &str = "3.8.0";
 
-/// What the installed package must provide, besides the binary.
+/// Where the package installs the binary, and the unit runs it from.
+const BINARY: &str = "/usr/bin/hairpin";
+
+/// What the installed package must provide.
 const INSTALLED: &[&str] = &[
-    "/usr/bin/hairpin",
+    BINARY,
     "/lib/systemd/system/hairpin.service",
     "/etc/hairpin/hairpin.toml",
     "/usr/share/bash-completion/completions/hairpin",
@@ -87,8 +90,9 @@ fn cargo_deb() -> anyhow::Result<PathBuf> {
     setup::cargo_bin("cargo-deb").context("cargo-deb was installed but is not found")
 }
 
-/// The man page (gzipped, as Debian ships them) and the completions for
-/// bash, zsh and fish, from `hairpin man` and `hairpin completions`.
+/// The man pages (hairpin.1 and one per command, gzipped, as Debian ships
+/// them) and the completions for bash, zsh and fish, from `hairpin man`
+/// and `hairpin completions`.
 fn generate_assets(binary: &Path, dir: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let generated = |args: &[&str]| -> anyhow::Result<Vec<u8>> {
@@ -101,10 +105,19 @@ fn generate_assets(binary: &Path, dir: &Path) -> anyhow::Result<()> {
         );
         Ok(output.stdout)
     };
-    let man = dir.join("hairpin.1");
-    fs::write(&man, generated(&["man"])?).context("writing the man page")?;
-    let _ = fs::remove_file(dir.join("hairpin.1.gz"));
-    run_command(Command::new("gzip").args(["-9", "--no-name"]).arg(&man))?;
+    let man = dir.join("man");
+    let _ = fs::remove_dir_all(&man);
+    fs::create_dir_all(&man).with_context(|| format!("creating {}", man.display()))?;
+    run_command(Command::new(binary).arg("man").arg("--dir").arg(&man))?;
+    let pages: Vec<PathBuf> = fs::read_dir(&man)
+        .with_context(|| format!("reading {}", man.display()))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        pages.iter().any(|page| page.ends_with("hairpin.1")) && pages.len() > 1,
+        "`hairpin man --dir` wrote no page per command: {pages:?}"
+    );
+    run_command(Command::new("gzip").args(["-9", "--no-name"]).args(&pages))?;
     for (shell, file) in [("bash", "hairpin.bash"), ("zsh", "_hairpin"), ("fish", "hairpin.fish")] {
         fs::write(dir.join(file), generated(&["completions", shell])?)
             .with_context(|| format!("writing the {shell} completions"))?;
@@ -119,40 +132,65 @@ fn check(package: &Path) -> anyhow::Result<()> {
     if !crate::is_root() {
         bail!("`cargo xtask deb --check` installs the package: run it as root");
     }
+    // The check ends by purging the package: on a machine where hairpin is
+    // installed for real, that would remove the operator's installation.
+    let status = Command::new("dpkg-query")
+        .args(["--show", "--showformat=${db:Status-Status}", "hairpin"])
+        .output()
+        .context("starting dpkg-query")?;
+    let status = String::from_utf8_lossy(&status.stdout);
+    if !status.trim().is_empty() && status.trim() != "not-installed" {
+        bail!(
+            "a hairpin package is on this machine ({}): `--check` would replace and purge it; \
+             run the check on a test machine",
+            status.trim()
+        );
+    }
     setup::ensure_tools(&[("man-db", "man")])?;
-    run_command(Command::new("dpkg").arg("--install").arg(package))?;
-    let checked = check_installed();
+    // --force-confnew: a configuration left by an earlier package is
+    // replaced by this one's, never asked about.
+    let installed =
+        run_command(Command::new("dpkg").args(["--force-confnew", "--install"]).arg(package));
+    let checked = installed.and_then(|()| check_installed());
+    // Purged whether or not the install went through: a half-installed
+    // package is removed too.
     let removed = run_command(Command::new("dpkg").args(["--purge", "hairpin"]));
     checked?;
     removed?;
-    println!("package check: installed, man page and completions found, the unit's command ran");
+    println!("package check: installed, man pages and completions found, the unit's command ran");
     Ok(())
 }
 
 fn check_installed() -> anyhow::Result<()> {
     for path in INSTALLED {
         ensure!(Path::new(path).is_file(), "the package did not install {path}");
+        let owner = Command::new("dpkg").args(["--search", path]).output()?;
+        ensure!(
+            String::from_utf8_lossy(&owner.stdout).starts_with("hairpin:"),
+            "{path} is not the hairpin package's (dpkg --search: {})",
+            String::from_utf8_lossy(&owner.stdout).trim()
+        );
     }
-    let man = Command::new("man").args(["-w", "hairpin"]).output().context("starting man")?;
-    ensure!(
-        man.status.success() && String::from_utf8_lossy(&man.stdout).contains("hairpin.1"),
-        "`man -w hairpin` does not find the page: {}",
-        String::from_utf8_lossy(&man.stderr)
-    );
-    let version = Command::new("/usr/bin/hairpin").arg("--version").output()?;
+    for page in ["hairpin", "hairpin-mapping-add"] {
+        let man = Command::new("man").args(["-w", page]).output().context("starting man")?;
+        ensure!(
+            man.status.success()
+                && String::from_utf8_lossy(&man.stdout).contains(&format!("{page}.1")),
+            "`man -w {page}` does not find the page: {}",
+            String::from_utf8_lossy(&man.stderr)
+        );
+    }
+    let version = Command::new(BINARY).arg("--version").output()?;
     ensure!(version.status.success(), "the installed hairpin does not run");
     let unit = "/lib/systemd/system/hairpin.service";
-    let exec_start = fs::read_to_string(unit)?
-        .lines()
-        .find_map(|line| line.strip_prefix("ExecStart=").map(str::to_owned))
-        .context("the installed unit has no ExecStart")?;
-    let program = exec_start.split_whitespace().next().unwrap_or_default().to_owned();
-    println!("package check: running the unit's command ({exec_start}) on a namespace bed");
+    println!("package check: running the installed unit's command on a namespace bed");
+    // The service test reads ExecStart from the unit and checks that it
+    // runs this binary.
     run_command(
         Command::new(env!("CARGO"))
             .current_dir(workspace_root())
             .env("HAIRPIN_REQUIRE_EBPF", "1")
-            .env("HAIRPIN_BIN", &program)
+            .env("HAIRPIN_BIN", BINARY)
             .env("HAIRPIN_UNIT", unit)
             .args(["test", "--package", "hairpin-tests", "--test", "service", "--"])
             .args(["--include-ignored", "--test-threads=1"]),

@@ -15,7 +15,7 @@ use hairpin::{
     datapath::{Attachment, Datapath, PinDir, if_index, monotonic_coarse_ns},
     entry_count::EntryCounter,
     flows::FlowRow,
-    lock::WriteLock,
+    lock::{DaemonLock, WriteLock},
     maps::{DenyOrigin, Maps},
     routes::RouteCacheKeeper,
     stats::{Snapshot, format_values},
@@ -89,10 +89,12 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "hairpin", &mut std::io::stdout());
             Ok(())
         }
-        Command::Man => {
+        Command::Man { dir: None } => {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(())
         }
+        Command::Man { dir: Some(dir) } => clap_mangen::generate_to(Cli::command(), &dir)
+            .with_context(|| format!("writing the man pages into {}", dir.display())),
     }
 }
 
@@ -168,17 +170,14 @@ async fn run(
         ),
         None => None,
     };
-    if let Some(state) = read_state(pins)
-        && state.pid != std::process::id()
-        && daemon_alive(state.pid)
-        && pins.exists()
-    {
+    // Held until this process ends, however it ends.
+    let Some(_daemon_lock) = DaemonLock::try_acquire(&daemon_lock_file(pins))? else {
+        let pid = read_state(pins).map_or_else(|| "unknown".into(), |s| s.pid.to_string());
         bail!(
-            "hairpin is already running for {} (pid {}); stop it first, or give another --pin-dir",
+            "hairpin is already running for {} (pid {pid}); stop it first, or give another --pin-dir",
             pins.0.display(),
-            state.pid
         );
-    }
+    };
     let taking_over = pins.exists();
     let mut datapath = Datapath::load(&config, Some(pins)).context("loading the datapath")?;
     if taking_over {
@@ -228,7 +227,7 @@ async fn run(
         }
         // Loaded at the first scrape and kept: one counting program for all
         // scrapes, which take turns with it.
-        let counter = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let counter = std::sync::Arc::new(std::sync::OnceLock::new());
         tokio::spawn(async move {
             let served =
                 hairpin::metrics::serve(listener, move || scrape(&scrape_pins, capacity, &counter))
@@ -301,19 +300,21 @@ async fn run(
 fn scrape(
     pins: &PinDir,
     capacity: u32,
-    counter: &std::sync::Mutex<Option<EntryCounter>>,
+    counter: &std::sync::OnceLock<Option<std::sync::Mutex<EntryCounter>>>,
 ) -> Result<String, String> {
     let maps = Maps::open_pinned(&pins.maps()).map_err(|e| e.to_string())?;
-    let counted = {
+    // Loaded at the first scrape and kept; a program that cannot load is
+    // said once, and the tables are read from then on.
+    let counter = counter.get_or_init(|| {
+        EntryCounter::load(&maps)
+            .inspect_err(|e| warn!("metrics: counting the tables in the kernel: {e}; reading them"))
+            .ok()
+            .map(std::sync::Mutex::new)
+    });
+    let counted = counter.as_ref().and_then(|counter| {
         let mut counter = counter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if counter.is_none() {
-            let tables = maps.conntrack_capacity().unwrap_or(capacity);
-            *counter = EntryCounter::load(&pins.maps(), tables)
-                .inspect_err(|e| warn!("metrics: counting the tables in the kernel: {e}"))
-                .ok();
-        }
-        counter.as_mut().and_then(|c| c.count().ok())
-    };
+        counter.count().inspect_err(|e| log::debug!("metrics: counting the tables: {e}")).ok()
+    });
     // Without the counting program the tables are read, not a second
     // program loaded.
     let counts = match counted {
@@ -370,29 +371,36 @@ fn reclaim_ticker_for(config: &Config) -> tokio::time::Interval {
 }
 
 fn reclaim(pins: &PinDir, maps: &mut Maps) {
+    // The tables are read without the writers' lock (at a million flows
+    // that takes a second, and a reload must not wait for it); only the
+    // removals, each checked again, are made under it.
+    let now = monotonic_coarse_ns();
+    let plan = match maps.settings().and_then(|settings| maps.reclaim_plan(&settings, now)) {
+        Ok(plan) => plan,
+        Err(e) => return warn!("reclaiming expired flows: {e}"),
+    };
     let _lock = match write_lock(pins) {
         Ok(lock) => lock,
         Err(e) => return warn!("reclaiming expired flows: {}", one_line(&e)),
     };
     // The timeouts in force now, read under the lock: a reload may have
-    // changed them since this reclaim was started.
+    // changed them since the tables were read.
     let settings = match maps.settings() {
         Ok(settings) => settings,
         Err(e) => return warn!("reclaiming expired flows: {e}"),
     };
-    match maps.reclaim_expired(&settings, monotonic_coarse_ns()) {
-        Ok([established, new]) => {
-            for (counter, amount) in
-                [(Counter::ReclaimedEstablished, established), (Counter::ReclaimedNew, new)]
-            {
-                if amount > 0
-                    && let Err(e) = maps.add_to_counter(counter, amount as u64)
-                {
-                    warn!("counting reclaimed entries: {e}");
-                }
-            }
+    if let Err(e) = maps.free_retired_mapping_ids(&plan) {
+        warn!("freeing the ids of withdrawn mapping rules: {e}");
+    }
+    let [established, new] = maps.remove_if_still_expired(&plan, &settings, now);
+    for (counter, amount) in
+        [(Counter::ReclaimedEstablished, established), (Counter::ReclaimedNew, new)]
+    {
+        if amount > 0
+            && let Err(e) = maps.add_to_counter(counter, amount as u64)
+        {
+            warn!("counting reclaimed entries: {e}");
         }
-        Err(e) => warn!("reclaiming expired flows: {e}"),
     }
 }
 
@@ -442,9 +450,16 @@ fn write_state(pins: &PinDir, config_path: &Path, config: &Config, attachments: 
     }
 }
 
-/// Whether `pid` is a hairpin process (not another that got the number).
-fn daemon_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "hairpin")
+/// The daemon's lock ([`DaemonLock`]), next to its state file.
+fn daemon_lock_file(pins: &PinDir) -> PathBuf {
+    state_file(pins).with_extension("lock")
+}
+
+/// Whether the instance's daemon runs: it holds its lock.
+fn daemon_alive(pins: &PinDir) -> bool {
+    hairpin::lock::daemon_running(&daemon_lock_file(pins))
+        .inspect_err(|e| warn!("{e}"))
+        .unwrap_or(false)
 }
 
 fn read_state(pins: &PinDir) -> Option<DaemonState> {
@@ -743,7 +758,7 @@ async fn stats(pins: &PinDir, json: bool, watch: Option<u64>) -> anyhow::Result<
 fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
     let maps = open(pins)?;
     let state = read_state(pins);
-    let daemon_alive = state.as_ref().is_some_and(|s| daemon_alive(s.pid));
+    let daemon_alive = daemon_alive(pins);
     let [established, new] = maps.conntrack_entry_counts()?;
     let links = pinned_links(pins);
     let route_cache = maps.route_cache()?;
