@@ -505,6 +505,75 @@ mod tests {
 
     use super::*;
 
+    /// Whether `name` matches `pattern`, a PromQL regex of literals and `.*`.
+    fn matches(pattern: &str, name: &str) -> bool {
+        match pattern.split_once(".*") {
+            None => pattern == name,
+            Some((head, tail)) => {
+                name.starts_with(head)
+                    && (head.len()..=name.len()).any(|i| matches(tail, &name[i..]))
+            }
+        }
+    }
+
+    /// The dashboard in examples/ asks only for metrics this exposition has
+    /// and for verdicts that are counters: a renamed metric or counter
+    /// fails here, not as an empty panel on an operator's screen.
+    #[test]
+    fn the_grafana_dashboard_asks_for_what_the_exposition_has() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/grafana-dashboard.json");
+        let text = std::fs::read_to_string(path).expect("read the dashboard");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&text).expect("the dashboard is JSON");
+        let mut exprs = Vec::new();
+        let mut stack = vec![&dashboard];
+        while let Some(value) = stack.pop() {
+            match value {
+                serde_json::Value::Object(map) => {
+                    if let Some(serde_json::Value::String(expr)) = map.get("expr") {
+                        exprs.push(expr.clone());
+                    }
+                    stack.extend(map.values());
+                }
+                serde_json::Value::Array(items) => stack.extend(items),
+                _ => {}
+            }
+        }
+        assert!(exprs.len() >= 10, "the dashboard's panels have queries: {exprs:?}");
+        let exposition = render(&Snapshot::default(), &[]);
+        let names: Vec<&str> = Counter::ALL.iter().map(|c| c.name()).collect();
+        for expr in &exprs {
+            let mut rest = expr.as_str();
+            while let Some(at) = rest.find("hairpin_") {
+                let metric: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                assert!(
+                    exposition.contains(&format!("# TYPE {metric} ")),
+                    "the dashboard asks for {metric}, which /metrics does not have: {expr}"
+                );
+                rest = &rest[at + metric.len()..];
+            }
+            for (operator, is_regex) in [("verdict=\"", false), ("verdict=~\"", true)] {
+                let mut rest = expr.as_str();
+                while let Some(at) = rest.find(operator) {
+                    let value = &rest[at + operator.len()..];
+                    let value = &value[..value.find('"').expect("a closed label value")];
+                    let alternatives: Vec<&str> =
+                        if is_regex { value.split('|').collect() } else { vec![value] };
+                    for alternative in alternatives {
+                        assert!(
+                            names.iter().any(|name| matches(alternative, name)),
+                            "the dashboard's verdict {alternative:?} is no counter: {expr}"
+                        );
+                    }
+                    rest = &rest[at + operator.len()..];
+                }
+            }
+        }
+    }
+
     /// One sample line, label values unescaped.
     #[derive(Debug)]
     struct Sample {

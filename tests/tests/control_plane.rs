@@ -1043,7 +1043,7 @@ fn prometheus_metrics_grow_with_the_traffic() {
     let bed = Bed::new();
     let seed = &bed.seed;
     let options = ConfigOptions { metrics_listen: Some(METRICS.into()), ..Default::default() };
-    let _daemon = Daemon::start(&seed.gateway, &seed.config_with(&[HTTP], &options));
+    let daemon = Daemon::start(&seed.gateway, &seed.config_with(&[HTTP], &options));
 
     let hairpinned = r#"hairpin_packets_total{verdict="hairpinned"}"#;
     let flows =
@@ -1067,6 +1067,20 @@ fn prometheus_metrics_grow_with_the_traffic() {
     assert!(
         counter(&stats, "hairpinned") as f64 >= sample(&after, hairpinned),
         "the metrics and `stats --json` should agree: {after}\n{stats}"
+    );
+    let entries = r#"hairpin_conntrack_entries{table="new"}"#;
+    assert_eq!(
+        sample(&after, entries) as u64,
+        counter(&stats, "new_entries"),
+        "the scrape counts the tables as `stats` does: {after}"
+    );
+    // A million-flow table is read in about a second, counted in the
+    // kernel in a fraction: the scrapes must count.
+    let log = daemon.log();
+    assert!(
+        !log.iter().any(|line| line.contains("counting the tables")),
+        "the daemon could not count the tables in the kernel:\n{}",
+        log.join("\n")
     );
 }
 
