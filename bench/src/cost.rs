@@ -120,14 +120,11 @@ fn tcp(
 /// One run of `program` on `packet` received on `ingress`: its verdict and
 /// the kernel's duration in ns.
 fn run_once(program: &Xdp, packet: &[u8], ingress: u32) -> anyhow::Result<(u32, u32)> {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-    // rx_queue_index, egress_ifindex.
-    let context: Vec<u8> =
-        [0, packet.len() as u32, 0, ingress, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let context = hairpin_common::test_run::XdpMd::received(packet.len(), ingress);
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(packet),
-            ctx_in: Some(&context),
+            ctx_in: Some(context.as_bytes()),
             ..Default::default()
         })
         .context("BPF_PROG_TEST_RUN")?;

@@ -2,6 +2,7 @@
 //! live-frame generator, the counting sink, the empty program and the
 //! no-NAT forwarders (XDP and TC).
 
+use hairpin_common::test_run::XdpMd;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
@@ -142,8 +143,8 @@ impl TcForwarder {
 pub struct Generator {
     ebpf: Ebpf,
     frame: Vec<u8>,
-    /// `struct xdp_md` naming the interface the frames leave from.
-    context: Vec<u8>,
+    /// Names the interface the frames leave from.
+    context: XdpMd,
 }
 
 /// One run of the generator.
@@ -176,10 +177,7 @@ impl Generator {
         let mut settings: Array<_, GeneratorConfig> =
             Array::try_from(ebpf.map_mut(names::GENERATOR_CONFIG).context("config map")?)?;
         settings.set(0, config, 0)?;
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-        // rx_queue_index, egress_ifindex.
-        let context =
-            [0, frame.len() as u32, 0, index, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let context = XdpMd::received(frame.len(), index);
         Ok(Self { ebpf, frame, context })
     }
 
@@ -204,7 +202,7 @@ impl Generator {
             program
                 .test_run(TestRunOptions {
                     data_in: Some(frame),
-                    ctx_in: Some(context),
+                    ctx_in: Some(context.as_bytes()),
                     repeat: frames,
                     attrs: TestRunAttrs::new().xdp_live_frames(64),
                     ..Default::default()

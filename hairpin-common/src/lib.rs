@@ -15,6 +15,7 @@ pub mod packet;
 pub mod ratelimit;
 pub mod route;
 pub mod tcp;
+pub mod test_run;
 
 pub use counters::Counter;
 pub use maps::*;

@@ -171,16 +171,13 @@ struct Verdict {
 fn run_xdp(ebpf: &mut Ebpf, packet: &[u8], if_index: u32) -> Result<Verdict, DatapathError> {
     let xdp: &mut Xdp = program(ebpf, programs::XDP)?;
     xdp.load().map_err(|source| DatapathError::Program { name: programs::XDP, source })?;
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-    // rx_queue_index, egress_ifindex.
-    let ctx: Vec<u8> =
-        [0, packet.len() as u32, 0, if_index, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let ctx = hairpin_common::test_run::XdpMd::received(packet.len(), if_index);
     let mut out = vec![0u8; packet.len() + 256];
     let result = xdp
         .test_run(TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
+            ctx_in: Some(ctx.as_bytes()),
             ..Default::default()
         })
         .map_err(|source| DatapathError::Program { name: programs::XDP, source })?;

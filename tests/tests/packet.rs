@@ -188,13 +188,8 @@ impl Gateway {
         if self.mode == Mode::Tc {
             return self.run_tc_on(ingress, packet);
         }
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-        // rx_queue_index, egress_ifindex.
-        let ctx: Vec<u8> = [0, packet.len() as u32, 0, ingress, 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
-        test_run(self.datapath.xdp().expect("xdp program"), packet, &ctx)
+        let ctx = hairpin_common::test_run::XdpMd::received(packet.len(), ingress);
+        test_run(self.datapath.xdp().expect("xdp program"), packet, ctx.as_bytes())
     }
 
     /// Runs one packet through the TC datapath as an skb received on
