@@ -113,3 +113,48 @@ mod tests {
         assert_eq!(snapshot.new_flows_evicted(), 60);
     }
 }
+
+/// A mapping rule and its traffic: a row of `mapping list --json` and
+/// `stats --json`, and the labels and values of the per-mapping metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MappingRow {
+    pub id: u16,
+    /// `"tcp"` or `"udp"`.
+    pub proto: String,
+    /// The published address and port (or port range), e.g. `"203.0.113.1:80"`.
+    pub public: String,
+    /// The server's address and port (or port range).
+    pub to: String,
+    /// Source networks new flows may come from; empty: any.
+    pub allow: Vec<String>,
+    /// Interfaces new flows may arrive on; empty: any managed one.
+    pub interfaces: Vec<String>,
+    /// Flows opened through the mapping.
+    pub flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl MappingRow {
+    /// Every published rule with its traffic, summed over the CPUs.
+    pub fn read_all(maps: &crate::maps::Maps) -> Result<Vec<Self>, crate::maps::MapsError> {
+        maps.mapping_rules()?
+            .into_iter()
+            .map(|rule| {
+                let stats = maps.mapping_stats(rule.id)?;
+                let m = &rule.mapping;
+                Ok(MappingRow {
+                    id: rule.id,
+                    proto: m.proto.to_string(),
+                    public: format!("{}:{}", m.public, m.public_ports),
+                    to: format!("{}:{}", m.to, m.to_ports),
+                    allow: m.allow.iter().map(ToString::to_string).collect(),
+                    interfaces: m.interfaces.clone(),
+                    flows: stats.flows,
+                    packets: stats.packets,
+                    bytes: stats.bytes,
+                })
+            })
+            .collect()
+    }
+}

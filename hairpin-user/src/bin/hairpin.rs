@@ -18,7 +18,7 @@ use hairpin::{
     lock::{DaemonLock, WriteLock},
     maps::{DenyOrigin, Maps},
     routes::RouteCacheKeeper,
-    stats::{Snapshot, format_values},
+    stats::{MappingRow, Snapshot, format_values},
 };
 use hairpin_common::Counter;
 use log::{error, info, warn};
@@ -322,40 +322,8 @@ fn scrape(
         None => maps.conntrack_entry_counts_read().map_err(|e| e.to_string())?,
     };
     let snapshot = Snapshot::read_counted(&maps, capacity, counts).map_err(|e| e.to_string())?;
-    let traffic = mapping_rows(&maps).map_err(|e| e.to_string())?;
-    let mappings: Vec<hairpin::metrics::MappingTraffic> = traffic
-        .into_iter()
-        .map(|m| hairpin::metrics::MappingTraffic {
-            proto: m.proto,
-            public: m.public,
-            to: m.to,
-            flows: m.flows,
-            packets: m.packets,
-            bytes: m.bytes,
-        })
-        .collect();
+    let mappings = MappingRow::read_all(&maps).map_err(|e| e.to_string())?;
     Ok(hairpin::metrics::render(&snapshot, &mappings))
-}
-
-/// Every mapping rule with its traffic.
-fn mapping_rows(maps: &Maps) -> anyhow::Result<Vec<MappingJson>> {
-    let mut rows = Vec::new();
-    for rule in maps.mapping_rules()? {
-        let stats = maps.mapping_stats(rule.id)?;
-        let m = &rule.mapping;
-        rows.push(MappingJson {
-            id: rule.id,
-            proto: m.proto.to_string(),
-            public: format!("{}:{}", m.public, m.public_ports),
-            to: format!("{}:{}", m.to, m.to_ports),
-            allow: m.allow.iter().map(ToString::to_string).collect(),
-            interfaces: m.interfaces.clone(),
-            flows: stats.flows,
-            packets: stats.packets,
-            bytes: stats.bytes,
-        });
-    }
-    Ok(rows)
 }
 
 fn reclaim_ticker(config: &Config) -> tokio::time::Interval {
@@ -523,21 +491,6 @@ fn parse_mapping(
     Ok(Mapping { proto, public, public_ports, to, to_ports, allow, interfaces })
 }
 
-#[derive(Serialize)]
-struct MappingJson {
-    id: u16,
-    proto: String,
-    public: String,
-    to: String,
-    /// Source networks new flows may come from; empty: any.
-    allow: Vec<String>,
-    /// Interfaces new flows may arrive on; empty: any managed one.
-    interfaces: Vec<String>,
-    flows: u64,
-    packets: u64,
-    bytes: u64,
-}
-
 fn mapping(pins: &PinDir, command: MappingCommand) -> anyhow::Result<()> {
     match command {
         MappingCommand::Add { proto, public, server, allow, interfaces } => {
@@ -560,7 +513,7 @@ fn mapping(pins: &PinDir, command: MappingCommand) -> anyhow::Result<()> {
             Ok(())
         }
         MappingCommand::List { json } => {
-            let rows = mapping_rows(&open(pins)?)?;
+            let rows = MappingRow::read_all(&open(pins)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else if rows.is_empty() {
@@ -718,7 +671,7 @@ fn deny(pins: &PinDir, command: DenyCommand) -> anyhow::Result<()> {
 #[derive(Serialize)]
 struct StatsJson {
     counters: std::collections::BTreeMap<&'static str, u64>,
-    mappings: Vec<MappingJson>,
+    mappings: Vec<MappingRow>,
     capacity: u32,
 }
 
@@ -727,7 +680,7 @@ async fn stats(pins: &PinDir, json: bool, watch: Option<u64>) -> anyhow::Result<
         let maps = open(pins)?;
         let capacity = maps.conntrack_capacity()?;
         let snapshot = Snapshot::read(&maps, capacity)?;
-        let mappings = mapping_rows(&maps)?;
+        let mappings = MappingRow::read_all(&maps)?;
         if json {
             let stats =
                 StatsJson { counters: snapshot.values().into_iter().collect(), mappings, capacity };
