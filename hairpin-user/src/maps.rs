@@ -260,6 +260,11 @@ impl Maps {
         Ok(())
     }
 
+    /// The indexes of the managed interfaces.
+    pub fn managed_if_indexes(&self) -> Result<Vec<u32>, MapsError> {
+        self.interfaces.keys().collect::<Result<_, _>>().map_err(map_error(names::INTERFACES))
+    }
+
     /// Makes the managed interfaces exactly `interfaces` (index, role).
     pub fn set_interfaces(&mut self, interfaces: &[(u32, u8)]) -> Result<(), MapsError> {
         for &(index, role) in interfaces {

@@ -219,6 +219,14 @@ impl Drop for Daemon {
             let _ = self.child.wait();
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
+        // The daemon's lock file outlives it (a daemon never removes the
+        // lock it holds); this bed's goes once no daemon holds it.
+        if let Some(name) = self.pin_dir.file_name().and_then(|n| n.to_str()) {
+            let lock = state_file_for(name).with_extension("lock");
+            if hairpin::lock::daemon_running(&lock).is_ok_and(|running| !running) {
+                let _ = std::fs::remove_file(&lock);
+            }
+        }
         crate::untrack_process(self.child.id());
     }
 }

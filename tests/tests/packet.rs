@@ -1511,6 +1511,67 @@ fn established_udp_flow(gw: &mut Gateway, client_port: u16) -> Vec<u8> {
     first
 }
 
+/// What a busy LAN says on rtnetlink all day (neighbours confirmed again,
+/// IPv6 neighbour discovery, neighbours of interfaces hairpin does not
+/// manage) does not make the cached routes stale; a neighbour that moves
+/// does.
+#[test]
+#[ignore = "needs root"]
+fn neighbour_chatter_that_changes_no_lookup_keeps_the_cache() {
+    require_root("neighbour_chatter_that_changes_no_lookup_keeps_the_cache");
+    with_datapath(CONFIG, |gw| {
+        let ip = |args: &[&str]| {
+            let status = std::process::Command::new("ip").args(args).status();
+            assert!(status.expect("ip").success(), "ip {}", args.join(" "));
+        };
+        ip(&["link", "add", "other9", "type", "veth", "peer", "name", "other9p"]);
+        for end in ["other9", "other9p"] {
+            let sysctl = format!("net.ipv6.conf.{end}.disable_ipv6=1");
+            let status = std::process::Command::new("sysctl").args(["-qw", &sysctl]).status();
+            assert!(status.expect("sysctl").success(), "{sysctl}");
+            ip(&["link", "set", end, "up"]);
+        }
+        // The new link's own notifications pass before the keeper listens.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut keeper = RouteCacheKeeper::start(&gw.datapath.maps).expect("route cache keeper");
+        let neighbour = ["neigh", "replace", "192.168.0.77", "lladdr", "02:00:00:00:00:77"];
+        let steps: [(&[&str], bool, &str); 5] = [
+            (&[&neighbour[..], &["dev", "lan0"]].concat(), true, "a LAN neighbour heard of"),
+            (&[&neighbour[..], &["dev", "lan0"]].concat(), false, "the same, confirmed"),
+            (
+                &["neigh", "replace", "10.9.9.9", "lladdr", "02:00:00:00:00:99", "dev", "other9"],
+                false,
+                "a neighbour of an unmanaged interface",
+            ),
+            (
+                &[
+                    "-6",
+                    "neigh",
+                    "replace",
+                    "fe80::77",
+                    "lladdr",
+                    "02:00:00:00:00:77",
+                    "dev",
+                    "lan0",
+                ],
+                false,
+                "IPv6 neighbour discovery",
+            ),
+            (
+                &["neigh", "replace", "192.168.0.77", "lladdr", "02:00:00:00:00:78", "dev", "lan0"],
+                true,
+                "the LAN neighbour moved to another MAC address",
+            ),
+        ];
+        for (args, stale, what) in steps {
+            ip(args);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let changed = keeper.on_changes().expect("read the change notifications");
+            assert_eq!(changed, stale, "{what}: the cache made stale?");
+        }
+    });
+}
+
 #[rstest]
 #[ignore = "needs root"]
 fn a_flows_route_is_cached_until_a_change_is_announced(#[values(Mode::Xdp, Mode::Tc)] mode: Mode) {
