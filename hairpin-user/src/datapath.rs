@@ -128,6 +128,11 @@ impl PinDir {
         self.0.join("links")
     }
 
+    /// Where the daemon pins its counting program ([`crate::entry_count`]).
+    pub fn counter(&self) -> PathBuf {
+        self.0.join(crate::entry_count::PIN)
+    }
+
     fn link(&self, kind: &str, interface: &str) -> PathBuf {
         self.links().join(format!("{kind}_{interface}"))
     }
@@ -142,7 +147,7 @@ impl PinDir {
     /// owned by root or this user. Paths that do not exist pass.
     pub fn check_ownership(&self) -> Result<(), DatapathError> {
         let euid = rustix::process::geteuid().as_raw();
-        let mut paths = vec![self.0.clone(), self.maps(), self.links()];
+        let mut paths = vec![self.0.clone(), self.maps(), self.links(), self.counter()];
         paths.extend(names::SHARED.iter().map(|name| self.maps().join(name)));
         if let Ok(links) = fs::read_dir(self.links()) {
             paths.extend(links.filter_map(Result::ok).map(|entry| entry.path()));
@@ -492,6 +497,7 @@ impl Datapath {
             for name in names::SHARED {
                 let _ = fs::remove_file(pins.maps().join(name));
             }
+            let _ = fs::remove_file(pins.counter());
             let _ = fs::remove_dir(pins.links());
             let _ = fs::remove_dir(pins.maps());
             let _ = fs::remove_dir(&pins.0);

@@ -3,28 +3,34 @@
 //! run once per table, both at once. Reading a million-flow table in
 //! batches takes about a second (the kernel copies every entry out); the
 //! program visits the entries in place in a fraction of that, and copies
-//! nothing.
+//! nothing. The daemon loads it once and pins it beside the maps, so that
+//! a `stats` neither parses the object and the kernel's BTF nor waits for
+//! the verifier: it opens the pin and runs it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use aya::{
     EbpfLoader,
     maps::{Map, MapInfo},
     programs::{TestRun, TestRunOptions, Xdp},
 };
+use aya_obj::programs::XdpAttachType;
 use hairpin_common::maps::names;
 use thiserror::Error;
 
 use crate::maps::Maps;
 
-/// The program's name in `hairpin-count` and its result map's.
+/// The program's name in `hairpin-count`.
 const PROGRAM: &str = "hairpin_count_entries";
-const COUNTS: &str = "ENTRY_COUNTS";
-/// What the program leaves in a slot when the kernel refused the walk.
+/// Where the daemon pins it, in the instance's pin directory.
+pub const PIN: &str = "count_entries";
+/// What the program writes when the kernel refused the walk.
 const WALK_FAILED: u64 = u64::MAX;
+/// Where in the frame the program writes the count (native-endian).
+const COUNT_AT: usize = 8;
 /// `xdp_action::XDP_PASS`: the program's return when it counted.
 const XDP_PASS: u32 = 2;
-/// The tables, in the order of the program's slots.
+/// The tables, in the order of the frame's first byte.
 const TABLES: [&str; 2] = [names::CONNTRACK, names::CONNTRACK_NEW];
 
 #[derive(Debug, Error)]
@@ -33,18 +39,32 @@ pub enum CountError {
     NoProgram,
     #[error("the maps were not opened from pins")]
     NotPinned,
+    #[error("no daemon pinned a counter")]
+    NoPin,
     #[error("{0} is no longer the instance's table (the instance stopped meanwhile)")]
     TableGone(&'static str),
     #[error("the counting program: {0}")]
     Load(String),
 }
 
-/// The counting program loaded over one instance's tables, to be run as
-/// often as wanted: loading it costs more than a run (aya parses the
-/// kernel's BTF, the verifier checks it), so the daemon keeps one for its
-/// scrapes.
+/// The counting program over one instance's tables, to be run as often as
+/// wanted: loading it costs more than a small table's run (the object and
+/// the kernel's BTF are parsed, the verifier checks it), so the daemon keeps
+/// one for its scrapes and pins it for the CLI.
 pub struct EntryCounter {
-    ebpf: aya::Ebpf,
+    program: Program,
+}
+
+enum Program {
+    /// Loaded by this process (the program is in the object).
+    Loaded(Box<aya::Ebpf>),
+    /// Opened from the daemon's pin.
+    Pinned(Box<Xdp>),
+}
+
+/// The path of the pinned counter for the maps pinned in `maps_dir`.
+pub fn pin_path(maps_dir: &Path) -> Option<PathBuf> {
+    maps_dir.parent().map(|dir| dir.join(PIN))
 }
 
 impl EntryCounter {
@@ -81,7 +101,40 @@ impl EntryCounter {
             return Err(CountError::TableGone(name));
         }
         program(&mut ebpf)?.load().map_err(|e| CountError::Load(format!("verifying: {e}")))?;
-        Ok(Self { ebpf })
+        Ok(Self { program: Program::Loaded(Box::new(ebpf)) })
+    }
+
+    /// Opens the counter the instance's daemon pinned for the tables of
+    /// `maps` (opened from their pins), if it pinned one over those tables.
+    pub fn open_pinned(maps: &Maps) -> Result<Self, CountError> {
+        let dir = maps.pinned_at().ok_or(CountError::NotPinned)?;
+        let path = pin_path(dir).ok_or(CountError::NotPinned)?;
+        if !path.exists() {
+            return Err(CountError::NoPin);
+        }
+        let program = Xdp::from_pin(&path, XdpAttachType::Interface)
+            .map_err(|e| CountError::Load(format!("opening {}: {e}", path.display())))?;
+        let expected = maps.conntrack_table_ids().map_err(|e| CountError::Load(e.to_string()))?;
+        let uses = program
+            .info()
+            .and_then(|info| info.map_ids())
+            .map_err(|e| CountError::Load(format!("{}: {e}", path.display())))?
+            .unwrap_or_default();
+        // A pin left by an earlier instance counts tables that are gone.
+        if let Some(index) = expected.iter().position(|id| !uses.contains(id)) {
+            return Err(CountError::TableGone(TABLES[index]));
+        }
+        Ok(Self { program: Program::Pinned(Box::new(program)) })
+    }
+
+    /// Pins the program at `path` (replacing what is there) for the CLI.
+    pub fn pin(&mut self, path: &Path) -> Result<(), CountError> {
+        let _ = std::fs::remove_file(path);
+        let pinned = match &mut self.program {
+            Program::Loaded(ebpf) => program(ebpf)?.pin(path),
+            Program::Pinned(program) => program.pin(path),
+        };
+        pinned.map_err(|e| CountError::Load(format!("pinning at {}: {e}", path.display())))
     }
 
     /// Entries in the established and the new-flow table now, each table
@@ -89,47 +142,49 @@ impl EntryCounter {
     /// or removes meanwhile may or may not be counted, as with any read of
     /// a live table.
     pub fn count(&mut self) -> Result<[u64; 2], CountError> {
-        let program = program(&mut self.ebpf)?;
-        let program: &Xdp = program;
+        let program: &Xdp = match &mut self.program {
+            Program::Loaded(ebpf) => program(ebpf)?,
+            Program::Pinned(program) => program,
+        };
         std::thread::scope(|scope| {
             let runs = [0u8, 1].map(|slot| scope.spawn(move || run(program, slot)));
-            runs.into_iter().try_for_each(|run| {
+            let [established, new] = runs.map(|run| {
                 run.join().map_err(|_| CountError::Load("a counting thread panicked".into()))?
-            })
-        })?;
-        let counts: aya::maps::Array<_, u64> = self
-            .ebpf
-            .map(COUNTS)
-            .ok_or_else(|| CountError::Load(format!("no map {COUNTS}")))?
-            .try_into()
-            .map_err(|e| CountError::Load(format!("result map: {e}")))?;
-        let read = |slot: u32| match counts.get(&slot, 0) {
-            Ok(WALK_FAILED) => Err(CountError::Load(format!(
-                "the kernel refused to walk {}",
-                TABLES[slot as usize]
-            ))),
-            Ok(count) => Ok(count),
-            Err(e) => Err(CountError::Load(format!("reading the counts: {e}"))),
-        };
-        Ok([read(0)?, read(1)?])
+            });
+            Ok([established?, new?])
+        })
     }
 }
 
-/// One run of the program, counting the table of `slot` into its slot.
-fn run(program: &Xdp, slot: u8) -> Result<(), CountError> {
-    // The smallest frame a test run takes; its first byte names the table.
+/// One run of the program, counting the table `slot` names.
+fn run(program: &Xdp, slot: u8) -> Result<u64, CountError> {
+    // The smallest frame a test run takes; its first byte names the table,
+    // the program writes the count into it.
     let mut frame = [0u8; 64];
     frame[0] = slot;
+    let mut out = [0u8; 64];
     let result = program
-        .test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() })
+        .test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
         .map_err(|e| CountError::Load(format!("running: {e}")))?;
+    let table = TABLES[usize::from(slot)];
     if result.return_value != XDP_PASS {
         return Err(CountError::Load(format!(
-            "counting {} ended with action {}",
-            TABLES[slot as usize], result.return_value
+            "counting {table} ended with action {}",
+            result.return_value
         )));
     }
-    Ok(())
+    if (result.data_size_out as usize) < COUNT_AT + 8 {
+        return Err(CountError::Load(format!("counting {table}: no count in the frame")));
+    }
+    let count = u64::from_ne_bytes(out[COUNT_AT..COUNT_AT + 8].try_into().expect("8 bytes"));
+    if count == WALK_FAILED {
+        return Err(CountError::Load(format!("the kernel refused to walk {table}")));
+    }
+    Ok(count)
 }
 
 fn map_id(ebpf: &aya::Ebpf, name: &'static str) -> Result<u32, CountError> {
@@ -147,9 +202,16 @@ fn remove_pin_of(path: &Path, id: u32) {
     }
 }
 
-/// [`EntryCounter::load`] and one [`EntryCounter::count`].
+/// One [`EntryCounter::count`] with the daemon's pinned counter, else with
+/// one loaded for it.
 pub fn conntrack_entries(maps: &Maps) -> Result<[u64; 2], CountError> {
-    EntryCounter::load(maps)?.count()
+    match EntryCounter::open_pinned(maps) {
+        Ok(mut counter) => counter.count(),
+        Err(e) => {
+            log::debug!("no pinned counter: {e}; loading one");
+            EntryCounter::load(maps)?.count()
+        }
+    }
 }
 
 fn program(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp, CountError> {

@@ -115,25 +115,94 @@ pub fn for_each_flow<E: From<MapsError>>(
 #[derive(Clone, Copy, Debug)]
 pub struct Endpoint(pub u32, pub u16);
 
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", host_addr(self.0), u16::from_be(self.1))
-    }
-}
-
 /// `src -> dst` of a tuple.
 #[derive(Clone, Copy, Debug)]
 pub struct Tuple(pub FlowKey);
 
-impl fmt::Display for Tuple {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let k = &self.0;
-        write!(f, "{} -> {}", Endpoint(k.src_addr, k.src_port), Endpoint(k.dst_addr, k.dst_port))
+/// An address text built in place: a listing writes millions, and through
+/// `fmt` each costs a dozen calls and, in JSON, one escaping pass per piece.
+struct Text {
+    bytes: [u8; Text::CAPACITY],
+    len: usize,
+}
+
+impl Text {
+    /// `255.255.255.255:65535 -> 255.255.255.255:65535`.
+    const CAPACITY: usize = 46;
+
+    fn new() -> Self {
+        Self { bytes: [0; Self::CAPACITY], len: 0 }
+    }
+
+    fn push(&mut self, text: &[u8]) {
+        self.bytes[self.len..self.len + text.len()].copy_from_slice(text);
+        self.len += text.len();
+    }
+
+    fn number(&mut self, n: u16) {
+        self.push(itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    fn endpoint(&mut self, Endpoint(addr, port): Endpoint) {
+        for (i, octet) in host_addr(addr).octets().into_iter().enumerate() {
+            if i > 0 {
+                self.push(b".");
+            }
+            self.number(octet.into());
+        }
+        self.push(b":");
+        self.number(u16::from_be(port));
+    }
+
+    fn tuple(&mut self, Tuple(key): Tuple) {
+        self.endpoint(Endpoint(key.src_addr, key.src_port));
+        self.push(b" -> ");
+        self.endpoint(Endpoint(key.dst_addr, key.dst_port));
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).expect("digits, dots and colons")
     }
 }
 
-fn display<T: fmt::Display, S: serde::Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(value)
+impl From<Endpoint> for Text {
+    fn from(endpoint: Endpoint) -> Self {
+        let mut text = Text::new();
+        text.endpoint(endpoint);
+        text
+    }
+}
+
+impl From<Tuple> for Text {
+    fn from(tuple: Tuple) -> Self {
+        let mut text = Text::new();
+        text.tuple(tuple);
+        text
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(Text::from(*self).as_str())
+    }
+}
+
+impl fmt::Display for Tuple {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(Text::from(*self).as_str())
+    }
+}
+
+impl Serialize for Endpoint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(Text::from(*self).as_str())
+    }
+}
+
+impl Serialize for Tuple {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(Text::from(*self).as_str())
+    }
 }
 
 /// A flow as `conntrack list` shows it (and `--json` writes it), its
@@ -145,13 +214,10 @@ pub struct FlowRow {
     pub state: &'static str,
     pub table: &'static str,
     /// client → public, as the client sent it.
-    #[serde(serialize_with = "display")]
     pub original: Tuple,
     /// as the server sees it.
-    #[serde(serialize_with = "display")]
     pub translated: Tuple,
     /// The real client behind the translated source.
-    #[serde(serialize_with = "display")]
     pub client: Endpoint,
     pub age_s: u64,
     pub timeout_left_s: u64,
@@ -223,6 +289,29 @@ mod tests {
         reply.bytes = 200;
         reply.last_seen_ns = u64::from(n);
         [(key, original), (translated.reversed(), reply)]
+    }
+
+    #[rstest::rstest]
+    #[case::widest([255, 255, 255, 255], 65535, [255, 255, 255, 254], 65534)]
+    #[case::narrowest([0, 0, 0, 0], 0, [1, 2, 3, 4], 5)]
+    #[case::mixed([192, 168, 0, 10], 40000, [203, 0, 113, 1], 80)]
+    fn addresses_read_as_std_writes_them(
+        #[case] src: [u8; 4],
+        #[case] src_port: u16,
+        #[case] dst: [u8; 4],
+        #[case] dst_port: u16,
+    ) {
+        let wire = |a: [u8; 4]| u32::from_ne_bytes(a);
+        let key = FlowKey::new(wire(src), wire(dst), src_port.to_be(), dst_port.to_be(), 6);
+        let std = |a: [u8; 4], port: u16| format!("{}:{port}", std::net::Ipv4Addr::from(a));
+        let expected = format!("{} -> {}", std(src, src_port), std(dst, dst_port));
+        assert_eq!(Tuple(key).to_string(), expected);
+        assert_eq!(Endpoint(key.src_addr, key.src_port).to_string(), std(src, src_port));
+        assert_eq!(
+            serde_json::to_string(&Tuple(key)).expect("a string"),
+            format!("\"{expected}\""),
+            "JSON writes the same text"
+        );
     }
 
     fn paired(entries: &[(FlowKey, FlowEntry)]) -> Vec<Flow> {

@@ -1412,6 +1412,11 @@ fn conntrack_list_and_status_see_every_one_of_ten_thousand_flows() {
         .count()
         .expect("count the tables in the kernel");
     assert_eq!(counted, read, "the kernel's count of (established, new) entries");
+    let pinned = hairpin::entry_count::EntryCounter::open_pinned(&maps)
+        .expect("the daemon pinned its counting program over its tables")
+        .count()
+        .expect("count the tables with the pinned program");
+    assert_eq!(pinned, read, "the pinned counter's count of (established, new) entries");
     let status = cli.json(&["status", "--json"]);
     assert_eq!(status["conntrack"]["new"], json!(300), "{status:#}");
 }
@@ -1439,5 +1444,12 @@ fn counting_never_pins_a_table_of_its_own_where_the_instance_removed_one() {
         "the counter must refuse a table that is not the instance's: {refused:?}"
     );
     assert!(!pin.exists(), "the counter left a table of its own pinned at {}", pin.display());
-    drop(daemon);
+    let counter = PinDir(cli.pin_dir().to_path_buf()).counter();
+    assert!(counter.exists(), "the daemon pins its counting program at {}", counter.display());
+    daemon.stop();
+    assert!(
+        !counter.exists(),
+        "a stopped daemon leaves its counter pinned at {}",
+        counter.display()
+    );
 }

@@ -3,6 +3,7 @@ use std::{
     net::SocketAddrV4,
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -220,14 +221,13 @@ async fn run(
             None
         }
     };
+    // One counting program for the scrapes, pinned for the CLI's `stats`.
+    let counter = load_counter(pins);
     if let Some(listener) = metrics_listener {
         let (scrape_pins, capacity) = (pins.clone(), config.conntrack_capacity);
         if let Ok(addr) = listener.local_addr() {
             info!("metrics at http://{addr}/metrics");
         }
-        // Loaded at the first scrape and kept: one counting program for all
-        // scrapes, which take turns with it.
-        let counter = std::sync::Arc::new(std::sync::OnceLock::new());
         tokio::spawn(async move {
             let served =
                 hairpin::metrics::serve(listener, move || scrape(&scrape_pins, capacity, &counter))
@@ -296,23 +296,35 @@ async fn run(
     Ok(())
 }
 
+/// The counting program over the instance's tables, pinned at
+/// [`PinDir::counter`]; `None`, said once, where it cannot load: the tables
+/// are read then.
+fn load_counter(pins: &PinDir) -> Arc<Option<Mutex<EntryCounter>>> {
+    let loaded = Maps::open_pinned(&pins.maps())
+        .map_err(|e| e.to_string())
+        .and_then(|maps| EntryCounter::load(&maps).map_err(|e| e.to_string()))
+        .and_then(|mut counter| {
+            counter.pin(&pins.counter()).map_err(|e| e.to_string())?;
+            Ok(counter)
+        });
+    match loaded {
+        Ok(counter) => Arc::new(Some(Mutex::new(counter))),
+        Err(e) => {
+            warn!("counting the tables in the kernel: {e}; they are read in batches instead");
+            Arc::new(None)
+        }
+    }
+}
+
 /// The Prometheus exposition, read from the pinned maps.
 fn scrape(
     pins: &PinDir,
     capacity: u32,
-    counter: &std::sync::OnceLock<Option<std::sync::Mutex<EntryCounter>>>,
+    counter: &Option<Mutex<EntryCounter>>,
 ) -> Result<String, String> {
     let maps = Maps::open_pinned(&pins.maps()).map_err(|e| e.to_string())?;
-    // Loaded at the first scrape and kept; a program that cannot load is
-    // said once, and the tables are read from then on.
-    let counter = counter.get_or_init(|| {
-        EntryCounter::load(&maps)
-            .inspect_err(|e| warn!("metrics: counting the tables in the kernel: {e}; reading them"))
-            .ok()
-            .map(std::sync::Mutex::new)
-    });
     let counted = counter.as_ref().and_then(|counter| {
-        let mut counter = counter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut counter = counter.lock().unwrap_or_else(PoisonError::into_inner);
         counter.count().inspect_err(|e| log::debug!("metrics: counting the tables: {e}")).ok()
     });
     // Without the counting program the tables are read, not a second
