@@ -11,7 +11,7 @@
 //! The public address is 203.0.113.1 on both beds; UDP ports 10000-10015 and
 //! TCP ports 7000-7002 of it are published to the same ports of the server.
 
-use std::{any::Any, fmt, net::Ipv4Addr, os::fd::OwnedFd};
+use std::{any::Any, fmt, net::Ipv4Addr};
 
 use anyhow::Context as _;
 use hairpin::{
@@ -19,7 +19,7 @@ use hairpin::{
     datapath::Datapath,
     routes::{KeeperThread, RouteCacheKeeper},
 };
-use hairpin_tests::{Netns, attach_xdp_pass, daemon::Daemon, seed::SeedBed, veth};
+use hairpin_tests::{Netns, XdpPass, attach_xdp_pass, daemon::Daemon, seed::SeedBed, veth};
 
 use crate::programs::{Forwarder, TcForwarder};
 
@@ -160,7 +160,7 @@ pub enum Hosts {
 pub struct Bed {
     pub kind: BedKind,
     inner: Inner,
-    _xdp_pass: Vec<OwnedFd>,
+    _xdp_pass: Vec<XdpPass>,
 }
 
 enum Inner {

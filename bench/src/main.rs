@@ -136,8 +136,7 @@ fn log(message: &str) {
 
 fn main() -> anyhow::Result<()> {
     let options = Options::parse();
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         bail!("the benchmark needs root for network namespaces and XDP: run `cargo xtask bench`");
     }
     if hairpin::EBPF_OBJECT.is_empty() || hairpin::BENCH_EBPF_OBJECT.is_empty() {
@@ -452,8 +451,10 @@ fn profile(
         .context("starting perf record")?;
     thread::sleep(Duration::from_millis(300));
     let measured = bed.measure(frames, cpu);
-    // SAFETY: signalling our own child; SIGINT makes perf write its data.
-    unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+    // SIGINT makes perf write its data.
+    if let Some(pid) = rustix::process::Pid::from_raw(perf.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+    }
     let status = perf.wait().context("waiting for perf")?;
     measured?;
     if !status.success() && !data.exists() {

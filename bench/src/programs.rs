@@ -215,16 +215,9 @@ impl Generator {
 
 /// Pins the calling thread to `cpu`.
 pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: cpu is checked against the set's size by CPU_SET's callers here.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: a valid set of the size passed; 0 is the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context(format!("pinning to CPU {cpu}"));
-    }
-    Ok(())
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set).context(format!("pinning to CPU {cpu}"))
 }
 
 /// The empty program, loaded (for its cost through BPF_PROG_TEST_RUN).

@@ -29,8 +29,9 @@ pub static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 /// Kills the processes started here (from the interrupt handler).
 pub fn kill_children() {
     for pid in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-        // SAFETY: signalling a child of ours.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
     }
 }
 
@@ -105,13 +106,12 @@ impl Drop for Servers {
 }
 
 fn accept_loop(listener: TcpListener, stop: &AtomicBool, per_connection_thread: bool) {
-    use std::os::fd::AsRawFd as _;
     while !stop.load(Ordering::Relaxed) {
         // Wait for a connection without polling on a timer, which would cap
         // the connection rate; wake up now and then to see `stop`.
-        let mut ready = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut ready, 1, 50) } <= 0 {
+        let mut ready = [rustix::event::PollFd::new(&listener, rustix::event::PollFlags::IN)];
+        let wait = rustix::event::Timespec { tv_sec: 0, tv_nsec: 50_000_000 };
+        if !rustix::event::poll(&mut ready, Some(&wait)).is_ok_and(|ready| ready > 0) {
             continue;
         }
         match listener.accept() {

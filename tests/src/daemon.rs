@@ -9,11 +9,24 @@ use std::{
     time::Duration,
 };
 
-use crate::Netns;
+use crate::{Netns, Signal};
 
-/// The `hairpin` binary under test: `$HAIRPIN_BIN` (set by `cargo xtask
-/// test`), else the workspace's debug build.
+/// The binary a program using these beds chose ([`use_binary`]).
+static CHOSEN_BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes `path` the `hairpin` binary the beds run, for programs (the demo)
+/// that build their own; the first choice stays.
+pub fn use_binary(path: PathBuf) {
+    let _ = CHOSEN_BINARY.set(path);
+}
+
+/// The `hairpin` binary under test: the one chosen with [`use_binary`],
+/// else `$HAIRPIN_BIN` (set by `cargo xtask test`), else the workspace's
+/// debug build.
 pub fn hairpin_binary() -> PathBuf {
+    if let Some(path) = CHOSEN_BINARY.get() {
+        return path.clone();
+    }
     if let Some(path) = std::env::var_os("HAIRPIN_BIN") {
         return path.into();
     }
@@ -167,31 +180,26 @@ impl Daemon {
 
     /// Sends SIGHUP: re-read the configuration file.
     pub fn reload(&self) {
-        self.signal(libc::SIGHUP);
+        self.signal(Signal::HUP);
     }
 
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: signalling our own child, which has not been waited for.
-        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
-        assert_eq!(
-            rc,
-            0,
-            "kill({}, {signal}): {}",
-            self.child.id(),
-            std::io::Error::last_os_error()
-        );
+    fn signal(&self, signal: Signal) {
+        // Our own child, not waited for yet: its pid is still its own.
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, signal)
+            .unwrap_or_else(|e| panic!("kill({}, {signal:?}): {e}", self.child.id()));
     }
 
     /// SIGKILL, as a crash would: the daemon gets no chance to detach, and
     /// its pins (maps and links, so the datapath too) stay for the next
     /// `hairpin run` to take over. The pins are not removed here either.
     pub fn kill(mut self) {
-        self.signal(libc::SIGKILL);
+        self.signal(Signal::KILL);
         let status = self.child.wait().expect("wait for hairpin");
         crate::untrack_process(self.child.id());
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&status),
-            Some(libc::SIGKILL),
+            Some(Signal::KILL.as_raw()),
             "hairpin should have been killed by SIGKILL: {status}"
         );
     }
@@ -200,7 +208,7 @@ impl Daemon {
     /// The pins are left as the daemon left them (none, unless it runs with
     /// `--keep-attached`).
     pub fn stop(mut self) -> BTreeMap<String, u64> {
-        self.signal(libc::SIGTERM);
+        self.signal(Signal::TERM);
         let mut stdout = String::new();
         self.child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read stdout");
         let status = self.child.wait().expect("wait for hairpin");

@@ -14,24 +14,23 @@ pub mod tun;
 pub mod wireguard;
 
 use std::{
-    ffi::CString,
     fs::File,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     process::{Command, Output},
     sync::{
         Mutex,
-        atomic::{AtomicI32, AtomicU32, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
     thread,
 };
+
+pub use rustix::process::Signal;
 
 /// Fails the test unless the caller may create namespaces and load eBPF.
 /// Tests that call it are `#[ignore = "needs root"]`: `cargo test` leaves
 /// them out, saying so, and `cargo xtask test` runs them as root; one run
 /// without root fails instead of passing untested.
 pub fn require_root(test: &str) {
-    // SAFETY: no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = rustix::process::geteuid().is_root();
     assert!(root, "{test} needs root for namespaces and eBPF: run `cargo xtask test`");
 }
 
@@ -78,16 +77,13 @@ pub fn emergency_cleanup() {
     let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
     for item in &live {
         if let Live::Process(pid) = item {
-            // SAFETY: signalling a child of ours.
-            unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
+            signal_process(*pid, Signal::TERM);
         }
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
     for item in &live {
         match item {
-            Live::Process(pid) => unsafe {
-                libc::kill(*pid as i32, libc::SIGKILL);
-            },
+            Live::Process(pid) => signal_process(*pid, Signal::KILL),
             Live::Netns(name) => {
                 let _ = Command::new("ip").args(["netns", "delete", name]).status();
                 // What a daemon of a bed whose gateway this was left behind.
@@ -98,34 +94,23 @@ pub fn emergency_cleanup() {
     }
 }
 
-static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
-    // SAFETY: write(2) is async-signal-safe.
-    unsafe { libc::write(fd, b"!".as_ptr().cast(), 1) };
+/// Sends `signal` to the process `pid`; a process gone already is fine.
+pub fn signal_process(pid: u32, signal: Signal) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process(pid, signal);
+    }
 }
 
 /// On SIGINT or SIGTERM: runs `first` (to stop what the caller started on
 /// its own), then [`emergency_cleanup`], and exits with 130. Destructors do
 /// not run when a signal ends a process; `what` says what is being removed.
 pub fn clean_up_on_signal(what: &'static str, first: fn()) -> std::io::Result<()> {
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for two descriptors.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptors we own.
-    let reader = unsafe { OwnedFd::from_raw_fd(fds[0]) };
-    SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only calls write(2).
-        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
-    }
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     thread::spawn(move || {
-        let mut byte = [0u8; 1];
-        // SAFETY: reading one byte into a one-byte buffer.
-        unsafe { libc::read(reader.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        if signals.forever().next().is_none() {
+            return;
+        }
         eprintln!("\ninterrupted: removing {what}");
         first();
         emergency_cleanup();
@@ -298,9 +283,9 @@ impl Netns {
 }
 
 fn enter(netns: &File) {
-    // SAFETY: a valid namespace fd; setns changes only the calling thread.
-    let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+    move_into_link_name_space(std::os::fd::AsFd::as_fd(netns), Some(LinkNameSpaceType::Network))
+        .unwrap_or_else(|e| panic!("setns: {e}"));
 }
 
 impl Drop for Netns {
@@ -316,61 +301,37 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
     b.ip(&["link", "set", b_name, "up"]);
 }
 
+/// An XDP program that passes every packet, attached to one interface
+/// while this lives (the program owns its link: dropped, it detaches).
+pub struct XdpPass {
+    _ebpf: aya::Ebpf,
+}
+
 /// Attaches an XDP program that passes every packet to `interface` (native
-/// mode) and keeps it attached while the returned link lives.
+/// mode) and keeps it attached while the returned [`XdpPass`] lives: the
+/// benchmark object's `xdp_pass`, loaded through aya.
 ///
 /// XDP_TX and XDP_REDIRECT into a veth only deliver when the peer end has an
 /// XDP program, so every veth peer a datapath transmits on gets one.
-pub fn attach_xdp_pass(netns: &Netns, interface: &str) -> OwnedFd {
+pub fn attach_xdp_pass(netns: &Netns, interface: &str) -> XdpPass {
+    use aya::programs::{Xdp, xdp::XdpMode};
+    assert!(
+        !hairpin::BENCH_EBPF_OBJECT.is_empty(),
+        "built without the eBPF programs: run `cargo xtask test`"
+    );
     let interface = interface.to_string();
     netns.run_in(move || {
-        let name = CString::new(interface.as_str()).expect("interface name");
-        // SAFETY: a valid C string.
-        let if_index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert_ne!(if_index, 0, "no interface {interface}");
-        let program = load_xdp_pass();
-        xdp_link_create(&program, if_index)
+        let mut ebpf = aya::Ebpf::load(hairpin::BENCH_EBPF_OBJECT)
+            .unwrap_or_else(|e| panic!("loading the benchmark object: {e}"));
+        let program: &mut Xdp = ebpf
+            .program_mut("xdp_pass")
+            .expect("the benchmark object has xdp_pass")
+            .try_into()
+            .expect("xdp_pass is an XDP program");
+        program.load().unwrap_or_else(|e| panic!("loading xdp_pass: {e}"));
+        program
+            .attach(&interface, XdpMode::Driver)
+            .unwrap_or_else(|e| panic!("attaching xdp_pass to {interface}: {e}"));
+        XdpPass { _ebpf: ebpf }
     })
-}
-
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_PROG_TYPE_XDP: u32 = 6;
-const BPF_XDP: u32 = 37;
-const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-
-fn bpf(command: libc::c_long, attr: &mut [u8; 128]) -> OwnedFd {
-    // SAFETY: attr is a zero-padded bpf_attr of the size passed.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), attr.len()) };
-    assert!(fd >= 0, "bpf({command}): {}", std::io::Error::last_os_error());
-    // SAFETY: the kernel returned a new fd.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
-}
-
-/// `r0 = XDP_PASS; exit`.
-fn load_xdp_pass() -> OwnedFd {
-    let instructions: [u8; 16] = [
-        0xb7, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, // mov64 r0, 2
-        0x95, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // exit
-    ];
-    let license = b"GPL\0";
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
-    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
-    attr[8..16].copy_from_slice(&(instructions.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    // BPF_F_XDP_HAS_FRAGS: may attach to interfaces with jumbo MTUs.
-    attr[44..48].copy_from_slice(&(1u32 << 5).to_ne_bytes());
-    attr[48..57].copy_from_slice(b"xdp_pass\0");
-    attr[68..72].copy_from_slice(&BPF_XDP.to_ne_bytes());
-    bpf(BPF_PROG_LOAD, &mut attr)
-}
-
-fn xdp_link_create(program: &OwnedFd, if_index: u32) -> OwnedFd {
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&if_index.to_ne_bytes());
-    attr[8..12].copy_from_slice(&BPF_XDP.to_ne_bytes());
-    attr[12..16].copy_from_slice(&XDP_FLAGS_DRV_MODE.to_ne_bytes());
-    bpf(BPF_LINK_CREATE, &mut attr)
 }

@@ -12,11 +12,11 @@
 //! without Ethernet header: a tun pair joined by a relay (like WireGuard or
 //! PPP), or a real WireGuard tunnel run by wireguard-go ([`WanLink`]).
 
-use std::{net::Ipv4Addr, os::fd::OwnedFd};
+use std::net::Ipv4Addr;
 
 use netlink_packet_route::link::LinkAttribute;
 
-use crate::{Netns, attach_xdp_pass, tun::TunRelay, veth, wireguard::WireGuardLink};
+use crate::{Netns, XdpPass, attach_xdp_pass, tun::TunRelay, veth, wireguard::WireGuardLink};
 
 pub const LAN_NETWORK: &str = "192.168.0.0/24";
 pub const GATEWAY_LAN: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
@@ -71,7 +71,7 @@ pub struct SeedBed {
     pub lan: Netns,
     pub kind: BedKind,
     pub wan_link: WanLink,
-    _xdp_pass: Vec<OwnedFd>,
+    _xdp_pass: Vec<XdpPass>,
     l3_link: Option<L3Link>,
 }
 

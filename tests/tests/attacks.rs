@@ -8,7 +8,6 @@ use std::{
     collections::BTreeMap,
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
-    os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -529,18 +528,8 @@ struct Recorder {
 impl Recorder {
     fn start(netns: &Netns, port: u16) -> Self {
         let socket = netns.run_in(move || UdpSocket::bind(("0.0.0.0", port)).expect("bind"));
-        let buffer: libc::c_int = 8 << 20;
-        // SAFETY: a valid option value of the length passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&buffer as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as u32,
-            )
-        };
-        assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", io::Error::last_os_error());
+        rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, 8 << 20)
+            .unwrap_or_else(|e| panic!("SO_RCVBUFFORCE: {e}"));
         socket.set_read_timeout(Some(Duration::from_millis(20))).expect("read timeout");
         let records = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -605,13 +594,10 @@ fn udp_sockets(netns: &Netns, first_port: u16, count: u16, server: SocketAddrV4)
 /// Pins the calling thread to CPU 0, so that what it sends is handled in
 /// the order it sent it.
 fn pin_to_first_cpu() {
-    // SAFETY: an all-zero cpu_set_t is an empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU 0 is inside the set.
-    unsafe { libc::CPU_SET(0, &mut set) };
-    // SAFETY: a valid set of the size passed, for the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    assert_eq!(rc, 0, "sched_setaffinity: {}", io::Error::last_os_error());
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(0);
+    rustix::thread::sched_setaffinity(None, &set)
+        .unwrap_or_else(|e| panic!("sched_setaffinity: {e}"));
 }
 
 /// A client flow of the two-clients test: the client (`A` or `B`) and its

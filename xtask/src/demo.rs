@@ -28,8 +28,7 @@ pub fn demo(_: &Options) -> anyhow::Result<()> {
     }
     crate::setup::ensure()?;
     let binary = crate::build_hairpin(false)?;
-    // SAFETY: set before any thread that reads the environment is started.
-    unsafe { std::env::set_var("HAIRPIN_BIN", &binary) };
+    hairpin_tests::daemon::use_binary(binary);
     hairpin_tests::clean_up_on_signal("hairpin and the demo's namespaces", || {})
         .context("handling SIGINT and SIGTERM")?;
 
@@ -146,7 +145,7 @@ fn udp(host: &Netns) -> bool {
 /// Runs a `hairpin` command against the demo's instance and shows it.
 fn hairpin_command(gateway: &Netns, daemon: &Daemon, args: &[&str]) {
     println!("  $ hairpin {}", args.join(" "));
-    let binary = std::env::var_os("HAIRPIN_BIN").unwrap_or_default();
+    let binary = hairpin_tests::daemon::hairpin_binary();
     let output = gateway
         .command(&binary.to_string_lossy())
         .env("HAIRPIN_PIN_DIR", &daemon.pin_dir)

@@ -63,8 +63,7 @@ fn run_command(command: &mut Command) -> anyhow::Result<()> {
 }
 
 fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }
 
 /// Builds the `hairpin` binary with its eBPF program (required, not optional
