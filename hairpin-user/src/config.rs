@@ -752,12 +752,12 @@ fn parse_mapping(index: usize, raw: RawMapping, managed: &[&str]) -> Result<Mapp
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use rstest::rstest;
 
     use super::*;
 
-    const SEED: &str = r#"
+    pub(crate) const SEED: &str = r#"
 [lan]
 interfaces = ["gw-lan"]
 networks = ["192.168.0.0/24"]

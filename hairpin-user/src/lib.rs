@@ -6,6 +6,7 @@ pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod conntrack;
+pub mod daemon;
 pub mod datapath;
 pub mod entry_count;
 pub mod explain;

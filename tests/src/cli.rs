@@ -7,7 +7,7 @@ use std::{
     process::{Child, ExitStatus, Stdio},
     sync::mpsc,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{
@@ -113,19 +113,15 @@ impl<'a> Cli<'a> {
         });
         let stdout = reader(child.stdout.take().expect("stdout"));
         let stderr = reader(child.stderr.take().expect("stderr"));
-        let deadline = Instant::now() + COMMAND_TIMEOUT;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    crate::untrack_process(child.id());
-                    panic!("`{command}` did not finish within {COMMAND_TIMEOUT:?}");
-                }
-                Err(e) => panic!("waiting for `{command}`: {e}"),
+        let status = match wait_timeout::ChildExt::wait_timeout(&mut child, COMMAND_TIMEOUT) {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                crate::untrack_process(child.id());
+                panic!("`{command}` did not finish within {COMMAND_TIMEOUT:?}");
             }
+            Err(e) => panic!("waiting for `{command}`: {e}"),
         };
         crate::untrack_process(child.id());
         let _ = writer.join();

@@ -45,7 +45,7 @@ pub struct Daemon {
     log: Vec<String>,
     /// Where this daemon pins its maps and links (`--pin-dir`).
     pub pin_dir: PathBuf,
-    config: tempfile_path::TempPath,
+    config: tempfile::TempPath,
 }
 
 /// The pin directory of the bed whose gateway is `netns`: its own, so that
@@ -68,16 +68,6 @@ pub fn state_file(netns: &Netns) -> PathBuf {
 /// [`state_file`] by the gateway namespace's name.
 pub fn state_file_for(netns_name: &str) -> PathBuf {
     PathBuf::from("/run/hairpin").join(format!("{netns_name}.json"))
-}
-
-mod tempfile_path {
-    /// A file removed on drop.
-    pub struct TempPath(pub std::path::PathBuf);
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
 }
 
 impl Daemon {
@@ -131,7 +121,7 @@ impl Daemon {
             stderr: rx,
             log: Vec::new(),
             pin_dir,
-            config: tempfile_path::TempPath(path),
+            config: tempfile::TempPath::try_from_path(path).expect("an absolute path"),
         };
         daemon.wait_for_log("hairpin running", Duration::from_secs(30));
         daemon
@@ -170,7 +160,7 @@ impl Daemon {
     /// The configuration file it runs with (written by [`Daemon::start`]);
     /// edit it and [`Daemon::reload`] to change the configuration.
     pub fn config_path(&self) -> &Path {
-        &self.config.0
+        &self.config
     }
 
     /// The daemon's process id.

@@ -3,7 +3,6 @@ use std::{
     net::SocketAddrV4,
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -12,19 +11,15 @@ use clap::{CommandFactory as _, Parser as _};
 use hairpin::{
     attach::Hook,
     cli::{Cli, Command, ConntrackCommand, DenyCommand, MappingCommand},
-    config::{Config, Mapping, Proto, parse_endpoint, parse_network},
-    datapath::{Attachment, Datapath, PinDir, if_index, monotonic_coarse_ns},
-    entry_count::EntryCounter,
+    config::{Mapping, Proto, parse_endpoint, parse_network},
+    daemon,
+    datapath::{PinDir, if_index, monotonic_coarse_ns},
     flows::FlowRow,
-    lock::{DaemonLock, WriteLock},
+    lock::WriteLock,
     maps::{DenyOrigin, Maps},
-    routes::RouteCacheKeeper,
     stats::{MappingRow, Snapshot, format_values},
 };
-use hairpin_common::Counter;
-use log::{error, info, warn};
-use serde::{Deserialize, Serialize};
-use tokio::signal::unix::{SignalKind, signal};
+use serde::Serialize;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -40,38 +35,22 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever RUST_BACKTRACE says.
-            eprintln!("hairpin: {}", one_line(&e));
+            eprintln!("hairpin: {}", daemon::one_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }
-}
-
-/// An error and its causes on one line, without the repetitions of causes
-/// that already print their own cause.
-fn one_line(error: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string().replace('\n', "; ");
-        if line.contains(text.trim()) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(text.trim());
-    }
-    line
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<()> {
     let pins = PinDir(cli.pin_dir);
     match cli.command {
         Command::Run { config, stats_interval, keep_attached } => {
-            run(&config, &pins, stats_interval, keep_attached).await
+            let options = daemon::RunOptions { config, pins, stats_interval, keep_attached };
+            Ok(daemon::run(&options).await?)
         }
         Command::Check { config } => {
-            let config = load_config(&config)?;
-            println!("configuration is valid: {}", describe(&config));
+            let config = daemon::load_config(&config)?;
+            println!("configuration is valid: {}", daemon::describe(&config));
             for warning in config.warnings() {
                 println!("warning: {warning}");
             }
@@ -99,353 +78,6 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn load_config(path: &Path) -> anyhow::Result<Config> {
-    Config::from_file(path).with_context(|| format!("invalid configuration {}", path.display()))
-}
-
-fn describe(config: &Config) -> String {
-    format!(
-        "LAN {} ({}), SNAT source {}, {} mapping(s)",
-        config.lan.interfaces.join(", "),
-        config.lan.networks.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
-        config.lan.address,
-        config.mappings.len()
-    )
-}
-
-/// What `hairpin status` reads about the daemon, next to the pins.
-#[derive(Serialize, Deserialize)]
-struct DaemonState {
-    pid: u32,
-    config: PathBuf,
-    pin_dir: PathBuf,
-    conntrack_capacity: u32,
-    interfaces: Vec<Attachment>,
-}
-
-fn state_file(pins: &PinDir) -> PathBuf {
-    let name = pins
-        .0
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "hairpin".into());
-    PathBuf::from("/run/hairpin").join(format!("{name}.json"))
-}
-
-fn check_interfaces(config: &Config, path: &Path) -> anyhow::Result<()> {
-    let lan = config
-        .lan
-        .interfaces
-        .iter()
-        .enumerate()
-        .map(|(i, name)| (format!("lan.interfaces[{i}]"), name));
-    let wan = config.wan.iter().map(|wan| ("wan.interface".to_string(), &wan.interface));
-    for (key, name) in lan.chain(wan) {
-        if_index(name)
-            .with_context(|| format!("invalid configuration {}: `{key}`", path.display()))?;
-    }
-    Ok(())
-}
-
-async fn run(
-    path: &Path,
-    pins: &PinDir,
-    stats_interval: u64,
-    keep_attached: bool,
-) -> anyhow::Result<()> {
-    // Installed first: a signal during start-up then stops hairpin cleanly
-    // once it is up, instead of killing it half attached.
-    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut config = load_config(path)?;
-    check_interfaces(&config, path)?;
-    for name in &config.lan.interfaces {
-        warn_if_not_forwarding(name);
-    }
-    let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("`metrics.listen`: cannot listen on {addr}"))?,
-        ),
-        None => None,
-    };
-    // Held until this process ends, however it ends.
-    let Some(_daemon_lock) = DaemonLock::try_acquire(&daemon_lock_file(pins))? else {
-        let pid = read_state(pins).map_or_else(|| "unknown".into(), |s| s.pid.to_string());
-        bail!(
-            "hairpin is already running for {} (pid {pid}); stop it first, or give another --pin-dir",
-            pins.0.display(),
-        );
-    };
-    let taking_over = pins.exists();
-    let mut datapath = Datapath::load(&config, Some(pins)).context("loading the datapath")?;
-    if taking_over {
-        info!("taking over the datapath pinned at {} (its flows go on)", pins.0.display());
-    }
-    if let Some(logger) = datapath.take_logger() {
-        // SAFETY: the AsyncFd owns the logger, so the fd outlives the registration.
-        let mut logger = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-        }
-        .context("watching the eBPF log")?;
-        tokio::spawn(async move {
-            while let Ok(mut guard) = logger.readable_mut().await {
-                guard.get_inner_mut().flush();
-                guard.clear_ready();
-            }
-        });
-    }
-    datapath.plan(&config).context("choosing where the datapath runs")?;
-    {
-        let _lock = write_lock(pins)?;
-        datapath.configure(&config).context("configuring the datapath")?;
-    }
-    let attachments = datapath.attach(&config).context("attaching the datapath")?;
-    for a in &attachments {
-        info!(
-            "attached to {} ({}, ifindex {}): {}{}",
-            a.interface,
-            a.role,
-            a.if_index,
-            a.describe(),
-            if a.taken_over { ", taken over" } else { "" }
-        );
-    }
-    write_state(pins, path, &config, &attachments);
-    let route_cache = match RouteCacheKeeper::start(&datapath.maps) {
-        Ok(keeper) => Some(keeper.spawn()),
-        Err(e) => {
-            warn!("route cache off, every packet is looked up: {e}");
-            None
-        }
-    };
-    // One counting program for the scrapes, pinned for the CLI's `stats`.
-    let counter = load_counter(pins);
-    if let Some(listener) = metrics_listener {
-        let (scrape_pins, capacity) = (pins.clone(), config.conntrack_capacity);
-        if let Ok(addr) = listener.local_addr() {
-            info!("metrics at http://{addr}/metrics");
-        }
-        tokio::spawn(async move {
-            let served =
-                hairpin::metrics::serve(listener, move || scrape(&scrape_pins, capacity, &counter))
-                    .await;
-            if let Err(e) = served {
-                error!("the metrics endpoint stopped: {e}");
-            }
-        });
-    }
-    info!("hairpin running: {}", describe(&config));
-    for mapping in &config.mappings {
-        info!("  {mapping}");
-    }
-    for warning in config.warnings() {
-        warn!("{warning}");
-    }
-
-    let period =
-        Duration::from_secs(if stats_interval == 0 { u64::MAX / 4 } else { stats_interval });
-    let mut stats_ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    let mut reclaim_ticker = reclaim_ticker(&config);
-    // Reclaim reads both tables, seconds at a million flows: on the blocking
-    // pool, so that signals, reloads and scrapes are answered meanwhile;
-    // one at a time.
-    let mut reclaiming: Option<tokio::task::JoinHandle<()>> = None;
-    loop {
-        tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = sighup.recv() => match reload(path, pins, &config, &mut datapath) {
-                Ok(new) => {
-                    config = new;
-                    reclaim_ticker = reclaim_ticker_for(&config);
-                    info!("configuration reloaded: {}", describe(&config));
-                }
-                Err(e) => error!("configuration not reloaded, the running one stays: {}", one_line(&e)),
-            },
-            _ = stats_ticker.tick() => print_counters(&datapath.maps, &config, "counters"),
-            _ = reclaim_ticker.tick() => {
-                if reclaiming.as_ref().is_none_or(|task| task.is_finished()) {
-                    let pins = pins.clone();
-                    reclaiming = Some(tokio::task::spawn_blocking(move || {
-                        match Maps::open_pinned(&pins.maps()) {
-                            Ok(mut maps) => reclaim(&pins, &mut maps),
-                            Err(e) => warn!("reclaiming expired flows: {e}"),
-                        }
-                    }));
-                }
-            }
-        }
-    }
-    if let Some(task) = reclaiming {
-        let _ = task.await;
-    }
-    // Turns the cache off: nobody watches for routing changes any more.
-    drop(route_cache);
-    print_counters(&datapath.maps, &config, "counters at exit");
-    if keep_attached {
-        datapath.keep();
-        info!("left attached with its state at {} (--keep-attached)", pins.0.display());
-    } else {
-        datapath.remove();
-        let _ = std::fs::remove_file(state_file(pins));
-        info!("detached");
-    }
-    Ok(())
-}
-
-/// The counting program over the instance's tables, pinned at
-/// [`PinDir::counter`]; `None`, said once, where it cannot load: the tables
-/// are read then.
-fn load_counter(pins: &PinDir) -> Arc<Option<Mutex<EntryCounter>>> {
-    let loaded = Maps::open_pinned(&pins.maps())
-        .map_err(|e| e.to_string())
-        .and_then(|maps| EntryCounter::load(&maps).map_err(|e| e.to_string()))
-        .and_then(|mut counter| {
-            counter.pin(&pins.counter()).map_err(|e| e.to_string())?;
-            Ok(counter)
-        });
-    match loaded {
-        Ok(counter) => Arc::new(Some(Mutex::new(counter))),
-        Err(e) => {
-            warn!("counting the tables in the kernel: {e}; they are read in batches instead");
-            Arc::new(None)
-        }
-    }
-}
-
-/// The Prometheus exposition, read from the pinned maps.
-fn scrape(
-    pins: &PinDir,
-    capacity: u32,
-    counter: &Option<Mutex<EntryCounter>>,
-) -> Result<String, String> {
-    let maps = Maps::open_pinned(&pins.maps()).map_err(|e| e.to_string())?;
-    let counted = counter.as_ref().and_then(|counter| {
-        let mut counter = counter.lock().unwrap_or_else(PoisonError::into_inner);
-        counter.count().inspect_err(|e| log::debug!("metrics: counting the tables: {e}")).ok()
-    });
-    // Without the counting program the tables are read, not a second
-    // program loaded.
-    let counts = match counted {
-        Some(counts) => counts.map(|n| n as usize),
-        None => maps.conntrack_entry_counts_read().map_err(|e| e.to_string())?,
-    };
-    let snapshot = Snapshot::read_counted(&maps, capacity, counts).map_err(|e| e.to_string())?;
-    let mappings = MappingRow::read_all(&maps).map_err(|e| e.to_string())?;
-    Ok(hairpin::metrics::render(&snapshot, &mappings))
-}
-
-fn reclaim_ticker(config: &Config) -> tokio::time::Interval {
-    reclaim_ticker_for(config)
-}
-
-/// Often enough that expired flows do not linger much past their timeout.
-fn reclaim_ticker_for(config: &Config) -> tokio::time::Interval {
-    let t = config.timeouts;
-    let shortest = t.tcp_established.min(t.tcp_transitory).min(t.udp).min(t.tcp_opening);
-    let period = Duration::from_secs((shortest / 4).clamp(1, 10));
-    tokio::time::interval_at(tokio::time::Instant::now() + period, period)
-}
-
-fn reclaim(pins: &PinDir, maps: &mut Maps) {
-    // The tables are read without the writers' lock (at a million flows
-    // that takes a second, and a reload must not wait for it); only the
-    // removals, each checked again, are made under it.
-    let now = monotonic_coarse_ns();
-    let plan = match maps.settings().and_then(|settings| maps.reclaim_plan(&settings, now)) {
-        Ok(plan) => plan,
-        Err(e) => return warn!("reclaiming expired flows: {e}"),
-    };
-    let _lock = match write_lock(pins) {
-        Ok(lock) => lock,
-        Err(e) => return warn!("reclaiming expired flows: {}", one_line(&e)),
-    };
-    // The timeouts in force now, read under the lock: a reload may have
-    // changed them since the tables were read.
-    let settings = match maps.settings() {
-        Ok(settings) => settings,
-        Err(e) => return warn!("reclaiming expired flows: {e}"),
-    };
-    if let Err(e) = maps.free_retired_mapping_ids(&plan) {
-        warn!("freeing the ids of withdrawn mapping rules: {e}");
-    }
-    let [established, new] = maps.remove_if_still_expired(&plan, &settings, now);
-    for (counter, amount) in
-        [(Counter::ReclaimedEstablished, established), (Counter::ReclaimedNew, new)]
-    {
-        if amount > 0
-            && let Err(e) = maps.add_to_counter(counter, amount as u64)
-        {
-            warn!("counting reclaimed entries: {e}");
-        }
-    }
-}
-
-/// Applies a changed configuration, or explains why it cannot be applied
-/// without a restart; nothing is written unless all of it is valid.
-fn reload(
-    path: &Path,
-    pins: &PinDir,
-    running: &Config,
-    datapath: &mut Datapath,
-) -> anyhow::Result<Config> {
-    let config = load_config(path)?;
-    check_interfaces(&config, path)?;
-    let interfaces =
-        |c: &Config| (c.lan.interfaces.clone(), c.wan.as_ref().map(|w| w.interface.clone()));
-    if interfaces(&config) != interfaces(running) {
-        bail!("the interfaces changed: restart hairpin to attach to new ones");
-    }
-    if config.conntrack_capacity != running.conntrack_capacity {
-        bail!("conntrack.capacity changed: restart hairpin to resize the tables");
-    }
-    if config.attach != running.attach {
-        bail!("[datapath] attach changed: restart hairpin to attach in another mode");
-    }
-    if config.metrics_listen != running.metrics_listen {
-        bail!("metrics.listen changed: restart hairpin to move the endpoint");
-    }
-    let _lock = write_lock(pins)?;
-    datapath.configure(&config).context("applying the configuration")?;
-    Ok(config)
-}
-
-fn write_state(pins: &PinDir, config_path: &Path, config: &Config, attachments: &[Attachment]) {
-    let state = DaemonState {
-        pid: std::process::id(),
-        config: std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf()),
-        pin_dir: pins.0.clone(),
-        conntrack_capacity: config.conntrack_capacity,
-        interfaces: attachments.to_vec(),
-    };
-    let path = state_file(pins);
-    let written = std::fs::create_dir_all("/run/hairpin").and_then(|()| {
-        std::fs::write(&path, serde_json::to_vec_pretty(&state).unwrap_or_default())
-    });
-    if let Err(e) = written {
-        warn!("writing {}: {e}; `hairpin status` will know less", path.display());
-    }
-}
-
-/// The daemon's lock ([`DaemonLock`]), next to its state file.
-fn daemon_lock_file(pins: &PinDir) -> PathBuf {
-    state_file(pins).with_extension("lock")
-}
-
-/// Whether the instance's daemon runs: it holds its lock.
-fn daemon_alive(pins: &PinDir) -> bool {
-    hairpin::lock::daemon_running(&daemon_lock_file(pins))
-        .inspect_err(|e| warn!("{e}"))
-        .unwrap_or(false)
-}
-
-fn read_state(pins: &PinDir) -> Option<DaemonState> {
-    serde_json::from_slice(&std::fs::read(state_file(pins)).ok()?).ok()
-}
-
 /// The running instance's maps.
 fn open(pins: &PinDir) -> anyhow::Result<Maps> {
     if !pins.exists() {
@@ -462,22 +94,6 @@ fn open(pins: &PinDir) -> anyhow::Result<Maps> {
 /// The writers' lock of the instance at `pins`, held until dropped.
 fn write_lock(pins: &PinDir) -> anyhow::Result<WriteLock> {
     Ok(WriteLock::acquire(&pins.0)?)
-}
-
-fn print_counters(maps: &Maps, config: &Config, title: &str) {
-    match Snapshot::read(maps, config.conntrack_capacity) {
-        Ok(snapshot) => println!("{title}:\n{}", format_values(&snapshot.values(), false)),
-        Err(e) => warn!("reading counters: {e}"),
-    }
-}
-
-fn warn_if_not_forwarding(interface: &str) {
-    let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
-    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0") {
-        warn!(
-            "IPv4 forwarding is off on {interface} ({path}); hairpin will pass every packet to the kernel"
-        );
-    }
 }
 
 fn parse_mapping(
@@ -722,8 +338,8 @@ async fn stats(pins: &PinDir, json: bool, watch: Option<u64>) -> anyhow::Result<
 
 fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
     let maps = open(pins)?;
-    let state = read_state(pins);
-    let daemon_alive = daemon_alive(pins);
+    let state = daemon::read_state(pins);
+    let daemon_alive = daemon::alive(pins);
     let [established, new] = maps.conntrack_entry_counts()?;
     let links = pinned_links(pins);
     let route_cache = maps.route_cache()?;
@@ -765,7 +381,9 @@ fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
                 );
             }
         }
-        None => println!("daemon:   unknown (no state file {})", state_file(pins).display()),
+        None => {
+            println!("daemon:   unknown (no state file {})", daemon::state_file(pins).display())
+        }
     }
     for link in &links {
         println!(
@@ -824,7 +442,7 @@ fn explain(
     if !pins.exists() {
         open(pins)?;
     }
-    let attachments = read_state(pins).map(|s| s.interfaces).unwrap_or_default();
+    let attachments = daemon::read_state(pins).map(|s| s.interfaces).unwrap_or_default();
     let iface = match iface {
         Some(iface) => iface,
         None => attachments
