@@ -1,4 +1,7 @@
-//! The TOML configuration, parsed and validated before anything is loaded.
+//! The configuration's domain types, and the TOML file they are read from
+//! (its shape in [`file`]), parsed and validated before anything is loaded.
+
+mod file;
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::Path, str::FromStr};
 
@@ -293,93 +296,6 @@ impl Config {
 
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 65535);
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    lan: RawLan,
-    wan: Option<RawWan>,
-    xdp: Option<RawXdp>,
-    datapath: Option<RawDatapath>,
-    conntrack: Option<RawConntrack>,
-    timeouts: Option<RawTimeouts>,
-    metrics: Option<RawMetrics>,
-    deny: Option<RawDeny>,
-    #[serde(default)]
-    mapping: Vec<RawMapping>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDeny {
-    #[serde(default)]
-    networks: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMetrics {
-    listen: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTimeouts {
-    tcp_established: Option<i64>,
-    tcp_transitory: Option<i64>,
-    tcp_opening: Option<i64>,
-    udp: Option<i64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLan {
-    interfaces: Option<Vec<String>>,
-    interface: Option<String>,
-    networks: Option<Vec<String>>,
-    address: Option<String>,
-    snat_ports: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawWan {
-    interface: Option<String>,
-    #[serde(default)]
-    addresses: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawXdp {
-    mode: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDatapath {
-    attach: Option<AttachMode>,
-    #[serde(default)]
-    interfaces: BTreeMap<String, AttachMode>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConntrack {
-    capacity: Option<i64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMapping {
-    proto: Option<String>,
-    public: Option<String>,
-    to: Option<String>,
-    #[serde(default)]
-    allow: Vec<String>,
-    #[serde(default)]
-    interfaces: Vec<String>,
-}
-
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -392,242 +308,8 @@ impl FromStr for Config {
     type Err = ConfigError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax(syntax_error(text, &e)))?;
-        let lan = parse_lan(raw.lan)?;
-        let wan = raw.wan.map(parse_wan).transpose()?;
-        let legacy_xdp_mode = raw.xdp.and_then(|x| x.mode);
-        let conntrack_capacity = match raw.conntrack.and_then(|c| c.capacity) {
-            None => hairpin_common::DEFAULT_CONNTRACK_CAPACITY,
-            Some(n) if (16..=(1 << 24)).contains(&n) => n as u32,
-            Some(n) => {
-                return Err(invalid(
-                    "conntrack.capacity",
-                    format!("{n} is out of range (16 to 16777216 entries)"),
-                ));
-            }
-        };
-        let timeouts = parse_timeouts(raw.timeouts)?;
-        let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
-            None => None,
-            Some(text) => Some(text.parse().map_err(|_| {
-                invalid(
-                    "metrics.listen",
-                    format!("`{text}` is not an address and port (like 127.0.0.1:9654)"),
-                )
-            })?),
-        };
-        let managed: Vec<&str> = lan
-            .interfaces
-            .iter()
-            .chain(wan.as_ref().map(|w| &w.interface))
-            .map(String::as_str)
-            .collect();
-        let attach = parse_attach(raw.datapath, legacy_xdp_mode.as_deref(), &managed)?;
-        let mut mappings: Vec<Mapping> = Vec::new();
-        let mut published_ports = 0u32;
-        for (index, raw) in raw.mapping.into_iter().enumerate() {
-            let mapping = parse_mapping(index, raw, &managed)?;
-            if let Some(other) = mappings.iter().position(|m| m.overlaps(&mapping)) {
-                return Err(invalid(
-                    format!("mapping[{index}].public"),
-                    format!(
-                        "{} {}:{} is already published by mapping[{other}]",
-                        mapping.proto, mapping.public, mapping.public_ports
-                    ),
-                ));
-            }
-            published_ports += mapping.public_ports.len();
-            if published_ports > hairpin_common::MAX_MAPPINGS {
-                return Err(invalid(
-                    format!("mapping[{index}].public"),
-                    format!("more than {} published ports in all", hairpin_common::MAX_MAPPINGS),
-                ));
-            }
-            mappings.push(mapping);
-        }
-        let deny = raw
-            .deny
-            .map(|d| d.networks)
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-            .map(|(index, net)| {
-                parse_network(net).map_err(|e| invalid(format!("deny.networks[{index}]"), e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if deny.len() > hairpin_common::MAX_DENY_NETWORKS as usize {
-            return Err(invalid(
-                "deny.networks",
-                format!("more than {} networks", hairpin_common::MAX_DENY_NETWORKS),
-            ));
-        }
-        Ok(Config {
-            lan,
-            wan,
-            attach,
-            legacy_xdp_mode,
-            conntrack_capacity,
-            timeouts,
-            metrics_listen,
-            mappings,
-            deny,
-        })
+        file::parse(text)
     }
-}
-
-/// A TOML error on one line: where, and what; for a bad value, whose.
-fn syntax_error(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim().replace('\n', "; ");
-    match error.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let line_start = before.rfind('\n').map_or(0, |at| at + 1);
-            let column = before.len() - line_start + 1;
-            match value_key(&text[..line_start], &before[line_start..]) {
-                Some(key) => format!("line {line}, column {column}: `{key}`: {message}"),
-                None => format!("line {line}, column {column}: {message}"),
-            }
-        }
-        None => message,
-    }
-}
-
-/// The dotted key of the value that starts after `line_before` (`key = `),
-/// inside the last table header of `lines_before`.
-fn value_key(lines_before: &str, line_before: &str) -> Option<String> {
-    let (key, rest) = line_before.split_once('=')?;
-    let key = key.trim();
-    if key.is_empty() || !rest.trim().is_empty() || key.starts_with('[') {
-        return None;
-    }
-    let table = lines_before
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|line| line.starts_with('['))
-        .map(|header| header.trim_matches(|c| c == '[' || c == ']').trim());
-    Some(match table {
-        Some(table) => format!("{table}.{key}"),
-        None => key.to_string(),
-    })
-}
-
-/// `[datapath]`, or what the deprecated `[xdp] mode` means in its terms.
-fn parse_attach(
-    raw: Option<RawDatapath>,
-    legacy_xdp_mode: Option<&str>,
-    managed: &[&str],
-) -> Result<Attach, ConfigError> {
-    let (attach, interfaces) = match raw {
-        Some(raw) => (raw.attach, raw.interfaces),
-        None => (None, BTreeMap::new()),
-    };
-    let default = match (legacy_xdp_mode, attach) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                "xdp.mode",
-                "give `[datapath] attach` only: `[xdp] mode` is its deprecated former name",
-            ));
-        }
-        (None, attach) => attach.unwrap_or_default(),
-        (Some("auto"), None) => AttachMode::Auto,
-        (Some("native"), None) => AttachMode::Xdp,
-        (Some("skb"), None) => {
-            return Err(invalid(
-                "xdp.mode",
-                "`skb` (generic XDP) is no longer supported: it breaks GRO aggregates and \
-                 offloaded (CHECKSUM_PARTIAL) checksums; use `[datapath] attach = \"tc\"`",
-            ));
-        }
-        (Some(other), None) => {
-            return Err(invalid(
-                "xdp.mode",
-                format!(
-                    "unknown mode `{other}` (`[xdp] mode` is deprecated: use `[datapath] attach = \"auto\" | \"xdp\" | \"tc\"`)"
-                ),
-            ));
-        }
-    };
-    for name in interfaces.keys() {
-        if !managed.contains(&name.as_str()) {
-            return Err(invalid(
-                format!("datapath.interfaces.{name}"),
-                format!(
-                    "`{name}` is not a configured LAN or WAN interface (those are {})",
-                    managed.join(", ")
-                ),
-            ));
-        }
-    }
-    Ok(Attach { default, interfaces })
-}
-
-fn parse_interface_name(key: &str, name: &str) -> Result<String, ConfigError> {
-    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
-        return Err(invalid(key, format!("`{name}` is not a valid interface name")));
-    }
-    Ok(name.to_string())
-}
-
-fn parse_addr(key: &str, text: &str) -> Result<Ipv4Addr, ConfigError> {
-    text.parse().map_err(|_| invalid(key, format!("`{text}` is not an IPv4 address")))
-}
-
-fn parse_lan(raw: RawLan) -> Result<Lan, ConfigError> {
-    let names = match (raw.interfaces, raw.interface) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                "lan.interface",
-                "give either `interface` or `interfaces`, not both",
-            ));
-        }
-        (Some(list), None) => list,
-        (None, Some(one)) => vec![one],
-        (None, None) => {
-            return Err(invalid("lan.interfaces", "missing: name the LAN interface(s)"));
-        }
-    };
-    if names.is_empty() {
-        return Err(invalid("lan.interfaces", "empty: name at least one LAN interface"));
-    }
-    let mut interfaces = Vec::new();
-    for (index, name) in names.iter().enumerate() {
-        let name = parse_interface_name(&format!("lan.interfaces[{index}]"), name)?;
-        if interfaces.contains(&name) {
-            return Err(invalid(
-                format!("lan.interfaces[{index}]"),
-                format!("`{name}` is listed twice"),
-            ));
-        }
-        interfaces.push(name);
-    }
-    let networks = raw
-        .networks
-        .ok_or_else(|| invalid("lan.networks", "missing: list the LAN networks to hairpin"))?;
-    if networks.is_empty() {
-        return Err(invalid("lan.networks", "empty: list at least one LAN network"));
-    }
-    let networks = networks
-        .iter()
-        .enumerate()
-        .map(|(index, net)| {
-            parse_network(net).map_err(|e| invalid(format!("lan.networks[{index}]"), e))
-        })
-        .collect::<Result<Vec<Ipv4Net>, _>>()?;
-    let address = raw.address.ok_or_else(|| {
-        invalid("lan.address", "missing: the gateway's LAN address (the SNAT source)")
-    })?;
-    let address = parse_addr("lan.address", &address)?;
-    if address.is_unspecified() || address.is_broadcast() || address.is_multicast() {
-        return Err(invalid("lan.address", format!("{address} cannot be a source address")));
-    }
-    let snat_ports = match raw.snat_ports {
-        None => DEFAULT_SNAT_PORTS,
-        Some(text) => parse_port_range(&text).map_err(|e| invalid("lan.snat_ports", e))?,
-    };
-    Ok(Lan { interfaces, networks, address, snat_ports })
 }
 
 /// `A-B` or a single port, 1 to 65535, A <= B.
@@ -647,47 +329,6 @@ pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
     Ok((first, last))
 }
 
-fn parse_wan(raw: RawWan) -> Result<Wan, ConfigError> {
-    let interface =
-        raw.interface.ok_or_else(|| invalid("wan.interface", "missing: name the WAN interface"))?;
-    let interface = parse_interface_name("wan.interface", &interface)?;
-    let addresses = raw
-        .addresses
-        .iter()
-        .enumerate()
-        .map(|(index, a)| parse_addr(&format!("wan.addresses[{index}]"), a))
-        .collect::<Result<_, _>>()?;
-    Ok(Wan { interface, addresses })
-}
-
-fn parse_timeouts(raw: Option<RawTimeouts>) -> Result<Timeouts, ConfigError> {
-    let Some(raw) = raw else {
-        return Ok(DEFAULT_TIMEOUTS);
-    };
-    let seconds = |key: &str, value: Option<i64>, default: u64| match value {
-        None => Ok(default),
-        Some(s) if (1..=30 * 86_400).contains(&s) => Ok(s as u64),
-        Some(s) => Err(invalid(
-            format!("timeouts.{key}"),
-            format!("{s} is out of range (1 to 2592000 seconds)"),
-        )),
-    };
-    Ok(Timeouts {
-        tcp_established: seconds(
-            "tcp_established",
-            raw.tcp_established,
-            DEFAULT_TIMEOUTS.tcp_established,
-        )?,
-        tcp_transitory: seconds(
-            "tcp_transitory",
-            raw.tcp_transitory,
-            DEFAULT_TIMEOUTS.tcp_transitory,
-        )?,
-        udp: seconds("udp", raw.udp, DEFAULT_TIMEOUTS.udp)?,
-        tcp_opening: seconds("tcp_opening", raw.tcp_opening, DEFAULT_TIMEOUTS.tcp_opening)?,
-    })
-}
-
 /// `ADDRESS:PORT` or `ADDRESS:FIRST-LAST`.
 pub fn parse_endpoint(text: &str) -> Result<(Ipv4Addr, PortRange), String> {
     let form = || {
@@ -702,53 +343,6 @@ pub fn parse_endpoint(text: &str) -> Result<(Ipv4Addr, PortRange), String> {
     }
     let (first, last) = parse_port_range(ports)?;
     Ok((addr, PortRange { first, last }))
-}
-
-fn parse_mapping(index: usize, raw: RawMapping, managed: &[&str]) -> Result<Mapping, ConfigError> {
-    let key = |field: &str| format!("mapping[{index}].{field}");
-    let proto = raw
-        .proto
-        .ok_or_else(|| invalid(key("proto"), "missing: tcp or udp"))?
-        .parse()
-        .map_err(|e| invalid(key("proto"), e))?;
-    let public = raw.public.ok_or_else(|| invalid(key("public"), "missing"))?;
-    let (public, public_ports) = parse_endpoint(&public).map_err(|e| invalid(key("public"), e))?;
-    let to = raw.to.ok_or_else(|| invalid(key("to"), "missing"))?;
-    let (to, to_ports) = parse_endpoint(&to).map_err(|e| invalid(key("to"), e))?;
-    if public_ports.len() != to_ports.len() {
-        return Err(invalid(
-            key("to"),
-            format!(
-                "{} port(s) for the {} public port(s) {public}:{public_ports}: the ranges must have equal lengths",
-                to_ports.len(),
-                public_ports.len()
-            ),
-        ));
-    }
-    let allow = raw
-        .allow
-        .iter()
-        .enumerate()
-        .map(|(i, net)| parse_network(net).map_err(|e| invalid(key(&format!("allow[{i}]")), e)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut interfaces: Vec<String> = Vec::new();
-    for (i, name) in raw.interfaces.iter().enumerate() {
-        let key = key(&format!("interfaces[{i}]"));
-        if !managed.contains(&name.as_str()) {
-            return Err(invalid(
-                key,
-                format!(
-                    "`{name}` is not a configured LAN or WAN interface (those are {})",
-                    managed.join(", ")
-                ),
-            ));
-        }
-        if interfaces.contains(name) {
-            return Err(invalid(key, format!("`{name}` is listed twice")));
-        }
-        interfaces.push(name.clone());
-    }
-    Ok(Mapping { proto, public, public_ports, to, to_ports, allow, interfaces })
 }
 
 #[cfg(test)]
@@ -1129,7 +723,7 @@ interfaces = ["gw-wan"]"#,
     #[test]
     fn the_example_configuration_parses_without_warnings() {
         let config: Config =
-            include_str!("../../examples/hairpin.toml").parse().expect("the example is valid");
+            include_str!("../../../examples/hairpin.toml").parse().expect("the example is valid");
         assert_eq!(config.attach, Attach::default());
         assert!(config.warnings().is_empty(), "{:?}", config.warnings());
     }
