@@ -16,6 +16,7 @@ pub mod lock;
 pub mod maps;
 pub mod metrics;
 pub mod netlink;
+pub mod render;
 pub mod routes;
 pub mod stats;
 

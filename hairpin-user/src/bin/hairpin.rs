@@ -17,9 +17,9 @@ use hairpin::{
     flows::FlowRow,
     lock::WriteLock,
     maps::{DenyOrigin, Maps},
-    stats::{MappingRow, Snapshot, format_values},
+    render,
+    stats::{MappingRow, Snapshot},
 };
-use serde::Serialize;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -144,32 +144,8 @@ fn mapping(pins: &PinDir, command: MappingCommand) -> anyhow::Result<()> {
             let rows = MappingRow::read_all(&open(pins)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else if rows.is_empty() {
-                println!("no mappings");
             } else {
-                println!(
-                    "{:<5} {:<28} {:<28} {:>8} {:>10} {:>12}  restrictions",
-                    "proto", "public", "server", "flows", "packets", "bytes"
-                );
-                for r in rows {
-                    let mut restrictions = Vec::new();
-                    if !r.allow.is_empty() {
-                        restrictions.push(format!("from {}", r.allow.join(",")));
-                    }
-                    if !r.interfaces.is_empty() {
-                        restrictions.push(format!("on {}", r.interfaces.join(",")));
-                    }
-                    println!(
-                        "{:<5} {:<28} {:<28} {:>8} {:>10} {:>12}  {}",
-                        r.proto,
-                        r.public,
-                        r.to,
-                        r.flows,
-                        r.packets,
-                        r.bytes,
-                        if restrictions.is_empty() { "-".into() } else { restrictions.join(" ") }
-                    );
-                }
+                print!("{}", render::mapping_table(&rows));
             }
             Ok(())
         }
@@ -194,39 +170,12 @@ fn conntrack(pins: &PinDir, command: ConntrackCommand) -> anyhow::Result<()> {
             let maps = open(pins)?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             if json {
-                // A JSON array written row by row as the flows are read.
-                out.write_all(b"[")?;
-                let mut separator: &[u8] = b"\n";
-                let flows = for_each_flow(&maps, |r| {
-                    out.write_all(separator)?;
-                    separator = b",\n";
-                    serde_json::to_writer(&mut out, &r)?;
-                    Ok(())
-                })?;
-                if flows > 0 {
-                    out.write_all(b"\n")?;
-                }
-                out.write_all(b"]\n")?;
-                out.flush()?;
+                let mut rows = render::JsonRows::start(out)?;
+                for_each_flow(&maps, |r| Ok(rows.push(&r)?))?;
+                rows.finish()?;
                 return Ok(());
             }
-            let flows = for_each_flow(&maps, |r| {
-                writeln!(
-                    out,
-                    "{} {:<11} {} -> server sees {} (client {}, {}) age {}s timeout {}s packets {} bytes {}",
-                    r.proto,
-                    r.state,
-                    r.original,
-                    r.translated,
-                    r.client,
-                    r.kind,
-                    r.age_s,
-                    r.timeout_left_s,
-                    r.packets,
-                    r.bytes
-                )?;
-                Ok(())
-            })?;
+            let flows = for_each_flow(&maps, |r| Ok(render::flow_line(&mut out, &r)?))?;
             writeln!(out, "{flows} flow(s)")?;
             out.flush()?;
             Ok(())
@@ -239,12 +188,6 @@ fn conntrack(pins: &PinDir, command: ConntrackCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-#[derive(Serialize)]
-struct DenyJson {
-    network: String,
-    origin: DenyOrigin,
 }
 
 fn deny(pins: &PinDir, command: DenyCommand) -> anyhow::Result<()> {
@@ -275,32 +218,20 @@ fn deny(pins: &PinDir, command: DenyCommand) -> anyhow::Result<()> {
         DenyCommand::List { json } => {
             let networks = open(pins)?.deny_networks()?;
             if json {
-                let rows: Vec<DenyJson> = networks
+                let rows: Vec<render::DenyRow> = networks
                     .iter()
-                    .map(|(net, origin)| DenyJson { network: net.to_string(), origin: *origin })
+                    .map(|(net, origin)| render::DenyRow {
+                        network: net.to_string(),
+                        origin: *origin,
+                    })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else if networks.is_empty() {
-                println!("no denied networks");
             } else {
-                for (net, origin) in &networks {
-                    let origin = match origin {
-                        DenyOrigin::Config => "config",
-                        DenyOrigin::Cli => "cli",
-                    };
-                    println!("{net:<18} {origin}");
-                }
+                print!("{}", render::deny_list(&networks));
             }
             Ok(())
         }
     }
-}
-
-#[derive(Serialize)]
-struct StatsJson {
-    counters: std::collections::BTreeMap<&'static str, u64>,
-    mappings: Vec<MappingRow>,
-    capacity: u32,
 }
 
 async fn stats(pins: &PinDir, json: bool, watch: Option<u64>) -> anyhow::Result<()> {
@@ -310,24 +241,11 @@ async fn stats(pins: &PinDir, json: bool, watch: Option<u64>) -> anyhow::Result<
         let snapshot = Snapshot::read(&maps, capacity)?;
         let mappings = MappingRow::read_all(&maps)?;
         if json {
-            let stats =
-                StatsJson { counters: snapshot.values().into_iter().collect(), mappings, capacity };
+            let counters = snapshot.values().into_iter().collect();
+            let stats = render::StatsJson { counters, mappings: &mappings, capacity };
             println!("{}", serde_json::to_string(&stats)?);
         } else {
-            println!("counters:\n{}", format_values(&snapshot.values(), false));
-            println!("per mapping:");
-            for m in &mappings {
-                println!(
-                    "  {} {} -> {}: {} flows, {} packets, {} bytes",
-                    m.proto, m.public, m.to, m.flows, m.packets, m.bytes
-                );
-            }
-            if capacity > 0 {
-                println!(
-                    "tables: established {}/{} entries, new {}/{} entries",
-                    snapshot.established_entries, capacity, snapshot.new_entries, capacity
-                );
-            }
+            print!("{}", render::stats_text(&snapshot, &mappings));
         }
         match watch {
             Some(seconds) => tokio::time::sleep(Duration::from_secs(seconds.max(1))).await,
@@ -339,88 +257,44 @@ async fn stats(pins: &PinDir, json: bool, watch: Option<u64>) -> anyhow::Result<
 fn status(pins: &PinDir, json: bool) -> anyhow::Result<()> {
     let maps = open(pins)?;
     let state = daemon::read_state(pins);
-    let daemon_alive = daemon::alive(pins);
+    let daemon_running = daemon::alive(pins);
     let [established, new] = maps.conntrack_entry_counts()?;
     let links = pinned_links(pins);
     let route_cache = maps.route_cache()?;
     let route_cache_on = route_cache.usable(monotonic_coarse_ns());
     let capacity = maps.conntrack_capacity()?;
+    let state_file = daemon::state_file(pins);
+    let status = render::Status {
+        pin_dir: &pins.0,
+        state: state.as_ref(),
+        state_file: &state_file,
+        daemon_running,
+        links: &links,
+        entries: [established, new],
+        capacity,
+        mappings: maps.mapping_rules()?.len(),
+        route_cache_on,
+        route_cache_generation: route_cache.generation,
+    };
     if json {
-        let value = serde_json::json!({
-            "pin_dir": pins.0,
-            "daemon": state.as_ref().map(|s| serde_json::json!({"pid": s.pid, "running": daemon_alive, "config": s.config})),
-            "interfaces": state.as_ref().map(|s| &s.interfaces),
-            "links": links.iter().map(|l| serde_json::json!({"name": l.name, "link_id": l.link_id, "program_id": l.program_id})).collect::<Vec<_>>(),
-            "conntrack": {"established": established, "new": new, "capacity": capacity},
-            "mappings": maps.mapping_rules()?.len(),
-            "route_cache": {"on": route_cache_on, "generation": route_cache.generation},
-        });
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
-    }
-    println!("instance: {}", pins.0.display());
-    match &state {
-        Some(s) => {
-            println!(
-                "daemon:   pid {} ({})",
-                s.pid,
-                if daemon_alive {
-                    "running"
-                } else {
-                    "not running: the datapath goes on without it"
-                }
-            );
-            println!("config:   {}", s.config.display());
-            for a in &s.interfaces {
-                println!(
-                    "  {:<12} {} ifindex {} {}",
-                    a.interface,
-                    a.role,
-                    a.if_index,
-                    a.describe()
-                );
-            }
-        }
-        None => {
-            println!("daemon:   unknown (no state file {})", daemon::state_file(pins).display())
-        }
-    }
-    for link in &links {
-        println!(
-            "link:     {:<16} link id {} program id {}",
-            link.name, link.link_id, link.program_id
-        );
-    }
-    println!(
-        "flows:    established {established}/{capacity} entries, new {new}/{capacity} entries"
-    );
-    println!("mappings: {}", maps.mapping_rules()?.len());
-    if route_cache_on {
-        println!("routes:   cached per flow (generation {})", route_cache.generation);
+        println!("{}", serde_json::to_string_pretty(&status.json())?);
     } else {
-        println!("routes:   looked up for every packet (no daemon keeps the route cache)");
+        print!("{}", status.text());
     }
     Ok(())
 }
 
-struct LinkState {
-    /// `xdp_<interface>` or `tc_<interface>`.
-    name: String,
-    link_id: u32,
-    program_id: u32,
-}
-
 /// The instance's pinned links and the programs they run.
-fn pinned_links(pins: &PinDir) -> Vec<LinkState> {
+fn pinned_links(pins: &PinDir) -> Vec<render::LinkRow> {
     let Ok(dir) = std::fs::read_dir(pins.0.join("links")) else {
         return Vec::new();
     };
-    let mut links: Vec<LinkState> = dir
+    let mut links: Vec<render::LinkRow> = dir
         .filter_map(Result::ok)
         .filter_map(|entry| {
             let pinned = aya::programs::links::PinnedLink::from_pin(entry.path()).ok()?;
             let info = aya::programs::links::FdLink::from(pinned).info().ok()?;
-            Some(LinkState {
+            Some(render::LinkRow {
                 name: entry.file_name().to_string_lossy().to_string(),
                 link_id: info.id(),
                 program_id: info.program_id(),
@@ -456,23 +330,10 @@ fn explain(
     let hook = attachments.iter().find(|a| a.interface == iface).map_or(Hook::Xdp, |a| a.mode);
     let explanation = hairpin::explain::explain(pins, proto, src, dst, index, hook)?;
     if json {
-        let value = serde_json::json!({
-            "mode": hook,
-            "action": explanation.action,
-            "counters": explanation.counters,
-            "input": explanation.input.to_string(),
-            "output": explanation.output.map(|o| o.to_string()),
-        });
+        let value = render::explanation_json(&explanation, hook);
         println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
-    }
-    println!("packet:  {} (arriving on {iface}, {hook})", explanation.input);
-    println!("verdict: {}", explanation.action);
-    let because: Vec<String> =
-        explanation.counters.iter().map(|c| hairpin::explain::because(c)).collect();
-    println!("because: {}", because.join(", "));
-    if let Some(output) = explanation.output {
-        println!("leaves:  {output}");
+    } else {
+        print!("{}", render::explanation_text(&explanation, &iface, hook));
     }
     Ok(())
 }
