@@ -1,8 +1,10 @@
 //! `hairpin run`: the daemon. One tokio runtime runs it all as tasks:
 //! signals (SIGINT and SIGTERM stop it, SIGHUP reloads the configuration),
-//! the reclaim of expired flows (on the blocking pool, one at a time, so
-//! that signals and scrapes are answered meanwhile), the route cache's
-//! rtnetlink watch, the eBPF log and the metrics endpoint. Its state file
+//! the reclaim of expired flows and the counter printouts (on the blocking
+//! pool, so that signals and scrapes are answered meanwhile), the route
+//! cache's rtnetlink watch, the eBPF log and the metrics endpoint (its
+//! scrapes on the blocking pool too). Nothing that takes long runs on the
+//! runtime's one thread. Its state file
 //! and lock, next to each other under `/run/hairpin`, tell `hairpin status`
 //! what runs.
 
@@ -136,8 +138,8 @@ pub async fn run(options: &RunOptions) -> Result<(), DaemonError> {
         );
     }
     write_state(pins, path, &config, &attachments);
-    let route_cache = match RouteCacheKeeper::start(&datapath.maps) {
-        Ok(keeper) => Some(keeper.spawn()),
+    let route_cache = match RouteCacheKeeper::start(&datapath.maps).and_then(|k| k.spawn_task()) {
+        Ok(keeper) => Some(keeper),
         Err(e) => {
             warn!("route cache off, every packet is looked up: {e}");
             None
@@ -187,7 +189,15 @@ pub async fn run(options: &RunOptions) -> Result<(), DaemonError> {
                 }
                 Err(e) => error!("configuration not reloaded, the running one stays: {}", one_line(&e)),
             },
-            _ = stats_ticker.tick() => print_counters(&datapath.maps, &config, "counters"),
+            // Counting a million-flow table takes a fifth of a second: not
+            // on the runtime's thread.
+            _ = stats_ticker.tick() => {
+                let (pins, capacity) = (pins.clone(), config.conntrack_capacity);
+                tokio::task::spawn_blocking(move || match Maps::open_pinned(&pins.maps()) {
+                    Ok(maps) => print_counters(&maps, capacity, "counters"),
+                    Err(e) => warn!("reading counters: {e}"),
+                });
+            }
             _ = reclaim_every.tick() => {
                 if reclaiming.as_ref().is_none_or(|task| task.is_finished()) {
                     let pins = pins.clone();
@@ -205,8 +215,10 @@ pub async fn run(options: &RunOptions) -> Result<(), DaemonError> {
         let _ = task.await;
     }
     // Turns the cache off: nobody watches for routing changes any more.
-    drop(route_cache);
-    print_counters(&datapath.maps, &config, "counters at exit");
+    if let Some(keeper) = route_cache {
+        keeper.stop().await;
+    }
+    print_counters(&datapath.maps, config.conntrack_capacity, "counters at exit");
     if *keep_attached {
         datapath.keep();
         info!("left attached with its state at {} (--keep-attached)", pins.0.display());
@@ -334,8 +346,8 @@ pub fn alive(pins: &PinDir) -> bool {
 }
 
 /// Prints the counters and the tables' fill under `title`.
-pub fn print_counters(maps: &Maps, config: &Config, title: &str) {
-    match Snapshot::read(maps, config.conntrack_capacity) {
+pub fn print_counters(maps: &Maps, capacity: u32, title: &str) {
+    match Snapshot::read(maps, capacity) {
         Ok(snapshot) => println!("{title}:\n{}", format_values(&snapshot.values(), false)),
         Err(e) => warn!("reading counters: {e}"),
     }

@@ -35,7 +35,10 @@ use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use netlink_sys::{
+    AsyncSocket as _, AsyncSocketExt as _, Socket, SocketAddr, TokioSocket,
+    protocols::NETLINK_ROUTE,
+};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use thiserror::Error;
 
@@ -149,8 +152,37 @@ impl NeighbourBook {
 /// A non-blocking rtnetlink socket subscribed to everything that can change
 /// where `bpf_fib_lookup` sends a packet.
 pub struct RouteChanges {
-    socket: Socket,
+    socket: Source,
     book: NeighbourBook,
+}
+
+/// The subscription's socket: read when asked (the tests, the benchmark's
+/// thread), or woken by the daemon's runtime.
+enum Source {
+    Blocking(Socket),
+    Tokio(TokioSocket),
+}
+
+impl Source {
+    fn socket(&self) -> &Socket {
+        match self {
+            Source::Blocking(socket) => socket,
+            Source::Tokio(socket) => socket.socket_ref(),
+        }
+    }
+}
+
+/// Joins the groups of the changes that matter, non-blocking.
+fn subscribe_to_changes(socket: &mut Socket) -> io::Result<()> {
+    let groups =
+        RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE;
+    socket.bind(&SocketAddr::new(0, groups))?;
+    // Nexthop objects (`ip nexthop`) only have a group above 31.
+    // Kernels without them refuse; routes then carry their next hops.
+    if let Err(e) = socket.add_membership(RTNLGRP_NEXTHOP) {
+        log::debug!("no nexthop notifications ({e}): routes carry their next hops");
+    }
+    socket.set_non_blocking(true)
 }
 
 impl RouteChanges {
@@ -158,16 +190,36 @@ impl RouteChanges {
     /// interfaces `managed`.
     pub fn subscribe(managed: impl IntoIterator<Item = u32>) -> io::Result<Self> {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
-        let groups =
-            RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE;
-        socket.bind(&SocketAddr::new(0, groups))?;
-        // Nexthop objects (`ip nexthop`) only have a group above 31.
-        // Kernels without them refuse; routes then carry their next hops.
-        if let Err(e) = socket.add_membership(RTNLGRP_NEXTHOP) {
-            log::debug!("no nexthop notifications ({e}): routes carry their next hops");
-        }
-        socket.set_non_blocking(true)?;
-        Ok(Self { socket, book: NeighbourBook::new(managed) })
+        subscribe_to_changes(&mut socket)?;
+        Ok(Self { socket: Source::Blocking(socket), book: NeighbourBook::new(managed) })
+    }
+
+    /// Moves the subscription onto a socket the calling tokio runtime wakes
+    /// [`RouteChanges::next`] for; whether what the former socket still
+    /// held changes a lookup (it is read after the new one subscribed, so
+    /// that no change falls between the two).
+    fn onto_tokio(&mut self) -> io::Result<bool> {
+        let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
+        subscribe_to_changes(socket.socket_mut())?;
+        let pending = self.drain()?;
+        self.socket = Source::Tokio(socket);
+        Ok(pending)
+    }
+
+    /// Waits for the next notification (on a tokio socket), then reads every
+    /// pending one; whether any can change a lookup.
+    async fn next(&mut self) -> io::Result<bool> {
+        let Source::Tokio(socket) = &self.socket else {
+            return Err(io::Error::other("the subscription is not on the runtime"));
+        };
+        let mut datagram = Vec::with_capacity(64 * 1024);
+        let first = match socket.recv(&mut datagram).await {
+            Ok(()) => self.datagram_changes_routing(&datagram),
+            // ENOBUFS: notifications were lost, which is a change.
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => true,
+            Err(e) => return Err(e),
+        };
+        Ok(self.drain()? | first)
     }
 
     /// Reads every pending notification; whether any can change a lookup's
@@ -176,7 +228,7 @@ impl RouteChanges {
         let mut buffer = vec![0u8; 64 * 1024];
         let mut changed = false;
         loop {
-            match self.socket.recv(&mut &mut buffer[..], 0) {
+            match self.socket.socket().recv(&mut &mut buffer[..], 0) {
                 Ok(0) => return Ok(changed),
                 Ok(read) => {
                     changed |= self.datagram_changes_routing(&buffer[..read.min(buffer.len())])
@@ -219,7 +271,7 @@ impl RouteChanges {
     }
     /// Waits up to `timeout` for a notification.
     fn wait(&self, timeout: Duration) -> io::Result<()> {
-        let mut fds = [PollFd::new(&self.socket, PollFlags::IN)];
+        let mut fds = [PollFd::new(self.socket.socket(), PollFlags::IN)];
         let timeout = Timespec::try_from(timeout).map_err(io::Error::other)?;
         match poll(&mut fds, Some(&timeout)) {
             Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
@@ -231,27 +283,19 @@ impl RouteChanges {
 /// Owns the datapath's route cache while it may be used.
 pub struct RouteCacheKeeper {
     changes: RouteChanges,
-    cache: Array<MapData, RouteCache>,
+    cache: CacheCell,
 }
 
-impl RouteCacheKeeper {
-    /// Starts watching the calling thread's network namespace, and turns
-    /// the cache on with a new generation: whatever an earlier keeper left
-    /// cached is stale.
-    pub fn start(maps: &Maps) -> Result<Self, RouteCacheError> {
-        let changes = RouteChanges::subscribe(maps.managed_if_indexes()?)
-            .map_err(RouteCacheError::Subscribe)?;
-        let mut keeper = Self { changes, cache: maps.route_cache_handle()? };
-        keeper.invalidate()?;
-        Ok(keeper)
-    }
+/// The route cache's one slot.
+struct CacheCell(Array<MapData, RouteCache>);
 
+impl CacheCell {
     fn read(&self) -> Result<RouteCache, RouteCacheError> {
-        self.cache.get(&0, 0).map_err(RouteCacheError::Map)
+        self.0.get(&0, 0).map_err(RouteCacheError::Map)
     }
 
     fn write(&mut self, cache: RouteCache) -> Result<(), RouteCacheError> {
-        self.cache.set(0, cache, 0).map_err(RouteCacheError::Map)
+        self.0.set(0, cache, 0).map_err(RouteCacheError::Map)
     }
 
     /// Makes everything cached so far stale, and the cache usable for
@@ -271,29 +315,42 @@ impl RouteCacheKeeper {
         self.write(RouteCache { valid_until_ns: monotonic_coarse_ns() + LIFETIME_NS, ..cache })
     }
 
+    fn turn_off(&mut self) -> Result<(), RouteCacheError> {
+        let cache = self.read()?;
+        self.write(RouteCache { valid_until_ns: 0, ..cache })
+    }
+}
+
+impl RouteCacheKeeper {
+    /// Starts watching the calling thread's network namespace, and turns
+    /// the cache on with a new generation: whatever an earlier keeper left
+    /// cached is stale.
+    pub fn start(maps: &Maps) -> Result<Self, RouteCacheError> {
+        let changes = RouteChanges::subscribe(maps.managed_if_indexes()?)
+            .map_err(RouteCacheError::Subscribe)?;
+        let mut keeper = Self { changes, cache: CacheCell(maps.route_cache_handle()?) };
+        keeper.cache.invalidate()?;
+        Ok(keeper)
+    }
+
     /// Reads the pending change notifications without waiting, and
     /// invalidates the cache if there were any.
     pub fn on_changes(&mut self) -> Result<bool, RouteCacheError> {
         let changed = self.changes.drain().map_err(RouteCacheError::Read)?;
         if changed {
-            self.invalidate()?;
+            self.cache.invalidate()?;
         }
         Ok(changed)
     }
 
     /// Turns the cache off: every packet is looked up again.
     pub fn stop(mut self) -> Result<(), RouteCacheError> {
-        self.turn_off()
+        self.cache.turn_off()
     }
 
-    fn turn_off(&mut self) -> Result<(), RouteCacheError> {
-        let cache = self.read()?;
-        self.write(RouteCache { valid_until_ns: 0, ..cache })
-    }
-
-    /// Keeps the cache on a thread of its own, so that nothing else a
-    /// program does (a long reclaim, a reload) delays an invalidation or
-    /// lets the cache lapse; dropping the handle turns the cache off.
+    /// Keeps the cache on a thread of its own, for programs without a
+    /// tokio runtime (the benchmark's beds); dropping the handle turns the
+    /// cache off.
     pub fn spawn(self) -> KeeperThread {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -305,12 +362,17 @@ impl RouteCacheKeeper {
 
     fn run_until(mut self, stop: &AtomicBool) {
         let kept = self.keep_until(stop);
-        // Whatever ended the loop, nobody watches for changes any more.
-        match kept.and_then(|()| self.turn_off()) {
+        self.finish(kept);
+    }
+
+    /// Turns the cache off once the keeper stops, however it stopped: nobody
+    /// watches for changes any more.
+    fn finish(mut self, kept: Result<(), RouteCacheError>) {
+        match kept.and_then(|()| self.cache.turn_off()) {
             Ok(()) => {}
             Err(e) => {
                 log::error!("route cache off, every packet is looked up: {e}");
-                if let Err(e) = self.turn_off() {
+                if let Err(e) = self.cache.turn_off() {
                     log::warn!(
                         "turning the route cache off: {e} (it lapses within seconds anyway)"
                     );
@@ -326,11 +388,62 @@ impl RouteCacheKeeper {
             self.changes.wait(Duration::from_millis(100)).map_err(RouteCacheError::Read)?;
             self.on_changes()?;
             if Instant::now() >= next_keep_alive {
-                self.keep_alive()?;
+                self.cache.keep_alive()?;
                 next_keep_alive = Instant::now() + KEEP_ALIVE_PERIOD;
             }
         }
         Ok(())
+    }
+
+    /// Keeps the cache as a task of the calling tokio runtime (the
+    /// daemon's), woken by the notifications themselves and by the
+    /// keep-alive timer. [`KeeperTask::stop`] turns the cache off.
+    pub fn spawn_task(mut self) -> Result<KeeperTask, RouteCacheError> {
+        if self.changes.onto_tokio().map_err(RouteCacheError::Subscribe)? {
+            self.cache.invalidate()?;
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let kept = keep_until_stopped(&mut self.changes, &mut self.cache, stopped).await;
+            self.finish(kept);
+        });
+        Ok(KeeperTask { stop, task })
+    }
+}
+
+async fn keep_until_stopped(
+    changes: &mut RouteChanges,
+    cache: &mut CacheCell,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), RouteCacheError> {
+    let mut keep_alive = tokio::time::interval(KEEP_ALIVE_PERIOD);
+    keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return Ok(()),
+            changed = changes.next() => {
+                if changed.map_err(RouteCacheError::Read)? {
+                    cache.invalidate()?;
+                }
+            }
+            _ = keep_alive.tick() => cache.keep_alive()?,
+        }
+    }
+}
+
+/// A [`RouteCacheKeeper`] running as a tokio task; it logs its errors.
+pub struct KeeperTask {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KeeperTask {
+    /// Stops the keeper and waits until it has turned the cache off.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        if self.task.await.is_err() {
+            log::error!("the route cache keeper panicked (the cache lapses within seconds)");
+        }
     }
 }
 
@@ -453,7 +566,7 @@ mod tests {
     fn an_unreadable_notification_is_a_change() {
         let socket_less = |bytes: &[u8]| {
             let mut changes = RouteChanges {
-                socket: Socket::new(NETLINK_ROUTE).expect("a netlink socket"),
+                socket: Source::Blocking(Socket::new(NETLINK_ROUTE).expect("a netlink socket")),
                 book: NeighbourBook::new([LAN]),
             };
             changes.datagram_changes_routing(bytes)
