@@ -55,6 +55,8 @@ pub enum DaemonError {
     Datapath { step: &'static str, source: Box<DatapathError> },
     #[error("watching the eBPF log")]
     Log(#[source] io::Error),
+    #[error("a reload panicked; hairpin stops, leaving the datapath pinned")]
+    ReloadPanicked,
     /// A reload that only a restart can apply.
     #[error("{0}")]
     NeedsRestart(&'static str),
@@ -138,6 +140,10 @@ pub async fn run(options: &RunOptions) -> Result<(), DaemonError> {
         );
     }
     write_state(pins, path, &config, &attachments);
+    // One counting program for the scrapes, pinned for the CLI's `stats`;
+    // loaded (the verifier runs) before the route cache's keeper starts on
+    // this runtime.
+    let counter = load_counter(pins);
     let route_cache = match RouteCacheKeeper::start(&datapath.maps).and_then(|k| k.spawn_task()) {
         Ok(keeper) => Some(keeper),
         Err(e) => {
@@ -145,8 +151,6 @@ pub async fn run(options: &RunOptions) -> Result<(), DaemonError> {
             None
         }
     };
-    // One counting program for the scrapes, pinned for the CLI's `stats`.
-    let counter = load_counter(pins);
     if let Some(listener) = metrics_listener {
         let (scrape_pins, capacity) = (pins.clone(), config.conntrack_capacity);
         if let Ok(addr) = listener.local_addr() {
@@ -177,26 +181,49 @@ pub async fn run(options: &RunOptions) -> Result<(), DaemonError> {
     // blocking pool, so that signals, reloads and scrapes are answered
     // meanwhile; one at a time.
     let mut reclaiming: Option<tokio::task::JoinHandle<()>> = None;
+    let mut printing: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            _ = sighup.recv() => match reload(path, pins, &config, &mut datapath) {
-                Ok(new) => {
-                    config = new;
-                    reclaim_every = reclaim_ticker(&config);
-                    info!("configuration reloaded: {}", describe(&config));
+            _ = sighup.recv() => {
+                // On the blocking pool: a reload waits for the writers' lock
+                // and may read the tables, and the route cache's keeper
+                // must go on meanwhile.
+                let (path, pins, running) = (path.clone(), pins.clone(), config.clone());
+                let reloaded = tokio::task::spawn_blocking(move || {
+                    let reloaded = reload(&path, &pins, &running, &mut datapath);
+                    (reloaded, datapath)
+                })
+                .await;
+                let reloaded = match reloaded {
+                    Ok((reloaded, returned)) => {
+                        datapath = returned;
+                        reloaded
+                    }
+                    Err(_) => return Err(DaemonError::ReloadPanicked),
+                };
+                match reloaded {
+                    Ok(new) => {
+                        config = new;
+                        reclaim_every = reclaim_ticker(&config);
+                        info!("configuration reloaded: {}", describe(&config));
+                    }
+                    Err(e) => error!("configuration not reloaded, the running one stays: {}", one_line(&e)),
                 }
-                Err(e) => error!("configuration not reloaded, the running one stays: {}", one_line(&e)),
             },
             // Counting a million-flow table takes a fifth of a second: not
             // on the runtime's thread.
             _ = stats_ticker.tick() => {
-                let (pins, capacity) = (pins.clone(), config.conntrack_capacity);
-                tokio::task::spawn_blocking(move || match Maps::open_pinned(&pins.maps()) {
-                    Ok(maps) => print_counters(&maps, capacity, "counters"),
-                    Err(e) => warn!("reading counters: {e}"),
-                });
+                if printing.as_ref().is_none_or(|task| task.is_finished()) {
+                    let (pins, capacity) = (pins.clone(), config.conntrack_capacity);
+                    printing = Some(tokio::task::spawn_blocking(move || {
+                        match Maps::open_pinned(&pins.maps()) {
+                            Ok(maps) => print_counters(&maps, capacity, "counters"),
+                            Err(e) => warn!("reading counters: {e}"),
+                        }
+                    }));
+                }
             }
             _ = reclaim_every.tick() => {
                 if reclaiming.as_ref().is_none_or(|task| task.is_finished()) {
@@ -211,7 +238,7 @@ pub async fn run(options: &RunOptions) -> Result<(), DaemonError> {
             }
         }
     }
-    if let Some(task) = reclaiming {
+    for task in [reclaiming, printing].into_iter().flatten() {
         let _ = task.await;
     }
     // Turns the cache off: nobody watches for routing changes any more.

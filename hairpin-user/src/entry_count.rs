@@ -162,6 +162,9 @@ fn run(program: &Xdp, slot: u8) -> Result<u64, CountError> {
     // the program writes the count into it.
     let mut frame = [0u8; 64];
     frame[0] = slot;
+    // A program that did not write its count reads back as a failed walk,
+    // not as an empty table.
+    frame[COUNT_AT..COUNT_AT + 8].copy_from_slice(&WALK_FAILED.to_ne_bytes());
     let mut out = [0u8; 64];
     let result = program
         .test_run(TestRunOptions {

@@ -399,8 +399,13 @@ impl RouteCacheKeeper {
     /// daemon's), woken by the notifications themselves and by the
     /// keep-alive timer. [`KeeperTask::stop`] turns the cache off.
     pub fn spawn_task(mut self) -> Result<KeeperTask, RouteCacheError> {
-        if self.changes.onto_tokio().map_err(RouteCacheError::Subscribe)? {
-            self.cache.invalidate()?;
+        let moved = self.changes.onto_tokio().map_err(RouteCacheError::Subscribe);
+        if let Err(e) =
+            moved.and_then(|pending| if pending { self.cache.invalidate() } else { Ok(()) })
+        {
+            // Nobody will watch: the cache goes off now, not when it lapses.
+            let _ = self.cache.turn_off();
+            return Err(e);
         }
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {

@@ -59,7 +59,7 @@ struct WanFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct XdpFile {
-    mode: String,
+    mode: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -299,7 +299,7 @@ pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
         .chain(wan.as_ref().map(|w| &w.interface))
         .map(String::as_str)
         .collect();
-    let legacy_xdp_mode = file.xdp.map(|xdp| xdp.mode);
+    let legacy_xdp_mode = file.xdp.and_then(|xdp| xdp.mode);
     let attach = attach(file.datapath, legacy_xdp_mode.as_deref(), &managed)?;
     let t = file.timeouts;
     let timeouts = Timeouts {

@@ -684,6 +684,7 @@ interfaces = ["gw-wan"]"#,
         &[("gw-wan", AttachMode::Tc)],
         None
     )]
+    #[case::empty_legacy_table("[xdp]\n", AttachMode::Auto, &[], None)]
     #[case::legacy_native("[xdp]\nmode = \"native\"\n", AttachMode::Xdp, &[], Some("native"))]
     #[case::legacy_auto("[xdp]\nmode = \"auto\"\n", AttachMode::Auto, &[], Some("auto"))]
     #[case::legacy_with_per_interface(
