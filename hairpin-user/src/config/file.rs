@@ -127,56 +127,43 @@ struct MappingFile {
     interfaces: Vec<String>,
 }
 
-/// A network as [`parse_network`] reads it.
-#[derive(Deserialize)]
-#[serde(try_from = "String")]
-struct Network(Ipv4Net);
+/// A value written as text and read by one of the parsers the command
+/// line shares (its errors are theirs).
+macro_rules! read_as_text {
+    ($(#[$doc:meta])* $name:ident($inner:ty) by $parse:expr) => {
+        $(#[$doc])*
+        #[derive(Deserialize)]
+        #[serde(try_from = "String")]
+        struct $name($inner);
 
-impl TryFrom<String> for Network {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
-        parse_network(&text).map(Network)
-    }
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(text: String) -> Result<Self, String> {
+                $parse(&text).map($name)
+            }
+        }
+    };
 }
 
-/// An address and a port or port range, as [`parse_endpoint`] reads it.
-#[derive(Deserialize)]
-#[serde(try_from = "String")]
-struct Endpoint(Ipv4Addr, PortRange);
-
-impl TryFrom<String> for Endpoint {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
-        parse_endpoint(&text).map(|(addr, ports)| Endpoint(addr, ports))
-    }
-}
-
-/// A port range, as [`parse_port_range`] reads it.
-#[derive(Deserialize)]
-#[serde(try_from = "String")]
-struct Ports((u16, u16));
-
-impl TryFrom<String> for Ports {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
-        parse_port_range(&text).map(Ports)
-    }
-}
+read_as_text!(
+    /// A network, as [`parse_network`] reads it.
+    Network(Ipv4Net) by parse_network
+);
+read_as_text!(
+    /// An address and a port or port range, as [`parse_endpoint`] reads it.
+    Endpoint((Ipv4Addr, PortRange)) by parse_endpoint
+);
+read_as_text!(
+    /// A port range, as [`parse_port_range`] reads it.
+    Ports((u16, u16)) by parse_port_range
+);
+read_as_text!(
+    /// `tcp` or `udp`.
+    ProtoName(Proto) by str::parse::<Proto>
+);
 
 fn default_snat_ports() -> Ports {
     Ports(DEFAULT_SNAT_PORTS)
-}
-
-/// `tcp` or `udp`.
-#[derive(Deserialize)]
-#[serde(try_from = "String")]
-struct ProtoName(Proto);
-
-impl TryFrom<String> for ProtoName {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
-        text.parse().map(ProtoName)
-    }
 }
 
 /// A name the kernel could give an interface.
@@ -393,7 +380,7 @@ impl LanFile {
 impl MappingFile {
     fn into_mapping(self, index: usize, managed: &[&str]) -> Result<Mapping, ConfigError> {
         let key = |field: &str| format!("mapping[{index}].{field}");
-        let (Endpoint(public, public_ports), Endpoint(to, to_ports)) = (self.public, self.to);
+        let (Endpoint((public, public_ports)), Endpoint((to, to_ports))) = (self.public, self.to);
         if public_ports.len() != to_ports.len() {
             return Err(invalid(
                 key("to"),
