@@ -88,6 +88,15 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Turn nftables' DNAT port forwards (`nft -j list ruleset`) into mappings.
+    ImportNft {
+        /// A saved `nft -j list ruleset`; `-` for standard input; nothing:
+        /// run `nft -j list ruleset` here.
+        file: Option<PathBuf>,
+        /// Only print what would be published.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the completions for SHELL (e.g. `hairpin completions bash >
     /// /etc/bash_completion.d/hairpin`).
     Completions { shell: clap_complete::Shell },

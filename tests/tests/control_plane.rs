@@ -1421,6 +1421,80 @@ fn conntrack_list_and_status_see_every_one_of_ten_thousand_flows() {
     assert_eq!(status["conntrack"]["new"], json!(300), "{status:#}");
 }
 
+/// nftables users' port forwards: `import-nft` reads the gateway's live
+/// ruleset (it runs `nft -j list ruleset` itself) or a saved one, imports
+/// the dnat rules it can keep exactly and says why it refuses the others.
+#[test]
+#[ignore = "needs root"]
+fn import_nft_takes_over_the_gateways_port_forwards_and_refuses_what_it_cannot_keep() {
+    require_root(
+        "import_nft_takes_over_the_gateways_port_forwards_and_refuses_what_it_cannot_keep",
+    );
+    let bed = Bed::new();
+    let (seed, cli) = (&bed.seed, bed.cli());
+    let ruleset = r#"table ip hp_import {
+    chain prerouting {
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "gw-lan" ip saddr 192.168.0.0/24 ip daddr 203.0.113.1 tcp dport 80 dnat to 192.168.0.2:80
+        ip daddr 203.0.113.1 udp dport 53 counter dnat to 192.168.0.2
+        ip daddr 203.0.113.1 tcp dport { 25, 587 } dnat to 192.168.0.2
+        fib daddr type local tcp dport 8080 dnat to 192.168.0.2:8080
+        ip daddr 203.0.113.1 tcp dport 5000 dnat to 192.168.0.7-192.168.0.9:5000
+        ip saddr != 10.0.0.0/8 ip daddr 203.0.113.1 tcp dport 3389 dnat to 192.168.0.2:3389
+    }
+}
+"#;
+    let file = std::env::temp_dir().join(format!("{}-ruleset.nft", seed.gateway.name()));
+    std::fs::write(&file, ruleset).expect("write the ruleset");
+    seed.gateway.exec("nft", &["-f", file.to_str().expect("utf-8 path")]);
+    let _ = std::fs::remove_file(&file);
+    let saved = seed.gateway.exec("nft", &["-j", "list", "ruleset"]).stdout;
+    let _daemon = bed.start(&[]);
+
+    // From the live ruleset, with nothing published.
+    let dry = cli.run(&["import-nft", "--dry-run"]).expect_success();
+    let published: Vec<&str> =
+        dry.stdout.lines().filter(|l| l.starts_with("would publish")).collect();
+    assert_eq!(
+        published,
+        [
+            "would publish tcp 203.0.113.1:80 -> 192.168.0.2:80 from 192.168.0.0/24 on gw-lan",
+            "would publish udp 203.0.113.1:53 -> 192.168.0.2:53",
+        ],
+        "{dry}"
+    );
+    for reason in ["a set of ports", "the gateway's own addresses", "one server", "negations"] {
+        assert!(
+            dry.stdout
+                .lines()
+                .any(|l| l.starts_with("skipped ip hp_import prerouting rule handle ")
+                    && l.contains(reason)),
+            "the dry run should refuse a rule saying `{reason}`: {dry}"
+        );
+    }
+    assert_eq!(cli.json(&["mapping", "list", "--json"]), json!([]), "a dry run publishes nothing");
+
+    // netfilter must not do the work behind hairpin's back.
+    seed.gateway.exec("nft", &["delete", "table", "ip", "hp_import"]);
+    assert_refused(&seed.client, HTTP_PORT, "with neither the nft rule nor a mapping");
+    let imported = cli.run_with_stdin(&["import-nft", "-"], &saved).expect_success();
+    assert!(
+        imported
+            .stdout
+            .lines()
+            .any(|l| l
+                == "published tcp 203.0.113.1:80 -> 192.168.0.2:80 from 192.168.0.0/24 on gw-lan"),
+        "{imported}"
+    );
+    let listed = cli.json(&["mapping", "list", "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    assert_hairpinned(&seed.client, HTTP_PORT, "after the import");
+    assert!(
+        get_forwarded(seed, HTTP_PORT).is_err(),
+        "a WAN host outside the rule's `ip saddr` and `iifname` was forwarded"
+    );
+}
+
 /// `stats` races an instance that stops: the counting program is loaded
 /// over the pins, and a pin gone since the maps were opened must not be
 /// replaced by a new, empty table pinned in the instance's place.

@@ -65,6 +65,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             explain(&pins, proto, src, dst, iface, json)
         }
         Command::ImportIptables { file, dry_run } => import_iptables(&pins, file, dry_run),
+        Command::ImportNft { file, dry_run } => import_nft(&pins, file, dry_run),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "hairpin", &mut std::io::stdout());
             Ok(())
@@ -353,8 +354,45 @@ fn import_iptables(pins: &PinDir, file: Option<PathBuf>, dry_run: bool) -> anyho
     for skipped in &imported.skipped {
         println!("skipped line {}: {} ({})", skipped.line, skipped.rule, skipped.reason);
     }
+    publish(pins, &imported.mappings, dry_run)
+}
+
+fn import_nft(pins: &PinDir, file: Option<PathBuf>, dry_run: bool) -> anyhow::Result<()> {
+    let json = match file.as_deref() {
+        Some(path) if path == Path::new("-") => read_stdin()?,
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => {
+            let listed = std::process::Command::new("nft")
+                .args(["-j", "list", "ruleset"])
+                .output()
+                .context("running `nft -j list ruleset`")?;
+            if !listed.status.success() {
+                bail!(
+                    "`nft -j list ruleset` failed ({}): {}",
+                    listed.status,
+                    String::from_utf8_lossy(&listed.stderr).trim()
+                );
+            }
+            String::from_utf8(listed.stdout).context("`nft -j list ruleset` wrote no UTF-8")?
+        }
+    };
+    // The instance's interfaces, for `iifname`; without an instance,
+    // `iifname` rules are refused rather than guessed.
+    let interfaces = if pins.exists() { Some(open(pins)?.managed_interfaces()) } else { None };
+    let imported = hairpin::import::nft::import_nft_ruleset(&json, interfaces.as_deref())
+        .context("reading the ruleset")?;
+    for skipped in &imported.skipped {
+        println!("skipped {} rule handle {}: {}", skipped.chain, skipped.handle, skipped.reason);
+    }
+    publish(pins, &imported.mappings, dry_run)
+}
+
+/// Publishes imported mappings, or with `dry_run` says what it would.
+fn publish(pins: &PinDir, mappings: &[Mapping], dry_run: bool) -> anyhow::Result<()> {
     if dry_run {
-        for mapping in &imported.mappings {
+        for mapping in mappings {
             println!("would publish {mapping}");
         }
         return Ok(());
@@ -362,7 +400,7 @@ fn import_iptables(pins: &PinDir, file: Option<PathBuf>, dry_run: bool) -> anyho
     let mut maps = open(pins)?;
     let _lock = write_lock(pins)?;
     let mut refused = 0;
-    for mapping in &imported.mappings {
+    for mapping in mappings {
         match maps.add_mapping(mapping) {
             Ok(_) => println!("published {mapping}"),
             Err(e) => {
@@ -372,7 +410,7 @@ fn import_iptables(pins: &PinDir, file: Option<PathBuf>, dry_run: bool) -> anyho
         }
     }
     if refused > 0 {
-        bail!("{refused} of {} mapping(s) not published", imported.mappings.len());
+        bail!("{refused} of {} mapping(s) not published", mappings.len());
     }
     Ok(())
 }

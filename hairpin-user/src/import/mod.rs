@@ -2,6 +2,8 @@
 //! table that hairpin can take over, as mappings, and every other rule of
 //! that table with the reason it was left out.
 
+pub mod nft;
+
 use std::net::Ipv4Addr;
 
 use crate::config::{Mapping, PortRange, Proto, parse_endpoint, parse_network, parse_port_range};
