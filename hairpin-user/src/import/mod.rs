@@ -296,27 +296,37 @@ fn import_rule(
         .collect::<Result<Vec<_>, _>>()?;
     let interfaces = match rule.in_interface {
         None => Vec::new(),
-        Some(name) if name.ends_with('+') => {
-            return Err(format!(
-                "`-i {name}` is a wildcard: hairpin binds a mapping to named interfaces"
-            ));
+        Some(name) => {
+            let written = format!("`-i {name}`");
+            vec![managed_interface(&written, name, name.ends_with('+'), interfaces)?.to_string()]
         }
-        Some(name) => match interfaces {
-            None => {
-                return Err(format!(
-                    "`-i {name}`: no running instance to say whether it is a LAN or WAN interface of hairpin's"
-                ));
-            }
-            Some(managed) if !managed.iter().any(|m| m == name) => {
-                return Err(format!(
-                    "`-i {name}` is not an interface hairpin manages ({}): hairpin would never see the rule's packets",
-                    managed.join(", ")
-                ));
-            }
-            Some(_) => vec![name.to_string()],
-        },
     };
     Ok(Mapping { proto, public, public_ports, to, to_ports, allow, interfaces })
+}
+
+/// `name`, which a rule's condition `written` names, if it is one of the
+/// instance's `interfaces`; else why the rule cannot be kept.
+pub(super) fn managed_interface<'a>(
+    written: &str,
+    name: &'a str,
+    wildcard: bool,
+    interfaces: Option<&[String]>,
+) -> Result<&'a str, String> {
+    if wildcard {
+        return Err(format!(
+            "{written} is a wildcard: hairpin binds a mapping to named interfaces"
+        ));
+    }
+    match interfaces {
+        None => Err(format!(
+            "{written}: no running instance to say whether it is a LAN or WAN interface of hairpin's"
+        )),
+        Some(managed) if !managed.iter().any(|m| m == name) => Err(format!(
+            "{written} is not an interface hairpin manages ({}): hairpin would never see the rule's packets",
+            managed.join(", ")
+        )),
+        Some(_) => Ok(name),
+    }
 }
 
 /// The public address (`-d`, one address) and ports (`--dport P` or `P1:P2`).

@@ -238,39 +238,17 @@ fn condition(
     } else if let Some(protocol @ ("tcp" | "udp")) = left["payload"]["protocol"].as_str()
         && left["payload"]["field"].as_str() == Some("dport")
     {
-        let proto: Proto = protocol.parse()?;
-        if c.proto.is_some_and(|p| p != proto) {
-            return Err(format!("{}: another protocol than the rule's", described()));
-        }
-        c.proto = Some(proto);
+        same_protocol(c, protocol.parse()?, &described)?;
         c.public_ports = Some(ports(right).ok_or_else(|| {
             format!("{}: a set of ports; write one rule per port or port range", described())
         })?);
     } else if left["meta"]["key"].as_str() == Some("l4proto") || payload("ip", "protocol") {
-        let proto: Proto =
-            right.as_str().unwrap_or("").parse().map_err(|e| format!("{}: {e}", described()))?;
-        if c.proto.is_some_and(|p| p != proto) {
-            return Err(format!("{}: another protocol than the rule's", described()));
-        }
-        c.proto = Some(proto);
+        let proto = right.as_str().unwrap_or("").parse();
+        same_protocol(c, proto.map_err(|e| format!("{}: {e}", described()))?, &described)?;
     } else if left["meta"]["key"].as_str() == Some("iifname") {
         let name = right.as_str().ok_or_else(|| format!("{}: not one interface", described()))?;
-        match interfaces {
-            None => {
-                return Err(format!(
-                    "{}: no running instance says which interfaces hairpin manages",
-                    described()
-                ));
-            }
-            Some(managed) if !managed.iter().any(|m| m == name) => {
-                return Err(format!(
-                    "{}: `{name}` is not one of the instance's interfaces ({})",
-                    described(),
-                    managed.join(", ")
-                ));
-            }
-            Some(_) => {}
-        }
+        let wildcard = name.contains(['*', '?', '[']);
+        let name = super::managed_interface(&described(), name, wildcard, interfaces)?;
         if !c.interfaces.is_empty() {
             return Err(format!("{}: a second interface condition", described()));
         }
@@ -283,6 +261,19 @@ fn condition(
     } else {
         return Err(format!("{}: a condition hairpin cannot keep", described()));
     }
+    Ok(())
+}
+
+/// Keeps `proto` as the rule's protocol, unless the rule named another.
+fn same_protocol(
+    c: &mut Conditions,
+    proto: Proto,
+    described: &dyn Fn() -> String,
+) -> Result<(), String> {
+    if c.proto.is_some_and(|p| p != proto) {
+        return Err(format!("{}: another protocol than the rule's", described()));
+    }
+    c.proto = Some(proto);
     Ok(())
 }
 
